@@ -1,0 +1,93 @@
+"""The engine's settings: one dataclass, built from flags that mirror EV_ variables."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from shared.settings import EnvArgumentParser, add_common_options, host_port, positive_float
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    broker: str
+    listen: tuple[str, int]
+    auto_plug: float | None = None
+    auto_unplug: float | None = None
+    tick: float = 1.0
+    health_timeout: float = 3.0
+    log_level: str = "INFO"
+    log_json: bool = False
+
+
+class OneLineErrorParser(EnvArgumentParser):
+    """Bad arguments: one line on stderr and exit 2 (no usage dump)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def seconds(value: str) -> float:
+    """A strictly positive number of seconds."""
+    number = positive_float(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value!r}")
+    return number
+
+
+def build_parser(environ: Mapping[str, str] | None = None) -> EnvArgumentParser:
+    parser = OneLineErrorParser(
+        prog="EV_CP_E",
+        description="The charging point's engine: supplies energy, answers its monitor.",
+        environ=environ,
+    )
+    parser.add_option("--broker", required=True, type=str, help="Kafka bootstrap HOST:PORT")
+    parser.add_option(
+        "--listen", required=True, type=host_port, help="HOST:PORT the monitor connects to"
+    )
+    parser.add_option(
+        "--auto-plug",
+        type=positive_float,
+        default=None,
+        help="plug in S seconds after authorisation",
+    )
+    parser.add_option(
+        "--auto-unplug", type=positive_float, default=None, help="unplug S seconds after plugging"
+    )
+    parser.add_option("--tick", type=seconds, default=1.0, help="telemetry period in seconds")
+    parser.add_option(
+        "--health-timeout",
+        type=seconds,
+        default=3.0,
+        help="seconds without a health check before the monitor counts as lost",
+    )
+    add_common_options(parser)
+    return parser
+
+
+def parse_settings(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> EngineSettings:
+    """Parse the command line; exits 2 on bad arguments, raises ConfigError on bad env."""
+    parser = build_parser(environ)
+    args = parser.parse_args(argv)
+    for server in args.broker.split(","):
+        try:
+            host_port(server.strip())
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"argument --broker: {exc}")
+    if args.log_level.upper() not in LOG_LEVELS:
+        parser.error(f"argument --log-level: expected one of {', '.join(LOG_LEVELS)}")
+    return EngineSettings(
+        broker=args.broker,
+        listen=args.listen,
+        auto_plug=args.auto_plug,
+        auto_unplug=args.auto_unplug,
+        tick=args.tick,
+        health_timeout=args.health_timeout,
+        log_level=args.log_level,
+        log_json=args.log_json,
+    )

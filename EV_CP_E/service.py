@@ -1,0 +1,409 @@
+"""The engine's asyncio layer: monitor socket, Kafka, menu, clock. Rules live in machine.py."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import sys
+from collections import deque
+from typing import TextIO
+
+from aiokafka import ConsumerRecord
+from aiokafka.errors import KafkaError
+
+from EV_CP_E.config import EngineSettings
+from EV_CP_E.kafka import tail_consumer
+from EV_CP_E.machine import EngineMachine, EngineState, Outcome
+from shared.backoff import Backoff
+from shared.bus import BusError, KafkaBus, Topics, decode_record
+from shared.console import stdin_lines
+from shared.errors import ConnectionLost, DeliveryFailed, EVError, MessageError
+from shared.framed import FramedConnection
+from shared.lifecycle import Shutdown
+from shared.messages import (
+    CP_COMMANDS,
+    MONITOR_TO_ENGINE,
+    AuthorizeSupply,
+    CPPlugged,
+    CPTelemetry,
+    EndSupply,
+    EngineHello,
+    HealthReport,
+    Message,
+    MonitorToEngine,
+    SetService,
+)
+
+log = logging.getLogger(__name__)
+
+DRIVER_ID = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+POLL_INTERVAL = 0.1
+FLUSH_TIMEOUT = 3.0
+BUS_STOP_TIMEOUT = 1.5
+HANDLER_STOP_TIMEOUT = 1.5
+HELP = "commands: p plug in, u unplug, k report KO, o back to OK, r DRIVER_ID request, q quit"
+
+
+class EngineError(EVError):
+    """The engine cannot run (e.g. its listening address is taken)."""
+
+
+class EngineService:
+    """One engine: owns its tasks, its Kafka bus and the monitor connection."""
+
+    def __init__(
+        self, settings: EngineSettings, shutdown: Shutdown, *, screen: TextIO | None = None
+    ) -> None:
+        self.settings = settings
+        self.shutdown = shutdown
+        self.screen = screen if screen is not None else sys.stdout
+        self.machine = EngineMachine(
+            health_timeout=settings.health_timeout,
+            auto_plug=settings.auto_plug,
+            auto_unplug=settings.auto_unplug,
+        )
+        self.bus = KafkaBus(settings.broker, client_id="ev-cp-engine")
+        # (key, message, reliable); the head is the one being sent.
+        self._outbox: deque[tuple[str, Message, bool]] = deque()
+        self._outbox_changed = asyncio.Event()
+        self._bus_ready = asyncio.Event()
+        self._cp_known = asyncio.Event()
+        self._supply_started = asyncio.Event()
+        self._monitor: FramedConnection[MonitorToEngine] | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._last_status = ""
+        self._last_poll_refusal: str | None = None
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        host, port = self.settings.listen
+        try:
+            server = await asyncio.start_server(self._on_monitor, host, port)
+        except OSError as exc:
+            raise EngineError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        log.info("listening for the monitor on %s:%d", host, port)
+        self._show()
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [
+                    group.create_task(self._menu(), name="menu"),
+                    group.create_task(self._watchdog(), name="watchdog"),
+                    group.create_task(self._ticker(), name="ticker"),
+                    group.create_task(self._commands(), name="commands"),
+                    group.create_task(self._send_outbox(), name="outbox"),
+                ]
+                await self.shutdown.wait()
+                await self._finish()
+                for task in tasks:
+                    task.cancel()
+        finally:
+            server.close()
+            await self._close_monitor_connections()
+            try:
+                await asyncio.wait_for(self.bus.stop(), BUS_STOP_TIMEOUT)
+            except TimeoutError:
+                log.warning("Kafka client did not close in time")
+            log.info("engine stopped")
+
+    async def _close_monitor_connections(self) -> None:
+        """Closing a connection ends its handler; cancel only what does not end in time."""
+        if self._monitor is not None:
+            await self._monitor.close()
+        handlers = list(self._handlers)
+        if not handlers:
+            return
+        _, pending = await asyncio.wait(handlers, timeout=HANDLER_STOP_TIMEOUT)
+        for handler in pending:
+            handler.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _finish(self) -> None:
+        """Before quitting: end a supply in progress as unplugged and flush the outbox."""
+        self._apply(self.machine.shutdown())
+        if not self._outbox:
+            return
+        if self._bus_ready.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._outbox_drained(), FLUSH_TIMEOUT)
+        pending = sum(1 for _, _, reliable in self._outbox if reliable)
+        if pending:
+            log.warning("quitting with %d event(s) Kafka did not take", pending)
+
+    async def _outbox_drained(self) -> None:
+        while self._outbox:
+            self._outbox_changed.clear()
+            await self._outbox_changed.wait()
+
+    # --- screen -------------------------------------------------------------------------------
+
+    def _say(self, text: str) -> None:
+        print(f"[{self.machine.cp_id or '?'}] {text}", file=self.screen, flush=True)
+
+    def _show(self) -> None:
+        line = self.machine.status_line()
+        if line != self._last_status:
+            self._last_status = line
+            print(line, file=self.screen, flush=True)
+
+    def _apply(self, outcome: Outcome, *, from_poll: bool = False) -> None:
+        """Publish an outcome's events and show what changed."""
+        for note in outcome.notes:
+            self._say(note)
+        if from_poll:
+            if outcome.refused and outcome.refused != self._last_poll_refusal:
+                self._say(f"cannot plug in automatically: {outcome.refused}")
+            self._last_poll_refusal = outcome.refused
+        elif outcome.refused:
+            self._say(outcome.refused)
+        for event in outcome.events:
+            self._publish(event)
+            if isinstance(event, CPPlugged):
+                self._supply_started.set()
+        self._show()
+
+    # --- outbox -------------------------------------------------------------------------------
+
+    def _publish(self, event: Message) -> None:
+        key = self.machine.cp_id
+        if key is None:  # only possible before the monitor's hello; nothing to publish then
+            log.warning("dropping %s: CP id not known yet", type(event).__name__)
+            return
+        reliable = not isinstance(event, CPTelemetry)
+        if not reliable and len(self._outbox) > 1:
+            # Keep only the newest telemetry waiting behind the one in flight.
+            head = self._outbox.popleft()
+            kept = [item for item in self._outbox if item[2]]
+            self._outbox.clear()
+            self._outbox.append(head)
+            self._outbox.extend(kept)
+        self._outbox.append((key, event, reliable))
+        self._outbox_changed.set()
+
+    async def _send_outbox(self) -> None:
+        """Publish the outbox in order; retry reliable events until Kafka takes them."""
+        await self._bus_ready.wait()
+        backoff = Backoff(maximum=5.0)
+        while True:
+            while not self._outbox:
+                self._outbox_changed.clear()
+                await self._outbox_changed.wait()
+            key, message, reliable = self._outbox[0]
+            try:
+                await self.bus.send(Topics.CP_EVENTS, key, message)
+            except (BusError, KafkaError) as exc:
+                if not reliable:
+                    log.debug("telemetry dropped: %s", exc)
+                    self._outbox.popleft()
+                    self._outbox_changed.set()
+                    continue
+                delay = backoff.next_delay()
+                log.warning(
+                    "cannot reach Kafka to publish %s (%s); retrying in %.1f s",
+                    type(message).__name__,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                continue
+            if backoff.attempt:
+                log.info("Kafka takes events again")
+            backoff.reset()
+            self._outbox.popleft()
+            self._outbox_changed.set()
+
+    # --- Kafka --------------------------------------------------------------------------------
+
+    async def _start_bus(self) -> None:
+        backoff = Backoff(maximum=5.0)
+        while True:
+            try:
+                await self.bus.start(ensure_topics=False)  # retries until the broker answers
+                await self.bus.ensure_topics()
+                break
+            except (BusError, KafkaError, OSError) as exc:
+                delay = backoff.next_delay()
+                log.warning("cannot set up Kafka topics (%s); retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+        log.info("connected to Kafka at %s", self.settings.broker)
+        self._say(f"connected to Kafka at {self.settings.broker}")
+        self._bus_ready.set()
+
+    async def _commands(self) -> None:
+        """Consume Central's commands for this CP (from the end of the topic)."""
+        await self._start_bus()
+        await self._cp_known.wait()
+        backoff = Backoff(maximum=5.0)
+        while True:
+            try:
+                consumer = await tail_consumer(
+                    self.settings.broker, self.bus.client_id, [Topics.CP_COMMANDS]
+                )
+                break
+            except (BusError, KafkaError) as exc:
+                delay = backoff.next_delay()
+                log.warning("cannot subscribe to commands (%s); retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+        log.info("listening for Central's commands for %s", self.machine.cp_id)
+        self._say("listening for Central's commands")
+        backoff.reset()
+        try:
+            while True:
+                try:
+                    record = await consumer.getone()
+                except KafkaError as exc:
+                    delay = backoff.next_delay()
+                    log.warning(
+                        "cannot read commands from Kafka (%s); retrying in %.1f s", exc, delay
+                    )
+                    await asyncio.sleep(delay)
+                    continue
+                backoff.reset()
+                self._on_record(record)
+        finally:
+            await consumer.stop()
+
+    def _on_record(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        cp_id = self.machine.cp_id
+        if record.key is not None and record.key.decode("utf-8", "replace") != cp_id:
+            return
+        try:
+            command = decode_record(CP_COMMANDS, record)
+        except MessageError as exc:
+            log.warning(
+                "skipping an invalid command at %s[%d]@%d: %s",
+                record.topic,
+                record.partition,
+                record.offset,
+                exc,
+            )
+            return
+        if command.cp_id != cp_id:
+            return
+        log.info("command %s from Central", command.type)
+        if isinstance(command, AuthorizeSupply):
+            self._apply(self.machine.authorize(command))
+        elif isinstance(command, EndSupply):
+            self._apply(self.machine.end_supply(command))
+        elif isinstance(command, SetService):
+            self._apply(self.machine.set_service(command))
+
+    # --- monitor socket -----------------------------------------------------------------------
+
+    async def _on_monitor(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
+        connection: FramedConnection[MonitorToEngine] = FramedConnection(
+            reader, writer, MONITOR_TO_ENGINE, name="monitor"
+        )
+        previous, self._monitor = self._monitor, connection
+        try:
+            if previous is not None:
+                log.info("a new monitor connection from %s replaces the old one", connection.peer)
+                await previous.close()
+            else:
+                log.info("monitor connected from %s", connection.peer)
+            connection.start()
+            await self._serve_monitor(connection)
+        except (ConnectionLost, DeliveryFailed) as exc:
+            log.info("monitor connection ended: %s", exc)
+        except asyncio.CancelledError:
+            # Only our own shutdown cancels this task, and asyncio's stream server (3.11)
+            # logs a traceback for a handler task that ends cancelled: end it normally.
+            log.debug("monitor connection handler cancelled")
+        except Exception as exc:  # a connection boundary: log it, keep the engine running
+            log.error("monitor connection failed: %s: %s", type(exc).__name__, exc)
+            log.debug("details", exc_info=True)
+        finally:
+            await connection.close()
+            if self._monitor is connection:
+                self._monitor = None
+            if task is not None:
+                self._handlers.discard(task)
+
+    async def _serve_monitor(self, connection: FramedConnection[MonitorToEngine]) -> None:
+        while True:
+            message = await connection.receive()
+            if isinstance(message, EngineHello):
+                known = self.machine.cp_id
+                if not self.machine.set_cp_id(message.cp_id):
+                    log.warning(
+                        "refusing a monitor for %s: this engine is %s", message.cp_id, known
+                    )
+                    self._say(f"refused a monitor for another CP ({message.cp_id})")
+                    return
+                if known is None:
+                    log.info("CP id is %s (from the monitor)", message.cp_id)
+                    self._say(f"this engine is {message.cp_id}")
+                    self._cp_known.set()
+                    self._show()
+                continue
+            self._apply(self.machine.health_check(message.central_ok))
+            await connection.send(
+                HealthReport(
+                    seq=message.seq,
+                    ok=self.machine.health_ok,
+                    engine_state=self.machine.state.value,
+                )
+            )
+
+    # --- clock --------------------------------------------------------------------------------
+
+    async def _watchdog(self) -> None:
+        while True:
+            await asyncio.sleep(POLL_INTERVAL)
+            self._apply(self.machine.poll(), from_poll=True)
+
+    async def _ticker(self) -> None:
+        """Tick every --tick seconds while supplying, in phase with the plug."""
+        loop = asyncio.get_running_loop()
+        tick = self.settings.tick
+        while True:
+            await self._supply_started.wait()
+            self._supply_started.clear()
+            supply = self.machine.supply
+            next_at = loop.time() + tick
+            while supply is not None and self.machine.supply is supply:
+                await asyncio.sleep(max(0.0, next_at - loop.time()))
+                next_at += tick
+                if self.machine.supply is supply:
+                    self._apply(self.machine.tick(tick))
+
+    # --- menu ---------------------------------------------------------------------------------
+
+    async def _menu(self) -> None:
+        async for line in stdin_lines():
+            if not line:
+                continue
+            command, _, argument = line.partition(" ")
+            command, argument = command.lower(), argument.strip()
+            if command == "q":
+                self._say("quitting")
+                self.shutdown.request()
+                return
+            if command == "p":
+                self._apply(self.machine.plug())
+            elif command == "u":
+                self._apply(self.machine.unplug())
+            elif command == "k":
+                self._apply(self.machine.set_ko(True))
+            elif command == "o":
+                self._apply(self.machine.set_ko(False))
+            elif command == "r":
+                if not DRIVER_ID.match(argument):
+                    self._say("refused: usage r DRIVER_ID (letters, digits, _ . -)")
+                else:
+                    self._apply(self.machine.request(argument))
+            elif command in ("s", "status"):
+                self._last_status = ""
+                self._show()
+            else:
+                self._say(HELP)
+        log.info("standard input closed: menu off (stop with SIGTERM or SIGINT)")
+
+    @property
+    def state(self) -> EngineState:
+        return self.machine.state

@@ -1,0 +1,36 @@
+"""`python -m EV_CP_M --engine HOST:PORT --central HOST:PORT --cp-id ID`: run a CP's monitor."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from EV_CP_M.config import parse_settings
+from EV_CP_M.service import MonitorService
+from shared.errors import ConfigError
+from shared.lifecycle import Shutdown, run_service
+from shared.logs import setup_logging
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "dashboard":
+        print("EV_CP_M: dashboard mode is not available yet", file=sys.stderr)
+        return 2
+    try:
+        settings = parse_settings(args)
+    except ConfigError as exc:
+        print(f"EV_CP_M: error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level, settings.log_json)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
+
+    async def serve(shutdown: Shutdown) -> None:
+        await MonitorService(settings, shutdown).run()
+
+    return run_service(serve)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

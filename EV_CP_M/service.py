@@ -1,0 +1,270 @@
+"""The monitor: two independent links (engine, Central) sharing one small state object."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from dataclasses import dataclass
+from typing import TextIO
+
+from EV_CP_M.config import MonitorSettings
+from shared.backoff import Backoff
+from shared.errors import ConnectionLost, DeliveryFailed
+from shared.framed import FramedConnection, open_framed
+from shared.lifecycle import Shutdown
+from shared.messages import (
+    CENTRAL_TO_MONITOR,
+    ENGINE_TO_MONITOR,
+    AuthResult,
+    CentralToMonitor,
+    CPState,
+    CPStatusNotice,
+    EngineHello,
+    EngineToMonitor,
+    FaultReport,
+    HealthCheck,
+    HealthReport,
+    Heartbeat,
+    MonitorAuth,
+    RecoveryReport,
+)
+
+log = logging.getLogger(__name__)
+
+AUTH_TIMEOUT = 5.0
+REJECTED_PAUSE = 10.0
+RETRY_MAX = 5.0
+LINK_ERRORS = (ConnectionLost, DeliveryFailed, OSError, TimeoutError)
+
+
+@dataclass
+class LinkState:
+    """What each link knows and the other needs."""
+
+    engine_ok: bool | None = None  # None until the first check
+    engine_detail: str = "not checked yet"
+    rtt_ms: float | None = None
+    central_up: bool = False  # connected and authenticated
+    cp_state: CPState | None = None
+
+
+class MonitorService:
+    """One CP's monitor: an engine link and a Central link under one TaskGroup."""
+
+    def __init__(
+        self, settings: MonitorSettings, shutdown: Shutdown, *, screen: TextIO | None = None
+    ) -> None:
+        self.settings = settings
+        self.shutdown = shutdown
+        self.screen = screen if screen is not None else sys.stdout
+        self.state = LinkState()
+        # Engine OK/KO changes, for the Central link to report at once.
+        self._changes: asyncio.Queue[tuple[bool, str]] = asyncio.Queue()
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            tasks = [
+                group.create_task(self._engine_link(), name="engine-link"),
+                group.create_task(self._central_link(), name="central-link"),
+            ]
+            await self.shutdown.wait()
+            for task in tasks:
+                task.cancel()
+        log.info("monitor stopped")
+
+    def _say(self, text: str) -> None:
+        print(f"[{self.settings.cp_id}] {text}", file=self.screen, flush=True)
+
+    # --- engine link --------------------------------------------------------------------------
+
+    def _set_engine(self, ok: bool, detail: str = "", rtt_ms: float | None = None) -> None:
+        changed = self.state.engine_ok is not ok
+        self.state.engine_ok, self.state.engine_detail, self.state.rtt_ms = ok, detail, rtt_ms
+        if not changed:
+            return
+        if ok:
+            self._say(f"engine OK (round trip {rtt_ms or 0:.1f} ms)")
+        else:
+            self._say(f"engine KO: {detail}")
+        self._changes.put_nowait((ok, detail))
+
+    async def _engine_link(self) -> None:
+        host, port = self.settings.engine
+        backoff = Backoff(maximum=RETRY_MAX)
+        while True:
+            try:
+                connection = await open_framed(
+                    host,
+                    port,
+                    ENGINE_TO_MONITOR,
+                    connect_timeout=max(1.0, self.settings.check_timeout),
+                    ack_timeout=self.settings.check_timeout,
+                    name="engine",
+                )
+            except (OSError, TimeoutError) as exc:
+                log.debug("engine connect failed: %s", exc)
+                self._set_engine(False, "engine unreachable")
+                delay = backoff.next_delay()
+                self._say(f"cannot reach engine at {host}:{port}; retrying in {delay:.1f} s")
+                await asyncio.sleep(delay)
+                continue
+            backoff.reset()
+            log.info("connected to the engine at %s:%d", host, port)
+            try:
+                async with connection:
+                    await self._check_engine(connection)
+            except LINK_ERRORS as exc:
+                log.info("engine link ended: %s", exc)
+                self._set_engine(False, "engine connection lost")
+
+    async def _check_engine(self, connection: FramedConnection[EngineToMonitor]) -> None:
+        """Say hello, then one health check per interval until the connection fails."""
+        settings = self.settings
+        await connection.send(EngineHello(cp_id=settings.cp_id))
+        loop = asyncio.get_running_loop()
+        seq = 0
+        next_at = loop.time()
+        while True:
+            seq += 1
+            started = loop.time()
+            check = HealthCheck(
+                seq=seq, central_ok=self.state.central_up, cp_state=self.state.cp_state
+            )
+            try:
+                async with asyncio.timeout(settings.check_timeout):
+                    await connection.send(check)
+                    report = await self._report(connection, seq)
+            except (TimeoutError, DeliveryFailed):
+                self._set_engine(False, f"no health report within {settings.check_timeout:g} s")
+            else:
+                rtt_ms = (loop.time() - started) * 1000
+                if report.ok:
+                    self._set_engine(True, "", rtt_ms)
+                else:
+                    self._set_engine(False, f"engine reports KO ({report.engine_state})")
+            next_at += settings.interval
+            now = loop.time()
+            if next_at < now:
+                next_at = now  # fell behind (slow engine): no burst of checks
+            await asyncio.sleep(next_at - now)
+
+    @staticmethod
+    async def _report(connection: FramedConnection[EngineToMonitor], seq: int) -> HealthReport:
+        while True:
+            report = await connection.receive()
+            if report.seq == seq:
+                return report
+            log.debug("late health report %d ignored", report.seq)
+
+    # --- Central link -------------------------------------------------------------------------
+
+    async def _central_link(self) -> None:
+        host, port = self.settings.central
+        backoff = Backoff(maximum=RETRY_MAX)
+        while True:
+            pause: float | None = None
+            problem = ""
+            try:
+                connection = await open_framed(host, port, CENTRAL_TO_MONITOR, name="central")
+            except (OSError, TimeoutError) as exc:
+                log.debug("Central connect failed: %s", exc)
+                problem = "connection refused or timed out"
+            else:
+                try:
+                    async with connection:
+                        result = await self._authenticate(connection)
+                        if result.accepted:
+                            backoff.reset()
+                            await self._serve_central(connection, result)
+                        else:
+                            self._say(
+                                f"Central rejected {self.settings.cp_id}: "
+                                f"{result.reason or 'no reason given'}; "
+                                f"retrying in {REJECTED_PAUSE:.0f} s"
+                            )
+                            pause = REJECTED_PAUSE
+                except TimeoutError:
+                    problem = f"no answer to authentication within {AUTH_TIMEOUT:.0f} s"
+                except LINK_ERRORS as exc:
+                    problem = str(exc)
+                finally:
+                    if self.state.central_up:
+                        self.state.central_up = False
+                        self._say("Central link down")
+            if pause is None:
+                pause = backoff.next_delay()
+                log.info("Central link: %s", problem)
+                self._say(f"cannot reach Central at {host}:{port}; retrying in {pause:.1f} s")
+            await asyncio.sleep(pause)
+
+    async def _authenticate(self, connection: FramedConnection[CentralToMonitor]) -> AuthResult:
+        async with asyncio.timeout(AUTH_TIMEOUT):
+            await connection.send(MonitorAuth(cp_id=self.settings.cp_id))
+            while True:
+                message = await connection.receive()
+                if isinstance(message, AuthResult):
+                    return message
+                self._on_notice(message)
+
+    async def _serve_central(
+        self, connection: FramedConnection[CentralToMonitor], result: AuthResult
+    ) -> None:
+        """Read Central's frames while heartbeats and reports go out; return never, raise."""
+        self.state.central_up = True
+        where = result.location or "unknown location"
+        price = f", {result.price_eur_kwh:.2f} €/kWh" if result.price_eur_kwh is not None else ""
+        self._say(f"Central link up: authenticated ({where}{price})")
+        lost: BaseException | None = None
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._read_central(connection), name="central-reader")
+                group.create_task(self._heartbeats(connection), name="heartbeats")
+        except* LINK_ERRORS as errors:
+            lost = errors.exceptions[0]
+        raise ConnectionLost(str(lost) if lost else "Central link ended")
+
+    async def _read_central(self, connection: FramedConnection[CentralToMonitor]) -> None:
+        while True:
+            message = await connection.receive()
+            if isinstance(message, CPStatusNotice):
+                self._on_notice(message)
+            else:
+                log.debug("ignoring %s from Central", message.type)
+
+    def _on_notice(self, notice: CentralToMonitor) -> None:
+        if not isinstance(notice, CPStatusNotice) or notice.cp_id != self.settings.cp_id:
+            return
+        if notice.state != self.state.cp_state:
+            self.state.cp_state = notice.state
+            self._say(f"CP state at Central: {notice.state.value}")
+
+    async def _heartbeats(self, connection: FramedConnection[CentralToMonitor]) -> None:
+        """A heartbeat every interval; faults and recoveries the moment they happen."""
+        cp_id = self.settings.cp_id
+        while not self._changes.empty():
+            self._changes.get_nowait()  # the state now is what counts for a new link
+        reported = self.state.engine_ok
+        if reported is False:
+            await connection.send(FaultReport(cp_id=cp_id, detail=self.state.engine_detail))
+        loop = asyncio.get_running_loop()
+        seq = 0
+        next_at = loop.time()
+        while True:
+            await connection.send(
+                Heartbeat(cp_id=cp_id, engine_ok=self.state.engine_ok is True, seq=seq)
+            )
+            seq += 1
+            next_at = max(next_at + self.settings.interval, loop.time())
+            while (remaining := next_at - loop.time()) > 0:
+                try:
+                    ok, detail = await asyncio.wait_for(self._changes.get(), remaining)
+                except TimeoutError:
+                    break
+                if not ok and reported is not False:
+                    await connection.send(FaultReport(cp_id=cp_id, detail=detail))
+                    log.info("reported engine fault to Central: %s", detail)
+                elif ok and reported is False:
+                    await connection.send(RecoveryReport(cp_id=cp_id))
+                    log.info("reported engine recovery to Central")
+                reported = ok

@@ -1,0 +1,1 @@
+"""EV_Central: the control centre of the EV charging network."""

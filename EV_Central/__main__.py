@@ -1,0 +1,30 @@
+"""python -m EV_Central [--port 5000] --broker HOST:PORT [--db PATH] [--http-port 8002]
+python -m EV_Central ctl [--central HOST:HTTP_PORT] (stop|resume) (CP_ID|all)
+"""
+
+from __future__ import annotations
+
+import sys
+
+from EV_Central import config, ctl
+from EV_Central.app import run_central
+from shared.errors import ConfigError
+from shared.lifecycle import run_service
+from shared.logs import setup_logging
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        if args[:1] == ["ctl"]:
+            return ctl.main(args[1:])
+        settings = config.parse(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level, settings.log_json)
+    return run_service(lambda shutdown: run_central(settings, shutdown))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Wires Central's parts together and runs them until shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from EV_Central.config import CentralSettings
+from EV_Central.console import Console
+from EV_Central.db import Database
+from EV_Central.monitor_server import MonitorServer
+from EV_Central.service import Central
+from EV_Central.web import AdminWeb
+from shared.bus import KafkaBus
+from shared.lifecycle import Shutdown
+
+log = logging.getLogger(__name__)
+
+
+async def run_central(settings: CentralSettings, shutdown: Shutdown) -> None:
+    db = Database(settings.db)
+    await db.start()
+    bus = KafkaBus(settings.broker, "ev-central")
+    central = Central(settings, bus, db)
+    monitors = MonitorServer(central, settings.listen_host, settings.port)
+    web = AdminWeb(central, settings.listen_host, settings.http_port)
+    console = Console(central, settings.console)
+    try:
+        await central.load()
+        # Serve monitors and the admin page at once; Kafka may still be coming up.
+        await monitors.start()
+        await web.start()
+        await bus.start()
+        log.info(
+            "Central ready: monitors on :%d, admin on :%d, Kafka at %s",
+            monitors.port,
+            web.port,
+            settings.broker,
+        )
+        async with asyncio.TaskGroup() as tasks:
+            work = tasks.create_task(central.run(), name="central")
+            panel = tasks.create_task(console.run(), name="console")
+            await shutdown.wait()
+            work.cancel()
+            panel.cancel()
+    finally:
+        log.info("Central stopping")
+        with contextlib.suppress(Exception):
+            await monitors.stop()
+        with contextlib.suppress(Exception):
+            await web.stop()
+        await bus.stop()
+        await db.stop()

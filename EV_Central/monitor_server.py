@@ -1,0 +1,180 @@
+"""Central's TCP server for charging-point monitors (port 5000, framed protocol).
+
+A monitor must authenticate its CP first; then it sends a heartbeat every second and
+reports faults and recoveries as they happen. Bad input gets NACK (see shared.framed) and
+closes at most its own connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from EV_Central.registry import ChargingPoint
+from EV_Central.service import Central
+from shared.errors import ConnectionLost, DeliveryFailed
+from shared.framed import FramedConnection
+from shared.framing import DEFAULT_MAX_FRAME
+from shared.messages import (
+    MONITOR_TO_CENTRAL,
+    AuthResult,
+    CPState,
+    CPStatusNotice,
+    FaultReport,
+    Heartbeat,
+    MonitorAuth,
+    MonitorToCentral,
+    RecoveryReport,
+)
+
+log = logging.getLogger(__name__)
+
+AUTH_TIMEOUT = 5.0
+
+
+class MonitorLink:
+    """An authenticated monitor connection and the state notices waiting to go to it."""
+
+    def __init__(self, cp: ChargingPoint, conn: FramedConnection[MonitorToCentral]) -> None:
+        self.cp = cp
+        self.conn = conn
+        self.notices: asyncio.Queue[CPState] = asyncio.Queue(maxsize=8)
+        self.last_sent: CPState | None = None
+
+    def offer(self, state: CPState) -> None:
+        if state != self.last_sent and not self.notices.full():
+            self.notices.put_nowait(state)
+
+
+class MonitorServer:
+    def __init__(self, central: Central, host: str, port: int) -> None:
+        self.central = central
+        self.host = host
+        self.port = port
+        self._server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
+        central.cp_listeners.append(self._on_cps_changed)
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        for sock in self._server.sockets:
+            self.port = sock.getsockname()[1]
+            break
+        log.info("listening for monitors on %s:%d", self.host, self.port)
+
+    async def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        for task in list(self._handlers):
+            task.cancel()
+        if self._handlers:
+            await asyncio.gather(*self._handlers, return_exceptions=True)
+        await self._server.wait_closed()
+        self._server = None
+
+    def _on_cps_changed(self, cps: list[ChargingPoint]) -> None:
+        for cp in cps:
+            if isinstance(cp.connection, MonitorLink):
+                cp.connection.offer(cp.state)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        peer = writer.get_extra_info("peername")
+        conn: FramedConnection[MonitorToCentral] = FramedConnection(
+            reader, writer, MONITOR_TO_CENTRAL, max_frame=DEFAULT_MAX_FRAME, name=f"monitor {peer}"
+        )
+        conn.start()
+        link: MonitorLink | None = None
+        why = "connection closed"
+        try:
+            link = await self._authenticate(conn)
+            if link is not None:
+                async with asyncio.TaskGroup() as tasks:
+                    tasks.create_task(self._send_notices(link))
+                    await self._serve(link)
+                    raise ConnectionLost("monitor went away")
+        except* (ConnectionLost, DeliveryFailed, TimeoutError) as group:
+            why = str(group.exceptions[0]) or type(group.exceptions[0]).__name__
+        except* Exception:
+            why = "internal error"
+            log.exception("%s: monitor connection failed", conn.name)
+        finally:
+            self._handlers.discard(task)
+            if link is not None and link.cp.connection is link:
+                with contextlib.suppress(Exception):
+                    await self.central.monitor_lost(link.cp, why)
+            await conn.close()
+
+    async def _authenticate(self, conn: FramedConnection[MonitorToCentral]) -> MonitorLink | None:
+        first = await asyncio.wait_for(conn.receive(), AUTH_TIMEOUT)
+        if not isinstance(first, MonitorAuth):
+            await conn.send(
+                AuthResult(
+                    cp_id=getattr(first, "cp_id", "unknown"),
+                    accepted=False,
+                    reason="authenticate first",
+                )
+            )
+            return None
+        cp = self.central.registry.get(first.cp_id)
+        if cp is None:
+            log.warning("%s: rejected authentication of unknown CP %s", conn.name, first.cp_id)
+            self.central.note("rejected", f"{first.cp_id}: unknown CP refused at :5000")
+            await conn.send(
+                AuthResult(cp_id=first.cp_id, accepted=False, reason=f"unknown CP {first.cp_id}")
+            )
+            return None
+        previous = cp.connection
+        if isinstance(previous, MonitorLink):
+            # A monitor that reconnects replaces its stale connection.
+            cp.connection = None
+            await previous.conn.close()
+        link = MonitorLink(cp, conn)
+        await conn.send(
+            AuthResult(
+                cp_id=cp.id,
+                accepted=True,
+                location=cp.location,
+                price_eur_kwh=cp.price_eur_kwh,
+                max_kw=cp.max_kw,
+            )
+        )
+        await self.central.monitor_connected(cp, link)
+        link.offer(cp.state)
+        return link
+
+    async def _serve(self, link: MonitorLink) -> None:
+        cp = link.cp
+        while True:
+            message = await link.conn.receive()
+            if getattr(message, "cp_id", cp.id) != cp.id:
+                log.warning(
+                    "%s: message for %s on %s's connection ignored",
+                    link.conn.name,
+                    getattr(message, "cp_id", "?"),
+                    cp.id,
+                )
+                continue
+            match message:
+                case Heartbeat():
+                    await self.central.heartbeat(cp, message.engine_ok)
+                case FaultReport():
+                    cp.last_heartbeat = time.time()
+                    await self.central.engine_health(cp, False, message.detail)
+                case RecoveryReport():
+                    await self.central.engine_health(cp, True, "")
+                case MonitorAuth():
+                    pass  # already authenticated
+
+    async def _send_notices(self, link: MonitorLink) -> None:
+        while True:
+            state = await link.notices.get()
+            if state == link.last_sent:
+                continue
+            await link.conn.send(CPStatusNotice(cp_id=link.cp.id, state=state))
+            link.last_sent = state

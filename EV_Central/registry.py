@@ -1,0 +1,144 @@
+"""Central's in-memory view of the charging points: health, service state, live supply.
+
+Pure: no I/O. The service layer feeds it events (authentication, heartbeats, faults, session
+changes) and publishes what changed. The database stays the durable record.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from shared.messages import CPState, CPStateUpdate, CPSummary
+
+
+class SessionPhase:
+    AUTHORISED = "AUTHORISED"
+    SUPPLYING = "SUPPLYING"
+    ENDING = "ENDING"  # asked to end; waiting for the engine's final figures
+
+
+@dataclass
+class LiveSession:
+    """The session a CP is busy with, as far as Central knows right now."""
+
+    session_id: str
+    driver_id: str
+    phase: str
+    price_eur_kwh: float
+    kw: float = 0.0
+    kwh: float = 0.0
+    last_telemetry_at: float | None = None
+    last_seq: int = -1
+    end_reason: str | None = None
+    settle_deadline: float | None = None
+    expires_at: float | None = None
+
+    @property
+    def amount_eur(self) -> float:
+        return round(self.kwh * self.price_eur_kwh, 2)
+
+
+@dataclass
+class ChargingPoint:
+    id: str
+    location: str
+    price_eur_kwh: float
+    max_kw: float
+    in_service: bool = True
+    connected: bool = False
+    engine_ok: bool = True
+    last_heartbeat: float = 0.0
+    connection: object | None = None
+    session: LiveSession | None = None
+
+    @property
+    def state(self) -> CPState:
+        """The health table of the brief, then service and supply."""
+        if not self.connected:
+            return CPState.DESCONECTADO
+        if not self.engine_ok:
+            return CPState.AVERIADO
+        if self.session is not None and self.session.phase == SessionPhase.SUPPLYING:
+            return CPState.SUMINISTRANDO
+        if not self.in_service:
+            return CPState.PARADO
+        return CPState.ACTIVADO
+
+    @property
+    def available(self) -> bool:
+        return self.state == CPState.ACTIVADO and self.session is None
+
+    def as_api(self) -> dict[str, object]:
+        entry: dict[str, object] = {
+            "id": self.id,
+            "location": self.location,
+            "price_eur_kwh": self.price_eur_kwh,
+            "max_kw": self.max_kw,
+            "state": self.state.value,
+            "connected": self.connected,
+            "engine_ok": self.engine_ok,
+            "in_service": self.in_service,
+        }
+        if self.session is not None:
+            entry["session_id"] = self.session.session_id
+            entry["session_phase"] = self.session.phase
+            entry["driver_id"] = self.session.driver_id
+            entry["kw"] = self.session.kw
+            entry["kwh"] = round(self.session.kwh, 4)
+            entry["amount_eur"] = self.session.amount_eur
+        return entry
+
+    def state_message(self) -> CPStateUpdate:
+        s = self.session
+        return CPStateUpdate(
+            cp_id=self.id,
+            state=self.state,
+            location=self.location,
+            price_eur_kwh=self.price_eur_kwh,
+            max_kw=self.max_kw,
+            driver_id=s.driver_id if s else None,
+            session_id=s.session_id if s else None,
+            kw=s.kw if s else 0.0,
+            kwh=round(s.kwh, 4) if s else 0.0,
+            amount_eur=s.amount_eur if s else 0.0,
+        )
+
+    def summary(self) -> CPSummary:
+        return CPSummary(
+            cp_id=self.id,
+            location=self.location,
+            price_eur_kwh=self.price_eur_kwh,
+            state=self.state,
+        )
+
+
+@dataclass
+class Registry:
+    cps: dict[str, ChargingPoint] = field(default_factory=dict)
+
+    def add(self, cp: ChargingPoint) -> None:
+        self.cps[cp.id] = cp
+
+    def get(self, cp_id: str) -> ChargingPoint | None:
+        return self.cps.get(cp_id)
+
+    def by_session(self, session_id: str) -> ChargingPoint | None:
+        for cp in self.cps.values():
+            if cp.session is not None and cp.session.session_id == session_id:
+                return cp
+        return None
+
+    def session_of_driver(self, driver_id: str) -> ChargingPoint | None:
+        for cp in self.cps.values():
+            if cp.session is not None and cp.session.driver_id == driver_id:
+                return cp
+        return None
+
+    def stale(self, now: float, timeout: float) -> list[ChargingPoint]:
+        """Connected CPs whose last heartbeat is older than `timeout`."""
+        return [
+            cp for cp in self.cps.values() if cp.connected and now - cp.last_heartbeat > timeout
+        ]
+
+    def sorted(self) -> list[ChargingPoint]:
+        return [self.cps[k] for k in sorted(self.cps)]

@@ -1,0 +1,150 @@
+"""The database schema and demo seed (synchronous: used by init_db.py and at Central start)."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+from EV_Central.passwords import hash_password
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS charging_points (
+    id            TEXT PRIMARY KEY,
+    location      TEXT NOT NULL,
+    price_eur_kwh REAL NOT NULL CHECK (price_eur_kwh >= 0),
+    max_kw        REAL NOT NULL CHECK (max_kw > 0),
+    in_service    INTEGER NOT NULL DEFAULT 1,
+    created_at    REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS users (
+    id            TEXT PRIMARY KEY,
+    role          TEXT NOT NULL CHECK (role IN ('driver', 'admin')),
+    password_hash TEXT NOT NULL,
+    balance_cents INTEGER NOT NULL DEFAULT 0 CHECK (balance_cents >= 0),
+    created_at    REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sessions (
+    id                 TEXT PRIMARY KEY,
+    cp_id              TEXT NOT NULL,
+    driver_id          TEXT NOT NULL,
+    request_id         TEXT,
+    origin             TEXT NOT NULL,
+    status             TEXT NOT NULL,
+    price_eur_kwh      REAL NOT NULL DEFAULT 0,
+    max_kw             REAL NOT NULL DEFAULT 0,
+    requested_at       REAL NOT NULL,
+    authorized_at      REAL,
+    expires_at         REAL,
+    started_at         REAL,
+    ended_at           REAL,
+    kw                 REAL NOT NULL DEFAULT 0,
+    kwh                REAL NOT NULL DEFAULT 0,
+    amount_cents       INTEGER NOT NULL DEFAULT 0,
+    last_telemetry_at  REAL,
+    last_telemetry_seq INTEGER,
+    reason             TEXT,
+    ticket_revision    INTEGER NOT NULL DEFAULT 0,
+    ticket_seen        INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS sessions_by_driver ON sessions (driver_id, requested_at);
+CREATE INDEX IF NOT EXISTS sessions_by_status ON sessions (status);
+CREATE TABLE IF NOT EXISTS processed_messages (
+    id           TEXT PRIMARY KEY,
+    processed_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    topic      TEXT NOT NULL,
+    key        TEXT NOT NULL,
+    payload    BLOB NOT NULL,
+    created_at REAL NOT NULL
+);
+"""
+
+DEMO_CPS = [
+    ("CP001", "Alicante - Campus, Aulario III", 0.35, 22.0),
+    ("CP002", "Alicante - Campus, Parking Norte", 0.35, 22.0),
+    ("CP003", "Alicante - Puerto, Muelle 12", 0.42, 50.0),
+    ("CP004", "Alicante - Estación de Luceros", 0.30, 7.4),
+    ("CP005", "San Vicente - Centro Comercial", 0.38, 11.0),
+    ("CP006", "Elche - Parque Empresarial", 0.33, 22.0),
+    ("CP007", "Elche - Estación Parque", 0.40, 50.0),
+    ("CP008", "Benidorm - Avenida del Mediterráneo", 0.45, 11.0),
+    ("CP009", "Valencia - Ciudad de las Artes", 0.39, 22.0),
+    ("CP010", "Murcia - Plaza Circular", 0.36, 7.4),
+]
+
+# Demo accounts: (id, role, password, balance in cents). Demo only: see the README.
+DEMO_USERS = [
+    ("user1", "driver", "pass1", 15000),
+    ("user2", "driver", "pass2", 20000),
+    ("user3", "driver", "pass3", 7550),
+    ("user4", "driver", "pass4", 5000),
+    ("user5", "driver", "pass5", 10000),
+    ("admin", "admin", "admin", 0),
+]
+
+
+def connect(path: str | Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(str(path))
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+def create_schema(conn: sqlite3.Connection) -> None:
+    conn.executescript(SCHEMA)
+    conn.execute(
+        "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
+        (str(SCHEMA_VERSION),),
+    )
+
+
+def seed_demo(conn: sqlite3.Connection) -> tuple[int, int]:
+    """Insert the demo CPs and accounts that are missing; return how many of each were added."""
+    now = time.time()
+    cps = 0
+    for cp_id, location, price, max_kw in DEMO_CPS:
+        cur = conn.execute(
+            "INSERT OR IGNORE INTO charging_points"
+            " (id, location, price_eur_kwh, max_kw, created_at) VALUES (?, ?, ?, ?, ?)",
+            (cp_id, location, price, max_kw, now),
+        )
+        cps += cur.rowcount
+    users = 0
+    for user_id, role, password, balance in DEMO_USERS:
+        exists = conn.execute("SELECT 1 FROM users WHERE id = ?", (user_id,)).fetchone()
+        if exists:
+            continue
+        conn.execute(
+            "INSERT INTO users (id, role, password_hash, balance_cents, created_at)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (user_id, role, hash_password(password), balance, now),
+        )
+        users += 1
+    return cps, users
+
+
+def initialise(path: str | Path, *, reset: bool = False, seed: bool = True) -> tuple[int, int]:
+    """Create (or with reset, re-create) the database at `path` and seed it."""
+    db_path = Path(path)
+    if reset:
+        for suffix in ("", "-wal", "-shm"):
+            Path(str(db_path) + suffix).unlink(missing_ok=True)
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    conn = connect(db_path)
+    try:
+        with conn:
+            create_schema(conn)
+            added = seed_demo(conn) if seed else (0, 0)
+    finally:
+        conn.close()
+    return added

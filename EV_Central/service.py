@@ -1,0 +1,877 @@
+"""Central's core: Kafka handlers, session lifecycle, timers and the outbox relay.
+
+All state changes happen on the event loop. Each handler that changes durable state runs in
+one database transaction which records the handled message id and queues the messages to
+publish (the outbox); Kafka offsets are committed only after that transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import ConsumerRecord
+from aiokafka.errors import KafkaError
+
+from EV_Central.config import CentralSettings
+from EV_Central.db import ACTIVE_STATUSES, Database, Transaction, ticket_from_row
+from EV_Central.passwords import verify_password
+from EV_Central.pricing import cap_to_balance, decide_request, max_kwh_for
+from EV_Central.registry import ChargingPoint, LiveSession, Registry, SessionPhase
+from shared.backoff import Backoff
+from shared.bus import BusError, KafkaBus, Topics, decode_record
+from shared.errors import MessageError
+from shared.messages import (
+    CP_EVENTS,
+    DRIVER_REQUESTS,
+    AuthorizeSupply,
+    CPPlugged,
+    CPRequest,
+    CPState,
+    CPSupplyEnded,
+    CPTelemetry,
+    DriverNotice,
+    DriverStatus,
+    EndReason,
+    EndSupply,
+    LoginRequest,
+    LoginResult,
+    Message,
+    RequestAccepted,
+    RequestDenied,
+    SessionInfo,
+    SetService,
+    StatusQuery,
+    StopRequest,
+    SupplyAuthorized,
+    SupplyProgress,
+    SupplyRequest,
+    SupplyStarted,
+    Ticket,
+    TicketAck,
+    new_id,
+)
+
+log = logging.getLogger(__name__)
+
+# Energy differences below this are rounding, not a correction worth a new ticket.
+KWH_EPSILON = 1e-4
+
+
+@dataclass(frozen=True)
+class CentralEvent:
+    ts: float
+    kind: str
+    text: str
+    cp_id: str | None = None
+    driver_id: str | None = None
+
+    def as_api(self) -> dict[str, Any]:
+        return {
+            "ts": self.ts,
+            "kind": self.kind,
+            "text": self.text,
+            "cp_id": self.cp_id,
+            "driver_id": self.driver_id,
+        }
+
+
+class Central:
+    def __init__(self, settings: CentralSettings, bus: KafkaBus, db: Database) -> None:
+        self.settings = settings
+        self.bus = bus
+        self.db = db
+        self.registry = Registry()
+        self.events: collections.deque[CentralEvent] = collections.deque(maxlen=200)
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.broker_ok = False
+        self._outbox_wake = asyncio.Event()
+        self._dirty: set[str] = set()
+        self._dirty_wake = asyncio.Event()
+        # Observers (web sockets, console, monitor links) get called with what changed.
+        self.cp_listeners: list[Callable[[list[ChargingPoint]], None]] = []
+        self.event_listeners: list[Callable[[CentralEvent], None]] = []
+
+    # --- start-up ------------------------------------------------------------------------
+
+    async def load(self) -> None:
+        """Load every registered CP (DESCONECTADO until its monitor connects) and live sessions."""
+        for row in await self.db.read("SELECT * FROM charging_points ORDER BY id"):
+            self.registry.add(
+                ChargingPoint(
+                    id=row["id"],
+                    location=row["location"],
+                    price_eur_kwh=row["price_eur_kwh"],
+                    max_kw=row["max_kw"],
+                    in_service=bool(row["in_service"]),
+                )
+            )
+        now = time.time()
+        active = await self.db.read(
+            f"SELECT * FROM sessions WHERE status IN ({','.join('?' * len(ACTIVE_STATUSES))})",
+            ACTIVE_STATUSES,
+        )
+        for row in active:
+            cp = self.registry.get(row["cp_id"])
+            if cp is None:
+                continue
+            live = LiveSession(
+                session_id=row["id"],
+                driver_id=row["driver_id"],
+                phase=row["status"],
+                price_eur_kwh=row["price_eur_kwh"],
+                kw=row["kw"],
+                kwh=row["kwh"],
+                # Restarted: give engines time to report what happened while we were away.
+                last_telemetry_at=now,
+                last_seq=row["last_telemetry_seq"] or -1,
+                expires_at=row["expires_at"],
+            )
+            if row["status"] == SessionPhase.ENDING:
+                live.end_reason = row["reason"]
+                live.settle_deadline = now + self.settings.monitor_grace
+            cp.session = live
+        self.note("start", f"loaded {len(self.registry.cps)} CPs, {len(active)} live sessions")
+
+    # --- notifications -------------------------------------------------------------------
+
+    def note(
+        self, kind: str, text: str, cp_id: str | None = None, driver_id: str | None = None
+    ) -> None:
+        event = CentralEvent(time.time(), kind, text, cp_id, driver_id)
+        self.events.append(event)
+        log.info("%s", text)
+        for listener in self.event_listeners:
+            listener(event)
+
+    def changed(self, cp: ChargingPoint) -> None:
+        """Mark a CP as changed: its state is published and pushed shortly, coalesced."""
+        self._dirty.add(cp.id)
+        self._dirty_wake.set()
+
+    async def _publish_changes(self) -> None:
+        while True:
+            await self._dirty_wake.wait()
+            await asyncio.sleep(0.05)  # coalesce bursts into one push
+            self._dirty_wake.clear()
+            ids, self._dirty = self._dirty, set()
+            cps = [cp for cp_id in sorted(ids) if (cp := self.registry.get(cp_id))]
+            for listener in self.cp_listeners:
+                listener(cps)
+            for cp in cps:
+                await self.bus.post(Topics.CP_STATE, cp.id, cp.state_message())
+
+    # --- the Kafka consumer ---------------------------------------------------------------
+
+    async def _consume(self) -> None:
+        consumer = await self.bus.group_consumer(
+            [Topics.DRIVER_REQUESTS, Topics.CP_EVENTS], "ev-central"
+        )
+        backoff = Backoff()
+        while True:
+            try:
+                batches = await consumer.getmany(timeout_ms=500, max_records=500)
+                self.broker_ok = True
+            except KafkaError as exc:
+                self.broker_ok = False
+                delay = backoff.next_delay()
+                log.warning(
+                    "cannot read from Kafka (%s); retrying in %.1f s", type(exc).__name__, delay
+                )
+                await asyncio.sleep(delay)
+                continue
+            if not batches:
+                continue
+            for tp, records in batches.items():
+                for record in records:
+                    await self._dispatch(tp.topic, record)
+            try:
+                await consumer.commit()
+                backoff.reset()
+            except KafkaError as exc:
+                # Not fatal: handlers are idempotent, a redelivery changes nothing.
+                log.warning("cannot commit offsets (%s); will retry", type(exc).__name__)
+
+    async def _dispatch(self, topic: str, record: ConsumerRecord[bytes, bytes]) -> None:
+        key = record.key.decode("utf-8", "replace") if record.key else ""
+        try:
+            if topic == Topics.DRIVER_REQUESTS:
+                request = decode_record(DRIVER_REQUESTS, record)
+                if request.driver_id != key:
+                    raise MessageError(f"key {key!r} does not match driver {request.driver_id!r}")
+                self.counters[request.type] += 1
+                await self._on_driver_request(request)
+            else:
+                event = decode_record(CP_EVENTS, record)
+                if event.cp_id != key:
+                    raise MessageError(f"key {key!r} does not match CP {event.cp_id!r}")
+                self.counters[event.type] += 1
+                await self._on_cp_event(event)
+        except MessageError as exc:
+            self.counters["invalid"] += 1
+            log.warning(
+                "skipped an invalid message on %s (offset %d): %s", topic, record.offset, exc
+            )
+        except Exception:
+            # A bug must not stop Central from serving everyone else; the log has the details.
+            self.counters["handler_errors"] += 1
+            log.exception("handler failed for %s offset %d", topic, record.offset)
+        self._outbox_wake.set()
+
+    async def _on_driver_request(self, request: Message) -> None:
+        match request:
+            case SupplyRequest():
+                await self.request_supply(
+                    request.id, request.ts, request.driver_id, request.cp_id, request.origin
+                )
+            case StopRequest():
+                await self._on_stop_request(request)
+            case StatusQuery():
+                await self._on_status_query(request)
+            case TicketAck():
+                async with self.db.transaction() as tx:
+                    await tx.execute(
+                        "UPDATE sessions SET ticket_seen = ticket_revision"
+                        " WHERE id = ? AND driver_id = ?",
+                        (request.session_id, request.driver_id),
+                    )
+            case LoginRequest():
+                await self._on_login(request)
+
+    async def _on_cp_event(self, event: Message) -> None:
+        match event:
+            case CPRequest():
+                await self.request_supply(event.id, event.ts, event.driver_id, event.cp_id, "cp")
+            case CPPlugged():
+                await self._on_plugged(event)
+            case CPTelemetry():
+                await self._on_telemetry(event)
+            case CPSupplyEnded():
+                await self._on_supply_ended(event)
+
+    # --- supply requests ------------------------------------------------------------------
+
+    async def request_supply(
+        self, message_id: str, sent_at: float, driver_id: str, cp_id: str, origin: str
+    ) -> None:
+        now = time.time()
+        cp = self.registry.get(cp_id)
+        accepted: LiveSession | None = None
+        async with self.db.transaction() as tx:
+            if await tx.seen(message_id):
+                return
+            user = await tx.fetchone(
+                "SELECT role, balance_cents FROM users WHERE id = ?", (driver_id,)
+            )
+            balance = int(user["balance_cents"]) if user else 0
+            busy = await tx.fetchone(
+                "SELECT 1 FROM sessions WHERE driver_id = ? AND status IN (?, ?, ?)",
+                (driver_id, *ACTIVE_STATUSES),
+            )
+            price = cp.price_eur_kwh if cp else 0.0
+            reason = decide_request(
+                driver_known=user is not None and user["role"] == "driver",
+                cp_known=cp is not None,
+                cp_available=cp is not None and cp.available,
+                driver_busy=busy is not None,
+                balance_cents=balance,
+                price_eur_kwh=price,
+                age_s=now - sent_at,
+                max_age_s=self.settings.request_ttl,
+            )
+            session_id = new_id()[:16]
+            status = "DENIED" if reason else "AUTHORISED"
+            expires_at = now + self.settings.authorization_ttl
+            await tx.execute(
+                "INSERT INTO sessions (id, cp_id, driver_id, request_id, origin, status,"
+                " price_eur_kwh, max_kw, requested_at, authorized_at, expires_at, reason)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    session_id,
+                    cp_id,
+                    driver_id,
+                    message_id,
+                    origin,
+                    status,
+                    price,
+                    cp.max_kw if cp else 0,
+                    sent_at,
+                    None if reason else now,
+                    None if reason else expires_at,
+                    reason.value if reason else None,
+                ),
+            )
+            if reason is not None:
+                await tx.publish(
+                    Topics.DRIVER_UPDATES,
+                    driver_id,
+                    RequestDenied(
+                        driver_id=driver_id,
+                        cp_id=cp_id,
+                        request_id=message_id,
+                        reason=reason,
+                        detail=self._denial_detail(reason, cp),
+                    ),
+                )
+            else:
+                assert cp is not None
+                await tx.publish(
+                    Topics.DRIVER_UPDATES,
+                    driver_id,
+                    RequestAccepted(
+                        driver_id=driver_id,
+                        cp_id=cp_id,
+                        request_id=message_id,
+                        session_id=session_id,
+                    ),
+                )
+                await tx.publish(
+                    Topics.CP_COMMANDS,
+                    cp_id,
+                    AuthorizeSupply(
+                        cp_id=cp_id,
+                        session_id=session_id,
+                        driver_id=driver_id,
+                        price_eur_kwh=price,
+                        max_kw=cp.max_kw,
+                        max_kwh=max_kwh_for(balance, price),
+                        expires_at=expires_at,
+                    ),
+                )
+                await tx.publish(
+                    Topics.DRIVER_UPDATES,
+                    driver_id,
+                    SupplyAuthorized(
+                        driver_id=driver_id,
+                        cp_id=cp_id,
+                        session_id=session_id,
+                        price_eur_kwh=price,
+                        expires_at=expires_at,
+                    ),
+                )
+                accepted = LiveSession(
+                    session_id=session_id,
+                    driver_id=driver_id,
+                    phase=SessionPhase.AUTHORISED,
+                    price_eur_kwh=price,
+                    expires_at=expires_at,
+                )
+                # Reserve the CP before the commit yields, so no other request can take it.
+                cp.session = accepted
+            await tx.mark_processed(message_id)
+        if accepted is not None and cp is not None:
+            self.changed(cp)
+            self.note(
+                "authorised",
+                f"{cp_id}: supply authorised for {driver_id} "
+                f"({origin} request, session {session_id})",
+                cp_id,
+                driver_id,
+            )
+        else:
+            self.note(
+                "denied", f"{cp_id}: request from {driver_id} denied ({reason})", cp_id, driver_id
+            )
+
+    @staticmethod
+    def _denial_detail(reason: Any, cp: ChargingPoint | None) -> str:
+        if cp is not None and reason.value == "cp_unavailable":
+            return f"{cp.id} is {cp.state.value}" + (" and busy" if cp.session else "")
+        return ""
+
+    # --- engine events --------------------------------------------------------------------
+
+    async def _on_plugged(self, event: CPPlugged) -> None:
+        cp = self.registry.get(event.cp_id)
+        started = False
+        async with self.db.transaction() as tx:
+            if await tx.seen(event.id):
+                return
+            row = await tx.fetchone("SELECT * FROM sessions WHERE id = ?", (event.session_id,))
+            if row is not None and row["status"] == "AUTHORISED" and row["cp_id"] == event.cp_id:
+                await tx.execute(
+                    "UPDATE sessions SET status = 'SUPPLYING', started_at = ? WHERE id = ?",
+                    (event.ts, event.session_id),
+                )
+                await tx.publish(
+                    Topics.DRIVER_UPDATES,
+                    row["driver_id"],
+                    SupplyStarted(
+                        driver_id=row["driver_id"], cp_id=event.cp_id, session_id=event.session_id
+                    ),
+                )
+                started = True
+            else:
+                # Plugged into a session that expired or was never ours: stop the engine.
+                await tx.publish(
+                    Topics.CP_COMMANDS,
+                    event.cp_id,
+                    EndSupply(
+                        cp_id=event.cp_id,
+                        session_id=event.session_id,
+                        reason=EndReason.AUTHORIZATION_EXPIRED,
+                    ),
+                )
+            await tx.mark_processed(event.id)
+        if (
+            started
+            and cp is not None
+            and cp.session is not None
+            and cp.session.session_id == event.session_id
+        ):
+            cp.session.phase = SessionPhase.SUPPLYING
+            cp.session.last_telemetry_at = time.time()
+            self.changed(cp)
+            self.note(
+                "started", f"{cp.id}: supplying {cp.session.driver_id}", cp.id, cp.session.driver_id
+            )
+
+    async def _on_telemetry(self, event: CPTelemetry) -> None:
+        cp = self.registry.get(event.cp_id)
+        live = cp.session if cp is not None else None
+        if cp is None or live is None or live.session_id != event.session_id:
+            return  # late figures of a settled session: its final event carries the total
+        if event.seq <= live.last_seq:
+            return  # a redelivery or an older sample
+        live.last_seq = event.seq
+        live.kw = event.kw
+        live.kwh = max(live.kwh, event.kwh)
+        live.last_telemetry_at = time.time()
+        async with self.db.transaction() as tx:
+            await tx.execute(
+                "UPDATE sessions SET kw = ?, kwh = MAX(kwh, ?), last_telemetry_at = ?,"
+                " last_telemetry_seq = ? WHERE id = ?",
+                (event.kw, event.kwh, live.last_telemetry_at, event.seq, event.session_id),
+            )
+            user = await tx.fetchone(
+                "SELECT balance_cents FROM users WHERE id = ?", (live.driver_id,)
+            )
+        self.changed(cp)
+        await self.bus.post(
+            Topics.DRIVER_UPDATES,
+            live.driver_id,
+            SupplyProgress(
+                driver_id=live.driver_id,
+                cp_id=cp.id,
+                session_id=live.session_id,
+                kw=event.kw,
+                kwh=round(live.kwh, 4),
+                amount_eur=live.amount_eur,
+            ),
+        )
+        balance = int(user["balance_cents"]) if user else 0
+        if live.phase == SessionPhase.SUPPLYING and live.amount_eur * 100 >= balance:
+            await self.begin_end(
+                cp, EndReason.BALANCE_EXHAUSTED, self.settings.end_grace, tell_engine=True
+            )
+
+    async def _on_supply_ended(self, event: CPSupplyEnded) -> None:
+        cp = self.registry.get(event.cp_id)
+        async with self.db.transaction() as tx:
+            if await tx.seen(event.id):
+                return
+            row = await tx.fetchone("SELECT * FROM sessions WHERE id = ?", (event.session_id,))
+            if row is not None and row["cp_id"] == event.cp_id:
+                if row["status"] in ACTIVE_STATUSES:
+                    reason = (
+                        EndReason(row["reason"])
+                        if row["status"] == "ENDING" and row["reason"]
+                        else event.reason
+                    )
+                    await self._settle(
+                        tx, row, max(event.kwh, row["kwh"]), reason, started_at=event.started_at
+                    )
+                elif (
+                    row["status"] in ("COMPLETED", "ABORTED")
+                    and event.kwh > row["kwh"] + KWH_EPSILON
+                ):
+                    await self._correct(tx, row, event.kwh)
+            await tx.mark_processed(event.id)
+        self._release(cp, event.session_id)
+
+    # --- ending and settling --------------------------------------------------------------
+
+    async def begin_end(
+        self, cp: ChargingPoint, reason: EndReason, grace: float, *, tell_engine: bool
+    ) -> None:
+        """Start ending a CP's session: settle when the engine reports, or after `grace`."""
+        live = cp.session
+        if live is None or live.phase == SessionPhase.ENDING:
+            return
+        was_supplying = live.phase == SessionPhase.SUPPLYING
+        live.phase = SessionPhase.ENDING
+        live.end_reason = reason.value
+        live.settle_deadline = time.time() + (grace if was_supplying else 0.0)
+        async with self.db.transaction() as tx:
+            await tx.execute(
+                "UPDATE sessions SET status = 'ENDING', reason = ? WHERE id = ? AND status IN"
+                " ('AUTHORISED', 'SUPPLYING')",
+                (reason.value, live.session_id),
+            )
+        if tell_engine:
+            await self.bus.post(
+                Topics.CP_COMMANDS,
+                cp.id,
+                EndSupply(cp_id=cp.id, session_id=live.session_id, reason=reason),
+            )
+        if was_supplying:
+            await self.bus.post(
+                Topics.DRIVER_UPDATES,
+                live.driver_id,
+                DriverNotice(
+                    driver_id=live.driver_id,
+                    level="error" if reason != EndReason.DRIVER_STOP else "info",
+                    text=f"supply at {cp.id} is ending: {reason.value}",
+                ),
+            )
+        self.changed(cp)
+        self.note(
+            "ending",
+            f"{cp.id}: ending supply of {live.driver_id} ({reason.value})",
+            cp.id,
+            live.driver_id,
+        )
+
+    async def settle_now(self, cp: ChargingPoint) -> None:
+        """Settle an ending session with the energy of its last telemetry."""
+        live = cp.session
+        if live is None:
+            return
+        async with self.db.transaction() as tx:
+            row = await tx.fetchone("SELECT * FROM sessions WHERE id = ?", (live.session_id,))
+            if row is not None and row["status"] in ACTIVE_STATUSES:
+                reason = EndReason(live.end_reason or row["reason"] or EndReason.ENGINE_LOST)
+                await self._settle(tx, row, max(live.kwh, row["kwh"]), reason)
+        self._release(cp, live.session_id)
+
+    async def _settle(
+        self,
+        tx: Transaction,
+        row: Any,
+        kwh: float,
+        reason: EndReason,
+        started_at: float | None = None,
+    ) -> None:
+        now = time.time()
+        user = await tx.fetchone(
+            "SELECT balance_cents FROM users WHERE id = ?", (row["driver_id"],)
+        )
+        balance = int(user["balance_cents"]) if user else 0
+        never_plugged = row["status"] == "AUTHORISED" or (
+            row["status"] == "ENDING" and row["started_at"] is None and started_at is None
+        )
+        if never_plugged:
+            kwh = 0.0
+        kwh, cents = cap_to_balance(kwh, row["price_eur_kwh"], balance)
+        if reason == EndReason.AUTHORIZATION_EXPIRED:
+            status = "EXPIRED"
+        elif reason == EndReason.UNPLUGGED:
+            status = "COMPLETED"
+        else:
+            status = "ABORTED"
+        await tx.execute(
+            "UPDATE users SET balance_cents = balance_cents - ? WHERE id = ?",
+            (cents, row["driver_id"]),
+        )
+        await tx.execute(
+            "UPDATE sessions SET status = ?, kwh = ?, amount_cents = ?, ended_at = ?,"
+            " reason = ?, ticket_revision = 1, started_at = COALESCE(started_at, ?)"
+            " WHERE id = ?",
+            (status, kwh, cents, now, reason.value, started_at, row["id"]),
+        )
+        settled = await tx.fetchone("SELECT * FROM sessions WHERE id = ?", (row["id"],))
+        assert settled is not None
+        ticket = ticket_from_row(settled)
+        await tx.publish(Topics.DRIVER_UPDATES, row["driver_id"], Ticket(ticket=ticket))
+        self.note(
+            "ticket",
+            f"{row['cp_id']}: ticket for {row['driver_id']}: {ticket.kwh:.4f} kWh"
+            f" × {ticket.price_eur_kwh:.2f} €/kWh = {ticket.amount_eur:.2f} €"
+            f" ({reason.value})",
+            row["cp_id"],
+            row["driver_id"],
+        )
+
+    async def _correct(self, tx: Transaction, row: Any, kwh: float) -> None:
+        """The engine reported more energy than a settled ticket: bill the difference."""
+        user = await tx.fetchone(
+            "SELECT balance_cents FROM users WHERE id = ?", (row["driver_id"],)
+        )
+        balance = int(user["balance_cents"]) if user else 0
+        new_kwh, new_cents = cap_to_balance(
+            kwh, row["price_eur_kwh"], balance + int(row["amount_cents"])
+        )
+        delta = new_cents - int(row["amount_cents"])
+        if new_kwh <= row["kwh"] + KWH_EPSILON:
+            return
+        await tx.execute(
+            "UPDATE users SET balance_cents = balance_cents - ? WHERE id = ?",
+            (delta, row["driver_id"]),
+        )
+        await tx.execute(
+            "UPDATE sessions SET kwh = ?, amount_cents = ?, ticket_revision = ticket_revision + 1"
+            " WHERE id = ?",
+            (new_kwh, new_cents, row["id"]),
+        )
+        corrected = await tx.fetchone("SELECT * FROM sessions WHERE id = ?", (row["id"],))
+        assert corrected is not None
+        await tx.publish(
+            Topics.DRIVER_UPDATES, row["driver_id"], Ticket(ticket=ticket_from_row(corrected))
+        )
+        self.note(
+            "corrected",
+            f"{row['cp_id']}: ticket {row['id']} corrected to "
+            f"{new_kwh:.4f} kWh, {new_cents / 100:.2f} €",
+            row["cp_id"],
+            row["driver_id"],
+        )
+
+    def _release(self, cp: ChargingPoint | None, session_id: str) -> None:
+        if cp is not None and cp.session is not None and cp.session.session_id == session_id:
+            cp.session = None
+            self.changed(cp)
+        self._outbox_wake.set()
+
+    # --- monitor-side events (from the TCP server) ---------------------------------------
+
+    async def monitor_connected(self, cp: ChargingPoint, connection: object) -> None:
+        cp.connection = connection
+        cp.connected = True
+        cp.last_heartbeat = time.time()
+        self.changed(cp)
+        self.note("connected", f"{cp.id}: monitor authenticated", cp.id)
+
+    async def monitor_lost(self, cp: ChargingPoint, why: str) -> None:
+        if not cp.connected:
+            return
+        cp.connected = False
+        cp.connection = None
+        self.changed(cp)
+        self.note("disconnected", f"{cp.id}: DESCONECTADO ({why})", cp.id)
+        if cp.session is not None:
+            # The engine ends the supply itself when it loses its monitor; wait for its figures.
+            await self.begin_end(
+                cp,
+                EndReason.MONITOR_LOST,
+                self.settings.monitor_grace,
+                tell_engine=cp.session.phase != SessionPhase.SUPPLYING,
+            )
+
+    async def heartbeat(self, cp: ChargingPoint, engine_ok: bool) -> None:
+        cp.last_heartbeat = time.time()
+        await self.engine_health(cp, engine_ok, "")
+
+    async def engine_health(self, cp: ChargingPoint, ok: bool, detail: str) -> None:
+        if cp.engine_ok == ok:
+            return
+        cp.engine_ok = ok
+        self.changed(cp)
+        if ok:
+            self.note("recovered", f"{cp.id}: engine recovered", cp.id)
+            return
+        self.note("fault", f"{cp.id}: AVERIADO ({detail or 'engine KO'})", cp.id)
+        if cp.session is not None:
+            await self.begin_end(
+                cp, EndReason.ENGINE_FAULT, self.settings.end_grace, tell_engine=True
+            )
+
+    # --- admin and driver commands --------------------------------------------------------
+
+    async def set_service(self, target: str, in_service: bool) -> list[str]:
+        """Stop (PARADO) or resume one CP or all; returns the CP ids affected."""
+        if target.lower() == "all":
+            cps = self.registry.sorted()
+        else:
+            cp = self.registry.get(target)
+            if cp is None:
+                raise LookupError(f"unknown CP {target!r}")
+            cps = [cp]
+        async with self.db.transaction() as tx:
+            for cp in cps:
+                await tx.execute(
+                    "UPDATE charging_points SET in_service = ? WHERE id = ?",
+                    (int(in_service), cp.id),
+                )
+        for cp in cps:
+            cp.in_service = in_service
+            self.changed(cp)
+            await self.bus.post(
+                Topics.CP_COMMANDS, cp.id, SetService(cp_id=cp.id, in_service=in_service)
+            )
+            if not in_service and cp.session is not None:
+                await self.begin_end(
+                    cp, EndReason.STOPPED_BY_ADMIN, self.settings.end_grace, tell_engine=True
+                )
+        verb = "resumed" if in_service else "stopped"
+        self.note(verb, f"{verb} {', '.join(c.id for c in cps) if len(cps) < 4 else 'all CPs'}")
+        return [cp.id for cp in cps]
+
+    async def _on_stop_request(self, request: StopRequest) -> None:
+        cp = self.registry.session_of_driver(request.driver_id)
+        if (
+            cp is None
+            or cp.session is None
+            or (request.session_id and cp.session.session_id != request.session_id)
+        ):
+            await self.bus.post(
+                Topics.DRIVER_UPDATES,
+                request.driver_id,
+                DriverNotice(
+                    driver_id=request.driver_id, level="error", text="no supply in progress to stop"
+                ),
+            )
+            return
+        await self.begin_end(cp, EndReason.DRIVER_STOP, self.settings.end_grace, tell_engine=True)
+
+    async def _on_status_query(self, query: StatusQuery) -> None:
+        rows = await self.db.read(
+            "SELECT role, balance_cents FROM users WHERE id = ?", (query.driver_id,)
+        )
+        known = bool(rows) and rows[0]["role"] == "driver"
+        active = None
+        unseen = []
+        if known:
+            cp = self.registry.session_of_driver(query.driver_id)
+            if cp is not None and cp.session is not None:
+                s = cp.session
+                active = SessionInfo(
+                    session_id=s.session_id,
+                    cp_id=cp.id,
+                    status=s.phase,
+                    kw=s.kw,
+                    kwh=round(s.kwh, 4),
+                    amount_eur=s.amount_eur,
+                )
+            for row in await self.db.read(
+                "SELECT * FROM sessions WHERE driver_id = ? AND ticket_revision > ticket_seen"
+                " ORDER BY ended_at DESC LIMIT 20",
+                (query.driver_id,),
+            ):
+                unseen.append(ticket_from_row(row))
+        await self.bus.post(
+            Topics.DRIVER_UPDATES,
+            query.driver_id,
+            DriverStatus(
+                driver_id=query.driver_id,
+                request_id=query.id,
+                known=known,
+                balance_eur=rows[0]["balance_cents"] / 100 if known else None,
+                active_session=active,
+                unseen_tickets=unseen,
+                available_cps=[
+                    cp.summary() for cp in self.registry.sorted() if cp.state == CPState.ACTIVADO
+                ],
+            ),
+        )
+
+    async def _on_login(self, request: LoginRequest) -> None:
+        rows = await self.db.read(
+            "SELECT role, password_hash, balance_cents FROM users WHERE id = ?",
+            (request.driver_id,),
+        )
+        ok = False
+        if rows and rows[0]["role"] == "driver":
+            # scrypt is slow on purpose: keep it off the event loop.
+            ok = await asyncio.to_thread(
+                verify_password, request.password, rows[0]["password_hash"]
+            )
+        self.note(
+            "login",
+            f"login of {request.driver_id}: {'ok' if ok else 'refused'}",
+            driver_id=request.driver_id,
+        )
+        await self.bus.post(
+            Topics.DRIVER_UPDATES,
+            request.driver_id,
+            LoginResult(
+                driver_id=request.driver_id,
+                request_id=request.id,
+                ok=ok,
+                reason=None if ok else "wrong driver id or password",
+                balance_eur=rows[0]["balance_cents"] / 100 if ok else None,
+            ),
+        )
+
+    # --- timers -----------------------------------------------------------------------------
+
+    async def _supervise(self) -> None:
+        """Heartbeat timeouts, authorisation expiry, settle deadlines, lost engines."""
+        while True:
+            await asyncio.sleep(0.25)
+            now = time.time()
+            for cp in self.registry.stale(now, self.settings.heartbeat_timeout):
+                await self.monitor_lost(
+                    cp, f"no heartbeat for {self.settings.heartbeat_timeout:g} s"
+                )
+            for cp in list(self.registry.cps.values()):
+                live = cp.session
+                if live is None:
+                    continue
+                try:
+                    if (
+                        live.phase == SessionPhase.AUTHORISED
+                        and live.expires_at
+                        and now > live.expires_at
+                    ):
+                        await self.begin_end(
+                            cp, EndReason.AUTHORIZATION_EXPIRED, 0, tell_engine=True
+                        )
+                    elif (
+                        live.phase == SessionPhase.ENDING
+                        and live.settle_deadline
+                        and now >= live.settle_deadline
+                    ):
+                        await self.settle_now(cp)
+                    elif (
+                        live.phase == SessionPhase.SUPPLYING
+                        and live.last_telemetry_at
+                        and now - live.last_telemetry_at > self.settings.telemetry_timeout
+                    ):
+                        await self.begin_end(cp, EndReason.ENGINE_LOST, 0, tell_engine=True)
+                except Exception:
+                    log.exception("timer handling failed for %s", cp.id)
+            self._outbox_wake.set()
+
+    async def _relay_outbox(self) -> None:
+        """Send what committed transactions queued, in order; delete each once Kafka has it."""
+        backoff = Backoff()
+        while True:
+            rows = await self.db.outbox_batch()
+            if not rows:
+                self._outbox_wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._outbox_wake.wait(), 1.0)
+                continue
+            try:
+                await self.bus.send_batch(
+                    [(r["topic"], r["key"].encode(), bytes(r["payload"])) for r in rows]
+                )
+            except BusError as exc:
+                self.broker_ok = False
+                delay = backoff.next_delay()
+                log.warning("cannot publish to Kafka (%s); retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            backoff.reset()
+            self.broker_ok = True
+            await self.db.outbox_done([r["seq"] for r in rows])
+
+    async def _prune(self) -> None:
+        while True:
+            await asyncio.sleep(3600)
+            await self.db.prune(older_than_s=7 * 24 * 3600)
+
+    async def run(self) -> None:
+        """Run the background work until cancelled."""
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._consume(), name="kafka-consumer")
+            tasks.create_task(self._relay_outbox(), name="outbox-relay")
+            tasks.create_task(self._supervise(), name="supervisor")
+            tasks.create_task(self._publish_changes(), name="state-publisher")
+            tasks.create_task(self._prune(), name="prune")

@@ -1,0 +1,1 @@
+"""EV_Driver: the driver app (asks for supplies, shows progress and tickets)."""

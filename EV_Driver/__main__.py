@@ -1,0 +1,48 @@
+"""python -m EV_Driver: the driver app's command line."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from EV_Driver.app import DriverApp
+from EV_Driver.config import parse_settings
+from EV_Driver.output import Output
+from shared.errors import ConfigError
+from shared.lifecycle import Shutdown, run_service
+from shared.logs import setup_logging
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the driver app; return the exit code (0 done, 2 bad arguments, 1 anything else)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["dashboard"]:
+        print("EV_Driver: dashboard mode is not available yet", file=sys.stderr)
+        return 2
+    try:
+        settings = parse_settings(args)
+    except ConfigError as exc:
+        print(f"EV_Driver: error: {exc}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # argparse: --help (0) or bad flags (2), already printed
+        return exc.code if isinstance(exc.code, int) else 2
+    setup_logging(settings.log_level, settings.log_json)
+    for problem in settings.file_problems:
+        print(f"EV_Driver: {settings.source}: skipping {problem}", file=sys.stderr)
+
+    output = Output(json_mode=settings.json)
+    app: DriverApp | None = None
+
+    async def service(shutdown: Shutdown) -> None:
+        nonlocal app
+        app = DriverApp(settings, output, shutdown)
+        await app.run()
+
+    code = run_service(service)
+    if code == 0 and app is not None:
+        return app.exit_code
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

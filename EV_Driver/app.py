@@ -1,0 +1,297 @@
+"""The driver app's asyncio layer: Kafka in and out, timers, and printing.
+
+The decisions live in flow.DriverFlow; this module only moves messages and keeps time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import KafkaError
+
+from EV_Driver.config import DriverSettings
+from EV_Driver.flow import (
+    DriverFlow,
+    Failure,
+    Notice,
+    Outcome,
+    Reaction,
+    Requested,
+    update_driver_id,
+)
+from EV_Driver.output import Output
+from shared.backoff import Backoff
+from shared.bus import BusError, KafkaBus, Topics, decode_record
+from shared.errors import MessageError
+from shared.lifecycle import Shutdown
+from shared.messages import DRIVER_UPDATES, MAX_MESSAGE_BYTES, DriverUpdate, Message
+
+log = logging.getLogger(__name__)
+
+# While only waiting for accepted/denied, give up after this many reply timeouts of silence.
+ANSWER_TIMEOUT_FACTOR = 5
+INBOX_SIZE = 1000
+
+
+class DriverApp:
+    """Runs the driver's requests one at a time; `exit_code` says how it went."""
+
+    def __init__(
+        self,
+        settings: DriverSettings,
+        output: Output,
+        shutdown: Shutdown,
+        bus: KafkaBus | None = None,
+    ) -> None:
+        self.settings = settings
+        self.output = output
+        self.shutdown = shutdown
+        self.bus = bus or KafkaBus(settings.broker, client_id=f"ev-driver-{settings.driver_id}")
+        self.flow = DriverFlow(settings.driver_id)
+        self.exit_code = 0
+        self._inbox: asyncio.Queue[DriverUpdate] = asyncio.Queue(maxsize=INBOX_SIZE)
+        self._key = settings.driver_id.encode()
+        self._group: asyncio.TaskGroup | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._consumer: AIOKafkaConsumer | None = None
+
+    async def run(self) -> None:
+        """Connect, follow every request to its outcome, stop the bus."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                self._group = group
+                work = group.create_task(self._main(), name="driver-requests")
+                stop = group.create_task(self.shutdown.wait(), name="driver-shutdown")
+                self._tasks += [work, stop]
+                await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
+                for task in self._tasks:
+                    task.cancel()
+        except BaseExceptionGroup as failures:
+            raise _first_error(failures) from None
+        finally:
+            self._group = None
+            consumer, self._consumer = self._consumer, None
+            if consumer is not None:
+                try:
+                    await consumer.stop()
+                except KafkaError:
+                    log.debug("consumer stop failed", exc_info=True)
+            await self.bus.stop()
+
+    async def _main(self) -> None:
+        await self.bus.start()
+        # Positioned at the end before anything is sent, so no answer can be missed.
+        consumer = await open_tail_consumer(
+            self.bus.bootstrap, self.bus.client_id, Topics.DRIVER_UPDATES
+        )
+        self._consumer = consumer
+        assert self._group is not None
+        self._tasks.append(
+            self._group.create_task(self._read_updates(consumer), name="driver-updates")
+        )
+        await self._work()
+
+    # --- the Kafka reader --------------------------------------------------------------------
+
+    async def _read_updates(self, consumer: AIOKafkaConsumer) -> None:
+        """Keep this driver's valid updates; skip everything else."""
+        backoff = Backoff()
+        while True:
+            try:
+                record = await consumer.getone()
+            except KafkaError as exc:
+                delay = backoff.next_delay()
+                log.warning("reading driver updates failed (%r); retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            backoff.reset()
+            if record.key != self._key:
+                continue
+            try:
+                update = decode_record(DRIVER_UPDATES, record)
+            except MessageError as exc:
+                log.debug(
+                    "skipping invalid record %s[%d]@%d: %s",
+                    record.topic,
+                    record.partition,
+                    record.offset,
+                    exc,
+                )
+                continue
+            if update_driver_id(update) != self.settings.driver_id:
+                log.debug("skipping an update for another driver at offset %d", record.offset)
+                continue
+            await self._inbox.put(update)
+
+    # --- the request flow ---------------------------------------------------------------------
+
+    async def _work(self) -> None:
+        if not await self._ask_status():
+            return
+        if self.flow.busy:
+            await self._follow()
+        for index, cp_id in enumerate(self.settings.cp_ids):
+            if index:
+                await asyncio.sleep(self.settings.pause)
+            request = self.flow.request(cp_id)
+            self.output.emit(Requested(self.settings.driver_id, cp_id, request.id))
+            await self._send(request)
+            await self._follow()
+        if any(outcome is Outcome.ERROR for outcome in self.flow.outcomes):
+            self.exit_code = 1
+
+    async def _ask_status(self) -> bool:
+        """Ask Central who we are until it answers; False for an unknown driver."""
+        timeout = self.settings.reply_timeout
+        loop = asyncio.get_running_loop()
+        said_unreachable = False
+        while self.flow.status is None:
+            await self._send(self.flow.status_query())
+            deadline = loop.time() + timeout
+            while self.flow.status is None:
+                update = await self._next_update(deadline - loop.time())
+                if update is None:
+                    break
+                await self._apply(self.flow.handle(update))
+            if self.flow.status is None:
+                if not said_unreachable:
+                    self.output.emit(
+                        Failure(self.settings.driver_id, "cannot reach Central; waiting")
+                    )
+                    said_unreachable = True
+                else:
+                    log.info("still no answer from Central; asking again")
+        if said_unreachable:
+            log.info("Central answered")
+        if self.flow.unknown_driver:
+            self.exit_code = 1
+            return False
+        return True
+
+    async def _follow(self) -> None:
+        """Wait until the current request or session has its outcome."""
+        timeout = self.settings.reply_timeout
+        answer_timeout = ANSWER_TIMEOUT_FACTOR * timeout
+        silence_note = ANSWER_TIMEOUT_FACTOR * timeout
+        loop = asyncio.get_running_loop()
+        last_news = loop.time()
+        noted_silence = False
+        while self.flow.busy:
+            if self.flow.awaiting_answer:
+                wait = last_news + answer_timeout - loop.time()
+            else:
+                wait = silence_note
+            update = await self._next_update(wait)
+            if update is None:
+                current = self.flow.current
+                assert current is not None
+                if self.flow.awaiting_answer:
+                    await self._apply(
+                        self.flow.give_up(
+                            f"no answer from Central about {current.cp_id} "
+                            f"after {answer_timeout:g} s"
+                        )
+                    )
+                elif not noted_silence:
+                    noted_silence = True
+                    self.output.emit(
+                        Notice(
+                            self.settings.driver_id,
+                            f"no news from Central for {silence_note:g} s; still waiting",
+                            "info",
+                            current.cp_id,
+                            current.session_id,
+                        )
+                    )
+                continue
+            reaction = self.flow.handle(update)
+            if reaction.relevant:
+                last_news = loop.time()
+                noted_silence = False
+            await self._apply(reaction)
+
+    async def _next_update(self, timeout: float) -> DriverUpdate | None:  # noqa: ASYNC109
+        if timeout <= 0:
+            return None
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._inbox.get()
+        except TimeoutError:
+            return None
+
+    async def _apply(self, reaction: Reaction) -> None:
+        for event in reaction.events:
+            self.output.emit(event)
+        for ack in reaction.acks:
+            await self._send(ack)
+
+    async def _send(self, message: Message) -> None:
+        """Publish to Central, retrying with backoff while the broker is unreachable."""
+        backoff = Backoff()
+        while True:
+            try:
+                await self.bus.send(Topics.DRIVER_REQUESTS, self.settings.driver_id, message)
+                return
+            except BusError as exc:
+                delay = backoff.next_delay()
+                log.warning("%s; retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+
+
+async def open_tail_consumer(
+    bootstrap: str,
+    client_id: str,
+    topic: str,
+    timeout: float = 30.0,  # noqa: ASYNC109 - a deadline for the partition assignment
+) -> AIOKafkaConsumer:
+    """A group-less consumer of every partition of `topic`, positioned at the end.
+
+    Stands in for shared.bus.KafkaBus.tail_consumer, which waits for partition metadata that
+    a consumer without a subscription never refreshes (it always fails with "does not exist").
+    Subscribing without a group makes aiokafka assign every partition itself.
+    """
+    backoff = Backoff()
+    while True:
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap,
+            client_id=client_id,
+            enable_auto_commit=False,
+            auto_offset_reset="latest",
+            max_partition_fetch_bytes=MAX_MESSAGE_BYTES * 4,
+        )
+        try:
+            await consumer.start()
+            break
+        except KafkaError as exc:
+            await consumer.stop()
+            delay = backoff.next_delay()
+            log.warning("cannot reach Kafka at %s (%r); retrying in %.1f s", bootstrap, exc, delay)
+            await asyncio.sleep(delay)
+    try:
+        consumer.subscribe([topic])
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not consumer.assignment():
+            if loop.time() >= deadline:
+                raise BusError(f"topic {topic} has no partitions (does it exist?)")
+            await asyncio.sleep(0.05)
+        partitions = sorted(consumer.assignment())
+        await consumer.seek_to_end(*partitions)
+        for partition in partitions:
+            await consumer.position(partition)  # resolve now, so nothing later is missed
+    except BaseException:
+        await consumer.stop()
+        raise
+    return consumer
+
+
+def _first_error(group: BaseExceptionGroup) -> BaseException:
+    """The first real failure inside a task group (cancellations are not failures)."""
+    for error in group.exceptions:
+        if isinstance(error, BaseExceptionGroup):
+            return _first_error(error)
+        if not isinstance(error, asyncio.CancelledError):
+            return error
+    return group

@@ -1,0 +1,192 @@
+"""The driver app's settings: one dataclass, built from flags that mirror EV_ variables."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from EV_Driver.requests_file import LineProblem, identifier_problem, load_requests
+from shared.errors import ConfigError
+from shared.settings import EnvArgumentParser, host_port, positive_float
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+@dataclass(frozen=True)
+class DriverSettings:
+    broker: str
+    driver_id: str
+    cp_ids: tuple[str, ...]
+    source: str  # "--cp" or the path of the requests file
+    json: bool = False
+    pause: float = 4.0
+    reply_timeout: float = 10.0
+    log_level: str = "INFO"
+    log_json: bool = False
+    file_problems: tuple[LineProblem, ...] = ()
+
+
+class OneLineErrorParser(EnvArgumentParser):
+    """Bad arguments: one line on stderr and exit 2 (no usage dump)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class _StoreGiven(argparse.Action):
+    """Store the value and remember that it came from the command line, not the environment."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_given", True)
+
+
+def identifier(value: str) -> str:
+    problem = identifier_problem(value, "id")
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return value
+
+
+def broker_address(value: str) -> str:
+    host_port(value)  # validates; Kafka takes the string as it is
+    return value
+
+
+def seconds(value: str) -> float:
+    """A strictly positive number of seconds."""
+    number = positive_float(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value!r}")
+    return number
+
+
+def log_level(value: str) -> str:
+    level = value.strip().upper()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(LOG_LEVELS)}, got {value!r}")
+    return level
+
+
+def build_parser(environ: Mapping[str, str] | None = None) -> EnvArgumentParser:
+    """The command line; raises ConfigError when an EV_ variable is malformed."""
+    parser = OneLineErrorParser(
+        prog="EV_Driver",
+        description=(
+            "The driver app: asks Central for a supply at one CP (--cp) or at each CP of a "
+            "file (--file), shows the progress and the ticket. "
+            "`EV_Driver dashboard` will start the browser dashboard."
+        ),
+        environ=environ,
+        allow_abbrev=False,
+    )
+    parser.add_option(
+        "--broker",
+        required=True,
+        type=broker_address,
+        metavar="HOST:PORT",
+        help="Kafka bootstrap HOST:PORT",
+    )
+    parser.add_option(
+        "--driver-id",
+        required=True,
+        type=identifier,
+        metavar="ID",
+        help="the driver's id, as registered",
+    )
+    parser.add_option(
+        "--cp",
+        type=identifier,
+        action=_StoreGiven,
+        default=None,
+        metavar="CP_ID",
+        help="ask for a supply here",
+    )
+    parser.add_option(
+        "--file",
+        action=_StoreGiven,
+        default=None,
+        metavar="PATH",
+        help="file of requests: one CP id a line, '#' comments",
+    )
+    parser.add_option("--json", action="store_true", help="print one JSON object a line")
+    parser.add_option(
+        "--pause",
+        type=positive_float,
+        default=4.0,
+        metavar="S",
+        help="seconds between requests of a file",
+    )
+    parser.add_option(
+        "--reply-timeout",
+        type=seconds,
+        default=10.0,
+        metavar="S",
+        help="seconds to wait for Central before saying it cannot be reached",
+    )
+    parser.add_option(
+        "--log-level", type=log_level, default="INFO", metavar="LEVEL", help=", ".join(LOG_LEVELS)
+    )
+    parser.add_option("--log-json", action="store_true", help="log JSON lines (for containers)")
+    return parser
+
+
+def _choose_target(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, str]:
+    """Pick --cp or --file: the command line wins over the environment; never both."""
+    cp_cli = getattr(args, "cp_given", False)
+    file_cli = getattr(args, "file_given", False)
+    if cp_cli and file_cli:
+        parser.error("--cp and --file are mutually exclusive")
+    if cp_cli:
+        return "cp", args.cp
+    if file_cli:
+        return "file", args.file
+    if args.cp is not None and args.file is not None:
+        parser.error("EV_CP and EV_FILE are both set; use one of them")
+    if args.cp is not None:
+        return "cp", args.cp
+    if args.file is not None:
+        return "file", args.file
+    parser.error("one of --cp or --file is required")
+    raise AssertionError("unreachable")  # parser.error exits
+
+
+def parse_settings(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> DriverSettings:
+    """Parse the command line and read the requests file.
+
+    Exits 2 on bad flags; raises ConfigError for a bad EV_ variable or an unusable file.
+    """
+    parser = build_parser(environ)
+    args = parser.parse_args(argv)
+    kind, value = _choose_target(parser, args)
+    if kind == "cp":
+        cp_ids: tuple[str, ...] = (value,)
+        source = "--cp"
+        problems: tuple[LineProblem, ...] = ()
+    else:
+        if not value:
+            raise ConfigError("--file needs a path")
+        requests = load_requests(value)
+        cp_ids, source, problems = requests.cp_ids, value, requests.problems
+    return DriverSettings(
+        broker=args.broker,
+        driver_id=args.driver_id,
+        cp_ids=cp_ids,
+        source=source,
+        json=args.json,
+        pause=args.pause,
+        reply_timeout=args.reply_timeout,
+        log_level=args.log_level,
+        log_json=args.log_json,
+        file_problems=problems,
+    )

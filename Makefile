@@ -1,0 +1,47 @@
+# EV charging network: the two commands of the quick start are `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+KAFKA_PORT ?= 9092
+
+.PHONY: help install kafka-jars lint typecheck test test-fast run stop clean
+
+help:
+	@echo "make run        start Kafka, Central and three CPs on this machine"
+	@echo "make stop       stop what 'make run' started"
+	@echo "make test       install, lint, type-check and run every test"
+	@echo "make test-fast  unit tests only"
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+kafka-jars:
+	scripts/kafka.sh jars
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy shared EV_Central EV_CP_E EV_CP_M EV_Driver init_db.py network_config.py
+
+test: $(STAMP) kafka-jars lint typecheck
+	$(PY) -m pytest
+
+test-fast: $(STAMP)
+	$(PY) -m pytest tests/unit
+
+run: $(STAMP) kafka-jars
+	KAFKA_PORT=$(KAFKA_PORT) PYTHON=$(PY) scripts/run-local.sh start
+
+stop:
+	KAFKA_PORT=$(KAFKA_PORT) PYTHON=$(PY) scripts/run-local.sh stop
+
+clean: stop
+	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,1 @@
+"""Code shared by the EV charging network services."""

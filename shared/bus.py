@@ -1,0 +1,274 @@
+"""The Kafka bus: topics, a producer, consumers, JSON encoding with validation, reconnects.
+
+A thin wrapper over aiokafka. Topics are created explicitly with their partition count and
+config (cp state is log-compacted); nothing relies on the broker auto-creating them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from pydantic import TypeAdapter
+
+from shared.backoff import Backoff
+from shared.errors import EVError, MessageError
+from shared.messages import MAX_MESSAGE_BYTES, Message, decode, encode
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class BusError(EVError):
+    """Kafka could not be reached or refused a request."""
+
+
+class Topics:
+    DRIVER_REQUESTS = "ev.driver.requests"
+    DRIVER_UPDATES = "ev.driver.updates"
+    CP_COMMANDS = "ev.cp.commands"
+    CP_EVENTS = "ev.cp.events"
+    CP_STATE = "ev.cp.state"
+    CP_HEALTH = "ev.cp.health"
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int = 3
+    config: dict[str, str] = field(default_factory=dict)
+
+
+TOPICS: tuple[TopicSpec, ...] = (
+    TopicSpec(Topics.DRIVER_REQUESTS),
+    TopicSpec(Topics.DRIVER_UPDATES),
+    TopicSpec(Topics.CP_COMMANDS),
+    TopicSpec(Topics.CP_EVENTS),
+    TopicSpec(
+        Topics.CP_STATE,
+        config={
+            "cleanup.policy": "compact",
+            "min.cleanable.dirty.ratio": "0.1",
+            "segment.ms": "600000",
+        },
+    ),
+    TopicSpec(Topics.CP_HEALTH, config={"retention.ms": str(24 * 3600 * 1000)}),
+)
+
+
+def decode_record(adapter: TypeAdapter[T], record: ConsumerRecord[bytes, bytes]) -> T:
+    """Validate a consumed record's value; raise MessageError when it is not a known message."""
+    if record.value is None:
+        raise MessageError("empty record")
+    return decode(adapter, record.value)
+
+
+def _log_failed_post(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.debug("a posted message was not delivered: %s", future.exception())
+
+
+class KafkaBus:
+    """One producer for a service, plus factories for its consumers."""
+
+    def __init__(self, bootstrap: str, client_id: str, *, retry_max: float = 5.0) -> None:
+        self.bootstrap = bootstrap
+        self.client_id = client_id
+        self._retry_max = retry_max
+        self._producer: AIOKafkaProducer | None = None
+        self._consumers: list[AIOKafkaConsumer] = []
+
+    async def start(self, *, ensure_topics: bool = True) -> None:
+        """Connect, retrying with backoff until the broker answers."""
+        if self._producer is not None:
+            return
+        producer = await self._retry(
+            "connect the producer",
+            lambda: AIOKafkaProducer(
+                bootstrap_servers=self.bootstrap,
+                client_id=self.client_id,
+                acks="all",
+                linger_ms=2,
+                max_request_size=MAX_MESSAGE_BYTES * 4,
+                request_timeout_ms=10_000,
+            ),
+        )
+        self._producer = producer
+        if ensure_topics:
+            await self.ensure_topics()
+
+    async def _retry(self, what: str, make: Any) -> Any:
+        backoff = Backoff(maximum=self._retry_max)
+        while True:
+            client = make()
+            try:
+                await client.start()
+                if backoff.attempt:
+                    log.info("Kafka at %s reachable again", self.bootstrap)
+                return client
+            except KafkaError as exc:
+                await client.stop()
+                delay = backoff.next_delay()
+                log.warning(
+                    "cannot reach Kafka at %s to %s (%s); retrying in %.1f s",
+                    self.bootstrap,
+                    what,
+                    type(exc).__name__,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+
+    async def ensure_topics(self, specs: Iterable[TopicSpec] = TOPICS) -> None:
+        """Create the topics that do not exist yet (idempotent)."""
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, client_id=self.client_id)
+        await admin.start()
+        try:
+            existing = set(await admin.list_topics())
+            missing = [s for s in specs if s.name not in existing]
+            if not missing:
+                return
+            try:
+                await admin.create_topics(
+                    [
+                        NewTopic(s.name, s.partitions, 1, topic_configs=dict(s.config))
+                        for s in missing
+                    ]
+                )
+            except TopicAlreadyExistsError:
+                pass  # another service created them first
+            log.info("created topics %s", ", ".join(s.name for s in missing))
+        finally:
+            await admin.close()
+
+    async def send(self, topic: str, key: str, message: Message) -> None:
+        """Publish one message and wait until the broker has it."""
+        if self._producer is None:
+            raise BusError("bus not started")
+        try:
+            await self._producer.send_and_wait(topic, encode(message), key=key.encode())
+        except KafkaError as exc:
+            raise BusError(f"cannot publish to {topic}: {type(exc).__name__}") from exc
+
+    async def send_raw(self, topic: str, key: bytes | None, value: bytes) -> None:
+        """Publish bytes as they are (the outbox relay and tests use it)."""
+        if self._producer is None:
+            raise BusError("bus not started")
+        try:
+            await self._producer.send_and_wait(topic, value, key=key)
+        except KafkaError as exc:
+            raise BusError(f"cannot publish to {topic}: {type(exc).__name__}") from exc
+
+    async def send_batch(self, records: list[tuple[str, bytes | None, bytes]]) -> None:
+        """Publish several (topic, key, value) records, waiting until the broker has all."""
+        if self._producer is None:
+            raise BusError("bus not started")
+        try:
+            futures = [
+                await self._producer.send(topic, value, key=key) for topic, key, value in records
+            ]
+            await asyncio.gather(*futures)
+        except KafkaError as exc:
+            raise BusError(f"cannot publish: {type(exc).__name__}") from exc
+
+    async def post(self, topic: str, key: str, message: Message) -> None:
+        """Publish without waiting for the broker (live figures that the next one replaces).
+
+        A failure is logged, not raised: the caller has already moved on.
+        """
+        if self._producer is None:
+            return
+        try:
+            future = await self._producer.send(topic, encode(message), key=key.encode())
+        except KafkaError as exc:
+            log.debug("dropped a message for %s: %s", topic, type(exc).__name__)
+            return
+        future.add_done_callback(_log_failed_post)
+
+    async def group_consumer(
+        self, topics: Iterable[str], group_id: str, *, from_start: bool = True
+    ) -> AIOKafkaConsumer:
+        """A consumer in a group that commits offsets itself, after its work is durable."""
+        consumer: AIOKafkaConsumer = await self._retry(
+            f"join group {group_id}",
+            lambda: AIOKafkaConsumer(
+                *topics,
+                bootstrap_servers=self.bootstrap,
+                client_id=self.client_id,
+                group_id=group_id,
+                enable_auto_commit=False,
+                auto_offset_reset="earliest" if from_start else "latest",
+                max_partition_fetch_bytes=MAX_MESSAGE_BYTES * 4,
+                session_timeout_ms=10_000,
+                heartbeat_interval_ms=1_000,
+            ),
+        )
+        self._consumers.append(consumer)
+        return consumer
+
+    async def tail_consumer(
+        self, topics: Iterable[str], *, from_start: bool = False
+    ) -> AIOKafkaConsumer:
+        """A group-less consumer of every partition, positioned at the end (or the start)."""
+        names = list(topics)
+        consumer: AIOKafkaConsumer = await self._retry(
+            "subscribe",
+            lambda: AIOKafkaConsumer(
+                bootstrap_servers=self.bootstrap,
+                client_id=self.client_id,
+                enable_auto_commit=False,
+                max_partition_fetch_bytes=MAX_MESSAGE_BYTES * 4,
+            ),
+        )
+        self._consumers.append(consumer)
+        partitions: list[TopicPartition] = []
+        for name in names:
+            for _ in range(50):
+                found = consumer.partitions_for_topic(name)
+                if found:
+                    break
+                await consumer.topics()  # refreshes metadata
+                await asyncio.sleep(0.1)
+            else:
+                raise BusError(f"topic {name} does not exist")
+            partitions += [TopicPartition(name, p) for p in sorted(found)]
+        consumer.assign(partitions)
+        if from_start:
+            await consumer.seek_to_beginning(*partitions)
+        else:
+            await consumer.seek_to_end(*partitions)
+        for tp in partitions:
+            await consumer.position(tp)  # resolve now, so nothing sent after this is missed
+        return consumer
+
+    async def ping(self, within: float = 2.0) -> bool:
+        """True when the broker answers a metadata request within `within` seconds."""
+        if self._producer is None:
+            return False
+        try:
+            async with asyncio.timeout(within):
+                await self._producer.client.fetch_all_metadata()
+        except (KafkaError, TimeoutError, OSError):
+            return False
+        return True
+
+    async def stop(self) -> None:
+        """Flush the producer, close every consumer (idempotent)."""
+        consumers, self._consumers = self._consumers, []
+        for consumer in consumers:
+            try:
+                await consumer.stop()
+            except KafkaError:
+                log.debug("consumer stop failed", exc_info=True)
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            try:
+                await producer.stop()
+            except KafkaError:
+                log.debug("producer stop failed", exc_info=True)

@@ -1,0 +1,469 @@
+"""Every message the services exchange, one pydantic model each.
+
+Each message carries a `type` literal, a unique `id`, a timestamp `ts` (seconds since the
+epoch, UTC) and a schema version `v`. Models are grouped in discriminated unions, one per
+channel, and validated once where they enter a service with the module-level adapters below.
+docs/protocol.md shows an example of each.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from enum import StrEnum
+from typing import Annotated, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from shared.errors import MessageError
+
+SCHEMA_VERSION: Literal[1] = 1
+MAX_MESSAGE_BYTES = 64 * 1024
+
+Identifier = Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_.-]+$")]
+Money = Annotated[float, Field(ge=0, le=1_000_000)]
+Energy = Annotated[float, Field(ge=0, le=1_000_000)]
+Power = Annotated[float, Field(ge=0, le=10_000)]
+Text = Annotated[str, Field(max_length=500)]
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class CPState(StrEnum):
+    """The five states of a charging point, as Central sees it."""
+
+    ACTIVADO = "ACTIVADO"
+    SUMINISTRANDO = "SUMINISTRANDO"
+    PARADO = "PARADO"
+    AVERIADO = "AVERIADO"
+    DESCONECTADO = "DESCONECTADO"
+
+
+STATE_COLOURS: dict[CPState, str] = {
+    CPState.ACTIVADO: "green",
+    CPState.SUMINISTRANDO: "green",
+    CPState.PARADO: "orange",
+    CPState.AVERIADO: "red",
+    CPState.DESCONECTADO: "grey",
+}
+
+
+class DenialReason(StrEnum):
+    UNKNOWN_DRIVER = "unknown_driver"
+    UNKNOWN_CP = "unknown_cp"
+    CP_UNAVAILABLE = "cp_unavailable"
+    INSUFFICIENT_BALANCE = "insufficient_balance"
+    DRIVER_BUSY = "driver_busy"
+    REQUEST_EXPIRED = "request_expired"
+
+
+class EndReason(StrEnum):
+    UNPLUGGED = "unplugged"
+    ENGINE_FAULT = "engine_fault"
+    ENGINE_LOST = "engine_lost"
+    MONITOR_LOST = "monitor_lost"
+    STOPPED_BY_ADMIN = "stopped_by_admin"
+    DRIVER_STOP = "driver_stop"
+    BALANCE_EXHAUSTED = "balance_exhausted"
+    AUTHORIZATION_EXPIRED = "authorization_expired"
+
+
+class Message(BaseModel):
+    """Envelope fields every message has."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: Annotated[str, Field(min_length=1, max_length=64)] = Field(default_factory=new_id)
+    ts: float = Field(default_factory=time.time)
+    v: Literal[1] = SCHEMA_VERSION
+
+
+# --- socket frames: monitor <-> Central (:5000) -------------------------------------------
+
+
+class MonitorAuth(Message):
+    type: Literal["auth"] = "auth"
+    cp_id: Identifier
+    secret: Annotated[str, Field(max_length=256)] | None = None
+
+
+class AuthResult(Message):
+    type: Literal["auth_result"] = "auth_result"
+    cp_id: Identifier
+    accepted: bool
+    reason: Text | None = None
+    location: Text | None = None
+    price_eur_kwh: Money | None = None
+    max_kw: Power | None = None
+
+
+class Heartbeat(Message):
+    type: Literal["heartbeat"] = "heartbeat"
+    cp_id: Identifier
+    engine_ok: bool
+    seq: Annotated[int, Field(ge=0)] = 0
+
+
+class FaultReport(Message):
+    type: Literal["fault"] = "fault"
+    cp_id: Identifier
+    detail: Text = ""
+
+
+class RecoveryReport(Message):
+    type: Literal["recovered"] = "recovered"
+    cp_id: Identifier
+
+
+class CPStatusNotice(Message):
+    """Central tells a monitor the state it shows for its CP (for the monitor's screen)."""
+
+    type: Literal["cp_status"] = "cp_status"
+    cp_id: Identifier
+    state: CPState
+
+
+MonitorToCentral = Annotated[
+    MonitorAuth | Heartbeat | FaultReport | RecoveryReport, Field(discriminator="type")
+]
+CentralToMonitor = Annotated[AuthResult | CPStatusNotice, Field(discriminator="type")]
+
+
+# --- socket frames: monitor <-> engine ----------------------------------------------------
+
+
+class EngineHello(Message):
+    """The monitor tells its engine which CP it is."""
+
+    type: Literal["hello"] = "hello"
+    cp_id: Identifier
+
+
+class HealthCheck(Message):
+    type: Literal["health_check"] = "health_check"
+    seq: Annotated[int, Field(ge=0)]
+    central_ok: bool
+    cp_state: CPState | None = None
+
+
+class HealthReport(Message):
+    type: Literal["health_report"] = "health_report"
+    seq: Annotated[int, Field(ge=0)]
+    ok: bool
+    engine_state: Text = ""
+
+
+MonitorToEngine = Annotated[EngineHello | HealthCheck, Field(discriminator="type")]
+EngineToMonitor = Annotated[HealthReport, Field(discriminator="type")]
+
+
+# --- Kafka: driver requests (Driver -> Central), key = driver id --------------------------
+
+
+class LoginRequest(Message):
+    type: Literal["login"] = "login"
+    driver_id: Identifier
+    password: Annotated[str, Field(max_length=256)]
+
+
+class SupplyRequest(Message):
+    """A driver asks for a supply; `origin` says whether it came from the CP's own menu."""
+
+    type: Literal["supply_request"] = "supply_request"
+    driver_id: Identifier
+    cp_id: Identifier
+    origin: Literal["driver", "cp"] = "driver"
+
+
+class StopRequest(Message):
+    type: Literal["stop_request"] = "stop_request"
+    driver_id: Identifier
+    session_id: Identifier | None = None
+
+
+class StatusQuery(Message):
+    type: Literal["status_query"] = "status_query"
+    driver_id: Identifier
+
+
+class TicketAck(Message):
+    """The driver has shown a ticket; Central stops offering it as unseen."""
+
+    type: Literal["ticket_ack"] = "ticket_ack"
+    driver_id: Identifier
+    session_id: Identifier
+
+
+DriverRequest = Annotated[
+    LoginRequest | SupplyRequest | StopRequest | StatusQuery | TicketAck,
+    Field(discriminator="type"),
+]
+
+
+# --- Kafka: driver updates (Central -> Driver), key = driver id ---------------------------
+
+
+class TicketData(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    session_id: Identifier
+    cp_id: Identifier
+    driver_id: Identifier
+    kwh: Energy
+    price_eur_kwh: Money
+    amount_eur: Money
+    reason: EndReason
+    started_at: float | None
+    ended_at: float
+    revision: Annotated[int, Field(ge=1)] = 1
+
+
+class SessionInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    session_id: Identifier
+    cp_id: Identifier
+    status: Text
+    kw: Power = 0.0
+    kwh: Energy = 0.0
+    amount_eur: Money = 0.0
+
+
+class CPSummary(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cp_id: Identifier
+    location: Text
+    price_eur_kwh: Money
+    state: CPState
+
+
+class LoginResult(Message):
+    type: Literal["login_result"] = "login_result"
+    driver_id: Identifier
+    request_id: Identifier
+    ok: bool
+    reason: Text | None = None
+    balance_eur: Money | None = None
+
+
+class RequestAccepted(Message):
+    type: Literal["request_accepted"] = "request_accepted"
+    driver_id: Identifier
+    cp_id: Identifier
+    request_id: Identifier
+    session_id: Identifier
+
+
+class RequestDenied(Message):
+    type: Literal["request_denied"] = "request_denied"
+    driver_id: Identifier
+    cp_id: Identifier
+    request_id: Identifier
+    reason: DenialReason
+    detail: Text = ""
+
+
+class SupplyAuthorized(Message):
+    type: Literal["supply_authorized"] = "supply_authorized"
+    driver_id: Identifier
+    cp_id: Identifier
+    session_id: Identifier
+    price_eur_kwh: Money
+    expires_at: float
+
+
+class SupplyStarted(Message):
+    type: Literal["supply_started"] = "supply_started"
+    driver_id: Identifier
+    cp_id: Identifier
+    session_id: Identifier
+
+
+class SupplyProgress(Message):
+    type: Literal["supply_progress"] = "supply_progress"
+    driver_id: Identifier
+    cp_id: Identifier
+    session_id: Identifier
+    kw: Power
+    kwh: Energy
+    amount_eur: Money
+
+
+class Ticket(Message):
+    type: Literal["ticket"] = "ticket"
+    ticket: TicketData
+
+
+class DriverStatus(Message):
+    type: Literal["driver_status"] = "driver_status"
+    driver_id: Identifier
+    request_id: Identifier
+    known: bool
+    balance_eur: Money | None = None
+    active_session: SessionInfo | None = None
+    unseen_tickets: list[TicketData] = Field(default_factory=list, max_length=50)
+    available_cps: list[CPSummary] = Field(default_factory=list, max_length=20_000)
+
+
+class DriverNotice(Message):
+    """Anything else a driver should see, e.g. a stop request for no supply."""
+
+    type: Literal["notice"] = "notice"
+    driver_id: Identifier
+    level: Literal["info", "error"] = "info"
+    text: Text
+
+
+DriverUpdate = Annotated[
+    LoginResult
+    | RequestAccepted
+    | RequestDenied
+    | SupplyAuthorized
+    | SupplyStarted
+    | SupplyProgress
+    | Ticket
+    | DriverStatus
+    | DriverNotice,
+    Field(discriminator="type"),
+]
+
+
+# --- Kafka: CP commands (Central -> Engine), key = cp id -----------------------------------
+
+
+class AuthorizeSupply(Message):
+    type: Literal["authorize_supply"] = "authorize_supply"
+    cp_id: Identifier
+    session_id: Identifier
+    driver_id: Identifier
+    price_eur_kwh: Money
+    max_kw: Power
+    max_kwh: Energy | None = None
+    expires_at: float
+
+
+class EndSupply(Message):
+    type: Literal["end_supply"] = "end_supply"
+    cp_id: Identifier
+    session_id: Identifier
+    reason: EndReason
+
+
+class SetService(Message):
+    """Central stops (PARADO) or resumes a CP."""
+
+    type: Literal["set_service"] = "set_service"
+    cp_id: Identifier
+    in_service: bool
+
+
+CPCommand = Annotated[AuthorizeSupply | EndSupply | SetService, Field(discriminator="type")]
+
+
+# --- Kafka: CP events (Engine -> Central), key = cp id -------------------------------------
+
+
+class CPPlugged(Message):
+    type: Literal["cp_plugged"] = "cp_plugged"
+    cp_id: Identifier
+    session_id: Identifier
+
+
+class CPTelemetry(Message):
+    type: Literal["cp_telemetry"] = "cp_telemetry"
+    cp_id: Identifier
+    session_id: Identifier
+    seq: Annotated[int, Field(ge=0)]
+    kw: Power
+    kwh: Energy
+    amount_eur: Money
+
+
+class CPSupplyEnded(Message):
+    type: Literal["cp_supply_ended"] = "cp_supply_ended"
+    cp_id: Identifier
+    session_id: Identifier
+    kwh: Energy
+    amount_eur: Money
+    reason: EndReason
+    started_at: float | None = None
+
+
+class CPRequest(Message):
+    """A supply asked for at the CP's own menu, on behalf of a driver."""
+
+    type: Literal["cp_request"] = "cp_request"
+    cp_id: Identifier
+    driver_id: Identifier
+
+
+CPEvent = Annotated[
+    CPPlugged | CPTelemetry | CPSupplyEnded | CPRequest, Field(discriminator="type")
+]
+
+
+# --- Kafka: CP state (Central -> all, compacted) and CP health (Monitor -> dashboards) ----
+
+
+class CPStateUpdate(Message):
+    type: Literal["cp_state"] = "cp_state"
+    cp_id: Identifier
+    state: CPState
+    location: Text
+    price_eur_kwh: Money
+    max_kw: Power
+    driver_id: Identifier | None = None
+    session_id: Identifier | None = None
+    kw: Power = 0.0
+    kwh: Energy = 0.0
+    amount_eur: Money = 0.0
+
+
+class HealthSample(Message):
+    type: Literal["health_sample"] = "health_sample"
+    cp_id: Identifier
+    engine_ok: bool
+    central_ok: bool
+    rtt_ms: Annotated[float, Field(ge=0)] | None = None
+
+
+CPStateMessage = Annotated[CPStateUpdate, Field(discriminator="type")]
+CPHealthMessage = Annotated[HealthSample, Field(discriminator="type")]
+
+
+# --- adapters and codec ---------------------------------------------------------------------
+
+MONITOR_TO_CENTRAL: TypeAdapter[MonitorToCentral] = TypeAdapter(MonitorToCentral)
+CENTRAL_TO_MONITOR: TypeAdapter[CentralToMonitor] = TypeAdapter(CentralToMonitor)
+MONITOR_TO_ENGINE: TypeAdapter[MonitorToEngine] = TypeAdapter(MonitorToEngine)
+ENGINE_TO_MONITOR: TypeAdapter[EngineToMonitor] = TypeAdapter(EngineToMonitor)
+DRIVER_REQUESTS: TypeAdapter[DriverRequest] = TypeAdapter(DriverRequest)
+DRIVER_UPDATES: TypeAdapter[DriverUpdate] = TypeAdapter(DriverUpdate)
+CP_COMMANDS: TypeAdapter[CPCommand] = TypeAdapter(CPCommand)
+CP_EVENTS: TypeAdapter[CPEvent] = TypeAdapter(CPEvent)
+CP_STATE: TypeAdapter[CPStateMessage] = TypeAdapter(CPStateMessage)
+CP_HEALTH: TypeAdapter[CPHealthMessage] = TypeAdapter(CPHealthMessage)
+
+T = TypeVar("T")
+
+
+def encode(message: Message) -> bytes:
+    """Serialise a message to compact UTF-8 JSON."""
+    return message.model_dump_json().encode("utf-8")
+
+
+def decode(adapter: TypeAdapter[T], data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> T:
+    """Validate raw bytes against a channel's union; raise MessageError with a clear reason."""
+    if len(data) > max_bytes:
+        raise MessageError(f"message of {len(data)} bytes exceeds the maximum of {max_bytes}")
+    try:
+        return adapter.validate_json(data)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        if not errors:
+            raise MessageError(f"invalid message: {exc}") from None
+        where = ".".join(str(p) for p in errors[0]["loc"]) or "message"
+        raise MessageError(f"invalid message at {where}: {errors[0]['msg']}") from None

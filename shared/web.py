@@ -1,0 +1,50 @@
+"""HTTP responses for the dashboards' `websockets` servers (their process_request hook).
+
+The `websockets` library answers plain GET requests through process_request; these helpers
+build those responses with the headers every page needs (CSP, no sniffing, no caching of API
+answers).
+"""
+
+from __future__ import annotations
+
+import http
+import json
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.datastructures import Headers
+from websockets.http11 import Response
+
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+)
+
+
+def response(status: int, body: bytes, content_type: str, *, cache: bool = False) -> Response:
+    headers = Headers()
+    headers["Content-Type"] = content_type
+    headers["Content-Length"] = str(len(body))
+    headers["Content-Security-Policy"] = CSP
+    headers["X-Content-Type-Options"] = "nosniff"
+    headers["Referrer-Policy"] = "no-referrer"
+    if not cache:
+        headers["Cache-Control"] = "no-store"
+    phrase = http.HTTPStatus(status).phrase
+    return Response(status, phrase, headers, body)
+
+
+def json_response(data: Any, status: int = 200) -> Response:
+    body = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+    return response(status, body, "application/json; charset=utf-8")
+
+
+def error_response(status: int, message: str) -> Response:
+    return json_response({"error": message}, status)
+
+
+def split_path(target: str) -> tuple[str, dict[str, str]]:
+    """The path and the first value of each query parameter."""
+    parts = urlsplit(target)
+    query = {k: v[0] for k, v in parse_qs(parts.query).items() if v}
+    return parts.path, query

@@ -1,0 +1,83 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import free_port, scaled
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+KAFKA_SH = REPO_ROOT / "scripts" / "kafka.sh"
+
+
+def _kafka_sh(action: str, port: int, env: dict[str, str], timeout: float) -> None:
+    proc = subprocess.run(
+        [str(KAFKA_SH), action, str(port)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if proc.returncode != 0:
+        pytest.fail(
+            f"scripts/kafka.sh {action} {port} failed (exit {proc.returncode}):\n"
+            f"{proc.stdout}\n{proc.stderr}",
+            pytrace=False,
+        )
+
+
+class Broker:
+    """A broker started with scripts/kafka.sh that a test may stop and start again."""
+
+    def __init__(self, port: int, run_dir: Path) -> None:
+        self.port = port
+        self.env = {**os.environ, "EV_KAFKA_RUN_DIR": str(run_dir)}
+        self.bootstrap = f"127.0.0.1:{port}"
+
+    def start(self) -> None:
+        _kafka_sh("start", self.port, self.env, timeout=scaled(300))
+
+    def stop(self) -> None:
+        _kafka_sh("stop", self.port, self.env, timeout=scaled(60))
+
+    def restart_later(self) -> None:
+        """Stop, keeping the data: the next start() finds every topic and offset again."""
+        _kafka_sh("stop", self.port, {**self.env, "EV_KAFKA_KEEP_DATA": "1"}, scaled(60))
+        self.env = {**self.env, "EV_KAFKA_KEEP_DATA": "1"}
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    """A broker of the test's own: nothing left on it by other tests, free to be restarted."""
+    b = Broker(free_port(), tmp_path / "kafka")
+    b.start()
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Bootstrap address ("host:port") of a Kafka broker for the whole session.
+
+    Uses EV_KAFKA_BOOTSTRAP when set (an externally managed broker); otherwise starts
+    a throwaway single-node broker with scripts/kafka.sh and stops it afterwards.
+    """
+    external = os.environ.get("EV_KAFKA_BOOTSTRAP")
+    if external:
+        yield external
+        return
+
+    port = free_port()
+    env = {**os.environ, "EV_KAFKA_RUN_DIR": str(tmp_path_factory.mktemp("kafka"))}
+    # Generous: the first run may also resolve the broker jars through Maven.
+    _kafka_sh("start", port, env, timeout=scaled(300))
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        _kafka_sh("stop", port, env, timeout=scaled(60))

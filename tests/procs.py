@@ -1,0 +1,207 @@
+"""Real service processes for end-to-end tests: start, feed stdin, read output, kill."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from helpers import free_port, scaled, wait_for
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ServiceProcess:
+    """One service started as `python -m PACKAGE ...`, its output captured to a file."""
+
+    def __init__(self, name: str, args: list[str], workdir: Path,
+                 env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.args = args
+        self.log_path = workdir / f"{name}.log"
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ServiceProcess:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, *self.args],
+            cwd=REPO_ROOT,
+            stdin=subprocess.PIPE,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+        )
+        log.close()
+        return self
+
+    @property
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def send(self, line: str) -> None:
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write((line + "\n").encode())
+        self.proc.stdin.flush()
+
+    async def wait_output(self, pattern: str, timeout: float = 10, start: int = 0) -> re.Match[str]:
+        """Wait until `pattern` (a regex) appears in the output after offset `start`."""
+        regex = re.compile(pattern)
+
+        def found() -> re.Match[str] | None:
+            return regex.search(self.output, start)
+
+        return await wait_for(found, timeout,
+                              message=f"{self.name}: {pattern!r} not seen; output:\n"
+                              + self.output[-3000:])
+
+    def json_events(self) -> list[dict[str, Any]]:
+        events = []
+        for line in self.output.splitlines():
+            line = line.strip()
+            if line.startswith("{"):
+                try:
+                    events.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+        return events
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.running:
+            assert self.proc is not None
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=scaled(15))
+
+    def stop(self) -> int | None:
+        """SIGTERM, then SIGKILL if it does not stop; return the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=scaled(10))
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdin:
+            try:
+                self.proc.stdin.close()
+            except BrokenPipeError:
+                pass
+        return self.proc.returncode
+
+    async def wait_exit(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        await wait_for(lambda: self.proc.poll() is not None, timeout,
+                       message=f"{self.name} did not exit; output:\n{self.output[-3000:]}")
+        return self.proc.returncode
+
+
+def http_get(url: str, timeout: float = 5) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+
+
+class Deployment:
+    """A Central with its own database plus any number of CPs and drivers, all real processes."""
+
+    def __init__(self, broker: str, workdir: Path, **central_flags: Any) -> None:
+        self.broker = broker
+        self.workdir = workdir
+        self.db_path = workdir / "central.db"
+        self.central_port = free_port()
+        self.http_port = free_port()
+        self.central_flags = central_flags
+        self.processes: list[ServiceProcess] = []
+        self.central: ServiceProcess | None = None
+        self.engines: dict[str, ServiceProcess] = {}
+        self.monitors: dict[str, ServiceProcess] = {}
+        self.engine_ports: dict[str, int] = {}
+
+    def _add(self, proc: ServiceProcess) -> ServiceProcess:
+        self.processes.append(proc)
+        return proc.start()
+
+    async def start_central(self) -> ServiceProcess:
+        flags = []
+        for key, value in self.central_flags.items():
+            flags += [f"--{key.replace('_', '-')}", str(value)]
+        self.central = self._add(ServiceProcess("central", [
+            "-m", "EV_Central", "--port", str(self.central_port), "--broker", self.broker,
+            "--db", str(self.db_path), "--http-port", str(self.http_port),
+            "--listen-host", "127.0.0.1", "--console", "log", *flags,
+        ], self.workdir))
+        await wait_for(self._healthy, 60, interval=0.3,
+                       message="Central not healthy:\n" + self.central.output[-3000:])
+        return self.central
+
+    async def _healthy(self) -> bool:
+        try:
+            status, _ = await asyncio.to_thread(http_get, self.url("/healthz"), 2)
+        except OSError:
+            return False
+        return status == 200
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.http_port}{path}"
+
+    async def api(self, path: str) -> Any:
+        status, body = await asyncio.to_thread(http_get, self.url(path))
+        assert status == 200, (path, status, body)
+        return body
+
+    async def cp_states(self) -> dict[str, str]:
+        return {cp["id"]: cp["state"] for cp in await self.api("/api/cps")}
+
+    async def wait_state(self, cp_id: str, state: str, timeout: float = 10) -> None:
+        async def reached() -> bool:
+            return (await self.cp_states()).get(cp_id) == state
+
+        await wait_for(reached, timeout, interval=0.2,
+                       message=f"{cp_id} never became {state}")
+
+    def start_engine(self, cp_id: str, *flags: str) -> ServiceProcess:
+        port = self.engine_ports.setdefault(cp_id, free_port())
+        proc = self._add(ServiceProcess(f"engine-{cp_id}", [
+            "-m", "EV_CP_E", "--broker", self.broker, "--listen", f"127.0.0.1:{port}", *flags,
+        ], self.workdir))
+        self.engines[cp_id] = proc
+        return proc
+
+    def start_monitor(self, cp_id: str, *flags: str) -> ServiceProcess:
+        port = self.engine_ports[cp_id]
+        proc = self._add(ServiceProcess(f"monitor-{cp_id}", [
+            "-m", "EV_CP_M", "--engine", f"127.0.0.1:{port}",
+            "--central", f"127.0.0.1:{self.central_port}", "--cp-id", cp_id, *flags,
+        ], self.workdir))
+        self.monitors[cp_id] = proc
+        return proc
+
+    async def start_cp(self, cp_id: str, *engine_flags: str) -> None:
+        self.start_engine(cp_id, *engine_flags)
+        self.start_monitor(cp_id)
+        await self.wait_state(cp_id, "ACTIVADO", timeout=30)
+
+    def start_driver(self, driver_id: str, *flags: str, name: str | None = None) -> ServiceProcess:
+        return self._add(ServiceProcess(name or f"driver-{driver_id}", [
+            "-m", "EV_Driver", "--broker", self.broker, "--driver-id", driver_id, "--json",
+            *flags,
+        ], self.workdir))
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.processes):
+            proc.stop()

@@ -1,0 +1,324 @@
+"""The engine's pure state machine: supplies, energy, faults, monitor and Central conditions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from EV_CP_E.machine import EngineMachine, EngineState
+from shared.messages import (
+    AuthorizeSupply,
+    CPPlugged,
+    CPRequest,
+    CPSupplyEnded,
+    CPTelemetry,
+    EndReason,
+    EndSupply,
+    Message,
+    SetService,
+)
+
+T0 = 1_700_000_000.0
+KW = 7.4
+PRICE = 0.35
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = T0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def make_machine(clock: Clock, **kwargs: Any) -> EngineMachine:
+    machine = EngineMachine(health_timeout=3.0, now=clock, **kwargs)
+    assert machine.set_cp_id("CP001")
+    machine.health_check(central_ok=True)
+    return machine
+
+
+def authorise(
+    clock: Clock,
+    session_id: str = "s1",
+    max_kwh: float | None = None,
+    expires_in: float = 60.0,
+) -> AuthorizeSupply:
+    return AuthorizeSupply(
+        cp_id="CP001",
+        session_id=session_id,
+        driver_id="user1",
+        price_eur_kwh=PRICE,
+        max_kw=KW,
+        max_kwh=max_kwh,
+        expires_at=clock() + expires_in,
+    )
+
+
+def state_of(machine: EngineMachine) -> EngineState:
+    """The state now (a call, so that type checkers do not narrow it across actions)."""
+    return machine.state
+
+
+def only(events: list[Message], kind: type[Message]) -> Message:
+    found = [e for e in events if isinstance(e, kind)]
+    assert len(found) == 1, events
+    return found[0]
+
+
+def supplying(clock: Clock, **kwargs: Any) -> EngineMachine:
+    machine = make_machine(clock, **kwargs)
+    out = machine.authorize(authorise(clock))
+    assert out.refused is None and out.events == []
+    assert state_of(machine) is EngineState.AUTHORISED
+    plugged = machine.plug()
+    assert plugged.refused is None
+    assert isinstance(only(plugged.events, CPPlugged), CPPlugged)
+    assert state_of(machine) is EngineState.SUPPLYING
+    return machine
+
+
+def run_ticks(machine: EngineMachine, clock: Clock, count: int) -> list[Message]:
+    events: list[Message] = []
+    for _ in range(count):
+        clock.advance(1.0)
+        machine.health_check(central_ok=machine.central_ok)
+        events += machine.tick(1.0).events
+    return events
+
+
+def test_full_supply_accumulates_energy_and_ends_with_the_total(clock: Clock) -> None:
+    machine = supplying(clock)
+    started = clock()
+    events = run_ticks(machine, clock, 10)
+    telemetry = [e for e in events if isinstance(e, CPTelemetry)]
+    assert [t.seq for t in telemetry] == list(range(1, 11))
+    assert telemetry[-1].kwh == pytest.approx(KW * 10 / 3600, abs=1e-6)
+    assert telemetry[-1].kw == KW
+    assert telemetry[-1].amount_eur == round(telemetry[-1].kwh * PRICE, 2)
+    assert "SUPPLYING driver user1" in machine.status_line()
+
+    out = machine.unplug()
+    ended = only(out.events, CPSupplyEnded)
+    assert isinstance(ended, CPSupplyEnded)
+    assert ended.reason is EndReason.UNPLUGGED
+    assert ended.session_id == "s1"
+    assert ended.kwh == pytest.approx(KW * 10 / 3600, abs=1e-6)
+    assert ended.amount_eur == round(ended.kwh * PRICE, 2)
+    assert ended.started_at == started
+    assert state_of(machine) is EngineState.IDLE
+
+
+def test_ko_during_supply_ends_it_with_engine_fault_and_energy_so_far(clock: Clock) -> None:
+    machine = supplying(clock)
+    run_ticks(machine, clock, 5)
+    out = machine.set_ko(True)
+    ended = only(out.events, CPSupplyEnded)
+    assert isinstance(ended, CPSupplyEnded)
+    assert ended.reason is EndReason.ENGINE_FAULT
+    assert ended.kwh == pytest.approx(KW * 5 / 3600, abs=1e-6)
+    assert state_of(machine) is EngineState.IDLE
+    assert machine.health_ok is False
+    # KO refuses new authorisations until `o`.
+    refused = machine.authorize(authorise(clock, "s2"))
+    assert refused.refused and "KO" in refused.refused
+    ended2 = only(refused.events, CPSupplyEnded)
+    assert isinstance(ended2, CPSupplyEnded)
+    assert (ended2.session_id, ended2.kwh, ended2.reason) == ("s2", 0.0, EndReason.ENGINE_FAULT)
+    machine.set_ko(False)
+    assert machine.health_ok
+    assert machine.authorize(authorise(clock, "s3")).refused is None
+
+
+def test_monitor_lost_ends_the_supply_and_refuses_new_ones(clock: Clock) -> None:
+    machine = supplying(clock)
+    run_ticks(machine, clock, 2)
+    clock.advance(2.0)
+    assert machine.poll().events == []  # 2 s of silence: still within the 3 s timeout
+    clock.advance(1.5)
+    out = machine.poll()
+    ended = only(out.events, CPSupplyEnded)
+    assert isinstance(ended, CPSupplyEnded)
+    assert ended.reason is EndReason.MONITOR_LOST
+    assert ended.kwh == pytest.approx(KW * 2 / 3600, abs=1e-6)
+    assert state_of(machine) is EngineState.IDLE
+    assert "monitor lost" in machine.status_line()
+
+    refused = machine.authorize(authorise(clock, "s2"))
+    ended2 = only(refused.events, CPSupplyEnded)
+    assert isinstance(ended2, CPSupplyEnded)
+    assert ended2.reason is EndReason.MONITOR_LOST and ended2.kwh == 0
+    request = machine.request("user1")
+    assert request.events == [] and request.refused == "refused: monitor lost"
+
+    machine.health_check(central_ok=True)  # the monitor is back
+    out = machine.request("user1")
+    assert isinstance(only(out.events, CPRequest), CPRequest)
+
+
+def test_central_unreachable_refuses_new_supplies_but_finishes_the_current_one(
+    clock: Clock,
+) -> None:
+    machine = supplying(clock)
+    machine.health_check(central_ok=False)
+    events = run_ticks(machine, clock, 3)
+    assert len([e for e in events if isinstance(e, CPTelemetry)]) == 3
+    assert state_of(machine) is EngineState.SUPPLYING
+    ended = only(machine.unplug().events, CPSupplyEnded)
+    assert isinstance(ended, CPSupplyEnded)
+    assert ended.reason is EndReason.UNPLUGGED
+    assert ended.kwh == pytest.approx(KW * 3 / 3600, abs=1e-6)
+
+    refused = machine.authorize(authorise(clock, "s2"))
+    assert refused.refused and "Central unreachable" in refused.refused
+    assert state_of(machine) is EngineState.IDLE
+    assert machine.request("user1").refused == "refused: Central unreachable"
+
+
+def test_plug_refused_while_central_unreachable_then_allowed(clock: Clock) -> None:
+    machine = make_machine(clock)
+    machine.authorize(authorise(clock))
+    machine.health_check(central_ok=False)
+    out = machine.plug()
+    assert out.refused == "Central unreachable" and out.events == []
+    assert state_of(machine) is EngineState.AUTHORISED
+    machine.health_check(central_ok=True)
+    assert machine.plug().refused is None
+    assert state_of(machine) is EngineState.SUPPLYING
+
+
+def test_max_kwh_caps_the_supply_with_balance_exhausted(clock: Clock) -> None:
+    machine = make_machine(clock)
+    cap = KW * 2.5 / 3600  # reached during the third tick
+    machine.authorize(authorise(clock, max_kwh=cap))
+    machine.plug()
+    events = run_ticks(machine, clock, 3)
+    ended = only(events, CPSupplyEnded)
+    assert isinstance(ended, CPSupplyEnded)
+    assert ended.reason is EndReason.BALANCE_EXHAUSTED
+    assert ended.kwh == pytest.approx(cap)
+    telemetry = [e for e in events if isinstance(e, CPTelemetry)]
+    assert telemetry[-1].kwh == pytest.approx(cap)
+    assert state_of(machine) is EngineState.IDLE
+    assert run_ticks(machine, clock, 1) == []
+
+
+def test_expired_authorisation_is_refused(clock: Clock) -> None:
+    machine = make_machine(clock)
+    out = machine.authorize(authorise(clock, expires_in=-1.0))
+    ended = only(out.events, CPSupplyEnded)
+    assert isinstance(ended, CPSupplyEnded)
+    assert ended.reason is EndReason.AUTHORIZATION_EXPIRED and ended.kwh == 0
+    assert state_of(machine) is EngineState.IDLE
+
+
+def test_plug_after_expiry_goes_back_to_idle(clock: Clock) -> None:
+    machine = make_machine(clock)
+    machine.authorize(authorise(clock, expires_in=5.0))
+    clock.advance(6.0)
+    machine.health_check(central_ok=True)
+    out = machine.plug()
+    assert out.refused == "authorisation expired"
+    ended = only(out.events, CPSupplyEnded)
+    assert isinstance(ended, CPSupplyEnded)
+    assert ended.reason is EndReason.AUTHORIZATION_EXPIRED
+    assert state_of(machine) is EngineState.IDLE
+
+
+def test_end_supply_for_another_session_is_ignored(clock: Clock) -> None:
+    machine = supplying(clock)
+    run_ticks(machine, clock, 2)
+    out = machine.end_supply(
+        EndSupply(cp_id="CP001", session_id="other", reason=EndReason.STOPPED_BY_ADMIN)
+    )
+    assert out.events == [] and state_of(machine) is EngineState.SUPPLYING
+
+    out = machine.end_supply(
+        EndSupply(cp_id="CP001", session_id="s1", reason=EndReason.DRIVER_STOP)
+    )
+    ended = only(out.events, CPSupplyEnded)
+    assert isinstance(ended, CPSupplyEnded)
+    assert ended.reason is EndReason.DRIVER_STOP
+    assert ended.kwh == pytest.approx(KW * 2 / 3600, abs=1e-6)
+
+
+def test_end_supply_while_authorised_ends_with_zero_energy(clock: Clock) -> None:
+    machine = make_machine(clock)
+    machine.authorize(authorise(clock))
+    out = machine.end_supply(
+        EndSupply(cp_id="CP001", session_id="s1", reason=EndReason.STOPPED_BY_ADMIN)
+    )
+    ended = only(out.events, CPSupplyEnded)
+    assert isinstance(ended, CPSupplyEnded)
+    assert (ended.kwh, ended.reason, ended.started_at) == (0.0, EndReason.STOPPED_BY_ADMIN, None)
+    assert state_of(machine) is EngineState.IDLE
+
+
+def test_duplicate_authorisation_is_ignored_and_another_is_refused_while_busy(
+    clock: Clock,
+) -> None:
+    machine = make_machine(clock)
+    command = authorise(clock)
+    machine.authorize(command)
+    assert machine.authorize(command).events == []
+    assert state_of(machine) is EngineState.AUTHORISED
+    other = machine.authorize(authorise(clock, "s2"))
+    ended = only(other.events, CPSupplyEnded)
+    assert isinstance(ended, CPSupplyEnded)
+    assert ended.session_id == "s2"
+    assert machine.auth is not None and machine.auth.session_id == "s1"
+
+
+def test_out_of_service_ends_the_supply_and_refuses(clock: Clock) -> None:
+    machine = supplying(clock)
+    out = machine.set_service(SetService(cp_id="CP001", in_service=False))
+    ended = only(out.events, CPSupplyEnded)
+    assert isinstance(ended, CPSupplyEnded)
+    assert ended.reason is EndReason.STOPPED_BY_ADMIN
+    assert machine.request("user1").refused == "refused: out of service"
+    machine.set_service(SetService(cp_id="CP001", in_service=True))
+    assert machine.request("user1").refused is None
+
+
+def test_automatic_plug_and_unplug(clock: Clock) -> None:
+    machine = make_machine(clock, auto_plug=2.0, auto_unplug=3.0)
+    machine.authorize(authorise(clock))
+    clock.advance(1.0)
+    assert machine.poll().events == []
+    clock.advance(1.0)
+    machine.health_check(central_ok=True)
+    assert isinstance(only(machine.poll().events, CPPlugged), CPPlugged)
+    run_ticks(machine, clock, 3)
+    ended = only(machine.poll().events, CPSupplyEnded)
+    assert isinstance(ended, CPSupplyEnded)
+    assert ended.reason is EndReason.UNPLUGGED
+
+
+def test_request_from_menu_and_shutdown(clock: Clock) -> None:
+    machine = make_machine(clock)
+    request = only(machine.request("user7").events, CPRequest)
+    assert isinstance(request, CPRequest)
+    assert (request.cp_id, request.driver_id) == ("CP001", "user7")
+    machine.authorize(authorise(clock))
+    assert machine.request("user8").refused == "refused: authorised"
+    machine.plug()
+    run_ticks(machine, clock, 1)
+    ended = only(machine.shutdown().events, CPSupplyEnded)
+    assert isinstance(ended, CPSupplyEnded)
+    assert ended.reason is EndReason.UNPLUGGED and ended.kwh > 0
+
+
+def test_a_different_cp_id_is_refused(clock: Clock) -> None:
+    machine = make_machine(clock)
+    assert machine.set_cp_id("CP001")
+    assert not machine.set_cp_id("CP002")
+    assert machine.cp_id == "CP001"
