@@ -26,7 +26,7 @@ from shared.backoff import Backoff
 from shared.bus import BusError, KafkaBus, Topics, decode_record
 from shared.errors import MessageError
 from shared.lifecycle import Shutdown
-from shared.messages import DRIVER_UPDATES, MAX_MESSAGE_BYTES, DriverUpdate, Message
+from shared.messages import DRIVER_UPDATES, DriverUpdate, Message
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,6 @@ class DriverApp:
         self._key = settings.driver_id.encode()
         self._group: asyncio.TaskGroup | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._consumer: AIOKafkaConsumer | None = None
 
     async def run(self) -> None:
         """Connect, follow every request to its outcome, stop the bus."""
@@ -72,21 +71,12 @@ class DriverApp:
             raise _first_error(failures) from None
         finally:
             self._group = None
-            consumer, self._consumer = self._consumer, None
-            if consumer is not None:
-                try:
-                    await consumer.stop()
-                except KafkaError:
-                    log.debug("consumer stop failed", exc_info=True)
             await self.bus.stop()
 
     async def _main(self) -> None:
         await self.bus.start()
         # Positioned at the end before anything is sent, so no answer can be missed.
-        consumer = await open_tail_consumer(
-            self.bus.bootstrap, self.bus.client_id, Topics.DRIVER_UPDATES
-        )
-        self._consumer = consumer
+        consumer = await self.bus.tail_consumer([Topics.DRIVER_UPDATES])
         assert self._group is not None
         self._tasks.append(
             self._group.create_task(self._read_updates(consumer), name="driver-updates")
@@ -238,53 +228,6 @@ class DriverApp:
                 delay = backoff.next_delay()
                 log.warning("%s; retrying in %.1f s", exc, delay)
                 await asyncio.sleep(delay)
-
-
-async def open_tail_consumer(
-    bootstrap: str,
-    client_id: str,
-    topic: str,
-    timeout: float = 30.0,  # noqa: ASYNC109 - a deadline for the partition assignment
-) -> AIOKafkaConsumer:
-    """A group-less consumer of every partition of `topic`, positioned at the end.
-
-    Stands in for shared.bus.KafkaBus.tail_consumer, which waits for partition metadata that
-    a consumer without a subscription never refreshes (it always fails with "does not exist").
-    Subscribing without a group makes aiokafka assign every partition itself.
-    """
-    backoff = Backoff()
-    while True:
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap,
-            client_id=client_id,
-            enable_auto_commit=False,
-            auto_offset_reset="latest",
-            max_partition_fetch_bytes=MAX_MESSAGE_BYTES * 4,
-        )
-        try:
-            await consumer.start()
-            break
-        except KafkaError as exc:
-            await consumer.stop()
-            delay = backoff.next_delay()
-            log.warning("cannot reach Kafka at %s (%r); retrying in %.1f s", bootstrap, exc, delay)
-            await asyncio.sleep(delay)
-    try:
-        consumer.subscribe([topic])
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not consumer.assignment():
-            if loop.time() >= deadline:
-                raise BusError(f"topic {topic} has no partitions (does it exist?)")
-            await asyncio.sleep(0.05)
-        partitions = sorted(consumer.assignment())
-        await consumer.seek_to_end(*partitions)
-        for partition in partitions:
-            await consumer.position(partition)  # resolve now, so nothing later is missed
-    except BaseException:
-        await consumer.stop()
-        raise
-    return consumer
 
 
 def _first_error(group: BaseExceptionGroup) -> BaseException:

@@ -213,9 +213,13 @@ class KafkaBus:
         return consumer
 
     async def tail_consumer(
-        self, topics: Iterable[str], *, from_start: bool = False
+        self, topics: Iterable[str], *, from_start: bool = False, within: float = 30.0
     ) -> AIOKafkaConsumer:
-        """A group-less consumer of every partition, positioned at the end (or the start)."""
+        """A group-less consumer of every partition, positioned at the end (or the start).
+
+        Subscribing without a group makes aiokafka assign every partition itself; positions
+        are resolved before returning, so nothing published after this call is missed.
+        """
         names = list(topics)
         consumer: AIOKafkaConsumer = await self._retry(
             "subscribe",
@@ -223,28 +227,25 @@ class KafkaBus:
                 bootstrap_servers=self.bootstrap,
                 client_id=self.client_id,
                 enable_auto_commit=False,
+                auto_offset_reset="earliest" if from_start else "latest",
                 max_partition_fetch_bytes=MAX_MESSAGE_BYTES * 4,
             ),
         )
         self._consumers.append(consumer)
-        partitions: list[TopicPartition] = []
-        for name in names:
-            for _ in range(50):
-                found = consumer.partitions_for_topic(name)
-                if found:
-                    break
-                await consumer.topics()  # refreshes metadata
-                await asyncio.sleep(0.1)
-            else:
-                raise BusError(f"topic {name} does not exist")
-            partitions += [TopicPartition(name, p) for p in sorted(found)]
-        consumer.assign(partitions)
+        consumer.subscribe(names)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while {tp.topic for tp in consumer.assignment()} != set(names):
+            if loop.time() >= deadline:
+                raise BusError(f"topics {', '.join(names)} have no partitions (do they exist?)")
+            await asyncio.sleep(0.05)
+        partitions = sorted(consumer.assignment())
         if from_start:
             await consumer.seek_to_beginning(*partitions)
         else:
             await consumer.seek_to_end(*partitions)
         for tp in partitions:
-            await consumer.position(tp)  # resolve now, so nothing sent after this is missed
+            await consumer.position(tp)
         return consumer
 
     async def ping(self, within: float = 2.0) -> bool:
@@ -264,7 +265,8 @@ class KafkaBus:
         for consumer in consumers:
             try:
                 await consumer.stop()
-            except KafkaError:
+            except (KafkaError, asyncio.CancelledError):
+                # aiokafka may cancel its own fetcher while stopping a fresh consumer.
                 log.debug("consumer stop failed", exc_info=True)
         producer, self._producer = self._producer, None
         if producer is not None:

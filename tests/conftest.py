@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from helpers import free_port, scaled
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

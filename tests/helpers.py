@@ -25,7 +25,7 @@ def scaled(seconds: float) -> float:
 
 async def wait_for(
     predicate: Callable[[], Any | Awaitable[Any]],
-    timeout: float,  # noqa: ASYNC109 - a polling deadline, not a cancel scope
+    timeout: float,
     interval: float = 0.1,
     message: str = "",
 ) -> Any:

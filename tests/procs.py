@@ -21,8 +21,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 class ServiceProcess:
     """One service started as `python -m PACKAGE ...`, its output captured to a file."""
 
-    def __init__(self, name: str, args: list[str], workdir: Path,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, name: str, args: list[str], workdir: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.name = name
         self.args = args
         self.log_path = workdir / f"{name}.log"
@@ -58,9 +59,11 @@ class ServiceProcess:
         def found() -> re.Match[str] | None:
             return regex.search(self.output, start)
 
-        return await wait_for(found, timeout,
-                              message=f"{self.name}: {pattern!r} not seen; output:\n"
-                              + self.output[-3000:])
+        return await wait_for(
+            found,
+            timeout,
+            message=f"{self.name}: {pattern!r} not seen; output:\n" + self.output[-3000:],
+        )
 
     def json_events(self) -> list[dict[str, Any]]:
         events = []
@@ -103,8 +106,11 @@ class ServiceProcess:
 
     async def wait_exit(self, timeout: float = 30) -> int:
         assert self.proc is not None
-        await wait_for(lambda: self.proc.poll() is not None, timeout,
-                       message=f"{self.name} did not exit; output:\n{self.output[-3000:]}")
+        await wait_for(
+            lambda: self.proc.poll() is not None,
+            timeout,
+            message=f"{self.name} did not exit; output:\n{self.output[-3000:]}",
+        )
         return self.proc.returncode
 
 
@@ -140,13 +146,35 @@ class Deployment:
         flags = []
         for key, value in self.central_flags.items():
             flags += [f"--{key.replace('_', '-')}", str(value)]
-        self.central = self._add(ServiceProcess("central", [
-            "-m", "EV_Central", "--port", str(self.central_port), "--broker", self.broker,
-            "--db", str(self.db_path), "--http-port", str(self.http_port),
-            "--listen-host", "127.0.0.1", "--console", "log", *flags,
-        ], self.workdir))
-        await wait_for(self._healthy, 60, interval=0.3,
-                       message="Central not healthy:\n" + self.central.output[-3000:])
+        self.central = self._add(
+            ServiceProcess(
+                "central",
+                [
+                    "-m",
+                    "EV_Central",
+                    "--port",
+                    str(self.central_port),
+                    "--broker",
+                    self.broker,
+                    "--db",
+                    str(self.db_path),
+                    "--http-port",
+                    str(self.http_port),
+                    "--listen-host",
+                    "127.0.0.1",
+                    "--console",
+                    "log",
+                    *flags,
+                ],
+                self.workdir,
+            )
+        )
+        await wait_for(
+            self._healthy,
+            60,
+            interval=0.3,
+            message="Central not healthy:\n" + self.central.output[-3000:],
+        )
         return self.central
 
     async def _healthy(self) -> bool:
@@ -171,23 +199,47 @@ class Deployment:
         async def reached() -> bool:
             return (await self.cp_states()).get(cp_id) == state
 
-        await wait_for(reached, timeout, interval=0.2,
-                       message=f"{cp_id} never became {state}")
+        await wait_for(reached, timeout, interval=0.2, message=f"{cp_id} never became {state}")
 
     def start_engine(self, cp_id: str, *flags: str) -> ServiceProcess:
         port = self.engine_ports.setdefault(cp_id, free_port())
-        proc = self._add(ServiceProcess(f"engine-{cp_id}", [
-            "-m", "EV_CP_E", "--broker", self.broker, "--listen", f"127.0.0.1:{port}", *flags,
-        ], self.workdir))
+        proc = self._add(
+            ServiceProcess(
+                f"engine-{cp_id}",
+                [
+                    "-m",
+                    "EV_CP_E",
+                    "--broker",
+                    self.broker,
+                    "--listen",
+                    f"127.0.0.1:{port}",
+                    *flags,
+                ],
+                self.workdir,
+            )
+        )
         self.engines[cp_id] = proc
         return proc
 
     def start_monitor(self, cp_id: str, *flags: str) -> ServiceProcess:
         port = self.engine_ports[cp_id]
-        proc = self._add(ServiceProcess(f"monitor-{cp_id}", [
-            "-m", "EV_CP_M", "--engine", f"127.0.0.1:{port}",
-            "--central", f"127.0.0.1:{self.central_port}", "--cp-id", cp_id, *flags,
-        ], self.workdir))
+        proc = self._add(
+            ServiceProcess(
+                f"monitor-{cp_id}",
+                [
+                    "-m",
+                    "EV_CP_M",
+                    "--engine",
+                    f"127.0.0.1:{port}",
+                    "--central",
+                    f"127.0.0.1:{self.central_port}",
+                    "--cp-id",
+                    cp_id,
+                    *flags,
+                ],
+                self.workdir,
+            )
+        )
         self.monitors[cp_id] = proc
         return proc
 
@@ -197,10 +249,22 @@ class Deployment:
         await self.wait_state(cp_id, "ACTIVADO", timeout=30)
 
     def start_driver(self, driver_id: str, *flags: str, name: str | None = None) -> ServiceProcess:
-        return self._add(ServiceProcess(name or f"driver-{driver_id}", [
-            "-m", "EV_Driver", "--broker", self.broker, "--driver-id", driver_id, "--json",
-            *flags,
-        ], self.workdir))
+        return self._add(
+            ServiceProcess(
+                name or f"driver-{driver_id}",
+                [
+                    "-m",
+                    "EV_Driver",
+                    "--broker",
+                    self.broker,
+                    "--driver-id",
+                    driver_id,
+                    "--json",
+                    *flags,
+                ],
+                self.workdir,
+            )
+        )
 
     def stop_all(self) -> None:
         for proc in reversed(self.processes):

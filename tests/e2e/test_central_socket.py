@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+
 from helpers import scaled
 from procs import Deployment
-
 from shared.framed import open_framed
 from shared.framing import ACK, NACK, encode_frame, lrc
 from shared.messages import CENTRAL_TO_MONITOR, AuthResult, Heartbeat, MonitorAuth, encode

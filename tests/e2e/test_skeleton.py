@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
+
 from procs import Deployment
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kafka]

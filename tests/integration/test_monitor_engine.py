@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer
-from helpers import free_port, scaled, wait_for
 
 from EV_CP_E.kafka import tail_consumer
+from helpers import free_port, scaled, wait_for
 from shared.bus import KafkaBus, Topics, decode_record
 from shared.errors import ConnectionLost, EVError
 from shared.framed import FramedConnection

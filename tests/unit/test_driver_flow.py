@@ -60,7 +60,7 @@ def ready_flow(**status: object) -> DriverFlow:
     """A flow whose status query was answered (known driver, nothing pending)."""
     flow = DriverFlow(D)
     query = flow.status_query()
-    flow.handle(m.DriverStatus(driver_id=D, request_id=query.id, known=True, **status))  # type: ignore[arg-type]
+    flow.handle(m.DriverStatus(driver_id=D, request_id=query.id, known=True, **status))
     return flow
 
 
