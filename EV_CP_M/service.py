@@ -61,6 +61,7 @@ class MonitorService:
         self.state = LinkState()
         # Engine OK/KO changes, for the Central link to report at once.
         self._changes: asyncio.Queue[tuple[bool, str]] = asyncio.Queue()
+        self._central_changed = asyncio.Event()
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as group:
@@ -147,7 +148,14 @@ class MonitorService:
             now = loop.time()
             if next_at < now:
                 next_at = now  # fell behind (slow engine): no burst of checks
-            await asyncio.sleep(next_at - now)
+            try:
+                # A change of the Central link is told to the engine at once, so that it
+                # does not refuse Central's first authorisation for a stale central_ok.
+                await asyncio.wait_for(self._central_changed.wait(), next_at - now)
+                next_at = loop.time()
+            except TimeoutError:
+                pass
+            self._central_changed.clear()
 
     @staticmethod
     async def _report(connection: FramedConnection[EngineToMonitor], seq: int) -> HealthReport:
@@ -191,6 +199,7 @@ class MonitorService:
                 finally:
                     if self.state.central_up:
                         self.state.central_up = False
+                        self._central_changed.set()
                         self._say("Central link down")
             if pause is None:
                 pause = backoff.next_delay()
@@ -212,6 +221,7 @@ class MonitorService:
     ) -> None:
         """Read Central's frames while heartbeats and reports go out; return never, raise."""
         self.state.central_up = True
+        self._central_changed.set()
         where = result.location or "unknown location"
         price = f", {result.price_eur_kwh:.2f} €/kWh" if result.price_eur_kwh is not None else ""
         self._say(f"Central link up: authenticated ({where}{price})")
@@ -237,6 +247,7 @@ class MonitorService:
             return
         if notice.state != self.state.cp_state:
             self.state.cp_state = notice.state
+            self._central_changed.set()
             self._say(f"CP state at Central: {notice.state.value}")
 
     async def _heartbeats(self, connection: FramedConnection[CentralToMonitor]) -> None:

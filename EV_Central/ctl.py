@@ -34,7 +34,9 @@ def build_parser() -> EnvArgumentParser:
     return parser
 
 
-async def send_command(host: str, port: int, command: AdminCommand, wait_s: float) -> dict[str, Any]:
+async def send_command(
+    host: str, port: int, command: AdminCommand, wait_s: float
+) -> dict[str, Any]:
     async with asyncio.timeout(wait_s):
         async with connect(f"ws://{host}:{port}/ws", open_timeout=wait_s) as ws:
             await ws.send(command.model_dump_json())

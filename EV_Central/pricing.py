@@ -56,7 +56,7 @@ def decide_request(
         return DenialReason.DRIVER_BUSY
     if not cp_available:
         return DenialReason.CP_UNAVAILABLE
-    if price_eur_kwh > 0 and amount_cents(0.01, price_eur_kwh) > balance_cents:
-        # Less than what 10 Wh would cost: not worth starting.
+    if price_eur_kwh > 0 and balance_cents < max(1, amount_cents(0.01, price_eur_kwh)):
+        # Less than a cent, or than what 10 Wh would cost: not worth starting.
         return DenialReason.INSUFFICIENT_BALANCE
     return None

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import urllib.request
@@ -59,11 +61,12 @@ class ServiceProcess:
         def found() -> re.Match[str] | None:
             return regex.search(self.output, start)
 
-        return await wait_for(
-            found,
-            timeout,
-            message=f"{self.name}: {pattern!r} not seen; output:\n" + self.output[-3000:],
-        )
+        try:
+            return await wait_for(found, timeout)
+        except AssertionError:
+            raise AssertionError(
+                f"{self.name}: {pattern!r} not seen; output:\n{self.output[-3000:]}"
+            ) from None
 
     def json_events(self) -> list[dict[str, Any]]:
         events = []
@@ -106,11 +109,12 @@ class ServiceProcess:
 
     async def wait_exit(self, timeout: float = 30) -> int:
         assert self.proc is not None
-        await wait_for(
-            lambda: self.proc.poll() is not None,
-            timeout,
-            message=f"{self.name} did not exit; output:\n{self.output[-3000:]}",
-        )
+        try:
+            await wait_for(lambda: self.proc.poll() is not None, timeout)
+        except AssertionError:
+            raise AssertionError(
+                f"{self.name} did not exit; output:\n{self.output[-3000:]}"
+            ) from None
         return self.proc.returncode
 
 
@@ -183,6 +187,44 @@ class Deployment:
         except OSError:
             return False
         return status == 200
+
+    def prepare_db(self, *statements: str) -> None:
+        """Create the seeded database now and change it before Central starts."""
+        subprocess.run(
+            [sys.executable, "init_db.py", "--db", str(self.db_path)],
+            cwd=REPO_ROOT,
+            check=True,
+            capture_output=True,
+        )
+        with sqlite3.connect(self.db_path) as db:
+            for statement in statements:
+                db.execute(statement)
+
+    def query(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+        """Read Central's database directly (SQLite allows a reader beside the writer)."""
+        with contextlib.closing(sqlite3.connect(self.db_path)) as db:
+            return db.execute(sql, params).fetchall()
+
+    def balance(self, driver_id: str) -> int:
+        return int(self.query("SELECT balance_cents FROM users WHERE id = ?", driver_id)[0][0])
+
+    async def ctl(self, action: str, target: str) -> str:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "EV_Central",
+            "ctl",
+            "--central",
+            f"127.0.0.1:{self.http_port}",
+            action,
+            target,
+            cwd=REPO_ROOT,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await proc.communicate()
+        assert proc.returncode == 0, out.decode()
+        return out.decode()
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.http_port}{path}"

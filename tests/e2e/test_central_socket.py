@@ -15,16 +15,6 @@ from shared.messages import CENTRAL_TO_MONITOR, AuthResult, Heartbeat, MonitorAu
 pytestmark = [pytest.mark.e2e, pytest.mark.kafka]
 
 
-@pytest.fixture
-async def system(broker, tmp_path):
-    deployment = Deployment(broker.bootstrap, tmp_path)
-    await deployment.start_central()
-    try:
-        yield deployment
-    finally:
-        deployment.stop_all()
-
-
 async def read_some(reader: asyncio.StreamReader, wait: float = 3.0) -> bytes:
     try:
         return await asyncio.wait_for(reader.read(4096), scaled(wait))
@@ -33,6 +23,7 @@ async def read_some(reader: asyncio.StreamReader, wait: float = 3.0) -> bytes:
 
 
 async def test_bad_input_is_refused_and_others_keep_being_served(system: Deployment) -> None:
+    await system.start_central()
     port = system.central_port
     # A well-behaved monitor for CP002, kept alive with heartbeats throughout.
     good = await open_framed("127.0.0.1", port, CENTRAL_TO_MONITOR)

@@ -11,15 +11,6 @@ from procs import Deployment
 pytestmark = [pytest.mark.e2e, pytest.mark.kafka]
 
 
-@pytest.fixture
-async def system(broker, tmp_path):
-    deployment = Deployment(broker.bootstrap, tmp_path)
-    try:
-        yield deployment
-    finally:
-        deployment.stop_all()
-
-
 async def test_one_supply_end_to_end(system: Deployment) -> None:
     await system.start_central()
     states = await system.cp_states()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import sys
 import time
@@ -224,6 +225,14 @@ async def start_pair(
     return engine, monitor, engine_port
 
 
+def engine_status(engine: Service) -> str:
+    """The engine's latest status line."""
+    for line in reversed(engine.lines):
+        if re.search(r"^\[[^]]+\] (IDLE|AUTHORISED|SUPPLYING)\b", line):
+            return line
+    return ""
+
+
 def heartbeat_ok(central: FakeCentral, since: int = 0) -> bool:
     return any(isinstance(m, Heartbeat) and m.engine_ok for m in central.received[since:])
 
@@ -386,6 +395,10 @@ async def test_engine_supplies_over_kafka(
             30,
             message=engine.describe(),
         )
+        # Ready: the engine has heard from its monitor that Central is reachable.
+        await wait_for(
+            lambda: engine_status(engine).endswith("IDLE (ready)"), 10, message=engine.describe()
+        )
 
         async def authorise(session_id: str) -> None:
             await bus.send(
@@ -491,6 +504,7 @@ async def test_lost_monitor_ends_the_supply_and_blocks_requests(
         )
         await wait_for(lambda: heartbeat_ok(central), 10, message=monitor.describe())
         await wait_for(lambda: engine.saw("listening for Central's commands"), 30)
+        await wait_for(lambda: engine_status(engine).endswith("IDLE (ready)"), 10)
         await bus.send(
             Topics.CP_COMMANDS,
             cp_id,
