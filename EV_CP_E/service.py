@@ -14,7 +14,6 @@ from aiokafka import ConsumerRecord
 from aiokafka.errors import KafkaError
 
 from EV_CP_E.config import EngineSettings
-from EV_CP_E.kafka import tail_consumer
 from EV_CP_E.machine import EngineMachine, EngineState, Outcome
 from shared.backoff import Backoff
 from shared.bus import BusError, KafkaBus, Topics, decode_record
@@ -238,9 +237,7 @@ class EngineService:
         backoff = Backoff(maximum=5.0)
         while True:
             try:
-                consumer = await tail_consumer(
-                    self.settings.broker, self.bus.client_id, [Topics.CP_COMMANDS]
-                )
+                consumer = await self.bus.tail_consumer([Topics.CP_COMMANDS])
                 break
             except (BusError, KafkaError) as exc:
                 delay = backoff.next_delay()
@@ -249,21 +246,17 @@ class EngineService:
         log.info("listening for Central's commands for %s", self.machine.cp_id)
         self._say("listening for Central's commands")
         backoff.reset()
-        try:
-            while True:
-                try:
-                    record = await consumer.getone()
-                except KafkaError as exc:
-                    delay = backoff.next_delay()
-                    log.warning(
-                        "cannot read commands from Kafka (%s); retrying in %.1f s", exc, delay
-                    )
-                    await asyncio.sleep(delay)
-                    continue
-                backoff.reset()
-                self._on_record(record)
-        finally:
-            await consumer.stop()
+        # The consumer belongs to the bus, which stops it with everything else.
+        while True:
+            try:
+                record = await consumer.getone()
+            except KafkaError as exc:
+                delay = backoff.next_delay()
+                log.warning("cannot read commands from Kafka (%s); retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            backoff.reset()
+            self._on_record(record)
 
     def _on_record(self, record: ConsumerRecord[bytes, bytes]) -> None:
         cp_id = self.machine.cp_id

@@ -646,6 +646,11 @@ class Central:
         cp.last_heartbeat = time.time()
         self.changed(cp)
         self.note("connected", f"{cp.id}: monitor authenticated", cp.id)
+        if not cp.in_service:
+            # A restarted engine reads commands from the end: tell it again that it is stopped.
+            await self.bus.post(
+                Topics.CP_COMMANDS, cp.id, SetService(cp_id=cp.id, in_service=False)
+            )
 
     async def monitor_lost(self, cp: ChargingPoint, why: str) -> None:
         if not cp.connected:

@@ -80,6 +80,8 @@ class AdminWeb:
                 return json_response([cp.as_api() for cp in self.central.registry.sorted()])
             if path == "/api/sessions":
                 return await self._sessions(query)
+            if path == "/api/stats":
+                return json_response({"messages": dict(self.central.counters)})
             if path == "/api/events":
                 return json_response([e.as_api() for e in self.central.events])
             if path in ("/", "/index.html"):

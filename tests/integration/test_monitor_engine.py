@@ -21,7 +21,6 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer
 
-from EV_CP_E.kafka import tail_consumer
 from helpers import free_port, scaled, wait_for
 from shared.bus import KafkaBus, Topics, decode_record
 from shared.errors import ConnectionLost, EVError
@@ -385,7 +384,7 @@ async def test_engine_supplies_over_kafka(
     await bus.start()
     log: EventLog | None = None
     try:
-        log = EventLog(await tail_consumer(kafka_bootstrap, "test", [Topics.CP_EVENTS]), cp_id)
+        log = EventLog(await bus.tail_consumer([Topics.CP_EVENTS]), cp_id)
         engine, monitor, _ = await start_pair(
             launch, central, cp_id, kafka_bootstrap, "--tick", "0.2"
         )
@@ -489,7 +488,7 @@ async def test_lost_monitor_ends_the_supply_and_blocks_requests(
     await bus.start()
     log: EventLog | None = None
     try:
-        log = EventLog(await tail_consumer(kafka_bootstrap, "test", [Topics.CP_EVENTS]), cp_id)
+        log = EventLog(await bus.tail_consumer([Topics.CP_EVENTS]), cp_id)
         engine, monitor, _ = await start_pair(
             launch,
             central,

@@ -73,11 +73,16 @@ def test_cap_cuts_energy_to_what_the_balance_buys() -> None:
     assert cents == amount_cents(kwh, 0.35)
 
 
+def test_cap_rounds_the_energy_down_not_to_nearest() -> None:
+    # 10 € / 0.36 €/kWh = 27.77777... kWh: billing 27.7778 kWh would be more than was paid for.
+    assert cap_to_balance(100.0, 0.36, 1000) == (27.7777, 1000)
+
+
 def test_cap_with_no_balance_bills_nothing() -> None:
     assert cap_to_balance(5.0, 0.35, 0) == (0.0, 0)
 
 
-@pytest.mark.parametrize("price", [*DEMO_PRICES, 0.07, 0.13, 1.17])
+@pytest.mark.parametrize("price", [*DEMO_PRICES, 0.07, 0.13, 1.17, 73.0])
 def test_capped_amount_is_kwh_times_price_and_never_exceeds_balance(price: float) -> None:
     requested = 1000.0
     for balance in range(0, 3001, 7):
@@ -85,6 +90,8 @@ def test_capped_amount_is_kwh_times_price_and_never_exceeds_balance(price: float
         assert cents <= balance, (price, balance, kwh, cents)
         assert cents == amount_cents(kwh, price), (price, balance, kwh, cents)
         assert 0 <= kwh <= requested
+        # Never more energy than the balance pays for, before any rounding of cents.
+        assert kwh * price * 100 <= balance + 1e-6, (price, balance, kwh)
         # The cut is tight: less than 0.1 Wh below what the balance buys.
         assert balance / 100 / price - kwh < 0.0001 + 1e-9, (price, balance, kwh)
 
@@ -98,6 +105,7 @@ def test_free_cp_is_never_cut() -> None:
 
 def test_max_kwh_is_what_the_balance_buys_rounded_down() -> None:
     assert max_kwh_for(1000, 0.35) == 28.5714
+    assert max_kwh_for(1000, 0.36) == 27.7777  # 27.77777..., not 27.7778
     assert max_kwh_for(15000, 0.30) == 500.0
     assert max_kwh_for(0, 0.35) == 0.0
 
@@ -189,14 +197,16 @@ def test_free_cp_needs_no_balance() -> None:
     assert decide_request(**{**GOOD, "price_eur_kwh": 0.0, "balance_cents": 0}) is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: pricing.py decide_request rounds the cost of 10 Wh to whole cents, so below"
-    " 0.50 €/kWh (every demo CP) it is 0 and a zero balance is never insufficient",
-)
-@pytest.mark.parametrize("price", [0.35, 0.45])
+@pytest.mark.parametrize("price", [0.30, 0.35, 0.45])
 def test_zero_balance_is_insufficient_at_demo_prices(price: float) -> None:
+    # Regression: the cost of 10 Wh rounds to 0 cents below 0.50 €/kWh (every demo CP),
+    # which once let a driver with no balance at all be authorised.
     assert (
         decide_request(**{**GOOD, "price_eur_kwh": price, "balance_cents": 0})
         == DenialReason.INSUFFICIENT_BALANCE
     )
+
+
+@pytest.mark.parametrize("price", [0.30, 0.35, 0.45])
+def test_one_cent_is_enough_to_start_at_demo_prices(price: float) -> None:
+    assert decide_request(**{**GOOD, "price_eur_kwh": price, "balance_cents": 1}) is None
