@@ -6,9 +6,13 @@ import argparse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from shared.settings import EnvArgumentParser, add_common_options, host_port, positive_float
-
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+from shared.settings import (
+    EnvArgumentParser,
+    add_common_options,
+    host_port,
+    positive_float,
+    seconds,
+)
 
 
 @dataclass(frozen=True)
@@ -23,23 +27,8 @@ class EngineSettings:
     log_json: bool = False
 
 
-class OneLineErrorParser(EnvArgumentParser):
-    """Bad arguments: one line on stderr and exit 2 (no usage dump)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def seconds(value: str) -> float:
-    """A strictly positive number of seconds."""
-    number = positive_float(value)
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value!r}")
-    return number
-
-
 def build_parser(environ: Mapping[str, str] | None = None) -> EnvArgumentParser:
-    parser = OneLineErrorParser(
+    parser = EnvArgumentParser(
         prog="EV_CP_E",
         description="The charging point's engine: supplies energy, answers its monitor.",
         environ=environ,
@@ -79,8 +68,6 @@ def parse_settings(
             host_port(server.strip())
         except argparse.ArgumentTypeError as exc:
             parser.error(f"argument --broker: {exc}")
-    if args.log_level.upper() not in LOG_LEVELS:
-        parser.error(f"argument --log-level: expected one of {', '.join(LOG_LEVELS)}")
     return EngineSettings(
         broker=args.broker,
         listen=args.listen,

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from shared.settings import EnvArgumentParser, add_common_options, host_port, positive_float
-
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-CP_ID = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+from shared.settings import EnvArgumentParser, add_common_options, host_port, identifier, seconds
 
 
 @dataclass(frozen=True)
@@ -24,38 +19,15 @@ class MonitorSettings:
     log_json: bool = False
 
 
-class OneLineErrorParser(EnvArgumentParser):
-    """Bad arguments: one line on stderr and exit 2 (no usage dump)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def seconds(value: str) -> float:
-    """A strictly positive number of seconds."""
-    number = positive_float(value)
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value!r}")
-    return number
-
-
-def cp_identifier(value: str) -> str:
-    if not CP_ID.match(value):
-        raise argparse.ArgumentTypeError(
-            f"expected 1-32 letters, digits, '_', '.' or '-', got {value!r}"
-        )
-    return value
-
-
 def build_parser(environ: Mapping[str, str] | None = None) -> EnvArgumentParser:
-    parser = OneLineErrorParser(
+    parser = EnvArgumentParser(
         prog="EV_CP_M",
         description="The charging point's monitor: health-checks its engine, reports to Central.",
         environ=environ,
     )
     parser.add_option("--engine", required=True, type=host_port, help="the engine's HOST:PORT")
     parser.add_option("--central", required=True, type=host_port, help="Central's HOST:PORT")
-    parser.add_option("--cp-id", required=True, type=cp_identifier, help="this CP's id")
+    parser.add_option("--cp-id", required=True, type=identifier, help="this CP's id")
     parser.add_option("--interval", type=seconds, default=1.0, help="seconds between checks")
     parser.add_option(
         "--check-timeout", type=seconds, default=0.8, help="seconds to wait for a health report"
@@ -70,8 +42,6 @@ def parse_settings(
     """Parse the command line; exits 2 on bad arguments, raises ConfigError on bad env."""
     parser = build_parser(environ)
     args = parser.parse_args(argv)
-    if args.log_level.upper() not in LOG_LEVELS:
-        parser.error(f"argument --log-level: expected one of {', '.join(LOG_LEVELS)}")
     return MonitorSettings(
         engine=args.engine,
         central=args.central,

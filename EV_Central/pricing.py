@@ -19,9 +19,10 @@ def cap_to_balance(kwh: float, price_eur_kwh: float, balance_cents: int) -> tupl
     When the energy would cost more than the balance, the energy billed is cut to what the
     balance buys, so the ticket's amount is still kWh × price.
     """
+    kwh = round(kwh, 4)  # billed energy is kept to the 0.1 Wh, and priced as kept
     cents = amount_cents(kwh, price_eur_kwh)
     if cents <= balance_cents or price_eur_kwh <= 0:
-        return round(kwh, 4), cents
+        return kwh, cents
     affordable = balance_cents / 100 / price_eur_kwh
     kwh_capped = int(affordable * 10_000) / 10_000  # round down to the 0.1 Wh
     return kwh_capped, amount_cents(kwh_capped, price_eur_kwh)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from EV_Central.pricing import amount_cents
 from shared.messages import CPState, CPStateUpdate, CPSummary
 
 
@@ -35,7 +36,8 @@ class LiveSession:
 
     @property
     def amount_eur(self) -> float:
-        return round(self.kwh * self.price_eur_kwh, 2)
+        """The amount so far, rounded exactly as the ticket will be."""
+        return amount_cents(self.kwh, self.price_eur_kwh) / 100
 
 
 @dataclass

@@ -9,9 +9,13 @@ from typing import Any
 
 from EV_Driver.requests_file import LineProblem, identifier_problem, load_requests
 from shared.errors import ConfigError
-from shared.settings import EnvArgumentParser, host_port, positive_float
-
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+from shared.settings import (
+    EnvArgumentParser,
+    add_common_options,
+    host_port,
+    positive_float,
+    seconds,
+)
 
 
 @dataclass(frozen=True)
@@ -26,13 +30,6 @@ class DriverSettings:
     log_level: str = "INFO"
     log_json: bool = False
     file_problems: tuple[LineProblem, ...] = ()
-
-
-class OneLineErrorParser(EnvArgumentParser):
-    """Bad arguments: one line on stderr and exit 2 (no usage dump)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 class _StoreGiven(argparse.Action):
@@ -61,24 +58,9 @@ def broker_address(value: str) -> str:
     return value
 
 
-def seconds(value: str) -> float:
-    """A strictly positive number of seconds."""
-    number = positive_float(value)
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value!r}")
-    return number
-
-
-def log_level(value: str) -> str:
-    level = value.strip().upper()
-    if level not in LOG_LEVELS:
-        raise argparse.ArgumentTypeError(f"expected one of {', '.join(LOG_LEVELS)}, got {value!r}")
-    return level
-
-
 def build_parser(environ: Mapping[str, str] | None = None) -> EnvArgumentParser:
     """The command line; raises ConfigError when an EV_ variable is malformed."""
-    parser = OneLineErrorParser(
+    parser = EnvArgumentParser(
         prog="EV_Driver",
         description=(
             "The driver app: asks Central for a supply at one CP (--cp) or at each CP of a "
@@ -132,10 +114,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvArgumentParser:
         metavar="S",
         help="seconds to wait for Central before saying it cannot be reached",
     )
-    parser.add_option(
-        "--log-level", type=log_level, default="INFO", metavar="LEVEL", help=", ".join(LOG_LEVELS)
-    )
-    parser.add_option("--log-json", action="store_true", help="log JSON lines (for containers)")
+    add_common_options(parser)
     return parser
 
 

@@ -8,23 +8,35 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 from shared.errors import ConfigError
+
+IDENTIFIER = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
 
 
 def env_name(flag: str) -> str:
     return "EV_" + flag.lstrip("-").replace("-", "_").upper()
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
 class EnvArgumentParser(argparse.ArgumentParser):
-    """An ArgumentParser whose options default to their EV_ environment variable."""
+    """An ArgumentParser whose options default to their EV_ environment variable.
+
+    Bad arguments give one line on stderr and exit code 2, not a usage dump.
+    """
 
     def __init__(self, *args: Any, environ: Mapping[str, str] | None = None, **kwargs: Any):
         kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
         super().__init__(*args, **kwargs)
         self._environ = os.environ if environ is None else environ
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
     def add_option(self, flag: str, *, env: str | None = None, **kwargs: Any) -> argparse.Action:
         """Add `flag`, defaulting to the environment variable named after it."""
@@ -69,7 +81,33 @@ def positive_float(value: str) -> float:
     return number
 
 
+def seconds(value: str) -> float:
+    """A strictly positive number of seconds."""
+    number = positive_float(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value!r}")
+    return number
+
+
+def identifier(value: str) -> str:
+    """A CP or driver id: 1-32 letters, digits, '_', '.' or '-'."""
+    if not IDENTIFIER.match(value):
+        raise argparse.ArgumentTypeError(
+            f"expected 1-32 letters, digits, '_', '.' or '-', got {value!r}"
+        )
+    return value
+
+
+def log_level(value: str) -> str:
+    level = value.strip().upper()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(LOG_LEVELS)}, got {value!r}")
+    return level
+
+
 def add_common_options(parser: EnvArgumentParser) -> None:
     """Logging options every service has."""
-    parser.add_option("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    parser.add_option(
+        "--log-level", type=log_level, default="INFO", metavar="LEVEL", help=", ".join(LOG_LEVELS)
+    )
     parser.add_option("--log-json", action="store_true", help="log JSON lines (for containers)")

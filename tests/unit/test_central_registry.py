@@ -292,12 +292,6 @@ def test_live_amount_is_kwh_times_price() -> None:
     assert live(kwh=7.4, price_eur_kwh=0.36).amount_eur == 2.66  # 2.664
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: registry.py LiveSession.amount_eur rounds with round() (half to even, on"
-    " floats) while the ticket uses pricing.amount_cents (half up): 0.125 € shows as 0.12 €"
-    " and is billed 0.13 €",
-)
 def test_live_amount_matches_the_billed_amount() -> None:
     session = live(kwh=0.25, price_eur_kwh=0.5)
     assert session.amount_eur == amount_cents(0.25, 0.5) / 100
