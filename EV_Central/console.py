@@ -11,7 +11,7 @@ import sys
 import time
 
 from EV_Central.registry import ChargingPoint
-from EV_Central.service import Central, CentralEvent
+from EV_Central.service import Central
 from shared.console import stdin_lines
 from shared.messages import CPState
 
@@ -51,12 +51,8 @@ class Console:
         if mode == "panel":
             central.cp_listeners.append(lambda _cps: self._redraw.set())
             central.event_listeners.append(lambda _e: self._redraw.set())
-        elif mode == "log":
-            central.event_listeners.append(self._print_event)
-
-    def _print_event(self, event: CentralEvent) -> None:
-        stamp = time.strftime("%H:%M:%S", time.localtime(event.ts))
-        print(f"{stamp} {event.text}", flush=True)
+            # The panel shows every event; log lines would scribble over it.
+            logging.getLogger("EV_Central.service").setLevel(logging.WARNING)
 
     def render(self) -> str:
         cps = self.central.registry.sorted()
