@@ -36,10 +36,12 @@ from shared.messages import (
     CPState,
     CPSupplyEnded,
     CPTelemetry,
+    DriverHistory,
     DriverNotice,
     DriverStatus,
     EndReason,
     EndSupply,
+    HistoryQuery,
     LoginRequest,
     LoginResult,
     Message,
@@ -97,6 +99,8 @@ class Central:
         # Observers (web sockets, console, monitor links) get called with what changed.
         self.cp_listeners: list[Callable[[list[ChargingPoint]], None]] = []
         self.event_listeners: list[Callable[[CentralEvent], None]] = []
+        # Called when a session is created or settled (balances may have changed).
+        self.session_listeners: list[Callable[[], None]] = []
 
     # --- start-up ------------------------------------------------------------------------
 
@@ -149,6 +153,10 @@ class Central:
         log.info("%s", text)
         for listener in self.event_listeners:
             listener(event)
+
+    def sessions_changed(self) -> None:
+        for listener in self.session_listeners:
+            listener()
 
     def changed(self, cp: ChargingPoint) -> None:
         """Mark a CP as changed: its state is published and pushed shortly, coalesced."""
@@ -243,6 +251,8 @@ class Central:
                     )
             case LoginRequest():
                 await self._on_login(request)
+            case HistoryQuery():
+                await self._on_history(request)
 
     async def _on_cp_event(self, event: Message) -> None:
         match event:
@@ -365,6 +375,7 @@ class Central:
                 # Reserve the CP before the commit yields, so no other request can take it.
                 cp.session = accepted
             await tx.mark_processed(message_id)
+        self.sessions_changed()
         if accepted is not None and cp is not None:
             self.changed(cp)
             self.note(
@@ -407,6 +418,7 @@ class Central:
                     ),
                 )
                 started = True
+                self.sessions_changed()
             else:
                 # Plugged into a session that expired or was never ours: stop the engine.
                 await tx.publish(
@@ -633,6 +645,7 @@ class Central:
         )
 
     def _release(self, cp: ChargingPoint | None, session_id: str) -> None:
+        self.sessions_changed()
         if cp is not None and cp.session is not None and cp.session.session_id == session_id:
             cp.session = None
             self.changed(cp)
@@ -774,6 +787,51 @@ class Central:
                 ],
             ),
         )
+
+    async def _on_history(self, query: HistoryQuery) -> None:
+        rows = await self.db.read(
+            "SELECT role, balance_cents FROM users WHERE id = ?", (query.driver_id,)
+        )
+        known = bool(rows) and rows[0]["role"] == "driver"
+        tickets = []
+        if known:
+            tickets = [
+                ticket_from_row(row)
+                for row in await self.db.read(
+                    "SELECT * FROM sessions WHERE driver_id = ? AND ticket_revision > 0"
+                    " ORDER BY ended_at DESC LIMIT ?",
+                    (query.driver_id, query.limit),
+                )
+            ]
+        await self.bus.post(
+            Topics.DRIVER_UPDATES,
+            query.driver_id,
+            DriverHistory(
+                driver_id=query.driver_id,
+                request_id=query.id,
+                known=known,
+                balance_eur=rows[0]["balance_cents"] / 100 if known else None,
+                tickets=tickets,
+            ),
+        )
+
+    async def register_cp(
+        self, cp_id: str, location: str, price_eur_kwh: float, max_kw: float
+    ) -> ChargingPoint:
+        """Register a new CP; it shows DESCONECTADO until its monitor authenticates."""
+        if self.registry.get(cp_id) is not None:
+            raise ValueError(f"CP {cp_id} is already registered")
+        async with self.db.transaction() as tx:
+            await tx.execute(
+                "INSERT INTO charging_points (id, location, price_eur_kwh, max_kw, created_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (cp_id, location, price_eur_kwh, max_kw, time.time()),
+            )
+        cp = ChargingPoint(id=cp_id, location=location, price_eur_kwh=price_eur_kwh, max_kw=max_kw)
+        self.registry.add(cp)
+        self.changed(cp)
+        self.note("registered", f"{cp_id}: registered at {location}", cp_id)
+        return cp
 
     async def _on_login(self, request: LoginRequest) -> None:
         rows = await self.db.read(

@@ -11,7 +11,6 @@ import contextlib
 import json
 import logging
 import time
-from importlib import resources
 from typing import Any
 
 from pydantic import ValidationError
@@ -19,12 +18,12 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from EV_Central.admin_api import ADMIN_COMMAND, MAX_COMMAND_BYTES
+from EV_Central.admin_api import ADMIN_REQUEST, MAX_COMMAND_BYTES, AdminCommand, RegisterCP
 from EV_Central.db import session_api
 from EV_Central.registry import ChargingPoint
 from EV_Central.service import Central, CentralEvent
 from shared.messages import STATE_COLOURS
-from shared.web import error_response, json_response, response, split_path
+from shared.web import error_response, json_response, split_path, static_response
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +39,11 @@ class AdminWeb:
         self._server: Server | None = None
         self._clients: dict[ServerConnection, asyncio.Queue[str]] = {}
         self._health_cache: tuple[float, bool] = (0.0, False)
+        self._sessions_dirty = asyncio.Event()
+        self._refresher: asyncio.Task[None] | None = None
         central.cp_listeners.append(self._on_cps_changed)
         central.event_listeners.append(self._on_event)
+        central.session_listeners.append(self._sessions_dirty.set)
 
     async def start(self) -> None:
         self._server = await serve(
@@ -55,9 +57,15 @@ class AdminWeb:
         for sock in self._server.sockets:
             self.port = sock.getsockname()[1]
             break
+        self._refresher = asyncio.create_task(self._refresh(), name="admin-refresh")
         log.info("admin web on http://%s:%d/", self.host, self.port)
 
     async def stop(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+            self._refresher = None
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -84,13 +92,17 @@ class AdminWeb:
                 return json_response({"messages": dict(self.central.counters)})
             if path == "/api/events":
                 return json_response([e.as_api() for e in self.central.events])
+            if path == "/api/drivers":
+                return json_response(await self._drivers())
             if path in ("/", "/index.html"):
-                return self._page()
+                return static_response("EV_Central", "index.html")
+            if path.startswith("/static/"):
+                return static_response("EV_Central", path.removeprefix("/static/"))
         except ValueError as exc:
             return error_response(400, str(exc))
         return error_response(404, f"no such resource: {path}")
 
-    async def _healthz(self) -> Response:
+    async def _status(self) -> dict[str, Any]:
         database = await self.central.db.ping()
         checked_at, broker = self._health_cache
         if time.monotonic() - checked_at > 1.0:
@@ -98,16 +110,51 @@ class AdminWeb:
             self._health_cache = (time.monotonic(), broker)
         ok = database and broker
         monitors = sum(1 for cp in self.central.registry.cps.values() if cp.connected)
-        return json_response(
-            {
-                "status": "ok" if ok else "degraded",
-                "broker": broker,
-                "database": database,
-                "monitors_connected": monitors,
-                "websocket_clients": self.client_count,
-            },
-            200 if ok else 503,
+        return {
+            "status": "ok" if ok else "degraded",
+            "broker": broker,
+            "database": database,
+            "monitors_connected": monitors,
+            "cps_registered": len(self.central.registry.cps),
+            "websocket_clients": self.client_count,
+        }
+
+    async def _healthz(self) -> Response:
+        status = await self._status()
+        return json_response(status, 200 if status["status"] == "ok" else 503)
+
+    async def _drivers(self) -> list[dict[str, Any]]:
+        rows = await self.central.db.read(
+            "SELECT id, balance_cents FROM users WHERE role = 'driver' ORDER BY id"
         )
+        return [{"id": row["id"], "balance_eur": row["balance_cents"] / 100} for row in rows]
+
+    async def _recent_sessions(self) -> list[dict[str, Any]]:
+        rows = await self.central.db.read(
+            "SELECT * FROM sessions ORDER BY requested_at DESC, rowid DESC LIMIT 40"
+        )
+        return [session_api(row) for row in rows]
+
+    async def _refresh(self) -> None:
+        """Push sessions and balances when they change, and the system status every 2 s."""
+        last_status = 0.0
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._sessions_dirty.wait(), 2.0)
+            if not self._clients:
+                self._sessions_dirty.clear()
+                continue
+            try:
+                if self._sessions_dirty.is_set():
+                    await asyncio.sleep(0.1)  # coalesce a burst of changes
+                    self._sessions_dirty.clear()
+                    self._broadcast({"type": "sessions", "sessions": await self._recent_sessions()})
+                    self._broadcast({"type": "drivers", "drivers": await self._drivers()})
+                if time.monotonic() - last_status >= 2.0:
+                    last_status = time.monotonic()
+                    self._broadcast({"type": "status", "status": await self._status()})
+            except Exception:
+                log.exception("admin refresh failed")
 
     async def _sessions(self, query: dict[str, str]) -> Response:
         limit_text = query.get("limit", "100")
@@ -123,13 +170,6 @@ class AdminWeb:
             [*params, int(limit_text)],
         )
         return json_response([session_api(row) for row in rows])
-
-    def _page(self) -> Response:
-        try:
-            body = resources.files("EV_Central").joinpath("static/index.html").read_bytes()
-        except FileNotFoundError:
-            return error_response(404, "admin page not installed")
-        return response(200, body, "text/html; charset=utf-8")
 
     # --- WebSocket ----------------------------------------------------------------------
 
@@ -163,6 +203,9 @@ class AdminWeb:
                     "type": "snapshot",
                     "cps": [cp.as_api() for cp in self.central.registry.sorted()],
                     "events": [e.as_api() for e in self.central.events],
+                    "sessions": await self._recent_sessions(),
+                    "drivers": await self._drivers(),
+                    "status": await self._status(),
                     "colours": {state.value: colour for state, colour in STATE_COLOURS.items()},
                 },
                 ensure_ascii=False,
@@ -182,10 +225,36 @@ class AdminWeb:
         while True:
             await conn.send(await queue.get())
 
+    async def _execute(self, command: AdminCommand | RegisterCP) -> dict[str, Any]:
+        try:
+            if isinstance(command, RegisterCP):
+                cp = await self.central.register_cp(
+                    command.id, command.location, command.price_eur_kwh, command.max_kw
+                )
+                return {
+                    "type": "result",
+                    "ref": command.ref,
+                    "ok": True,
+                    "detail": f"registered {cp.id}",
+                    "cps": [cp.id],
+                }
+            affected = await self.central.set_service(
+                command.target, in_service=command.action == "resume"
+            )
+        except (LookupError, ValueError) as exc:
+            return {"type": "result", "ref": command.ref, "ok": False, "detail": str(exc)}
+        return {
+            "type": "result",
+            "ref": command.ref,
+            "ok": True,
+            "detail": f"{command.action} {command.target}",
+            "cps": affected,
+        }
+
     async def _read_commands(self, conn: ServerConnection) -> None:
         async for raw in conn:
             try:
-                command = ADMIN_COMMAND.validate_json(raw)
+                command = ADMIN_REQUEST.validate_json(raw)
             except ValidationError as exc:
                 first = exc.errors(include_url=False)[0]
                 where = ".".join(str(p) for p in first["loc"]) or "message"
@@ -199,19 +268,6 @@ class AdminWeb:
                     )
                 )
                 continue
-            try:
-                affected = await self.central.set_service(
-                    command.target, in_service=command.action == "resume"
-                )
-            except LookupError as exc:
-                reply = {"type": "result", "ref": command.ref, "ok": False, "detail": str(exc)}
-            else:
-                reply = {
-                    "type": "result",
-                    "ref": command.ref,
-                    "ok": True,
-                    "detail": f"{command.action} {command.target}",
-                    "cps": affected,
-                }
+            reply = await self._execute(command)
             with contextlib.suppress(ConnectionClosed):
                 await conn.send(json.dumps(reply))

@@ -196,8 +196,16 @@ class TicketAck(Message):
     session_id: Identifier
 
 
+class HistoryQuery(Message):
+    """The driver's balance and latest tickets (for the dashboard's history)."""
+
+    type: Literal["history_query"] = "history_query"
+    driver_id: Identifier
+    limit: Annotated[int, Field(ge=1, le=100)] = 20
+
+
 DriverRequest = Annotated[
-    LoginRequest | SupplyRequest | StopRequest | StatusQuery | TicketAck,
+    LoginRequest | SupplyRequest | StopRequest | StatusQuery | TicketAck | HistoryQuery,
     Field(discriminator="type"),
 ]
 
@@ -308,6 +316,15 @@ class DriverStatus(Message):
     available_cps: list[CPSummary] = Field(default_factory=list, max_length=20_000)
 
 
+class DriverHistory(Message):
+    type: Literal["driver_history"] = "driver_history"
+    driver_id: Identifier
+    request_id: Identifier
+    known: bool
+    balance_eur: Money | None = None
+    tickets: list[TicketData] = Field(default_factory=list, max_length=100)
+
+
 class DriverNotice(Message):
     """Anything else a driver should see, e.g. a stop request for no supply."""
 
@@ -326,6 +343,7 @@ DriverUpdate = Annotated[
     | SupplyProgress
     | Ticket
     | DriverStatus
+    | DriverHistory
     | DriverNotice,
     Field(discriminator="type"),
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http
 import json
+from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -41,6 +42,32 @@ def json_response(data: Any, status: int = 200) -> Response:
 
 def error_response(status: int, message: str) -> Response:
     return json_response({"error": message}, status)
+
+
+CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".png": "image/png",
+    ".svg": "image/svg+xml",
+    ".ico": "image/x-icon",
+}
+
+
+def static_response(package: str, name: str) -> Response:
+    """A file of `package`'s static/ folder, or of the shared one for /static/ev.* names.
+
+    Only plain file names of the known types are served: no paths, no dot files.
+    """
+    suffix = "." + name.rsplit(".", 1)[-1] if "." in name else ""
+    if "/" in name or name.startswith(".") or suffix not in CONTENT_TYPES:
+        return error_response(404, "not found")
+    owner = "shared" if name.startswith("ev.") else package
+    try:
+        body = resources.files(owner).joinpath("static", name).read_bytes()
+    except (FileNotFoundError, IsADirectoryError):
+        return error_response(404, "not found")
+    return response(200, body, CONTENT_TYPES[suffix], cache=False)
 
 
 def split_path(target: str) -> tuple[str, dict[str, str]]:

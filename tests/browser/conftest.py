@@ -1,0 +1,77 @@
+"""Browser tests: Debian's chromium, headless, driven by Playwright (no downloaded browser)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from playwright.async_api import Browser, Page, async_playwright
+
+from procs import REPO_ROOT, Deployment
+
+SCREENSHOTS = REPO_ROOT / "docs" / "screenshots"
+
+# The closed network refuses Chromium's background connections; these flags stop it trying.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
+
+
+def chromium_path() -> str:
+    path = os.environ.get("EV_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(path).exists():
+        pytest.fail("chromium not found: install Debian's chromium (see .ci/run)", pytrace=False)
+    return path
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    async with async_playwright() as p:
+        instance = await p.chromium.launch(
+            executable_path=chromium_path(), headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            yield instance
+        finally:
+            await instance.close()
+
+
+@pytest.fixture
+async def page(browser: Browser) -> AsyncIterator[Page]:
+    context = await browser.new_context(viewport={"width": 1280, "height": 900})
+    tab = await context.new_page()
+    errors: list[str] = []
+    tab.on("pageerror", lambda exc: errors.append(str(exc)))
+    tab.on("dialog", lambda dialog: errors.append(f"dialog opened: {dialog.message}"))
+    try:
+        yield tab
+    finally:
+        await context.close()
+    assert not errors, f"the page raised: {errors}"
+
+
+@pytest.fixture
+async def system(broker, tmp_path: Path) -> AsyncIterator[Deployment]:
+    deployment = Deployment(broker.bootstrap, tmp_path)
+    try:
+        yield deployment
+    finally:
+        deployment.stop_all()
+
+
+async def screenshot(page: Page, name: str) -> Path:
+    """Save a full-page screenshot under docs/screenshots/ (shown in the README)."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    path = SCREENSHOTS / f"{name}.png"
+    await page.screenshot(path=str(path), full_page=True)
+    return path
