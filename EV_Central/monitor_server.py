@@ -162,7 +162,7 @@ class MonitorServer:
                 continue
             match message:
                 case Heartbeat():
-                    await self.central.heartbeat(cp, message.engine_ok)
+                    await self.central.heartbeat(cp, message.engine_ok, link)
                 case FaultReport():
                     cp.last_heartbeat = time.time()
                     await self.central.engine_health(cp, False, message.detail)

@@ -681,7 +681,12 @@ class Central:
                 tell_engine=cp.session.phase != SessionPhase.SUPPLYING,
             )
 
-    async def heartbeat(self, cp: ChargingPoint, engine_ok: bool) -> None:
+    async def heartbeat(self, cp: ChargingPoint, engine_ok: bool, connection: object) -> None:
+        if cp.connection is None:
+            # Heartbeats resumed on a connection that had gone silent: connected again.
+            await self.monitor_connected(cp, connection)
+        elif cp.connection is not connection:
+            return  # a stale connection that another monitor login replaced
         cp.last_heartbeat = time.time()
         await self.engine_health(cp, engine_ok, "")
 

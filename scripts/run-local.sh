@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run the whole network on this machine without Docker (what `make run` / `make stop` call).
 #
-#   scripts/run-local.sh start   Kafka, Central (:5000, admin :8002) and CPs CP001-CP003
+#   scripts/run-local.sh start   Kafka, Central (:5000, admin :8002), CPs CP001-CP003 and the
+#                                driver (:8001) and site (:8003) dashboards
 #   scripts/run-local.sh stop    stop all of them
 #
 # Environment: KAFKA_PORT (9092), CENTRAL_PORT (5000), HTTP_PORT (8002), CPS ("CP001 CP002
@@ -12,6 +13,8 @@ cd "$(dirname "$0")/.."
 KAFKA_PORT="${KAFKA_PORT:-9092}"
 CENTRAL_PORT="${CENTRAL_PORT:-5000}"
 HTTP_PORT="${HTTP_PORT:-8002}"
+DRIVER_PORT="${DRIVER_PORT:-8001}"
+SITE_PORT="${SITE_PORT:-8003}"
 CPS="${CPS:-CP001 CP002 CP003}"
 PY="${PYTHON:-.venv/bin/python}"
 RUN=.run
@@ -35,7 +38,7 @@ except Exception:
 PY
         sleep 0.2
     done
-    echo "run-local: $1 did not answer; see $RUN/central.log" >&2
+    echo "run-local: $1 did not answer; see the logs in $RUN/" >&2
     return 1
 }
 
@@ -53,13 +56,20 @@ start() {
         launch "engine-$cp" "$PY" -m EV_CP_E --broker "$BROKER" \
             --listen "127.0.0.1:$engine_port" --auto-plug 2 --auto-unplug 10
         launch "monitor-$cp" "$PY" -m EV_CP_M --engine "127.0.0.1:$engine_port" \
-            --central "127.0.0.1:$CENTRAL_PORT" --cp-id "$cp"
+            --central "127.0.0.1:$CENTRAL_PORT" --cp-id "$cp" --broker "$BROKER"
     done
+    launch driver-dashboard "$PY" -m EV_Driver dashboard --broker "$BROKER" --http-port "$DRIVER_PORT"
+    launch site-dashboard "$PY" -m EV_CP_M dashboard --broker "$BROKER" --http-port "$SITE_PORT"
+    wait_http "http://127.0.0.1:$DRIVER_PORT/healthz"
+    wait_http "http://127.0.0.1:$SITE_PORT/healthz"
     cat <<MSG
 
 The EV charging network is running on this machine:
   Kafka           $BROKER
-  Central         monitors on :$CENTRAL_PORT, admin API on http://127.0.0.1:$HTTP_PORT/api/cps
+  Central         monitors on :$CENTRAL_PORT
+  admin panel     http://127.0.0.1:$HTTP_PORT/    (JSON: /api/cps, /api/sessions, /healthz)
+  driver app      http://127.0.0.1:$DRIVER_PORT/    (log in with a demo account below)
+  site monitor    http://127.0.0.1:$SITE_PORT/
   charging points $CPS (they plug in 2 s after authorisation and unplug after 10 s)
 Logs are in $RUN/ (tail -f $RUN/central.log).
 

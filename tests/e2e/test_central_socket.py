@@ -106,3 +106,21 @@ async def test_bad_input_is_refused_and_others_keep_being_served(system: Deploym
         await good.close()
     # With its monitor gone, CP002 is DESCONECTADO: the server noticed the close.
     await system.wait_state("CP002", "DESCONECTADO", timeout=5)
+
+
+async def test_heartbeats_resuming_on_a_silent_connection_reconnect_the_cp(
+    system: Deployment,
+) -> None:
+    """Regression: a connection that went silent (DESCONECTADO) and beats again is back."""
+    await system.start_central()
+    monitor = await open_framed("127.0.0.1", system.central_port, CENTRAL_TO_MONITOR)
+    try:
+        await monitor.send(MonitorAuth(cp_id="CP004"))
+        assert (await monitor.receive()).accepted
+        await monitor.send(Heartbeat(cp_id="CP004", engine_ok=True))
+        await system.wait_state("CP004", "ACTIVADO")
+        await system.wait_state("CP004", "DESCONECTADO", timeout=5)  # silence > 3 s
+        await monitor.send(Heartbeat(cp_id="CP004", engine_ok=True, seq=1))
+        await system.wait_state("CP004", "ACTIVADO", timeout=3)
+    finally:
+        await monitor.close()

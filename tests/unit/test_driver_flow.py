@@ -364,3 +364,13 @@ def test_login_result_is_ignored() -> None:
 def test_update_driver_id() -> None:
     assert update_driver_id(ticket("s")) == D
     assert update_driver_id(progress()) == D
+
+
+def test_a_history_answer_is_ignored_by_the_command_line_flow() -> None:
+    """Regression: a driver_history update (meant for the dashboard) must not crash the flow."""
+    from EV_Driver.flow import DriverFlow
+    from shared.messages import DriverHistory
+
+    flow = DriverFlow("user1")
+    reaction = flow.handle(DriverHistory(driver_id="user1", request_id="q1", known=True))
+    assert reaction.events == []
