@@ -68,7 +68,7 @@ class EngineService:
         self._outbox: deque[tuple[str, Message, bool]] = deque()
         self._outbox_changed = asyncio.Event()
         self._bus_ready = asyncio.Event()
-        self._cp_known = asyncio.Event()
+        self._commands_ready = asyncio.Event()
         self._supply_started = asyncio.Event()
         self._monitor: FramedConnection[MonitorToEngine] | None = None
         self._handlers: set[asyncio.Task[None]] = set()
@@ -231,9 +231,13 @@ class EngineService:
         self._bus_ready.set()
 
     async def _commands(self) -> None:
-        """Consume Central's commands for this CP (from the end of the topic)."""
+        """Consume Central's commands for this CP (from the end of the topic).
+
+        The subscription starts before the CP id is known, and the engine reports itself
+        healthy only once it is in place: an authorisation sent the moment Central sees
+        the CP ready can never be missed.
+        """
         await self._start_bus()
-        await self._cp_known.wait()
         backoff = Backoff(maximum=5.0)
         while True:
             try:
@@ -243,8 +247,9 @@ class EngineService:
                 delay = backoff.next_delay()
                 log.warning("cannot subscribe to commands (%s); retrying in %.1f s", exc, delay)
                 await asyncio.sleep(delay)
-        log.info("listening for Central's commands for %s", self.machine.cp_id)
+        log.info("listening for Central's commands")
         self._say("listening for Central's commands")
+        self._commands_ready.set()
         backoff.reset()
         # The consumer belongs to the bus, which stops it with everything else.
         while True:
@@ -260,6 +265,8 @@ class EngineService:
 
     def _on_record(self, record: ConsumerRecord[bytes, bytes]) -> None:
         cp_id = self.machine.cp_id
+        if cp_id is None:
+            return  # no monitor has told us who we are yet: nothing is for us
         if record.key is not None and record.key.decode("utf-8", "replace") != cp_id:
             return
         try:
@@ -331,15 +338,16 @@ class EngineService:
                 if known is None:
                     log.info("CP id is %s (from the monitor)", message.cp_id)
                     self._say(f"this engine is {message.cp_id}")
-                    self._cp_known.set()
                     self._show()
                 continue
             self._apply(self.machine.health_check(message.central_ok))
             await connection.send(
                 HealthReport(
                     seq=message.seq,
-                    ok=self.machine.health_ok,
-                    engine_state=self.machine.state.value,
+                    ok=self.machine.health_ok and self._commands_ready.is_set(),
+                    engine_state=self.machine.state.value
+                    if self._commands_ready.is_set()
+                    else "STARTING (not listening to Central yet)",
                 )
             )
 
