@@ -1,4 +1,5 @@
-"""`python -m EV_CP_M --engine HOST:PORT --central HOST:PORT --cp-id ID`: run a CP's monitor."""
+"""`python -m EV_CP_M --engine HOST:PORT --central HOST:PORT --cp-id ID [--broker HOST:PORT]`:
+run a CP's monitor; `python -m EV_CP_M dashboard --broker HOST:PORT`: the site dashboard."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from shared.logs import setup_logging
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "dashboard":
-        print("EV_CP_M: dashboard mode is not available yet", file=sys.stderr)
-        return 2
+        from EV_CP_M import dashboard  # the monitor alone needs no web server
+
+        return dashboard.main(args[1:])
     try:
         settings = parse_settings(args)
     except ConfigError as exc:

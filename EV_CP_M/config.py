@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ class MonitorSettings:
     cp_id: str
     interval: float = 1.0
     check_timeout: float = 0.8
+    broker: str | None = None  # publish health samples to Kafka when set
     log_level: str = "INFO"
     log_json: bool = False
 
@@ -32,8 +34,23 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvArgumentParser:
     parser.add_option(
         "--check-timeout", type=seconds, default=0.8, help="seconds to wait for a health report"
     )
+    parser.add_option(
+        "--broker",
+        default=None,
+        help="Kafka bootstrap HOST:PORT: publish a health sample after every check "
+        "(for the site dashboard); none by default",
+    )
     add_common_options(parser)
     return parser
+
+
+def check_broker(parser: argparse.ArgumentParser, broker: str) -> None:
+    """Exit 2 unless `broker` is a comma-separated list of HOST:PORT."""
+    for server in broker.split(","):
+        try:
+            host_port(server.strip())
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"argument --broker: {exc}")
 
 
 def parse_settings(
@@ -42,12 +59,16 @@ def parse_settings(
     """Parse the command line; exits 2 on bad arguments, raises ConfigError on bad env."""
     parser = build_parser(environ)
     args = parser.parse_args(argv)
+    broker = args.broker.strip() if args.broker else None
+    if broker:
+        check_broker(parser, broker)
     return MonitorSettings(
         engine=args.engine,
         central=args.central,
         cp_id=args.cp_id,
         interval=args.interval,
         check_timeout=args.check_timeout,
+        broker=broker or None,
         log_level=args.log_level,
         log_json=args.log_json,
     )

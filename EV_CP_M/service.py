@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
+from collections import deque
 from dataclasses import dataclass
 from typing import TextIO
 
 from EV_CP_M.config import MonitorSettings
 from shared.backoff import Backoff
+from shared.bus import KafkaBus, Topics
 from shared.errors import ConnectionLost, DeliveryFailed
 from shared.framed import FramedConnection, open_framed
 from shared.lifecycle import Shutdown
@@ -25,6 +28,7 @@ from shared.messages import (
     FaultReport,
     HealthCheck,
     HealthReport,
+    HealthSample,
     Heartbeat,
     MonitorAuth,
     RecoveryReport,
@@ -36,6 +40,13 @@ AUTH_TIMEOUT = 5.0
 REJECTED_PAUSE = 10.0
 RETRY_MAX = 5.0
 LINK_ERRORS = (ConnectionLost, DeliveryFailed, OSError, TimeoutError)
+# Health samples waiting for Kafka: the newest count, older ones are dropped beyond this.
+SAMPLE_BACKLOG = 30
+# An engine and its monitor usually start together: failed checks while the engine is still
+# starting are no fault worth showing on the site dashboard. Samples start with the first
+# good check, or after this many seconds of trying.
+SAMPLE_GRACE = 3.0
+BUS_STOP_TIMEOUT = 2.0
 
 
 @dataclass
@@ -62,16 +73,36 @@ class MonitorService:
         # Engine OK/KO changes, for the Central link to report at once.
         self._changes: asyncio.Queue[tuple[bool, str]] = asyncio.Queue()
         self._central_changed = asyncio.Event()
+        # Health samples for the site dashboard (only with --broker).
+        self._samples: deque[HealthSample] = deque(maxlen=SAMPLE_BACKLOG)
+        self._sample_ready = asyncio.Event()
+        self._sample_seq = 0
+        self._sampling = False
+        self._sampling_from: float | None = None
 
     async def run(self) -> None:
-        async with asyncio.TaskGroup() as group:
-            tasks = [
-                group.create_task(self._engine_link(), name="engine-link"),
-                group.create_task(self._central_link(), name="central-link"),
-            ]
-            await self.shutdown.wait()
-            for task in tasks:
-                task.cancel()
+        bus = (
+            KafkaBus(self.settings.broker, f"monitor-{self.settings.cp_id}")
+            if self.settings.broker
+            else None
+        )
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [
+                    group.create_task(self._engine_link(), name="engine-link"),
+                    group.create_task(self._central_link(), name="central-link"),
+                ]
+                if bus is not None:
+                    tasks.append(group.create_task(self._publish_health(bus), name="health-pub"))
+                await self.shutdown.wait()
+                for task in tasks:
+                    task.cancel()
+        finally:
+            if bus is not None:
+                # Best effort: a broker that is down must not hold the monitor's exit.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(BUS_STOP_TIMEOUT):
+                        await bus.stop()
         log.info("monitor stopped")
 
     def _say(self, text: str) -> None:
@@ -82,6 +113,7 @@ class MonitorService:
     def _set_engine(self, ok: bool, detail: str = "", rtt_ms: float | None = None) -> None:
         changed = self.state.engine_ok is not ok
         self.state.engine_ok, self.state.engine_detail, self.state.rtt_ms = ok, detail, rtt_ms
+        self._record_sample()
         if not changed:
             return
         if ok:
@@ -108,7 +140,7 @@ class MonitorService:
                 self._set_engine(False, "engine unreachable")
                 delay = backoff.next_delay()
                 self._say(f"cannot reach engine at {host}:{port}; retrying in {delay:.1f} s")
-                await asyncio.sleep(delay)
+                await self._wait_sampling(delay)
                 continue
             backoff.reset()
             log.info("connected to the engine at %s:%d", host, port)
@@ -157,6 +189,16 @@ class MonitorService:
                 pass
             self._central_changed.clear()
 
+    async def _wait_sampling(self, delay: float) -> None:
+        """Sleep `delay` s, still sampling every interval: a monitor waiting to reconnect to its
+        engine is alive, and the site dashboard must not take it for lost."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + delay
+        while (remaining := end - loop.time()) > 0:
+            await asyncio.sleep(min(remaining, self.settings.interval))
+            if end - loop.time() > 0.05:
+                self._record_sample()
+
     @staticmethod
     async def _report(connection: FramedConnection[EngineToMonitor], seq: int) -> HealthReport:
         while True:
@@ -164,6 +206,60 @@ class MonitorService:
             if report.seq == seq:
                 return report
             log.debug("late health report %d ignored", report.seq)
+
+    # --- health samples for the site dashboard --------------------------------------------
+
+    def _record_sample(self) -> None:
+        """Queue a sample of what the monitor knows now; never blocks the checks."""
+        if self.settings.broker is None or self.state.engine_ok is None:
+            return
+        if not self._sampling:
+            now = asyncio.get_running_loop().time()
+            if self._sampling_from is None:
+                self._sampling_from = now
+            if not self.state.engine_ok and now - self._sampling_from < SAMPLE_GRACE:
+                return
+            self._sampling = True
+        central_ok = self.state.central_up
+        self._samples.append(
+            HealthSample(
+                cp_id=self.settings.cp_id,
+                engine_ok=self.state.engine_ok,
+                central_ok=central_ok,
+                rtt_ms=round(self.state.rtt_ms, 3) if self.state.rtt_ms is not None else None,
+                detail=self.state.engine_detail[:500],
+                cp_state=self.state.cp_state if central_ok else None,
+                seq=self._sample_seq,
+                interval_s=self.settings.interval,
+            )
+        )
+        self._sample_seq += 1
+        self._sample_ready.set()
+
+    async def _publish_health(self, bus: KafkaBus) -> None:
+        """Send queued samples to Kafka, best effort: Kafka down never stops the monitor."""
+        cp_id = self.settings.cp_id
+        backoff = Backoff(maximum=RETRY_MAX)
+        while True:
+            try:
+                await bus.start()  # retries by itself until the broker answers
+                backoff.reset()
+                while True:
+                    await self._sample_ready.wait()
+                    self._sample_ready.clear()
+                    while self._samples:
+                        await bus.post(Topics.CP_HEALTH, cp_id, self._samples.popleft())
+            except Exception as exc:  # the publisher's boundary: log, retry, never crash
+                delay = backoff.next_delay()
+                log.warning(
+                    "cannot publish health samples to Kafka at %s (%s); retrying in %.1f s",
+                    bus.bootstrap,
+                    exc,
+                    delay,
+                )
+                with contextlib.suppress(Exception):
+                    await bus.stop()
+                await asyncio.sleep(delay)
 
     # --- Central link -------------------------------------------------------------------------
 

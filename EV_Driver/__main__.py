@@ -17,8 +17,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the driver app; return the exit code (0 done, 2 bad arguments, 1 anything else)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["dashboard"]:
-        print("EV_Driver: dashboard mode is not available yet", file=sys.stderr)
-        return 2
+        from EV_Driver.dashboard import main as dashboard_main
+
+        return dashboard_main(args[1:])
     try:
         settings = parse_settings(args)
     except ConfigError as exc:

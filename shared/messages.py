@@ -441,11 +441,20 @@ class CPStateUpdate(Message):
 
 
 class HealthSample(Message):
+    """One health check as the monitor saw it (published after every check)."""
+
     type: Literal["health_sample"] = "health_sample"
     cp_id: Identifier
     engine_ok: bool
     central_ok: bool
     rtt_ms: Annotated[float, Field(ge=0)] | None = None
+    # What the monitor saw when the check failed (the same text as its FaultReport).
+    detail: Text = ""
+    # The state Central last told the monitor for this CP (None while Central is unreachable).
+    cp_state: CPState | None = None
+    # The monitor's sample counter (restarts at 0 with the monitor) and its check period.
+    seq: Annotated[int, Field(ge=0)] = 0
+    interval_s: Annotated[float, Field(gt=0, le=3600)] | None = None
 
 
 CPStateMessage = Annotated[CPStateUpdate, Field(discriminator="type")]
