@@ -1,0 +1,417 @@
+// Central's admin panel. Everything arrives over the /ws WebSocket (a snapshot, then pushes)
+// and every value is inserted as text through EV.el / textContent, never as HTML.
+"use strict";
+
+(() => {
+  const { el, replace } = EV;
+
+  const STATES = ["ACTIVADO", "SUMINISTRANDO", "PARADO", "AVERIADO", "DESCONECTADO"];
+  const STATE_MEANING = {
+    ACTIVADO: "ready",
+    SUMINISTRANDO: "supplying",
+    PARADO: "out of service",
+    AVERIADO: "engine fault",
+    DESCONECTADO: "no monitor",
+  };
+  const TILE_NOTE = {
+    ACTIVADO: "Ready for a supply",
+    PARADO: "Out of service (stopped by Central)",
+    AVERIADO: "Engine KO or unreachable",
+    DESCONECTADO: "No heartbeat from its monitor",
+  };
+  const FINISHED = new Set(["COMPLETED", "ABORTED", "DENIED", "EXPIRED"]);
+  const EVENT_KIND = {
+    registered: "info", connected: "good", authorised: "good", started: "good",
+    ticket: "good", recovered: "good", resumed: "good", login: "info", start: "info",
+    denied: "bad", fault: "bad", disconnected: "bad", stopped: "warn", ending: "warn",
+    corrected: "warn",
+  };
+  const MAX_EVENTS = 200;
+  const CHART_SPAN = 120; // seconds
+  const TOTAL_COLOUR = "#20242b";
+  const PALETTE = ["#2458d6", "#e8590c", "#0ca678", "#ae3ec9", "#f59f00", "#1098ad",
+    "#d6336c", "#5c940d", "#7048e8", "#c92a2a"];
+
+  const cps = new Map(); // id -> latest CP object from the server
+  const tiles = new Map(); // id -> {root, parts...}
+  let sessions = [];
+  let drivers = [];
+  const pending = new Map(); // ref -> {kind, timer}
+  let refSeq = 0;
+  let socket = null;
+
+  const $ = (id) => document.getElementById(id);
+  const num = (v) => Number(v) || 0;
+  const price = (v) => num(v).toFixed(2) + " €/kWh";
+
+  // --- charging point tiles ----------------------------------------------------------------
+
+  function buildTile(id) {
+    const t = {};
+    t.id = el("span", { class: "id" }, id);
+    t.state = el("span", { class: "state" });
+    t.loc = el("div", { class: "loc" });
+    t.meta = el("div", { class: "meta" });
+    t.note = el("div", { class: "note" });
+    t.driver = el("span", { dataset: { field: "driver" } });
+    t.kw = el("b", { dataset: { field: "kw" } });
+    t.kwh = el("b", { dataset: { field: "kwh" } });
+    t.eur = el("b", { dataset: { field: "eur" } });
+    t.live = el("div", { class: "live", hidden: true },
+      el("div", { class: "driver" }, "Driver ", t.driver),
+      el("div", { class: "fig energy" }, t.kwh, el("small", {}, "energy")),
+      el("div", { class: "fig" }, t.kw, el("small", {}, "power")),
+      el("div", { class: "fig" }, t.eur, el("small", {}, "cost")));
+    t.stop = el("button", { type: "button", dataset: { action: "stop", target: id } }, "Stop");
+    t.resume = el("button", { type: "button", dataset: { action: "resume", target: id } }, "Resume");
+    t.root = el("article", { class: "tile", dataset: { cp: id } },
+      el("div", { class: "tile-head" }, t.id, t.state), t.loc, t.meta, t.note, t.live,
+      el("div", { class: "actions" }, t.stop, t.resume));
+    return t;
+  }
+
+  function renderTile(cp) {
+    let t = tiles.get(cp.id);
+    if (!t) {
+      t = buildTile(cp.id);
+      tiles.set(cp.id, t);
+      const grid = $("cps");
+      const after = [...tiles.keys()].sort().find((other) => other > cp.id);
+      grid.insertBefore(t.root, after ? tiles.get(after).root : null);
+    }
+    const state = STATES.includes(cp.state) ? cp.state : "DESCONECTADO";
+    t.root.className = `tile state-${state}`;
+    t.root.dataset.state = state;
+    t.root.setAttribute("aria-label", `${cp.id} ${state}`);
+    t.state.textContent = state;
+    t.loc.textContent = cp.location;
+    t.meta.textContent = `${price(cp.price_eur_kwh)} · ${num(cp.max_kw)} kW max`;
+    const busy = Boolean(cp.driver_id);
+    t.live.hidden = !busy;
+    if (busy) {
+      t.driver.textContent = cp.driver_id + (cp.session_phase && cp.session_phase !== "SUPPLYING"
+        ? ` (${cp.session_phase.toLowerCase()})` : "");
+      t.kw.textContent = EV.kw(cp.kw);
+      t.kwh.textContent = EV.kwh(cp.kwh);
+      t.eur.textContent = EV.euro(cp.amount_eur);
+    }
+    t.note.textContent = busy ? "" : TILE_NOTE[state] || "";
+    t.note.hidden = busy;
+    t.stop.disabled = cp.in_service === false;
+    t.resume.disabled = cp.in_service !== false;
+  }
+
+  function renderLegend() {
+    const counts = Object.fromEntries(STATES.map((s) => [s, 0]));
+    for (const cp of cps.values()) if (cp.state in counts) counts[cp.state] += 1;
+    replace($("legend"), STATES.map((s) => el("li", { class: `state-${s}`, dataset: { state: s } },
+      s, el("span", { class: "what" }, STATE_MEANING[s]), el("span", { class: "n" }, counts[s]))));
+    $("cp-count").textContent = `(${cps.size})`;
+  }
+
+  function applyCps(list, full) {
+    if (full) {
+      const keep = new Set(list.map((cp) => cp.id));
+      for (const [id, t] of tiles) {
+        if (!keep.has(id)) { t.root.remove(); tiles.delete(id); cps.delete(id); }
+      }
+    }
+    for (const cp of list) {
+      cps.set(cp.id, cp);
+      renderTile(cp);
+    }
+    renderLegend();
+    sample();
+    renderSessions();
+    renderDrivers();
+  }
+
+  // --- power chart -----------------------------------------------------------------------
+
+  const history = []; // [{t, total, kw: {cpId: kW}}]
+  const cpColour = new Map();
+
+  function colourOf(id) {
+    if (!cpColour.has(id)) cpColour.set(id, PALETTE[cpColour.size % PALETTE.length]);
+    return cpColour.get(id);
+  }
+
+  function sample() {
+    const now = Date.now() / 1000;
+    const kw = {};
+    let total = 0;
+    for (const cp of cps.values()) {
+      if (cp.state === "SUMINISTRANDO" || num(cp.kw) > 0) {
+        kw[cp.id] = num(cp.kw);
+        total += num(cp.kw);
+      }
+    }
+    const point = { t: now, total, kw };
+    // Pushes come about once a second; fold bursts into one sample.
+    if (history.length && now - history[history.length - 1].t < 0.5) history[history.length - 1] = point;
+    else history.push(point);
+    while (history.length && now - history[0].t > CHART_SPAN + 5) history.shift();
+    $("total-power").textContent = `total ${EV.kw(total)}`;
+  }
+
+  function drawChart() {
+    const canvas = $("power-chart");
+    if (!canvas.clientWidth) return;
+    const ids = new Set();
+    for (const p of history) for (const id of Object.keys(p.kw)) ids.add(id);
+    const series = [{ label: "total", colour: TOTAL_COLOUR, points: history.map((p) => [p.t, p.total]) }];
+    for (const id of [...ids].sort()) {
+      series.push({ label: id, colour: colourOf(id), points: history.map((p) => [p.t, p.kw[id] || 0]) });
+    }
+    EV.drawChart(canvas, series, { span: CHART_SPAN, unit: "(kW)" });
+    const latest = history.length ? history[history.length - 1] : { total: 0, kw: {} };
+    replace($("chart-legend"), series.map((s) => {
+      const swatch = el("span", { class: "swatch" });
+      swatch.style.background = s.colour; // CSSOM, allowed by the CSP (no inline style="")
+      const value = s.label === "total" ? latest.total : latest.kw[s.label] || 0;
+      return el("li", {}, swatch, s.label === "total" ? "Total" : s.label, " ", EV.kw(value));
+    }));
+  }
+
+  // --- sessions and drivers --------------------------------------------------------------
+
+  function liveCpFor(session) {
+    const cp = cps.get(session.cp_id);
+    return cp && cp.session_id === session.id ? cp : null;
+  }
+
+  function sessionRow(s, live) {
+    const cp = live ? liveCpFor(s) : null;
+    const kwhValue = cp ? cp.kwh : s.kwh;
+    const amount = cp ? cp.amount_eur : s.amount_eur;
+    const start = s.started_at || s.authorized_at || s.requested_at;
+    const end = s.ended_at || (live ? Date.now() / 1000 : null);
+    const status = /^[A-Z_]+$/.test(s.status || "") ? s.status : "other";
+    return el("tr", { dataset: { session: s.id, status: s.status } },
+      el("td", {}, el("b", {}, s.cp_id)),
+      el("td", {}, s.driver_id),
+      el("td", {}, el("span", { class: `badge s-${status}` }, s.status),
+        s.ticket_revision > 1 ? el("span", { class: "badge rev", title: "corrected ticket" }, `rev ${s.ticket_revision}`) : null),
+      el("td", { class: "num" }, num(kwhValue).toFixed(4)),
+      el("td", { class: "num" }, s.price_eur_kwh == null ? "–" : num(s.price_eur_kwh).toFixed(2)),
+      el("td", { class: "num" }, EV.euro(amount)),
+      el("td", { class: "reason" }, s.reason ? s.reason.replaceAll("_", " ") : live ? "in progress" : "–"),
+      el("td", {}, EV.time(start)),
+      el("td", {}, s.ended_at ? EV.time(s.ended_at) : "–"),
+      el("td", { class: "num" }, start && end ? EV.duration(end - start) : "–"));
+  }
+
+  function renderSessions() {
+    const live = sessions.filter((s) => !FINISHED.has(s.status) && !s.ended_at);
+    const done = sessions.filter((s) => FINISHED.has(s.status) || s.ended_at);
+    replace($("sessions-live"), live.map((s) => sessionRow(s, true)));
+    replace($("sessions-done"), done.map((s) => sessionRow(s, false)));
+    $("sessions-empty").hidden = sessions.length > 0;
+    $("sessions-count").textContent = `${live.length} in progress · ${done.length} recent`;
+  }
+
+  function renderDrivers() {
+    const busy = new Map();
+    for (const cp of cps.values()) if (cp.driver_id) busy.set(cp.driver_id, cp);
+    replace($("drivers"), drivers.map((d) => {
+      const cp = busy.get(d.id);
+      const balance = num(d.balance_eur);
+      return el("tr", { dataset: { driver: d.id } },
+        el("td", {}, el("b", {}, d.id)),
+        el("td", {}, cp ? el("span", { class: "now-supplying" }, `${cp.id} · ${EV.kw(cp.kw)}`) : "–"),
+        el("td", { class: `num balance${balance < 5 ? " low" : ""}` }, EV.euro(balance)));
+    }));
+  }
+
+  // --- events ----------------------------------------------------------------------------
+
+  function eventItem(e, fresh) {
+    const kind = String(e.kind || "event");
+    return el("li", { class: fresh ? "new" : "", dataset: { kind } },
+      el("time", {}, EV.time(e.ts)),
+      el("span", { class: `kind ${EVENT_KIND[kind] || ""}` }, kind),
+      el("span", { class: "text" }, e.text));
+  }
+
+  function addEvent(e) {
+    const list = $("events");
+    list.prepend(eventItem(e, true));
+    while (list.children.length > MAX_EVENTS) list.lastChild.remove();
+  }
+
+  // --- system status ---------------------------------------------------------------------
+
+  function renderStatus(status) {
+    if (!status) return;
+    $("status-broker").dataset.ok = String(Boolean(status.broker));
+    $("status-database").dataset.ok = String(Boolean(status.database));
+    const connected = num(status.monitors_connected);
+    const registered = num(status.cps_registered);
+    $("monitors-count").textContent = `${connected}/${registered}`;
+    $("status-monitors").dataset.ok = registered && connected === registered ? "true" : connected ? "partial" : "unknown";
+    $("status-broker").title = status.broker ? "Kafka broker reachable" : "Kafka broker unreachable";
+    $("status-database").title = status.database ? "database reachable" : "database unreachable";
+  }
+
+  // --- commands --------------------------------------------------------------------------
+
+  function nextRef(kind) {
+    refSeq += 1;
+    return `${kind}-${Date.now().toString(36)}-${refSeq}`;
+  }
+
+  function showResult(node, ok, text) {
+    node.textContent = text;
+    node.className = node.className.replace(/\b(ok|error)\b/g, "").trim() + (ok ? " ok" : " error");
+  }
+
+  function sendCommand(message, kind, target) {
+    const ref = nextRef(kind);
+    if (!socket || !socket.send({ ...message, ref })) {
+      showResult(target, false, "Not connected to Central: try again when the panel is live.");
+      return false;
+    }
+    const timer = setTimeout(() => {
+      if (pending.delete(ref)) showResult(target, false, "No answer from Central.");
+      if (kind === "register") $("reg-submit").disabled = false;
+    }, 10000);
+    pending.set(ref, { kind, target, timer });
+    return true;
+  }
+
+  function onResult(message) {
+    const entry = pending.get(message.ref);
+    if (!entry) {
+      if (!message.ok) showResult($("command-result"), false, `Refused: ${message.detail}`);
+      return;
+    }
+    pending.delete(message.ref);
+    clearTimeout(entry.timer);
+    if (entry.kind === "register") {
+      $("reg-submit").disabled = false;
+      if (message.ok) {
+        showResult(entry.target, true, `✓ ${message.detail}`);
+        $("reg-id").value = "";
+        $("reg-location").value = "";
+        for (const id of message.cps || []) flash(id);
+      } else {
+        showResult(entry.target, false, `✗ ${message.detail}`);
+      }
+    } else {
+      const count = (message.cps || []).length;
+      showResult(entry.target, message.ok, message.ok
+        ? `✓ ${message.detail}${count > 1 ? ` (${count} CPs)` : ""}`
+        : `✗ ${message.detail}`);
+    }
+  }
+
+  function flash(id) {
+    const t = tiles.get(id);
+    if (!t) return;
+    t.root.classList.add("flash");
+    setTimeout(() => t.root.classList.remove("flash"), 1500);
+  }
+
+  function bindControls() {
+    $("cps").addEventListener("click", (event) => {
+      const button = event.target.closest("button[data-action]");
+      if (!button || button.disabled) return;
+      sendCommand({ type: "command", action: button.dataset.action, target: button.dataset.target },
+        "command", $("command-result"));
+    });
+    $("stop-all").addEventListener("click", () => {
+      sendCommand({ type: "command", action: "stop", target: "all" }, "command", $("command-result"));
+    });
+    $("resume-all").addEventListener("click", () => {
+      sendCommand({ type: "command", action: "resume", target: "all" }, "command", $("command-result"));
+    });
+    $("register-form").addEventListener("submit", (event) => {
+      event.preventDefault();
+      const result = $("register-result");
+      const message = {
+        type: "register_cp",
+        id: $("reg-id").value.trim(),
+        location: $("reg-location").value.trim(),
+        price_eur_kwh: Number($("reg-price").value),
+        max_kw: Number($("reg-max-kw").value),
+      };
+      if (!message.id || !message.location) {
+        showResult(result, false, "Id and location are required.");
+        return;
+      }
+      if (sendCommand(message, "register", result)) {
+        $("reg-submit").disabled = true;
+        showResult(result, true, "Registering…");
+      }
+    });
+  }
+
+  // --- the WebSocket ---------------------------------------------------------------------
+
+  function onMessage(message) {
+    switch (message.type) {
+      case "snapshot":
+        applyCps(message.cps || [], true);
+        sessions = message.sessions || [];
+        drivers = message.drivers || [];
+        renderSessions();
+        renderDrivers();
+        replace($("events"), (message.events || []).slice(-MAX_EVENTS).reverse().map((e) => eventItem(e, false)));
+        renderStatus(message.status);
+        drawChart();
+        break;
+      case "cps":
+        applyCps(message.cps || [], false);
+        drawChart();
+        break;
+      case "event":
+        if (message.event) addEvent(message.event);
+        break;
+      case "sessions":
+        sessions = message.sessions || [];
+        renderSessions();
+        break;
+      case "drivers":
+        drivers = message.drivers || [];
+        renderDrivers();
+        break;
+      case "status":
+        renderStatus(message.status);
+        break;
+      case "result":
+        onResult(message);
+        break;
+      default:
+        break;
+    }
+  }
+
+  function start() {
+    renderLegend();
+    bindControls();
+    socket = EV.connect("/ws", onMessage);
+    // While the link is down everything on screen is stale: say so instead of looking healthy.
+    const connection = $("connection");
+    const markStale = () => {
+      const online = connection.classList.contains("online");
+      document.body.classList.toggle("stale", !online);
+      if (!online) {
+        for (const id of ["status-broker", "status-database", "status-monitors"]) $(id).dataset.ok = "unknown";
+      }
+    };
+    new MutationObserver(markStale).observe(connection, { attributes: true, attributeFilter: ["class"] });
+    markStale();
+    // Keep the chart moving (and durations counting) between pushes.
+    setInterval(() => {
+      const last = history[history.length - 1];
+      const online = $("connection").classList.contains("online");
+      if (online && (!last || Date.now() / 1000 - last.t >= 0.9)) sample();
+      drawChart();
+      if (sessions.some((s) => !FINISHED.has(s.status) && !s.ended_at)) renderSessions();
+    }, 1000);
+    window.addEventListener("resize", drawChart);
+  }
+
+  if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
+  else start();
+})();
