@@ -142,6 +142,10 @@ class Central:
                 live.settle_deadline = now + self.settings.monitor_grace
             cp.session = live
         self.note("start", f"loaded {len(self.registry.cps)} CPs, {len(active)} live sessions")
+        # Publish every CP's state once, so that readers of the compacted state topic (the
+        # dashboards) know every registered CP, connected or not.
+        for cp in self.registry.sorted():
+            self.changed(cp)
 
     # --- notifications -------------------------------------------------------------------
 

@@ -65,7 +65,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvArgumentParser:
         description=(
             "The driver app: asks Central for a supply at one CP (--cp) or at each CP of a "
             "file (--file), shows the progress and the ticket. "
-            "`EV_Driver dashboard` will start the browser dashboard."
+            "`EV_Driver dashboard --help` describes the browser dashboard (:8001)."
         ),
         environ=environ,
         allow_abbrev=False,

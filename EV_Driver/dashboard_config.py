@@ -1,0 +1,84 @@
+"""The driver dashboard's settings: one dataclass, built from flags that mirror EV_ variables."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from EV_Driver.config import broker_address
+from shared.settings import (
+    EnvArgumentParser,
+    add_common_options,
+    port_number,
+    positive_float,
+    seconds,
+)
+
+
+@dataclass(frozen=True)
+class DashboardSettings:
+    broker: str
+    http_port: int = 8001
+    listen_host: str = "0.0.0.0"
+    pause: float = 4.0  # seconds between the requests of an uploaded file
+    reply_timeout: float = 10.0  # seconds to wait for Central's answer to a login or query
+    log_level: str = "INFO"
+    log_json: bool = False
+
+
+def build_parser(environ: Mapping[str, str] | None = None) -> EnvArgumentParser:
+    """The command line of `EV_Driver dashboard`; raises ConfigError for a bad EV_ variable."""
+    parser = EnvArgumentParser(
+        prog="EV_Driver dashboard",
+        description=(
+            "The drivers' browser dashboard: log in, see the charging points, ask for a "
+            "supply and follow it live, run a file of requests, see tickets and balance."
+        ),
+        environ=environ,
+        allow_abbrev=False,
+    )
+    parser.add_option(
+        "--broker",
+        required=True,
+        type=broker_address,
+        metavar="HOST:PORT",
+        help="Kafka bootstrap HOST:PORT",
+    )
+    parser.add_option(
+        "--http-port", type=port_number, default=8001, metavar="PORT", help="web port"
+    )
+    parser.add_option(
+        "--listen-host", default="0.0.0.0", metavar="HOST", help="address the web server binds"
+    )
+    parser.add_option(
+        "--pause",
+        type=positive_float,
+        default=4.0,
+        metavar="S",
+        help="seconds between the requests of an uploaded file",
+    )
+    parser.add_option(
+        "--reply-timeout",
+        type=seconds,
+        default=10.0,
+        metavar="S",
+        help="seconds to wait for Central to answer a login or a query",
+    )
+    add_common_options(parser)
+    return parser
+
+
+def parse_settings(
+    argv: Sequence[str], environ: Mapping[str, str] | None = None
+) -> DashboardSettings:
+    """Settings from the command line and the environment (argparse exits 2 on bad flags)."""
+    args = build_parser(environ).parse_args(list(argv))
+    return DashboardSettings(
+        broker=args.broker,
+        http_port=args.http_port,
+        listen_host=args.listen_host,
+        pause=args.pause,
+        reply_timeout=args.reply_timeout,
+        log_level=args.log_level,
+        log_json=args.log_json,
+    )
