@@ -2,13 +2,18 @@
 
 Each value can be overridden by an environment variable of the same name (for example
 `PC2_IP=192.168.1.20`). `python network_config.py` prints the settings; with `--env FILE` it
-writes them as a .env file for the Docker Compose files.
+writes them as a .env file for the Docker Compose files; `--ports pc2` prints the TCP ports
+that PC serves to the others (what its firewall must let in).
+
+Standard library only: it runs on any PC with Python 3.11, without the project installed.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
+import re
 import sys
 from collections.abc import Mapping
 
@@ -23,20 +28,111 @@ DEFAULTS: dict[str, str] = {
     "CENTRAL_HTTP_PORT": "8002",
     "DRIVER_HTTP_PORT": "8001",
     "MONITOR_HTTP_PORT": "8003",
+    # CP n of PC3 (1-based) has its engine listen on ENGINE_BASE_PORT + n - 1.
     "ENGINE_BASE_PORT": "6101",
+    # Kafka's listeners inside PC2's Docker network: containers there (Central, Kafka UI, the
+    # topic set-up) use kafka:KAFKA_INTERNAL_PORT; the controller quorum uses its own port.
+    "KAFKA_INTERNAL_PORT": "29092",
+    "KAFKA_CONTROLLER_PORT": "29093",
+    # KRaft cluster id (16 bytes, URL-safe base64): formats the broker's volume on first start.
+    "KAFKA_CLUSTER_ID": "XR8MOpt-TC2KYeL0t8nQEw",
+    # The charging points PC3 runs, one engine + monitor pair each (docker-compose.pc3.yml
+    # has PC3_SLOTS pairs; a second site PC runs the same file with other ids).
+    "PC3_CPS": "CP001,CP002,CP003",
 }
+
+PC3_SLOTS = 3
+
+# What each PC serves to the others: its firewall opens these, preflight checks them.
+PC_PORTS: dict[str, tuple[str, ...]] = {
+    "pc1": ("DRIVER_HTTP_PORT",),
+    "pc2": ("KAFKA_PORT", "KAFKA_UI_PORT", "CENTRAL_PORT", "CENTRAL_HTTP_PORT"),
+    "pc3": ("MONITOR_HTTP_PORT",),
+}
+PCS = tuple(PC_PORTS)
+
+_CP_ID = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+_HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+_CLUSTER_ID = re.compile(r"^[A-Za-z0-9_-]{22}$")
+
+
+def check_host(key: str, value: str) -> str:
+    """An IPv4 address or a DNS host name that other machines can dial."""
+    if re.fullmatch(r"[0-9.]+", value):
+        try:
+            address = ipaddress.IPv4Address(value)
+        except ValueError:
+            raise ValueError(f"{key}={value!r} is not a valid IPv4 address") from None
+        if address.is_unspecified or address.is_multicast:
+            raise ValueError(f"{key}={value!r} is not an address other machines can reach")
+        return value
+    labels = value.split(".")
+    if not value or len(value) > 253 or not all(_HOST_LABEL.match(label) for label in labels):
+        raise ValueError(f"{key}={value!r} is not an IPv4 address or a host name")
+    return value
+
+
+def check_port(key: str, value: str) -> int:
+    if not (value.isdigit() and 0 < int(value) < 65536):
+        raise ValueError(f"{key}={value!r} is not a port number (1-65535)")
+    return int(value)
+
+
+def cp_ids(value: str) -> list[str]:
+    """The CP ids of PC3_CPS: comma-separated, distinct, exactly PC3_SLOTS of them."""
+    ids = [part.strip() for part in value.split(",") if part.strip()]
+    bad = [cp for cp in ids if not _CP_ID.match(cp)]
+    if bad:
+        raise ValueError(f"PC3_CPS: {bad[0]!r} is not a CP id (letters, digits, '_', '.', '-')")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"PC3_CPS={value!r} names a CP twice")
+    if len(ids) != PC3_SLOTS:
+        raise ValueError(
+            f"PC3_CPS={value!r} names {len(ids)} CPs; docker-compose.pc3.yml runs exactly "
+            f"{PC3_SLOTS} (run a second site with other ids for more)"
+        )
+    return ids
 
 
 def load(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The settings: defaults overridden by the environment."""
+    """The settings: defaults overridden by the environment, validated, plus derived values.
+
+    Raises ValueError with a one-line message for a bad address, port or CP list.
+    """
     env = os.environ if environ is None else environ
-    config = {key: env.get(key, value) for key, value in DEFAULTS.items()}
-    for key, value in config.items():
-        if key.endswith("_PORT") and not (value.isdigit() and 0 < int(value) < 65536):
-            raise ValueError(f"{key}={value!r} is not a port number")
+    config = {key: env.get(key, value).strip() for key, value in DEFAULTS.items()}
+    for key in ("PC1_IP", "PC2_IP", "PC3_IP"):
+        check_host(key, config[key])
+    ports = {key: check_port(key, value) for key, value in config.items() if key.endswith("_PORT")}
+    if not _CLUSTER_ID.match(config["KAFKA_CLUSTER_ID"]):
+        raise ValueError(
+            f"KAFKA_CLUSTER_ID={config['KAFKA_CLUSTER_ID']!r} is not a 22-character "
+            "URL-safe base64 id"
+        )
+    ids = cp_ids(config["PC3_CPS"])
+    config["PC3_CPS"] = ",".join(ids)
+    for n, cp in enumerate(ids, start=1):
+        engine_port = ports["ENGINE_BASE_PORT"] + n - 1
+        check_port(f"CP{n}_ENGINE_PORT", str(engine_port))
+        config[f"CP{n}_ID"] = cp
+        config[f"CP{n}_ENGINE_PORT"] = str(engine_port)
+        ports[f"CP{n}_ENGINE_PORT"] = engine_port
+    del ports["ENGINE_BASE_PORT"]  # a base, not a port anything listens on by itself
+    # docker-compose.yml publishes every port on one host: no two parts may share one.
+    seen: dict[int, str] = {}
+    for key, port in ports.items():
+        if port in seen:
+            raise ValueError(f"{key} and {seen[port]} are both {port}: give each its own port")
+        seen[port] = key
     config["KAFKA_BOOTSTRAP"] = f"{config['PC2_IP']}:{config['KAFKA_PORT']}"
     config["CENTRAL_ADDRESS"] = f"{config['PC2_IP']}:{config['CENTRAL_PORT']}"
     return config
+
+
+def pc_ports(config: Mapping[str, str], pc: str) -> list[int]:
+    """The TCP ports `pc` (pc1, pc2, pc3 or all) serves to the other PCs."""
+    pcs = PCS if pc == "all" else (pc,)
+    return [int(config[key]) for name in pcs for key in PC_PORTS[name]]
 
 
 def env_file(config: Mapping[str, str]) -> str:
@@ -46,13 +142,21 @@ def env_file(config: Mapping[str, str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--env", metavar="FILE", help="write the settings as a .env file")
+    parser.add_argument(
+        "--ports",
+        metavar="PC",
+        choices=[*PCS, "all"],
+        help="print the TCP ports this PC serves (pc1, pc2, pc3 or all), space-separated",
+    )
     args = parser.parse_args(argv)
     try:
         config = load()
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.env:
+    if args.ports:
+        print(" ".join(str(port) for port in pc_ports(config, args.ports)))
+    elif args.env:
         with open(args.env, "w", encoding="utf-8") as out:
             out.write(env_file(config))
         print(f"wrote {args.env}")

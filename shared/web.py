@@ -7,6 +7,7 @@ answers).
 
 from __future__ import annotations
 
+import email.utils
 import http
 import json
 from importlib import resources
@@ -24,6 +25,7 @@ CSP = (
 
 def response(status: int, body: bytes, content_type: str, *, cache: bool = False) -> Response:
     headers = Headers()
+    headers["Date"] = email.utils.formatdate(usegmt=True)  # lets a client compare clocks
     headers["Content-Type"] = content_type
     headers["Content-Length"] = str(len(body))
     headers["Content-Security-Policy"] = CSP

@@ -1,0 +1,143 @@
+<#
+.SYNOPSIS
+    Bring one PC's part of the EV charging network up or down with Docker Compose (Windows).
+
+.DESCRIPTION
+    The PowerShell twin of scripts/deploy.sh.
+
+      scripts\deploy.ps1 -Pc pc2 up                  write .env, build, start, wait until healthy
+      scripts\deploy.ps1 -Pc pc2 down                stop and remove the containers (data kept)
+      scripts\deploy.ps1 -Pc pc2 status              containers and their health
+      scripts\deploy.ps1 -Pc pc3 logs [-Service S]   follow the logs
+      scripts\deploy.ps1 -Pc pc3 attach -Service engine-cp1   an engine's menu (Ctrl-P Ctrl-Q detaches)
+      scripts\deploy.ps1 -Pc pc2 config              the compose file with .env applied
+
+    pc1: driver dashboard; pc2: Kafka, Kafka UI, Central (start it first); pc3: charging
+    points and site dashboard; all: everything on this one host. Addresses and ports come
+    from network_config.py, overridden by environment variables ($env:PC2_IP = "192.168.1.20").
+#>
+[CmdletBinding()]
+param(
+    [Parameter(Position = 0)]
+    [ValidateSet("up", "down", "status", "logs", "attach", "config")]
+    [string]$Action = "status",
+
+    [Parameter(Mandatory = $true)]
+    [ValidateSet("pc1", "pc2", "pc3", "all")]
+    [string]$Pc,
+
+    [string]$Service = "",
+
+    [int]$WaitSeconds = 180
+)
+
+$ErrorActionPreference = "Stop"
+Set-Location (Split-Path -Parent $PSScriptRoot)
+
+function Fail([string]$Message) {
+    Write-Host "deploy: $Message" -ForegroundColor Red
+    exit 1
+}
+
+$File = if ($Pc -eq "all") { "docker-compose.yml" } else { "docker-compose.$Pc.yml" }
+$Project = "ev-$Pc"
+
+# docker compose (v2 plugin, Docker Desktop) or the older docker-compose.
+$ComposeCmd = $null
+& docker compose version *> $null
+if ($LASTEXITCODE -eq 0) { $ComposeCmd = @("docker", "compose") }
+elseif (Get-Command docker-compose -ErrorAction SilentlyContinue) { $ComposeCmd = @("docker-compose") }
+else { Fail "neither 'docker compose' nor 'docker-compose' found: install Docker Desktop" }
+
+function Invoke-Compose {
+    $exe = $ComposeCmd[0]
+    $pre = @($ComposeCmd | Select-Object -Skip 1)
+    & $exe @pre --project-name $Project --env-file .env -f $File @args
+    if ($LASTEXITCODE -ne 0) { Fail "'$($ComposeCmd -join ' ') $($args -join ' ')' failed (exit $LASTEXITCODE)" }
+}
+
+function Find-Python {
+    foreach ($candidate in @(@("py", "-3"), @("python"), @("python3"))) {
+        if (Get-Command $candidate[0] -ErrorAction SilentlyContinue) { return ,$candidate }
+    }
+    Fail "Python 3.11 not found (it writes .env): install it from python.org"
+}
+
+function Write-EnvFile {
+    $py = Find-Python
+    $pyArgs = @($py | Select-Object -Skip 1)
+    & $py[0] @pyArgs network_config.py --env .env | Out-Null
+    if ($LASTEXITCODE -ne 0) { Fail "network_config.py refused the settings (above)" }
+    $pc2 = (Select-String -Path .env -Pattern '^PC2_IP=(.*)$').Matches[0].Groups[1].Value
+    if ($Pc -ne "all" -and $pc2 -like "127.*") {
+        Fail "PC2_IP is $pc2`: the other PCs cannot reach that. Set PC2_IP to PC2's LAN address (edit network_config.py or `$env:PC2_IP = '...'), then run this again"
+    }
+    Write-Host "deploy: .env written"
+}
+
+# Containers of this project that are not (yet) healthy; one-shot services that exited 0 are done.
+function Get-Unhealthy {
+    $exe = $ComposeCmd[0]
+    $pre = @($ComposeCmd | Select-Object -Skip 1)
+    $ids = & $exe @pre --project-name $Project --env-file .env -f $File ps -q
+    $pending = @()
+    foreach ($id in $ids) {
+        if (-not $id) { continue }
+        $info = (& docker inspect -f '{{.Name}} {{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{else}}-{{end}} {{.State.ExitCode}}' $id) -split ' '
+        $name, $status, $health, $code = $info
+        if ($status -eq "exited" -and $code -eq "0") { continue }
+        if ($status -ne "running" -or ($health -ne "healthy" -and $health -ne "-")) {
+            $pending += "$($name.TrimStart('/'))($status/$health)"
+        }
+    }
+    return ,$pending
+}
+
+# down, status, logs and attach read the .env the last `up` wrote; without one, a fresh one.
+if ($Action -notin @("up", "config") -and -not (Test-Path .env)) {
+    $py = Find-Python
+    $pyArgs = @($py | Select-Object -Skip 1)
+    & $py[0] @pyArgs network_config.py --env .env | Out-Null
+    if ($LASTEXITCODE -ne 0) { Fail "network_config.py refused the settings" }
+}
+
+switch ($Action) {
+    "up" {
+        Write-EnvFile
+        & docker info *> $null
+        if ($LASTEXITCODE -ne 0) { Fail "the Docker engine does not answer: start Docker Desktop first" }
+        Invoke-Compose up -d --build --remove-orphans
+        $deadline = (Get-Date).AddSeconds($WaitSeconds)
+        while (($pending = Get-Unhealthy).Count -gt 0) {
+            if ((Get-Date) -gt $deadline) {
+                Invoke-Compose ps
+                Fail "not healthy after $WaitSeconds s: $($pending -join ', ') (scripts\deploy.ps1 -Pc $Pc logs -Service NAME)"
+            }
+            Start-Sleep -Seconds 3
+        }
+        Invoke-Compose ps
+        Write-Host "deploy: $Pc is up and healthy. Check it from every PC: python scripts\preflight.py --pc $Pc" -ForegroundColor Green
+    }
+    "down" { Invoke-Compose down --remove-orphans }
+    "status" {
+        Invoke-Compose ps
+        $pending = Get-Unhealthy
+        if ($pending.Count -gt 0) { Write-Host "not healthy: $($pending -join ', ')" -ForegroundColor Yellow; exit 1 }
+    }
+    "logs" {
+        if ($Service) { Invoke-Compose logs -f --tail 200 $Service } else { Invoke-Compose logs -f --tail 200 }
+    }
+    "attach" {
+        if (-not $Service) { Fail "attach which service? e.g. scripts\deploy.ps1 -Pc $Pc attach -Service engine-cp1" }
+        $exe = $ComposeCmd[0]
+        $pre = @($ComposeCmd | Select-Object -Skip 1)
+        $id = & $exe @pre --project-name $Project --env-file .env -f $File ps -q $Service
+        if (-not $id) { Fail "$Service is not running in $Project (scripts\deploy.ps1 -Pc $Pc status)" }
+        Write-Host "deploy: attached to $Service; detach with Ctrl-P Ctrl-Q (Ctrl-C would stop it)"
+        & docker attach $id
+    }
+    "config" {
+        Write-EnvFile
+        Invoke-Compose config
+    }
+}

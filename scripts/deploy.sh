@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Bring one PC's part of the EV charging network up or down with Docker Compose.
+#
+#   scripts/deploy.sh PC ACTION [SERVICE]
+#
+#   PC       pc1 (driver dashboard), pc2 (Kafka, Kafka UI, Central: start it first),
+#            pc3 (charging points, site dashboard), all (everything on this one host)
+#   ACTION   up       write .env from network_config.py, build, start, wait until healthy
+#            down     stop and remove the containers (volumes and the database are kept)
+#            status   the containers and their health
+#            logs     follow the logs (of SERVICE, or all)
+#            attach   attach to SERVICE's terminal, e.g. an engine's menu (Ctrl-P Ctrl-Q detaches)
+#            config   print the compose file with .env applied (what `up` would run)
+#
+# Addresses and ports come from network_config.py, overridden by environment variables
+# (PC2_IP=192.168.1.20 scripts/deploy.sh pc3 up). Environment: PYTHON (python3),
+# EV_DEPLOY_WAIT (seconds `up` waits for health, default 180).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+die() { echo "deploy: $*" >&2; exit 1; }
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; }
+
+PC="${1:-}"; ACTION="${2:-}"; SERVICE="${3:-}"
+case "$PC" in pc1|pc2|pc3) FILE="docker-compose.$PC.yml" ;; all) FILE=docker-compose.yml ;; *) usage ;; esac
+case "$ACTION" in up|down|status|logs|attach|config) ;; *) usage ;; esac
+PROJECT="ev-$PC"
+PYTHON="${PYTHON:-python3}"
+
+if docker compose version >/dev/null 2>&1; then
+    COMPOSE=(docker compose)
+elif command -v docker-compose >/dev/null; then
+    COMPOSE=(docker-compose)
+else
+    die "neither 'docker compose' nor 'docker-compose' found: install Docker (Desktop) with Compose"
+fi
+compose() { "${COMPOSE[@]}" --project-name "$PROJECT" --env-file .env -f "$FILE" "$@"; }
+
+write_env() {
+    command -v "$PYTHON" >/dev/null || die "$PYTHON not found: Python 3.11 writes .env (set PYTHON=...)"
+    "$PYTHON" network_config.py --env .env >/dev/null || die "network_config.py refused the settings (above)"
+    local pc2_ip; pc2_ip="$(sed -n 's/^PC2_IP=//p' .env)"
+    if [[ "$PC" != all && "$pc2_ip" == 127.* ]]; then
+        die "PC2_IP is $pc2_ip: the other PCs cannot reach that. Set PC2_IP to PC2's LAN" \
+            "address (edit network_config.py or export PC2_IP=...), then run this again"
+    fi
+    echo "deploy: .env written ($(tr '\n' ' ' < .env | cut -c1-120)...)"
+}
+
+# The names of this project's services that are not (yet) healthy; one-shot services that
+# exited 0 count as done.
+unhealthy() {
+    local id state
+    for id in $(compose ps -q); do
+        state="$(docker inspect -f '{{.Name}} {{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{else}}-{{end}} {{.State.ExitCode}}' "$id")"
+        read -r name status health code <<<"$state"
+        if [[ "$status" == exited && "$code" == 0 ]]; then continue; fi
+        if [[ "$status" != running || ( "$health" != healthy && "$health" != - ) ]]; then
+            echo "${name#/}($status/$health)"
+        fi
+    done
+}
+
+# down, status, logs and attach read the .env the last `up` wrote; without one, a fresh one.
+if [[ "$ACTION" != up && "$ACTION" != config && ! -f .env ]]; then
+    "$PYTHON" network_config.py --env .env >/dev/null || die "network_config.py refused the settings"
+fi
+
+case "$ACTION" in
+up)
+    write_env
+    docker info >/dev/null 2>&1 || die "the Docker engine does not answer: start Docker (Desktop) first"
+    compose up -d --build --remove-orphans
+    deadline=$(( $(date +%s) + ${EV_DEPLOY_WAIT:-180} ))
+    while pending="$(unhealthy)"; [[ -n "$pending" ]]; do
+        if (( $(date +%s) >= deadline )); then
+            compose ps
+            die "not healthy after ${EV_DEPLOY_WAIT:-180}s: $pending (scripts/deploy.sh $PC logs SERVICE)"
+        fi
+        sleep 3
+    done
+    compose ps
+    echo "deploy: $PC is up and healthy. Check it from every PC: python scripts/preflight.py --pc $PC"
+    ;;
+down)   compose down --remove-orphans ;;
+status) compose ps; pending="$(unhealthy)"; [[ -z "$pending" ]] || { echo "not healthy: $pending"; exit 1; } ;;
+logs)   compose logs -f --tail 200 ${SERVICE:+"$SERVICE"} ;;
+attach)
+    [[ -n "$SERVICE" ]] || die "attach which service? e.g. scripts/deploy.sh $PC attach engine-cp1"
+    id="$(compose ps -q "$SERVICE")"
+    [[ -n "$id" ]] || die "$SERVICE is not running in $PROJECT (scripts/deploy.sh $PC status)"
+    echo "deploy: attached to $SERVICE; detach with Ctrl-P Ctrl-Q (Ctrl-C would stop it)" >&2
+    docker attach "$id"
+    ;;
+config) write_env >&2; compose config ;;
+esac

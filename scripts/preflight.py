@@ -1,0 +1,418 @@
+#!/usr/bin/env python3
+"""Preflight: can this PC reach every part of the EV charging network, and do the clocks agree?
+
+    python scripts/preflight.py [--pc pc1|pc2|pc3] [--env-file .env] [--timeout 3]
+
+Reads the addresses and ports as network_config.py sees them (the environment, then the .env
+that deploy wrote, then its defaults) and checks, one line each with a fix when it fails:
+Kafka (the bootstrap answers, and the address it advertises in its metadata is reachable from
+here), Central (monitors' TCP port and /healthz), the clock (against the Date of Central's
+answer), the dashboards and Kafka UI. `--pc` names the PC this runs on: its address is then
+checked to be one of this machine's. Exit 0 when nothing failed (warnings allowed), 1 when
+something did. Standard library only: any Python 3.11 runs it, without the project installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import email.utils
+import json
+import os
+import socket
+import struct
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+import network_config  # noqa: E402  (the repository root, found above)
+
+MAX_SKEW_S = 2.0
+MAX_KAFKA_FRAME = 1 << 20
+OK, WARN, FAIL, SKIP = "OK", "WARN", "FAIL", "SKIP"
+
+
+@dataclass(frozen=True)
+class Result:
+    status: str
+    name: str
+    detail: str
+    fix: str = ""
+
+    def line(self) -> str:
+        text = f"[{self.status:<4}] {self.name:<18} {self.detail}"
+        return f"{text} -- fix: {self.fix}" if self.fix and self.status != OK else text
+
+
+# --- settings ---------------------------------------------------------------------------------
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines of a .env file (comments and blank lines skipped)."""
+    values = {}
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        values[key.strip()] = value.strip().strip("'\"")
+    return values
+
+
+def settings(env_file: Path | None, environ: Mapping[str, str]) -> dict[str, str]:
+    """What Compose would use: the environment overrides the .env, which overrides defaults."""
+    merged = dict(read_env_file(env_file)) if env_file and env_file.exists() else {}
+    merged.update({key: environ[key] for key in network_config.DEFAULTS if key in environ})
+    return network_config.load(merged)
+
+
+# --- network primitives -----------------------------------------------------------------------
+
+
+def tcp_connect(host: str, port: int, timeout: float) -> str | None:
+    """None when a TCP connection opens, else why not."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as exc:
+        return str(exc.strerror or exc)
+
+
+def _kafka_string(data: bytes, offset: int) -> tuple[str | None, int]:
+    (length,) = struct.unpack_from(">h", data, offset)
+    offset += 2
+    if length < 0:
+        return None, offset
+    return data[offset : offset + length].decode(), offset + length
+
+
+def metadata_request(correlation_id: int, client_id: str = "ev-preflight") -> bytes:
+    """A Kafka Metadata v7 request for no topics: the answer still lists every broker."""
+    client = client_id.encode()
+    header = struct.pack(">hhih", 3, 7, correlation_id, len(client)) + client
+    body = struct.pack(">ib", 0, 0)  # topics: empty array; allow_auto_topic_creation: false
+    payload = header + body
+    return struct.pack(">i", len(payload)) + payload
+
+
+def parse_metadata_brokers(payload: bytes, correlation_id: int) -> list[tuple[int, str, int]]:
+    """(node id, host, port) of every broker in a Metadata v7 response (without its size)."""
+    (got,) = struct.unpack_from(">i", payload, 0)
+    if got != correlation_id:
+        raise ValueError(f"answer to request {got}, expected {correlation_id}")
+    offset = 4 + 4  # correlation id, throttle time
+    (count,) = struct.unpack_from(">i", payload, offset)
+    offset += 4
+    brokers = []
+    for _ in range(count):
+        (node_id,) = struct.unpack_from(">i", payload, offset)
+        host, offset = _kafka_string(payload, offset + 4)
+        (port,) = struct.unpack_from(">i", payload, offset)
+        _rack, offset = _kafka_string(payload, offset + 4)
+        brokers.append((node_id, host or "", port))
+    return brokers
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError("the broker closed the connection")
+        data += chunk
+    return bytes(data)
+
+
+def kafka_brokers(host: str, port: int, timeout: float) -> list[tuple[int, str, int]]:
+    """The brokers (and the addresses they advertise) that the bootstrap server reports."""
+    correlation_id = int(time.time()) & 0x7FFFFFFF
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.settimeout(timeout)
+        sock.sendall(metadata_request(correlation_id))
+        (size,) = struct.unpack(">i", _recv_exactly(sock, 4))
+        if not 0 < size <= MAX_KAFKA_FRAME:
+            raise ValueError(f"implausible answer size {size}: is this a Kafka broker?")
+        return parse_metadata_brokers(_recv_exactly(sock, size), correlation_id)
+
+
+@dataclass(frozen=True)
+class HttpAnswer:
+    status: int
+    body: bytes
+    date: str | None
+    sent_at: float
+    received_at: float
+
+
+def http_get(url: str, timeout: float) -> HttpAnswer:
+    """GET `url`; an HTTP error status is an answer too. Raises OSError when unreachable."""
+    sent_at = time.time()
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as answer:
+            body = answer.read(64 * 1024)
+            return HttpAnswer(answer.status, body, answer.headers.get("Date"), sent_at, time.time())
+    except urllib.error.HTTPError as exc:
+        body = exc.read(64 * 1024)
+        return HttpAnswer(exc.code, body, exc.headers.get("Date"), sent_at, time.time())
+    except urllib.error.URLError as exc:
+        reason = exc.reason
+        raise OSError(getattr(reason, "strerror", None) or str(reason)) from None
+
+
+def clock_skew(answer: HttpAnswer) -> float | None:
+    """Seconds this clock is ahead of the server's, from its Date header (None without one).
+
+    Date has whole seconds: the server's time was in [Date, Date + 1), compared with the middle
+    of the request as seen here.
+    """
+    if not answer.date:
+        return None
+    server = email.utils.parsedate_to_datetime(answer.date).timestamp() + 0.5
+    local = (answer.sent_at + answer.received_at) / 2
+    return local - server
+
+
+# --- the checks -------------------------------------------------------------------------------
+
+
+class Preflight:
+    def __init__(self, config: Mapping[str, str], pc: str | None, timeout: float) -> None:
+        self.config = config
+        self.pc = pc
+        self.timeout = timeout
+        self.pc2 = config["PC2_IP"]
+        self.central_health: HttpAnswer | None = None
+        self.kafka_reachable = False
+
+    def checks(self) -> list[Callable[[], Result]]:
+        checks: list[Callable[[], Result]] = []
+        if self.pc:
+            checks.append(self.this_pc)
+        checks += [
+            self.loopback,
+            self.kafka_bootstrap,
+            self.kafka_advertised,
+            self.central_monitors,
+            self.central_health_check,
+            self.clock,
+            self.driver_dashboard,
+            self.site_dashboard,
+            self.kafka_ui,
+        ]
+        return checks
+
+    def run(self, out: Callable[[str], None] = print) -> int:
+        failed = 0
+        for check in self.checks():
+            try:
+                result = check()
+            except Exception as exc:  # one check's surprise must not hide the others
+                result = Result(FAIL, check.__name__, f"{type(exc).__name__}: {exc}")
+            out(result.line())
+            failed += result.status == FAIL
+        out(f"preflight: {failed} check(s) failed" if failed else "preflight: all checks passed")
+        return 1 if failed else 0
+
+    def this_pc(self) -> Result:
+        assert self.pc is not None
+        key = f"{self.pc.upper()}_IP"
+        address = self.config[key]
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                probe.bind((socket.gethostbyname(address), 0))
+        except OSError as exc:
+            return Result(
+                FAIL,
+                "this PC's address",
+                f"{key}={address} is not an address of this machine ({exc.strerror or exc})",
+                f"set {key} to this PC's LAN address (ipconfig / ip -4 addr) and rewrite .env "
+                f"(python network_config.py --env .env)",
+            )
+        return Result(OK, "this PC's address", f"{key}={address} belongs to this machine")
+
+    def loopback(self) -> Result:
+        if self.pc2.startswith("127.") or self.pc2 == "localhost":
+            return Result(
+                WARN,
+                "addresses",
+                f"PC2_IP={self.pc2} only works when every part runs on this one machine",
+                "for several PCs set PC1_IP, PC2_IP, PC3_IP to their LAN addresses",
+            )
+        return Result(OK, "addresses", f"PC2 (Kafka, Central) is {self.pc2}")
+
+    def kafka_bootstrap(self) -> Result:
+        port = int(self.config["KAFKA_PORT"])
+        error = tcp_connect(self.pc2, port, self.timeout)
+        if error:
+            return Result(
+                FAIL,
+                "kafka bootstrap",
+                f"cannot connect to {self.pc2}:{port}: {error}",
+                "start PC2 (scripts/deploy.sh pc2 up), open its firewall "
+                "(scripts/firewall.sh pc2 or firewall.ps1 -Pc pc2), check PC2_IP",
+            )
+        self.kafka_reachable = True
+        return Result(OK, "kafka bootstrap", f"{self.pc2}:{port} accepts connections")
+
+    def kafka_advertised(self) -> Result:
+        port = int(self.config["KAFKA_PORT"])
+        if not self.kafka_reachable:
+            return Result(SKIP, "kafka advertised", "not checked: the bootstrap does not answer")
+        try:
+            brokers = kafka_brokers(self.pc2, port, self.timeout)
+        except (OSError, ValueError, struct.error) as exc:
+            return Result(
+                FAIL,
+                "kafka advertised",
+                f"{self.pc2}:{port} gave no broker metadata: {exc}",
+                "is Kafka (not another program) on that port? see scripts/deploy.sh pc2 logs kafka",
+            )
+        if not brokers:
+            return Result(FAIL, "kafka advertised", "the broker listed no brokers", "restart Kafka")
+        unreachable = []
+        for _node, host, broker_port in brokers:
+            error = tcp_connect(host, broker_port, self.timeout)
+            if error:
+                unreachable.append(f"{host}:{broker_port} ({error})")
+        advertised = ", ".join(f"{host}:{p}" for _n, host, p in brokers)
+        if unreachable:
+            return Result(
+                FAIL,
+                "kafka advertised",
+                f"Kafka tells clients to use {advertised}; this PC cannot reach "
+                + ", ".join(unreachable),
+                "the advertised listener comes from PC2_IP in PC2's .env: set PC2_IP to PC2's "
+                "LAN address there and restart PC2 (scripts/deploy.sh pc2 up)",
+            )
+        return Result(OK, "kafka advertised", f"clients are sent to {advertised}: reachable")
+
+    def central_monitors(self) -> Result:
+        port = int(self.config["CENTRAL_PORT"])
+        error = tcp_connect(self.pc2, port, self.timeout)
+        if error:
+            return Result(
+                FAIL,
+                "central monitors",
+                f"cannot connect to {self.pc2}:{port}: {error}",
+                "start PC2 (scripts/deploy.sh pc2 up), open its firewall for CENTRAL_PORT",
+            )
+        return Result(OK, "central monitors", f"{self.pc2}:{port} accepts connections")
+
+    def central_health_check(self) -> Result:
+        url = f"http://{self.pc2}:{self.config['CENTRAL_HTTP_PORT']}/healthz"
+        try:
+            answer = http_get(url, self.timeout)
+        except OSError as exc:
+            return Result(
+                FAIL,
+                "central /healthz",
+                f"{url} did not answer: {exc}",
+                "start PC2 (scripts/deploy.sh pc2 up), open its firewall for CENTRAL_HTTP_PORT",
+            )
+        self.central_health = answer
+        if answer.status != 200:
+            try:
+                body = json.loads(answer.body)
+            except ValueError:
+                body = {}
+            down = [part for part in ("broker", "database") if body.get(part) is False]
+            return Result(
+                FAIL,
+                "central /healthz",
+                f"{url} answered {answer.status}"
+                + (f": Central cannot reach its {' and '.join(down)}" if down else ""),
+                "see Central's log (scripts/deploy.sh pc2 logs central)",
+            )
+        return Result(OK, "central /healthz", f"{url} answered 200")
+
+    def clock(self) -> Result:
+        answer = self.central_health
+        if answer is not None and answer.date is None:
+            # Central's JSON answers may carry no Date; its WebSocket endpoint's refusal of a
+            # plain GET (the websockets library's own answer) always does.
+            url = f"http://{self.pc2}:{self.config['CENTRAL_HTTP_PORT']}/ws"
+            try:
+                answer = http_get(url, self.timeout)
+            except OSError:
+                answer = None
+        if answer is None:
+            return Result(SKIP, "clock", "not compared: Central does not answer")
+        skew = clock_skew(answer)
+        if skew is None:
+            return Result(WARN, "clock", "not compared: Central's answer has no Date header")
+        if abs(skew) > MAX_SKEW_S:
+            return Result(
+                WARN,
+                "clock",
+                f"this clock is {abs(skew):.1f} s {'ahead of' if skew > 0 else 'behind'} "
+                f"Central's (more than {MAX_SKEW_S:.0f} s): times and timeouts will look wrong",
+                "synchronise the clocks (Windows: w32tm /resync; Linux: timedatectl set-ntp true)",
+            )
+        return Result(OK, "clock", f"within {MAX_SKEW_S:.0f} s of Central's ({skew:+.1f} s)")
+
+    def _dashboard(self, name: str, pc: str, port_key: str, required: bool) -> Result:
+        host = self.config[f"{pc.upper()}_IP"]
+        url = f"http://{host}:{self.config[port_key]}/healthz"
+        fix = f"start {pc} (scripts/deploy.sh {pc} up) and open its firewall for {port_key}"
+        try:
+            answer = http_get(url, self.timeout)
+        except OSError as exc:
+            return Result(FAIL if required else WARN, name, f"{url} did not answer: {exc}", fix)
+        if answer.status != 200:
+            return Result(
+                FAIL if required else WARN,
+                name,
+                f"{url} answered {answer.status}: it cannot reach Kafka",
+                f"see its log (scripts/deploy.sh {pc} logs)",
+            )
+        return Result(OK, name, f"{url} answered 200")
+
+    def driver_dashboard(self) -> Result:
+        return self._dashboard("driver dashboard", "pc1", "DRIVER_HTTP_PORT", required=True)
+
+    def site_dashboard(self) -> Result:
+        return self._dashboard("site dashboard", "pc3", "MONITOR_HTTP_PORT", required=True)
+
+    def kafka_ui(self) -> Result:
+        # Kafka UI runs only in the Docker deployment (not with `make run`): a warning at most.
+        url = f"http://{self.pc2}:{self.config['KAFKA_UI_PORT']}/"
+        try:
+            answer = http_get(url, self.timeout)
+        except OSError as exc:
+            return Result(
+                WARN,
+                "kafka ui",
+                f"{url} did not answer: {exc}",
+                "only the Docker deployment runs it: scripts/deploy.sh pc2 status",
+            )
+        status = OK if answer.status < 400 else WARN
+        return Result(status, "kafka ui", f"{url} answered {answer.status}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pc", choices=network_config.PCS, help="the PC this runs on")
+    parser.add_argument(
+        "--env-file",
+        type=Path,
+        default=REPO_ROOT / ".env",
+        help="the .env deploy wrote (default: .env at the repository root, if any)",
+    )
+    parser.add_argument("--timeout", type=float, default=3.0, help="seconds per connection")
+    args = parser.parse_args(argv)
+    try:
+        config = settings(args.env_file, os.environ)
+    except ValueError as exc:
+        print(Result(FAIL, "configuration", str(exc), "fix network_config.py or .env").line())
+        return 1
+    return Preflight(config, args.pc, args.timeout).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

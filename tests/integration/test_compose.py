@@ -1,0 +1,502 @@
+"""The Docker deployment, checked without a Docker engine (none runs on our machines).
+
+Every compose file is parsed and held against network_config.py (every address and port),
+the services' real argument parsers (the settings each container gets are accepted, and mean
+what the file says), shared/bus.py's topics, the Kafka version of development and the
+Dockerfile's targets (health check, non-root user). Then a real Compose implementation
+(`docker compose` or Debian's `docker-compose`) validates each file with a generated .env.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+import network_config
+from EV_Central import config as central_config
+from EV_CP_E import config as engine_config
+from EV_CP_M import config as monitor_config
+from EV_CP_M import dashboard as site_config
+from EV_Driver import dashboard_config as driver_config
+from helpers import scaled
+from shared.bus import TOPICS
+from shared.settings import env_name
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DOCKERFILE = REPO_ROOT / "docker" / "Dockerfile"
+COMPOSE_FILES = {
+    "pc1": REPO_ROOT / "docker-compose.pc1.yml",
+    "pc2": REPO_ROOT / "docker-compose.pc2.yml",
+    "pc3": REPO_ROOT / "docker-compose.pc3.yml",
+    "all": REPO_ROOT / "docker-compose.yml",
+}
+CONFIG = network_config.load({})
+VARIABLE = re.compile(r"\$\{([^}]*)\}")
+ONE_SHOT = {"kafka-init"}
+INTERNAL_BROKER = "kafka:${KAFKA_INTERNAL_PORT}"
+
+# Which host port variable each service publishes (the firewall and preflight use the same).
+PUBLISHED = {
+    "kafka": {"KAFKA_PORT"},
+    "kafka-ui": {"KAFKA_UI_PORT"},
+    "central": {"CENTRAL_PORT", "CENTRAL_HTTP_PORT"},
+    "driver-dashboard": {"DRIVER_HTTP_PORT"},
+    "site-dashboard": {"MONITOR_HTTP_PORT"},
+}
+
+# Dockerfile target -> the module it runs and the settings parser of that command line.
+Parse = Callable[[Mapping[str, str]], Any]
+
+
+def _parse_central(environ: Mapping[str, str]) -> Any:
+    with pytest.MonkeyPatch.context() as patch:  # Central's parser reads os.environ
+        for key in [k for k in os.environ if k.startswith("EV_")]:
+            patch.delenv(key)
+        for key, value in environ.items():
+            patch.setenv(key, value)
+        return central_config.parse([])
+
+
+TARGETS: dict[str, tuple[list[str], Parse, Callable[[], Any]]] = {
+    "central": (["EV_Central"], _parse_central, central_config.build_parser),
+    "engine": (
+        ["EV_CP_E"],
+        lambda env: engine_config.parse_settings([], environ=env),
+        lambda: engine_config.build_parser({}),
+    ),
+    "monitor": (
+        ["EV_CP_M"],
+        lambda env: monitor_config.parse_settings([], environ=env),
+        lambda: monitor_config.build_parser({}),
+    ),
+    "site": (
+        ["EV_CP_M", "dashboard"],
+        lambda env: site_config.parse_settings([], environ=env),
+        lambda: site_config.build_parser({}),
+    ),
+    "driver": (
+        ["EV_Driver", "dashboard"],
+        lambda env: driver_config.parse_settings([], environ=env),
+        lambda: driver_config.build_parser({}),
+    ),
+}
+
+
+def load_compose(name: str) -> dict[str, Any]:
+    data = yaml.safe_load(COMPOSE_FILES[name].read_text())
+    assert isinstance(data, dict) and isinstance(data.get("services"), dict), name
+    return data
+
+
+def services(name: str) -> dict[str, dict[str, Any]]:
+    result: dict[str, dict[str, Any]] = load_compose(name)["services"]
+    return result
+
+
+def substitute(value: Any, config: Mapping[str, str] = CONFIG) -> str:
+    """Compose's interpolation of ${VAR} ($$ is a literal $), from network_config's values."""
+    text = str(value)
+    parts = text.split("$$")
+    return "$".join(VARIABLE.sub(lambda m: config[m.group(1)], part) for part in parts)
+
+
+def environment(service: Mapping[str, Any]) -> dict[str, str]:
+    env = service.get("environment", {})
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {str(key): str(value) for key, value in env.items()}
+
+
+def every_file_and_service() -> list[tuple[str, str]]:
+    return [(name, svc) for name in COMPOSE_FILES for svc in services(name)]
+
+
+# --- the Dockerfile -----------------------------------------------------------------------------
+
+
+class Stage:
+    def __init__(self, name: str, base: str) -> None:
+        self.name = name
+        self.base = base
+        self.instructions: list[tuple[str, str]] = []
+
+    def last(self, keyword: str) -> str | None:
+        found = [arg for key, arg in self.instructions if key == keyword]
+        return found[-1] if found else None
+
+    def all(self, keyword: str) -> list[str]:
+        return [arg for key, arg in self.instructions if key == keyword]
+
+
+def dockerfile_stages() -> dict[str, Stage]:
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    stages: dict[str, Stage] = {}
+    current: Stage | None = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        keyword, _, argument = line.partition(" ")
+        keyword = keyword.upper()
+        if keyword == "FROM":
+            match = re.fullmatch(r"(\S+)\s+AS\s+(\S+)", argument.strip(), re.IGNORECASE)
+            assert match, f"every stage is named: {line}"
+            current = stages[match.group(2)] = Stage(match.group(2), match.group(1))
+        elif current is not None:
+            current.instructions.append((keyword, argument.strip()))
+    return stages
+
+
+def lineage(stages: Mapping[str, Stage], target: str) -> list[Stage]:
+    """The target's stage and the stages it is built FROM, nearest first."""
+    chain = [stages[target]]
+    while chain[-1].base in stages:
+        chain.append(stages[chain[-1].base])
+    return chain
+
+
+def effective(stages: Mapping[str, Stage], target: str, keyword: str) -> str | None:
+    for stage in lineage(stages, target):
+        value = stage.last(keyword)
+        if value is not None:
+            return value
+    return None
+
+
+def build_target(service: Mapping[str, Any]) -> str | None:
+    build = service.get("build")
+    if build is None:
+        return None
+    assert build["dockerfile"] == "docker/Dockerfile" and build["context"] == ".", build
+    target: str = build["target"]
+    return target
+
+
+# --- network_config: every address and port -------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", COMPOSE_FILES)
+def test_every_variable_is_one_of_network_config(name: str) -> None:
+    text = COMPOSE_FILES[name].read_text()
+    used = set(VARIABLE.findall(text.replace("$$", "")))
+    assert used, name
+    # Plain ${VAR} only: a ${VAR:-default} would hide a missing .env behind a silent default.
+    assert all(re.fullmatch(r"[A-Z0-9_]+", var) for var in used), used
+    assert used <= set(CONFIG), used - set(CONFIG)
+    # No bare $VAR either: compose would interpolate it too.
+    assert not re.search(r"(?<!\$)\$(?![{$])", text.replace("$$", "")), name
+
+
+@pytest.mark.parametrize("name", COMPOSE_FILES)
+def test_published_ports_are_network_config_ports(name: str) -> None:
+    published: set[str] = set()
+    for svc_name, svc in services(name).items():
+        wanted = PUBLISHED.get(svc_name, set())
+        ports = svc.get("ports", [])
+        got = set()
+        for entry in ports:
+            assert isinstance(entry, str), (svc_name, entry)
+            host, container = entry.split(":")
+            match = re.fullmatch(r"\$\{([A-Z_]+_PORT)\}", host)
+            assert match, f"{svc_name}: host port {host!r} must be a network_config variable"
+            got.add(match.group(1))
+            if build_target(svc) is not None:
+                # Our services listen on the same port inside: one variable, one port.
+                assert container == host, (svc_name, entry)
+        assert got == wanted, (name, svc_name, got)
+        published |= got
+    pcs = network_config.PCS if name == "all" else (name,)
+    expected = {key for pc in pcs for key in network_config.PC_PORTS[pc]}
+    assert published == expected, "what compose publishes is what the firewall script opens"
+
+
+# --- health, restarts, dependencies ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "svc_name"), every_file_and_service())
+def test_every_service_is_health_checked_and_restarts(name: str, svc_name: str) -> None:
+    svc = services(name)[svc_name]
+    if svc_name in ONE_SHOT:
+        # Runs once per `up`; `unless-stopped` would rerun it forever.
+        assert svc.get("restart") == "no"
+        return
+    assert svc.get("restart") == "unless-stopped", svc_name
+    target = build_target(svc)
+    if target is None:
+        test = svc["healthcheck"]["test"]
+        assert test and test[0] in ("CMD", "CMD-SHELL"), test
+    else:
+        assert "healthcheck" not in svc, "our images carry their own HEALTHCHECK"
+        check = dockerfile_stages()[target].last("HEALTHCHECK")
+        assert check, f"target {target} has no HEALTHCHECK"
+        # The check probes the port the service listens on: the env var compose sets.
+        for var in re.findall(r"\$\{(EV_[A-Z_]+)\}", check):
+            assert var in environment(svc), f"{svc_name}: HEALTHCHECK reads unset {var}"
+
+
+@pytest.mark.parametrize("name", COMPOSE_FILES)
+def test_every_dependency_has_a_condition(name: str) -> None:
+    all_services = services(name)
+    for svc_name, svc in all_services.items():
+        depends = svc.get("depends_on", {})
+        assert isinstance(depends, dict), f"{svc_name}: depends_on needs conditions"
+        for other, spec in depends.items():
+            assert other in all_services, (svc_name, other)
+            condition = spec["condition"]
+            if other in ONE_SHOT:
+                assert condition == "service_completed_successfully", (svc_name, other)
+            else:
+                assert condition == "service_healthy", (svc_name, other)
+
+
+def test_the_right_services_wait_for_each_other() -> None:
+    pc2 = services("pc2")
+    assert set(pc2["central"]["depends_on"]) == {"kafka", "kafka-init"}
+    assert set(pc2["kafka-init"]["depends_on"]) == {"kafka"}
+    assert set(pc2["kafka-ui"]["depends_on"]) == {"kafka"}
+    for n in range(1, network_config.PC3_SLOTS + 1):
+        assert set(services("pc3")[f"monitor-cp{n}"]["depends_on"]) == {f"engine-cp{n}"}
+        assert set(services("all")[f"monitor-cp{n}"]["depends_on"]) == {f"engine-cp{n}", "central"}
+
+
+# --- the settings each container gets, through the real parsers -----------------------------------
+
+
+@pytest.mark.parametrize(("name", "svc_name"), every_file_and_service())
+def test_container_settings_are_accepted_by_the_service(name: str, svc_name: str) -> None:
+    svc = services(name)[svc_name]
+    target = build_target(svc)
+    if target is None:
+        return
+    module, parse, build_parser = TARGETS[target]
+    entrypoint = dockerfile_stages()[target].last("ENTRYPOINT")
+    assert entrypoint is not None
+    assert json.loads(entrypoint) == ["python", "-m", *module]
+    assert "command" not in svc, "configured by EV_ variables, like the HEALTHCHECK"
+    env = {key: substitute(value) for key, value in environment(svc).items()}
+    flags = {
+        env_name(option)
+        for action in build_parser()._actions
+        for option in action.option_strings
+        if option.startswith("--")
+    }
+    unknown = set(env) - flags
+    assert not unknown, f"{svc_name}: {sorted(unknown)} are no flags of {' '.join(module)}"
+    assert env.get("EV_LOG_JSON") == "1"
+    try:
+        settings = parse(env)
+    except SystemExit as exc:
+        pytest.fail(f"{svc_name}: {' '.join(module)} refused its settings (exit {exc.code})")
+    assert settings.log_json is True
+
+    same_host = name in ("pc2", "all")
+    broker = substitute(INTERNAL_BROKER) if same_host else CONFIG["KAFKA_BOOTSTRAP"]
+    assert settings.broker == broker, svc_name
+    if target == "central":
+        assert settings.port == int(CONFIG["CENTRAL_PORT"])
+        assert settings.http_port == int(CONFIG["CENTRAL_HTTP_PORT"])
+        assert settings.db.startswith("/data/")
+        assert any(v.endswith(":/data") for v in svc["volumes"]), "the database is in a volume"
+    elif target == "driver":
+        assert settings.http_port == int(CONFIG["DRIVER_HTTP_PORT"])
+    elif target == "site":
+        assert settings.http_port == int(CONFIG["MONITOR_HTTP_PORT"])
+    elif target == "engine":
+        n = int(svc_name.removeprefix("engine-cp"))
+        assert settings.listen == ("0.0.0.0", int(CONFIG[f"CP{n}_ENGINE_PORT"]))
+        assert svc["stdin_open"] is True and svc["tty"] is True, "its menu needs a terminal"
+    elif target == "monitor":
+        n = int(svc_name.removeprefix("monitor-cp"))
+        assert settings.cp_id == CONFIG[f"CP{n}_ID"]
+        assert settings.engine == (f"engine-cp{n}", int(CONFIG[f"CP{n}_ENGINE_PORT"]))
+        central_host = "central" if same_host else CONFIG["PC2_IP"]
+        assert settings.central == (central_host, int(CONFIG["CENTRAL_PORT"]))
+        assert settings.broker == broker, "health samples for the site dashboard"
+
+
+def test_only_central_has_a_database() -> None:
+    for name in COMPOSE_FILES:
+        for svc_name, svc in services(name).items():
+            if svc_name != "central":
+                assert "EV_DB" not in environment(svc), (name, svc_name)
+                assert not any("/data" == v.split(":")[-1] for v in svc.get("volumes", []))
+
+
+def test_pc3_runs_every_slot_of_network_config() -> None:
+    pc3 = services("pc3")
+    for n in range(1, network_config.PC3_SLOTS + 1):
+        assert {f"engine-cp{n}", f"monitor-cp{n}"} <= set(pc3)
+    assert not {s for s in pc3 if s.startswith("engine-")} - {
+        f"engine-cp{n}" for n in range(1, network_config.PC3_SLOTS + 1)
+    }
+
+
+# --- Kafka ---------------------------------------------------------------------------------------
+
+
+def kafka_version() -> str:
+    ns = {"m": "http://maven.apache.org/POM/4.0.0"}
+    pom = ET.parse(REPO_ROOT / "scripts" / "kafka-pom.xml").getroot()
+    version = pom.findtext("m:properties/m:kafka.version", namespaces=ns)
+    assert version
+    return version
+
+
+@pytest.mark.parametrize("name", ["pc2", "all"])
+def test_kafka_is_development_s_version_and_reachable_from_other_pcs(name: str) -> None:
+    svcs = services(name)
+    for svc_name in ("kafka", "kafka-init"):
+        assert svcs[svc_name]["image"] == f"apache/kafka:{kafka_version()}"
+    kafka = environment(svcs["kafka"])
+    assert kafka["KAFKA_PROCESS_ROLES"] == "broker,controller", "KRaft: no ZooKeeper"
+    advertised = dict(
+        item.split("://") for item in substitute(kafka["KAFKA_ADVERTISED_LISTENERS"]).split(",")
+    )
+    assert advertised["EXTERNAL"] == CONFIG["KAFKA_BOOTSTRAP"], "other PCs dial PC2_IP"
+    assert advertised["INTERNAL"] == substitute(INTERNAL_BROKER)
+    listeners = dict(item.split("://") for item in substitute(kafka["KAFKA_LISTENERS"]).split(","))
+    assert listeners["EXTERNAL"] == f":{CONFIG['KAFKA_PORT']}"
+    assert listeners["INTERNAL"] == f":{CONFIG['KAFKA_INTERNAL_PORT']}"
+    assert listeners["CONTROLLER"] == f":{CONFIG['KAFKA_CONTROLLER_PORT']}"
+    assert kafka["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false", "topics come from kafka-init"
+    assert any(v.endswith(":" + kafka["KAFKA_LOG_DIRS"]) for v in svcs["kafka"]["volumes"]), (
+        "the broker's data is in a volume"
+    )
+    assert INTERNAL_BROKER in " ".join(svcs["kafka"]["healthcheck"]["test"])
+    ui = environment(svcs["kafka-ui"])
+    assert ui["KAFKA_CLUSTERS_0_BOOTSTRAPSERVERS"] == INTERNAL_BROKER
+
+
+@pytest.mark.parametrize("name", ["pc2", "all"])
+def test_kafka_init_creates_exactly_the_bus_topics(name: str) -> None:
+    script = services(name)["kafka-init"]["command"][0]
+    created = {}
+    for line in script.splitlines():
+        words = shlex.split(line)
+        if not words or words[0] != "create":
+            continue
+        opts: dict[str, Any] = {"config": {}}
+        for flag, value in zip(words[1::2], words[2::2], strict=True):
+            if flag == "--config":
+                key, _, val = value.partition("=")
+                opts["config"][key] = val
+            else:
+                opts[flag.lstrip("-")] = value
+        created[opts["topic"]] = (int(opts["partitions"]), opts["config"])
+    assert created == {t.name: (t.partitions, t.config) for t in TOPICS}
+    assert "--if-not-exists" in script, "a second `up` must not fail"
+    assert INTERNAL_BROKER.replace("$", "") in script.replace("$", "")
+
+
+# --- the images ----------------------------------------------------------------------------------
+
+
+def test_every_image_target_is_slim_python_non_root_with_json_logs() -> None:
+    stages = dockerfile_stages()
+    text = DOCKERFILE.read_text()
+    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-slim$", text, re.M)
+    used = {build_target(svc) for name in COMPOSE_FILES for svc in services(name).values()}
+    used.discard(None)
+    assert used == set(TARGETS)
+    for target in used:
+        assert target is not None
+        chain = lineage(stages, target)
+        assert chain[-1].base == "${PYTHON_IMAGE}", target
+        user = effective(stages, target, "USER")
+        assert user and user.split(":")[0] not in ("root", "0"), (target, user)
+        assert stages[target].last("HEALTHCHECK"), target
+        envs = " ".join(env for stage in chain for env in stage.all("ENV"))
+        assert "EV_LOG_JSON=1" in envs, target
+    # Dependencies from the project's own pyproject, then the project itself.
+    build = " ".join(stages["build"].all("RUN"))
+    assert "pyproject.toml" in build and "pip install --no-deps ." in build
+    assert "COPY --from=build /opt/venv /opt/venv" in " ".join(
+        f"COPY {arg}" for arg in stages["runtime"].all("COPY")
+    )
+
+
+def test_dockerignore_keeps_local_state_out() -> None:
+    lines = (REPO_ROOT / ".dockerignore").read_text().splitlines()
+    assert "**" in lines, "everything out by default, then what the images need"
+    allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
+    assert {".env", ".venv", ".git", "data", "tests", ".run"}.isdisjoint(allowed)
+    copied = {
+        arg.split()[0].rstrip("/")
+        for arg in dockerfile_stages()["build"].all("COPY")
+        if not arg.startswith("--")
+    }
+    copied |= {"init_db.py", "network_config.py"}
+    assert copied <= allowed, copied - allowed
+
+
+# --- a real Compose implementation ---------------------------------------------------------------
+
+
+def compose_command() -> list[str]:
+    docker = shutil.which("docker")
+    if (
+        docker
+        and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0
+    ):
+        return [docker, "compose"]
+    legacy = shutil.which("docker-compose")
+    if legacy:
+        return [legacy]
+    pytest.fail(
+        "no Compose implementation: install Debian's docker-compose package "
+        "(apt-get install docker-compose) or the docker compose plugin",
+        pytrace=False,
+    )
+
+
+@pytest.mark.parametrize("name", COMPOSE_FILES)
+def test_a_real_compose_accepts_the_file_with_network_config_s_env(
+    name: str, tmp_path: Path
+) -> None:
+    overrides = {
+        "PC1_IP": "10.20.0.11",
+        "PC2_IP": "10.20.0.12",
+        "PC3_IP": "10.20.0.13",
+        "KAFKA_PORT": "19092",
+        "CENTRAL_PORT": "15000",
+        "PC3_CPS": "CP004,CP005,CP006",
+    }
+    config = network_config.load(overrides)
+    env_file = tmp_path / ".env"
+    env_file.write_text(network_config.env_file(config))
+    proc = subprocess.run(
+        [*compose_command(), "--env-file", str(env_file), "-f", str(COMPOSE_FILES[name]), "config"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=scaled(60),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "is not set" not in proc.stderr, proc.stderr  # every variable came from the .env
+    resolved = yaml.safe_load(proc.stdout)["services"]
+    assert set(resolved) == set(services(name))
+    for svc_name, svc in resolved.items():
+        text = str(svc)
+        assert "${" not in text, (svc_name, text)
+        for port in svc.get("ports", []):
+            published = port["published"] if isinstance(port, dict) else port.split(":")[0]
+            assert str(published) in {config[k] for k in PUBLISHED[svc_name]}, (svc_name, port)
+    if name in ("pc2", "all"):
+        listeners = resolved["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"]
+        assert "EXTERNAL://10.20.0.12:19092" in listeners
+    if name == "pc3":
+        monitor = resolved["monitor-cp1"]["environment"]
+        assert monitor["EV_CENTRAL"] == "10.20.0.12:15000"
+        assert monitor["EV_CP_ID"] == "CP004"
+        assert resolved["engine-cp1"]["environment"]["EV_BROKER"] == "10.20.0.12:19092"

@@ -1,0 +1,232 @@
+"""scripts/preflight.py against a real network, and the containers' health checks on real sockets.
+
+The preflight runs as operators run it (a separate `python scripts/preflight.py` process, its
+settings from a .env written by network_config.py) against a real broker, a real Central and
+the two dashboards: all green while they run, a FAIL line with a fix and exit 1 once Central
+is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import network_config
+from helpers import free_port, scaled, wait_for
+from procs import Deployment, ServiceProcess, http_get
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PREFLIGHT = REPO_ROOT / "scripts" / "preflight.py"
+
+
+def run_preflight(env_file: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    # Only the .env speaks: none of network_config's variables leak in from the caller.
+    env = {k: v for k, v in os.environ.items() if k not in network_config.DEFAULTS}
+    return subprocess.run(
+        [sys.executable, str(PREFLIGHT), "--env-file", str(env_file), "--timeout", "3", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=scaled(60),
+    )
+
+
+def lines_of(proc: subprocess.CompletedProcess[str], name: str) -> list[str]:
+    return [line for line in proc.stdout.splitlines() if f"] {name} " in line]
+
+
+class Network:
+    def __init__(self, deployment: Deployment, env_file: Path, config: dict[str, str]) -> None:
+        self.deployment = deployment
+        self.env_file = env_file
+        self.config = config
+
+
+@pytest.fixture
+async def network(broker: Any, tmp_path: Path) -> AsyncIterator[Network]:
+    """Central and both dashboards on a broker of their own, and the .env that describes them."""
+    deployment = Deployment(broker.bootstrap, tmp_path)
+    driver_port, site_port = free_port(), free_port()
+    try:
+        await deployment.start_central()
+        for name, module, port in (
+            ("driver-dashboard", "EV_Driver", driver_port),
+            ("site-dashboard", "EV_CP_M", site_port),
+        ):
+            proc = ServiceProcess(
+                name,
+                ["-m", module, "dashboard", "--broker", broker.bootstrap],
+                tmp_path,
+                env={"EV_HTTP_PORT": str(port), "EV_LISTEN_HOST": "127.0.0.1"},
+            )
+            deployment.processes.append(proc.start())
+        for port in (driver_port, site_port):
+            url = f"http://127.0.0.1:{port}/healthz"
+
+            async def healthy(url: str = url) -> bool:
+                try:
+                    status, _ = await asyncio.to_thread(http_get, url, 2)
+                except OSError:
+                    return False
+                return bool(status == 200)
+
+            await wait_for(healthy, 60, interval=0.3, message=f"{url} never answered 200")
+        config = network_config.load(
+            {
+                "PC1_IP": "127.0.0.1",
+                "PC2_IP": "127.0.0.1",
+                "PC3_IP": "127.0.0.1",
+                "KAFKA_PORT": str(broker.port),
+                "CENTRAL_PORT": str(deployment.central_port),
+                "CENTRAL_HTTP_PORT": str(deployment.http_port),
+                "DRIVER_HTTP_PORT": str(driver_port),
+                "MONITOR_HTTP_PORT": str(site_port),
+                "KAFKA_UI_PORT": str(free_port()),  # no Kafka UI outside Docker
+            }
+        )
+        env_file = tmp_path / "preflight.env"
+        env_file.write_text(network_config.env_file(config))
+        yield Network(deployment, env_file, config)
+    finally:
+        deployment.stop_all()
+
+
+@pytest.mark.kafka
+@pytest.mark.e2e
+@pytest.mark.slow
+async def test_preflight_green_while_everything_runs_then_fails_without_central(
+    network: Network,
+) -> None:
+    proc = await asyncio.to_thread(run_preflight, network.env_file, "--pc", "pc2")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "[FAIL]" not in proc.stdout, proc.stdout
+    kafka_port = network.config["KAFKA_PORT"]
+    for name in (
+        "this PC's address",
+        "kafka bootstrap",
+        "kafka advertised",
+        "central monitors",
+        "central /healthz",
+        "clock",
+        "driver dashboard",
+        "site dashboard",
+    ):
+        found = lines_of(proc, name)
+        assert found and found[0].startswith("[OK  ]"), (name, proc.stdout)
+    # The metadata really was read: the broker advertises what kafka.sh configured.
+    assert f"127.0.0.1:{kafka_port}" in lines_of(proc, "kafka advertised")[0]
+    # One machine and no Kafka UI: said, but only as warnings.
+    assert lines_of(proc, "addresses")[0].startswith("[WARN]")
+    assert lines_of(proc, "kafka ui")[0].startswith("[WARN]")
+    assert proc.stdout.rstrip().endswith("all checks passed")
+
+    assert network.deployment.central is not None
+    network.deployment.central.stop()
+    proc = await asyncio.to_thread(run_preflight, network.env_file)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    for name in ("central monitors", "central /healthz"):
+        (line,) = lines_of(proc, name)
+        assert line.startswith("[FAIL]"), proc.stdout
+        assert "-- fix: start PC2 (scripts/deploy.sh pc2 up)" in line
+    # What still runs is still reported as fine: the failure is pinned on Central.
+    assert lines_of(proc, "kafka advertised")[0].startswith("[OK  ]"), proc.stdout
+    assert proc.stdout.rstrip().endswith("preflight: 2 check(s) failed")
+
+
+def test_preflight_rejects_bad_configuration_and_foreign_address(tmp_path: Path) -> None:
+    env_file = tmp_path / "bad.env"
+    env_file.write_text("PC2_IP=192.168.1.300\n")
+    proc = run_preflight(env_file)
+    assert proc.returncode == 1
+    assert proc.stdout.startswith("[FAIL] configuration")
+    assert "'192.168.1.300' is not a valid IPv4 address" in proc.stdout
+
+    # 192.0.2.0/24 is reserved for documentation: never an address of this machine.
+    env_file.write_text(
+        "PC3_IP=192.0.2.33\nPC2_IP=127.0.0.1\n"
+        f"KAFKA_PORT={free_port()}\nCENTRAL_PORT={free_port()}\n"
+    )
+    proc = run_preflight(env_file, "--pc", "pc3")
+    assert proc.returncode == 1
+    (line,) = lines_of(proc, "this PC's address")
+    assert (
+        line.startswith("[FAIL]") and "PC3_IP=192.0.2.33 is not an address of this machine" in line
+    )
+    assert lines_of(proc, "kafka bootstrap")[0].startswith("[FAIL]")
+
+
+# --- shared.healthcheck, as the images' HEALTHCHECKs run it --------------------------------------
+
+
+def healthcheck(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "shared.healthcheck", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=scaled(30),
+    )
+
+
+@pytest.fixture
+def http_server() -> Iterator[int]:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200 if self.path == "/healthz" else 503)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_healthcheck_http_answers_by_status(http_server: int) -> None:
+    ok = healthcheck("http", f"http://127.0.0.1:{http_server}/healthz")
+    assert ok.returncode == 0 and ok.stdout.startswith("healthy"), ok.stdout
+    degraded = healthcheck("http", f"http://127.0.0.1:{http_server}/degraded")
+    assert degraded.returncode == 1 and "answered 503" in degraded.stdout
+    gone = healthcheck("http", f"http://127.0.0.1:{free_port()}/healthz")
+    assert gone.returncode == 1 and "did not answer" in gone.stdout
+    assert healthcheck("http").returncode == 2
+
+
+def test_healthcheck_listening_and_connected_read_the_socket_tables() -> None:
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    try:
+        # The engine's check: its listening socket, seen without connecting to it.
+        assert healthcheck("listening", f"0.0.0.0:{port}").returncode == 0
+        assert healthcheck("connected", f"localhost:{port}").returncode == 1
+        # The monitor's check: an established connection to Central's address and port.
+        client = socket.create_connection(("127.0.0.1", port))
+        peer, _ = server.accept()
+        try:
+            ok = healthcheck("connected", f"127.0.0.1:{port}")
+            assert ok.returncode == 0, ok.stdout
+            assert healthcheck("connected", f"192.0.2.1:{port}").returncode == 1
+        finally:
+            client.close()
+            peer.close()
+    finally:
+        server.close()
+    assert healthcheck("listening", f"0.0.0.0:{port}").returncode == 1
+    assert healthcheck("tcp", f"127.0.0.1:{port}").returncode == 1
+    assert healthcheck("listening", "no-port").returncode == 2
