@@ -55,6 +55,7 @@ class MonitorServer:
         self.port = port
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
+        self._closing = False
         central.cp_listeners.append(self._on_cps_changed)
 
     async def start(self) -> None:
@@ -67,6 +68,7 @@ class MonitorServer:
     async def stop(self) -> None:
         if self._server is None:
             return
+        self._closing = True
         self._server.close()
         for task in list(self._handlers):
             task.cancel()
@@ -103,9 +105,15 @@ class MonitorServer:
         except* Exception:
             why = "internal error"
             log.exception("%s: monitor connection failed", conn.name)
+        except* asyncio.CancelledError:
+            if not self._closing:
+                raise
+            # Central is shutting down: ending quietly is the point, not an error.
         finally:
             self._handlers.discard(task)
-            if link is not None and link.cp.connection is link:
+            # A monitor is lost when its connection ends while Central runs, not when Central
+            # itself stops: a restarted Central must not settle supplies as "monitor lost".
+            if not self._closing and link is not None and link.cp.connection is link:
                 with contextlib.suppress(Exception):
                     await self.central.monitor_lost(link.cp, why)
             await conn.close()

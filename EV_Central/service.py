@@ -495,11 +495,8 @@ class Central:
             row = await tx.fetchone("SELECT * FROM sessions WHERE id = ?", (event.session_id,))
             if row is not None and row["cp_id"] == event.cp_id:
                 if row["status"] in ACTIVE_STATUSES:
-                    reason = (
-                        EndReason(row["reason"])
-                        if row["status"] == "ENDING" and row["reason"]
-                        else event.reason
-                    )
+                    # The engine knows why it stopped (it also reports Central's own reasons).
+                    reason = event.reason
                     await self._settle(
                         tx, row, max(event.kwh, row["kwh"]), reason, started_at=event.started_at
                     )

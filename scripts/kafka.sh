@@ -116,7 +116,12 @@ logger.config.name = org.apache.kafka.common.config.AbstractConfig
 logger.config.level = WARN
 EOF
     JOPTS=(-Xms256m -Xmx512m -Djava.awt.headless=true "-Dlog4j2.configurationFile=$RUN/log4j2.properties")
-    cid="$("$PYTHON" -c 'import base64,uuid; print(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))')"
+    # A cluster id is 16 random bytes in URL-safe base64; one starting with '-' would be
+    # read as an option by the storage tool, so draw again in that case.
+    cid="$("$PYTHON" -c 'import base64, uuid
+while (c := base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")).startswith("-"):
+    pass
+print(c)')"
     (( KEEP )) || "$JAVA" "${JOPTS[@]}" -cp "$LIBS/*" kafka.tools.StorageTool format \
         -t "$cid" -c "$RUN/server.properties" >> "$LOG" 2>&1 \
         || { tail -n 40 "$LOG" >&2; die "storage format failed"; }

@@ -3,8 +3,8 @@
 #
 #   scripts/netns.sh up   [PREFIX]   create PREFIX-pc1, PREFIX-pc2, PREFIX-pc3 (and PREFIX-br)
 #   scripts/netns.sh down [PREFIX]   stop what runs in them and delete them
-#   scripts/netns.sh cut  PC [PREFIX]    take PC (pc1|pc2|pc3) off the network (link down on the bridge)
-#   scripts/netns.sh mend PC [PREFIX]    put it back
+#   scripts/netns.sh cut  PC [PREFIX]  take PC (pc1|pc2|pc3) off the network: its bridge port down
+#   scripts/netns.sh mend PC [PREFIX]  put it back
 #   scripts/netns.sh status [PREFIX]
 #   scripts/netns.sh clean-stale     delete every evt<PID>-* set whose PID no longer runs
 #
@@ -14,12 +14,14 @@
 # the PCs reach each other and nothing else (no default route, no address outside the subnet).
 #
 # Run something on a PC (needs root), e.g. Kafka and Central on PC2, then the driver on PC1:
-#   sudo ip netns exec evnet-pc2 env EV_KAFKA_LISTEN_HOST=10.231.0.2 scripts/kafka.sh start 9092
+#   sudo ip netns exec evnet-pc2 env EV_KAFKA_LISTEN_HOST=10.231.0.2 \
+#       EV_KAFKA_RUN_DIR=/tmp/evnet-kafka scripts/kafka.sh start 9092
 #   sudo ip netns exec evnet-pc2 .venv/bin/python -m EV_Central --broker 10.231.0.2:9092
 #   sudo ip netns exec evnet-pc1 .venv/bin/python -m EV_Driver --broker 10.231.0.2:9092 \
 #       --driver-id user1 --cp CP001
-# `down` sends SIGTERM, then SIGKILL, to each process still inside the namespaces (by pid,
-# from `ip netns pids`) and stops a Kafka broker started there only through that.
+# (Ports inside a namespace never clash with the machine's own; give Kafka a run dir of its own
+# all the same, since kafka.sh keys its pid file by port.) `down` ends each process still in
+# the namespaces, by pid from `ip netns pids`: SIGTERM, then SIGKILL after 5 s.
 # The multi-host tests (tests/multihost) call this script with PREFIX evt<pytest pid>.
 set -euo pipefail
 
@@ -44,8 +46,10 @@ stop_pids() {
         sleep 0.1
     done
     pids="$(ip netns pids "$ns" 2>/dev/null || true)"
-    # shellcheck disable=SC2086
-    [[ -n "$pids" ]] && kill -KILL $pids 2>/dev/null || true
+    if [[ -n "$pids" ]]; then
+        # shellcheck disable=SC2086
+        kill -KILL $pids 2>/dev/null || true
+    fi
     for _ in $(seq 30); do
         [[ -z "$(ip netns pids "$ns" 2>/dev/null || true)" ]] && return 0
         sleep 0.1

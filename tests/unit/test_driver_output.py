@@ -222,9 +222,10 @@ def test_main_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--driver-id" in capsys.readouterr().out
 
 
-def test_main_dashboard_not_yet(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["dashboard", "--broker", "k:1"]) == 2
-    assert "dashboard mode is not available yet" in capsys.readouterr().err
+def test_main_dashboard_needs_a_broker(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["dashboard"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--broker" in err
 
 
 @pytest.mark.parametrize(

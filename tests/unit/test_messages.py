@@ -50,6 +50,7 @@ SAMPLES: list[m.Message] = [
     m.SupplyRequest(driver_id="D1", cp_id="CP001", origin="cp"),
     m.StopRequest(driver_id="D1", session_id="s1"),
     m.StatusQuery(driver_id="D1"),
+    m.HistoryQuery(driver_id="D1", limit=10),
     m.TicketAck(driver_id="D1", session_id="s1"),
     m.LoginResult(driver_id="D1", request_id="r1", ok=True, reason=None, balance_eur=12.5),
     m.RequestAccepted(driver_id="D1", cp_id="CP001", request_id="r1", session_id="s1"),
@@ -68,6 +69,7 @@ SAMPLES: list[m.Message] = [
         driver_id="D1", cp_id="CP001", session_id="s1", kw=7.4, kwh=0.5, amount_eur=0.18
     ),
     m.Ticket(ticket=TICKET),
+    m.DriverHistory(driver_id="D1", request_id="q2", known=True, balance_eur=12.5, tickets=[]),
     m.DriverStatus(
         driver_id="D1",
         request_id="q1",

@@ -1,0 +1,343 @@
+"""Simulated PCs (network namespaces) and the services the deployment runs on each of them.
+
+PC1 runs the driver, PC2 Kafka and Central, PC3 two charging points (engine + monitor each),
+with the same command lines as the per-PC compose files. Everything runs as a real process,
+`ip netns exec PCn python -m ...`, from the repository root, with its output in a file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import network_config
+from helpers import scaled, wait_for
+from procs import REPO_ROOT, ServiceProcess
+
+NETNS_SH = REPO_ROOT / "scripts" / "netns.sh"
+KAFKA_SH = REPO_ROOT / "scripts" / "kafka.sh"
+PROBE = Path(__file__).resolve().parent / "probe.py"
+PCS = ("pc1", "pc2", "pc3")
+CP_IDS = ("CP001", "CP002")
+# The compose files' engines plug 1 s after authorisation and unplug 3 s after plugging.
+AUTO_PLUG, AUTO_UNPLUG = "1", "3"
+# (what was measured, seconds, the bound it must stay under), printed at the end of the run.
+TIMINGS: list[tuple[str, float, float]] = []
+
+
+def skip_reason() -> str | None:
+    """Why this machine cannot simulate hosts, or None when it can."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return "multi-host tests create network namespaces: run them as root"
+    if shutil.which("ip") is None:
+        return "multi-host tests need `ip` (iproute2)"
+    return None
+
+
+def _run(args: list[str], timeout: float, env: dict[str, str] | None = None) -> str:
+    proc = subprocess.run(
+        args, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO_ROOT
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"{' '.join(args)} failed (exit {proc.returncode}):\n{proc.stdout}{proc.stderr}"
+        )
+    return proc.stdout
+
+
+def netns_names() -> list[str]:
+    return [line.split()[0] for line in _run(["ip", "netns", "list"], 10).splitlines() if line]
+
+
+class SimulatedNetwork:
+    """PC1..PC3 as namespaces PREFIX-pc1..3 on a bridge in PREFIX-br (scripts/netns.sh)."""
+
+    STALE = re.compile(r"^evt\d+-(pc[123]|br)$")
+
+    def __init__(self, prefix: str, subnet: str) -> None:
+        self.prefix = prefix
+        self.subnet = subnet
+        self.env = {**os.environ, "EV_NETNS_SUBNET": subnet}
+
+    def ns(self, pc: str) -> str:
+        return f"{self.prefix}-{pc}"
+
+    def ip(self, pc: str) -> str:
+        return f"{self.subnet}.{PCS.index(pc) + 1}"
+
+    def _netns_sh(self, *args: str) -> str:
+        return _run([str(NETNS_SH), *args], scaled(60), self.env)
+
+    @classmethod
+    def clean_stale(cls) -> str:
+        """Remove the namespaces of an earlier run that crashed (its pid is gone)."""
+        return _run([str(NETNS_SH), "clean-stale"], scaled(60))
+
+    def up(self) -> None:
+        self._netns_sh("up", self.prefix)
+
+    def down(self) -> None:
+        self._netns_sh("down", self.prefix)
+
+    def cut(self, pc: str) -> None:
+        """Take a PC off the network: its port on the bridge goes down (like a pulled cable)."""
+        self._netns_sh("cut", pc, self.prefix)
+
+    def mend(self, pc: str) -> None:
+        self._netns_sh("mend", pc, self.prefix)
+
+    def mend_all(self) -> None:
+        for pc in PCS:
+            self.mend(pc)
+
+    def namespaces(self) -> list[str]:
+        """Our namespaces that exist now."""
+        return [name for name in netns_names() if name.startswith(self.prefix + "-")]
+
+    def pids(self) -> dict[str, list[int]]:
+        """Processes still running in each of our namespaces."""
+        found = {}
+        for name in self.namespaces():
+            pids = [int(p) for p in _run(["ip", "netns", "pids", name], 10).split()]
+            if pids:
+                found[name] = pids
+        return found
+
+
+class HostProcess(ServiceProcess):
+    """A ServiceProcess run inside one simulated PC (`ip netns exec` keeps the same pid)."""
+
+    def __init__(self, netns: str, name: str, args: list[str], workdir: Path) -> None:
+        super().__init__(name, args, workdir)
+        self.netns = netns
+
+    @property
+    def command(self) -> list[str]:
+        return ["ip", "netns", "exec", self.netns, sys.executable, *self.args]
+
+    def start(self) -> HostProcess:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                self.command,
+                cwd=REPO_ROOT,
+                stdin=subprocess.PIPE,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+            )
+        return self
+
+
+class Probe:
+    """Reads Central's HTTP API from inside one PC, through probe.py living in that PC."""
+
+    def __init__(self, netns: str) -> None:
+        self.netns = netns
+        self.proc: asyncio.subprocess.Process | None = None
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> Probe:
+        self.proc = await asyncio.create_subprocess_exec(
+            *("ip", "netns", "exec", self.netns, sys.executable, str(PROBE), "2"),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            limit=8 * 1024 * 1024,
+        )
+        return self
+
+    async def get(self, url: str) -> tuple[int | None, Any]:
+        """(status, body) of a GET, or (None, error text) when nothing answered."""
+        assert self.proc is not None and self.proc.stdin and self.proc.stdout
+        async with self._lock:
+            self.proc.stdin.write(url.encode() + b"\n")
+            await self.proc.stdin.drain()
+            async with asyncio.timeout(scaled(10)):
+                line = await self.proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"the probe in {self.netns} exited")
+        answer = json.loads(line)
+        if "error" in answer:
+            return None, answer["error"]
+        return answer["status"], answer["body"]
+
+    async def close(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        try:
+            async with asyncio.timeout(5):
+                await self.proc.wait()
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+        self.proc = None
+
+
+class CentralView:
+    """Central's web interface (/api/cps, /api/sessions, /healthz) as seen from one PC."""
+
+    def __init__(self, probe: Probe, base_url: str) -> None:
+        self.probe = probe
+        self.base_url = base_url
+
+    async def api(self, path: str) -> Any:
+        status, body = await self.probe.get(self.base_url + path)
+        assert status == 200, (self.probe.netns, path, status, body)
+        return body
+
+    async def healthy(self) -> bool:
+        status, _ = await self.probe.get(self.base_url + "/healthz")
+        return status == 200
+
+    async def cp_states(self) -> dict[str, str]:
+        return {cp["id"]: cp["state"] for cp in await self.api("/api/cps")}
+
+    async def session(self, session_id: str) -> dict[str, Any] | None:
+        for row in await self.api("/api/sessions?limit=50"):
+            if row["id"] == session_id:
+                return dict(row)
+        return None
+
+    async def wait_states(
+        self, cp_ids: tuple[str, ...], state: str, timeout: float, interval: float = 0.1
+    ) -> float:
+        """Wait until every CP in `cp_ids` shows `state`; return the seconds it took."""
+        started = time.monotonic()
+        last: dict[str, str] = {}
+
+        async def reached() -> bool:
+            last.update(await self.cp_states())
+            return all(last.get(cp_id) == state for cp_id in cp_ids)
+
+        try:
+            await wait_for(reached, timeout, interval=interval)
+        except AssertionError:
+            raise AssertionError(f"{cp_ids} never all {state} within {timeout}s: {last}") from None
+        return time.monotonic() - started
+
+
+class MultiHostDeployment:
+    """The deployment across PC1-PC3: the same commands as the compose files, on our hosts."""
+
+    def __init__(self, net: SimulatedNetwork, workdir: Path) -> None:
+        self.net = net
+        self.workdir = workdir
+        self.config = network_config.load(
+            {"PC1_IP": net.ip("pc1"), "PC2_IP": net.ip("pc2"), "PC3_IP": net.ip("pc3")}
+        )
+        self.db_path = workdir / "central.db"
+        self.kafka_env = {
+            **os.environ,
+            "EV_KAFKA_LISTEN_HOST": self.config["PC2_IP"],
+            "EV_KAFKA_ADVERTISED_HOST": self.config["PC2_IP"],
+            "EV_KAFKA_RUN_DIR": str(workdir / "kafka"),
+            "PYTHON": sys.executable,
+        }
+        self.processes: list[HostProcess] = []
+        self.central: HostProcess | None = None
+        self.engines: dict[str, HostProcess] = {}
+        self.monitors: dict[str, HostProcess] = {}
+        self._names: dict[str, int] = {}
+
+    # --- the command lines (also compared with the compose files) ------------------------------
+
+    @property
+    def broker(self) -> str:
+        return self.config["KAFKA_BOOTSTRAP"]
+
+    def engine_port(self, cp_id: str) -> int:
+        return int(self.config["ENGINE_BASE_PORT"]) + CP_IDS.index(cp_id)
+
+    def central_args(self) -> list[str]:
+        return [
+            *("-m", "EV_Central", "--port", self.config["CENTRAL_PORT"]),
+            *("--broker", self.broker, "--db", str(self.db_path)),
+            *("--http-port", self.config["CENTRAL_HTTP_PORT"], "--listen-host", "0.0.0.0"),
+            *("--console", "log"),
+        ]
+
+    def engine_args(self, cp_id: str) -> list[str]:
+        listen = f"{self.config['PC3_IP']}:{self.engine_port(cp_id)}"
+        return [
+            *("-m", "EV_CP_E", "--broker", self.broker, "--listen", listen),
+            *("--auto-plug", AUTO_PLUG, "--auto-unplug", AUTO_UNPLUG),
+        ]
+
+    def monitor_args(self, cp_id: str) -> list[str]:
+        engine = f"{self.config['PC3_IP']}:{self.engine_port(cp_id)}"
+        return [
+            *("-m", "EV_CP_M", "--engine", engine, "--central", self.config["CENTRAL_ADDRESS"]),
+            *("--cp-id", cp_id, "--broker", self.broker),
+        ]
+
+    def driver_args(self, driver_id: str, *flags: str) -> list[str]:
+        return ["-m", "EV_Driver", "--broker", self.broker, "--driver-id", driver_id, *flags]
+
+    # --- processes ------------------------------------------------------------------------------
+
+    def _start(self, pc: str, name: str, args: list[str]) -> HostProcess:
+        count = self._names[name] = self._names.get(name, 0) + 1
+        label = name if count == 1 else f"{name}-{count}"
+        proc = HostProcess(self.net.ns(pc), label, args, self.workdir)
+        self.processes.append(proc)
+        return proc.start()
+
+    def start_kafka(self) -> None:
+        _run(
+            ["ip", "netns", "exec", self.net.ns("pc2"), str(KAFKA_SH), "start"]
+            + [self.config["KAFKA_PORT"]],
+            scaled(300),
+            self.kafka_env,
+        )
+
+    def stop_kafka(self) -> None:
+        _run(
+            ["ip", "netns", "exec", self.net.ns("pc2"), str(KAFKA_SH), "stop"]
+            + [self.config["KAFKA_PORT"]],
+            scaled(60),
+            self.kafka_env,
+        )
+
+    def start_central(self) -> HostProcess:
+        self.central = self._start("pc2", "central", self.central_args())
+        return self.central
+
+    def start_cp(self, cp_id: str) -> None:
+        self.engines[cp_id] = self._start("pc3", f"engine-{cp_id}", self.engine_args(cp_id))
+        self.monitors[cp_id] = self._start("pc3", f"monitor-{cp_id}", self.monitor_args(cp_id))
+
+    def start_driver(self, driver_id: str, *flags: str) -> HostProcess:
+        args = self.driver_args(driver_id, *flags, "--json")
+        return self._start("pc1", f"driver-{driver_id}", args)
+
+    def stop_drivers(self) -> None:
+        for proc in self.processes:
+            if proc.name.startswith("driver-"):
+                proc.stop()
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.processes):
+            proc.stop()
+
+    def central_url(self) -> str:
+        return f"http://{self.config['PC2_IP']}:{self.config['CENTRAL_HTTP_PORT']}"
+
+    # --- Central's database, read from the shared filesystem -------------------------------------
+
+    def query(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+        with contextlib.closing(sqlite3.connect(self.db_path, timeout=10)) as db:
+            return db.execute(sql, params).fetchall()
+
+    def balance(self, driver_id: str) -> int:
+        return int(self.query("SELECT balance_cents FROM users WHERE id = ?", driver_id)[0][0])

@@ -1,0 +1,149 @@
+"""The simulated hosts run what the per-PC compose files run.
+
+For each of our services the compose file has one that starts the same module with the same
+settings (after substituting the .env that network_config.py writes, with the simulated PCs'
+addresses). Every difference must be one listed in RULES, with its reason.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from compose_spec import (
+    ComposeService,
+    compose_services,
+    flags_of,
+    load_dockerfile,
+    port_of,
+)
+from netsim import CP_IDS, MultiHostDeployment, SimulatedNetwork
+
+from procs import REPO_ROOT
+
+pytestmark = [pytest.mark.multihost]
+
+DOCKERFILE = REPO_ROOT / "docker" / "Dockerfile"
+
+EQUAL = "equal"  # the same value
+SAME_PORT = "same port"  # host:port with the same port; the host is the container's view
+SET = "set"  # both set; the value is where the container keeps or finds it
+ANY = "any"  # presentation only
+
+RULES: dict[str, dict[str, str | tuple[str, str]]] = {
+    "EV_Central": {
+        "--port": EQUAL,
+        "--http-port": EQUAL,
+        # In its container Central dials Kafka's internal listener (kafka:29092); the other
+        # PCs dial PC2_IP:KAFKA_PORT, as the simulated Central does.
+        "--broker": SET,
+        "--db": SET,  # a volume in the container, the test's directory here
+        "--listen-host": ("default", "0.0.0.0"),  # compose relies on the default we pass
+        "--console": ANY,
+        "--log-json": ANY,
+    },
+    "EV_CP_E": {
+        "--broker": EQUAL,
+        "--listen": SAME_PORT,  # 0.0.0.0 in its container, PC3's address here
+        # Compose engines are driven by hand (docker attach); the tests add automatic plugging.
+        "--auto-plug": ANY,
+        "--auto-unplug": ANY,
+        "--log-json": ANY,
+    },
+    "EV_CP_M": {
+        "--engine": SAME_PORT,  # the engine's container name on PC3's Docker network
+        "--central": EQUAL,
+        "--cp-id": EQUAL,
+        "--broker": EQUAL,
+        "--log-json": ANY,
+    },
+}
+
+
+def ours() -> MultiHostDeployment:
+    """The simulated deployment's command lines (nothing is started)."""
+    return MultiHostDeployment(SimulatedNetwork("evtcheck", "10.231.0"), Path("/nonexistent"))
+
+
+def compare(module: str, our_args: list[str], theirs: ComposeService) -> list[str]:
+    our_module, our_words, our_flags = flags_of(our_args)
+    where = f"{theirs.file} {theirs.name}"
+    problems = []
+    if (our_module, our_words) != (theirs.module, theirs.words):
+        problems.append(f"{where}: runs {theirs.module} {theirs.words}, we run {our_module}")
+    if theirs.missing:
+        problems.append(f"{where}: .env lacks {sorted(theirs.missing)}")
+    rules = RULES[module]
+    for flag in sorted(set(our_flags) | set(theirs.flags)):
+        mine, other = our_flags.get(flag), theirs.flags.get(flag)
+        rule = rules.get(flag)
+        if rule is None:
+            problems.append(f"{where}: {flag} differs (ours {mine!r}, compose {other!r})")
+        elif rule == ANY:
+            continue
+        elif mine is None or (other is None and not isinstance(rule, tuple)):
+            problems.append(f"{where}: {flag} only in {'compose' if mine is None else 'ours'}")
+        elif isinstance(rule, tuple):
+            if (other if other is not None else rule[1]) != mine:
+                problems.append(f"{where}: {flag} is {other!r} there, {mine!r} here")
+        elif rule == EQUAL and mine != other:
+            problems.append(f"{where}: {flag} is {other!r} there, {mine!r} here")
+        elif rule == SAME_PORT and port_of(mine) != port_of(other or ""):
+            problems.append(f"{where}: {flag} port {other!r} there, {mine!r} here")
+    return problems
+
+
+def services_of(pc: str, system: MultiHostDeployment) -> list[ComposeService]:
+    compose_file = REPO_ROOT / f"docker-compose.{pc}.yml"
+    if not compose_file.exists() or not DOCKERFILE.exists():
+        pytest.skip(f"{compose_file.name} or docker/Dockerfile not present")
+    return compose_services(compose_file, load_dockerfile(DOCKERFILE.read_text()), system.config)
+
+
+def one(services: list[ComposeService], module: str, what: str) -> ComposeService:
+    found = [s for s in services if s.module == module and not s.words]
+    assert len(found) == 1, f"expected one {what} ({module}) in the compose file, found {found}"
+    return found[0]
+
+
+def test_pc2_central_matches_compose() -> None:
+    system = ours()
+    central = one(services_of("pc2", system), "EV_Central", "Central")
+    problems = compare("EV_Central", system.central_args(), central)
+    assert not problems, "\n".join(problems)
+
+
+def test_pc3_charging_points_match_compose() -> None:
+    system = ours()
+    services = services_of("pc3", system)
+    by_name = {s.name: s for s in services}
+    monitors = {
+        s.flags.get("--cp-id"): s for s in services if s.module == "EV_CP_M" and not s.words
+    }
+    problems = []
+    for cp_id in CP_IDS:
+        monitor = monitors.get(cp_id)
+        assert monitor is not None, f"no monitor for {cp_id} in docker-compose.pc3.yml"
+        problems += compare("EV_CP_M", system.monitor_args(cp_id), monitor)
+        # The monitor names its engine by container name (or by address: then by port).
+        engine_host, _, engine_port = monitor.flags["--engine"].rpartition(":")
+        engine = by_name.get(engine_host) or next(
+            (
+                s
+                for s in services
+                if s.module == "EV_CP_E" and port_of(s.flags.get("--listen", "")) == engine_port
+            ),
+            None,
+        )
+        assert engine is not None and engine.module == "EV_CP_E", monitor
+        problems += compare("EV_CP_E", system.engine_args(cp_id), engine)
+    assert not problems, "\n".join(problems)
+
+
+def test_pc1_driver_uses_the_same_broker() -> None:
+    """PC1's compose runs the drivers' dashboard; the command-line app shares its image."""
+    system = ours()
+    drivers = [s for s in services_of("pc1", system) if s.module == "EV_Driver"]
+    assert drivers, "no EV_Driver service in docker-compose.pc1.yml"
+    _, _, flags = flags_of(system.driver_args("user1", "--cp", "CP001"))
+    assert {s.flags.get("--broker") for s in drivers} == {flags["--broker"]}
