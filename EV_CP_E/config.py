@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from shared.settings import (
     EnvArgumentParser,
     add_common_options,
+    broker_address,
     host_port,
     positive_float,
     seconds,
@@ -33,7 +33,9 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvArgumentParser:
         description="The charging point's engine: supplies energy, answers its monitor.",
         environ=environ,
     )
-    parser.add_option("--broker", required=True, type=str, help="Kafka bootstrap HOST:PORT")
+    parser.add_option(
+        "--broker", required=True, type=broker_address, help="Kafka bootstrap HOST:PORT"
+    )
     parser.add_option(
         "--listen", required=True, type=host_port, help="HOST:PORT the monitor connects to"
     )
@@ -63,11 +65,6 @@ def parse_settings(
     """Parse the command line; exits 2 on bad arguments, raises ConfigError on bad env."""
     parser = build_parser(environ)
     args = parser.parse_args(argv)
-    for server in args.broker.split(","):
-        try:
-            host_port(server.strip())
-        except argparse.ArgumentTypeError as exc:
-            parser.error(f"argument --broker: {exc}")
     return EngineSettings(
         broker=args.broker,
         listen=args.listen,

@@ -6,7 +6,14 @@ import argparse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from shared.settings import EnvArgumentParser, add_common_options, host_port, identifier, seconds
+from shared.settings import (
+    EnvArgumentParser,
+    add_common_options,
+    broker_address,
+    host_port,
+    identifier,
+    seconds,
+)
 
 
 @dataclass(frozen=True)
@@ -46,11 +53,10 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvArgumentParser:
 
 def check_broker(parser: argparse.ArgumentParser, broker: str) -> None:
     """Exit 2 unless `broker` is a comma-separated list of HOST:PORT."""
-    for server in broker.split(","):
-        try:
-            host_port(server.strip())
-        except argparse.ArgumentTypeError as exc:
-            parser.error(f"argument --broker: {exc}")
+    try:
+        broker_address(broker)
+    except argparse.ArgumentTypeError as exc:
+        parser.error(f"argument --broker: {exc}")
 
 
 def parse_settings(

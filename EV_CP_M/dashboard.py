@@ -8,7 +8,6 @@ the site every half second.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -36,7 +35,7 @@ from shared.messages import CP_HEALTH, CP_STATE
 from shared.settings import (
     EnvArgumentParser,
     add_common_options,
-    host_port,
+    broker_address,
     port_number,
     seconds,
 )
@@ -74,7 +73,9 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvArgumentParser:
         description="The site dashboard: the health of the site's CPs, from their monitors.",
         environ=environ,
     )
-    parser.add_option("--broker", required=True, help="Kafka bootstrap HOST:PORT")
+    parser.add_option(
+        "--broker", required=True, type=broker_address, help="Kafka bootstrap HOST:PORT"
+    )
     parser.add_option("--http-port", type=port_number, default=8003, help="web port")
     parser.add_option("--listen-host", default="0.0.0.0", help="address the server binds to")
     parser.add_option(
@@ -93,11 +94,6 @@ def parse_settings(
     """Parse the command line; exits 2 on bad arguments, raises ConfigError on bad env."""
     parser = build_parser(environ)
     args = parser.parse_args(argv)
-    for server in args.broker.split(","):
-        try:
-            host_port(server.strip())
-        except argparse.ArgumentTypeError as exc:
-            parser.error(f"argument --broker: {exc}")
     return DashboardSettings(
         broker=args.broker,
         http_port=args.http_port,

@@ -12,7 +12,7 @@ from shared.errors import ConfigError
 from shared.settings import (
     EnvArgumentParser,
     add_common_options,
-    host_port,
+    broker_address,
     positive_float,
     seconds,
 )
@@ -50,11 +50,6 @@ def identifier(value: str) -> str:
     problem = identifier_problem(value, "id")
     if problem is not None:
         raise argparse.ArgumentTypeError(problem)
-    return value
-
-
-def broker_address(value: str) -> str:
-    host_port(value)  # validates; Kafka takes the string as it is
     return value
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from EV_Driver.config import broker_address
 from shared.settings import (
     EnvArgumentParser,
     add_common_options,
+    broker_address,
     port_number,
     positive_float,
     seconds,

@@ -65,6 +65,13 @@ def host_port(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def broker_address(value: str) -> str:
+    """Kafka bootstrap servers: HOST:PORT, or several separated by commas (kept as given)."""
+    for server in value.split(","):
+        host_port(server.strip())
+    return value.strip()
+
+
 def port_number(value: str) -> int:
     if not value.isdigit() or not 0 <= int(value) < 65536:
         raise argparse.ArgumentTypeError(f"expected a port number, got {value!r}")
