@@ -108,7 +108,8 @@ class FramedConnection(Generic[T]):
         self._closed = True
         if self._task is not None and self._task is not asyncio.current_task():
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # The reader's own ending (cancelled, or failed) is no concern of whoever closes.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
         self._writer.close()
         with contextlib.suppress(Exception):
@@ -142,7 +143,8 @@ class FramedConnection(Generic[T]):
                     break
                 with contextlib.suppress(ConnectionError):
                     await self._writer.drain()
-        except (ConnectionError, OSError) as exc:
+        except (ConnectionError, OSError, ConnectionLost) as exc:
+            # ConnectionLost: an ACK or NACK could not be written because we closed first.
             reason = f"connection error: {exc}"
         finally:
             self._closed = True
