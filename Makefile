@@ -12,6 +12,7 @@ help:
 	@echo "make stop       stop what 'make run' started"
 	@echo "make test       install, lint, type-check and run every test"
 	@echo "make test-fast  unit tests only"
+	@echo "make bench      fleet benchmark of Central (BENCH_ARGS='--sizes 100,1000 --duration 20')"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,3 +46,15 @@ stop:
 
 clean: stop
 	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache *.egg-info
+
+# The fleet benchmark: writes bench/results.json, bench/results.png and docs/performance.md.
+.PHONY: bench
+BENCH_STAMP := $(VENV)/.bench-installed
+BENCH_ARGS ?=
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP) kafka-jars
+	$(PY) -m bench.run $(BENCH_ARGS)

@@ -36,6 +36,9 @@ class Transaction:
     async def execute(self, sql: str, params: Iterable[Any] = ()) -> aiosqlite.Cursor:
         return await self.conn.execute(sql, tuple(params))
 
+    async def executemany(self, sql: str, rows: Iterable[Iterable[Any]]) -> None:
+        await self.conn.executemany(sql, [tuple(r) for r in rows])
+
     async def fetchone(self, sql: str, params: Iterable[Any] = ()) -> aiosqlite.Row | None:
         async with self.conn.execute(sql, tuple(params)) as cur:
             return await cur.fetchone()

@@ -154,6 +154,15 @@ class MonitorServer:
         )
         await self.central.monitor_connected(cp, link)
         link.offer(cp.state)
+        central = self.central
+
+        def heartbeat_fast(message: MonitorToCentral) -> bool:
+            # No task switch, no queue: a heartbeat only moves the CP's last-seen time.
+            if type(message) is Heartbeat and message.cp_id == cp.id:
+                return central.heartbeat_fast(cp, message.engine_ok, link)
+            return False
+
+        conn.fast_path = heartbeat_fast
         return link
 
     async def _serve(self, link: MonitorLink) -> None:

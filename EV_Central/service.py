@@ -21,6 +21,7 @@ from aiokafka.errors import KafkaError
 
 from EV_Central.config import CentralSettings
 from EV_Central.db import ACTIVE_STATUSES, Database, Transaction, ticket_from_row
+from EV_Central.metrics import Histogram
 from EV_Central.passwords import verify_password
 from EV_Central.pricing import cap_to_balance, decide_request, max_kwh_for
 from EV_Central.registry import ChargingPoint, LiveSession, Registry, SessionPhase
@@ -93,6 +94,12 @@ class Central:
         self.events: collections.deque[CentralEvent] = collections.deque(maxlen=200)
         self.counters: collections.Counter[str] = collections.Counter()
         self.broker_ok = False
+        # Observability (/metrics): handler latency per message type, lag per partition.
+        self.handler_seconds: dict[str, Histogram] = collections.defaultdict(Histogram)
+        self.consumer_lag: dict[str, int] = {}
+        self.loop_lag = Histogram()  # how late the supervisor's 0.25 s timer fires
+        # Telemetry of one consumer poll, written in one transaction (latest per session).
+        self._telemetry: dict[str, tuple[ChargingPoint, LiveSession, CPTelemetry]] = {}
         self._outbox_wake = asyncio.Event()
         self._dirty: set[str] = set()
         self._dirty_wake = asyncio.Event()
@@ -203,6 +210,15 @@ class Central:
             for tp, records in batches.items():
                 for record in records:
                     await self._dispatch(tp.topic, record)
+                highwater = consumer.highwater(tp)
+                if highwater is not None:
+                    lag = highwater - (records[-1].offset + 1)
+                    self.consumer_lag[f"{tp.topic}/{tp.partition}"] = max(0, lag)
+            try:
+                await self._flush_telemetry()
+            except Exception:
+                self.counters["handler_errors"] += 1
+                log.exception("writing a batch of telemetry failed")
             try:
                 await consumer.commit()
                 backoff.reset()
@@ -212,19 +228,30 @@ class Central:
 
     async def _dispatch(self, topic: str, record: ConsumerRecord[bytes, bytes]) -> None:
         key = record.key.decode("utf-8", "replace") if record.key else ""
+        started = time.perf_counter()
+        kind: str
         try:
             if topic == Topics.DRIVER_REQUESTS:
                 request = decode_record(DRIVER_REQUESTS, record)
                 if request.driver_id != key:
                     raise MessageError(f"key {key!r} does not match driver {request.driver_id!r}")
                 self.counters[request.type] += 1
+                await self._flush_telemetry()
                 await self._on_driver_request(request)
+                kind = request.type
             else:
                 event = decode_record(CP_EVENTS, record)
                 if event.cp_id != key:
                     raise MessageError(f"key {key!r} does not match CP {event.cp_id!r}")
                 self.counters[event.type] += 1
-                await self._on_cp_event(event)
+                if isinstance(event, CPTelemetry):
+                    self._stage_telemetry(event)
+                else:
+                    # Keep the order of one CP's events: its earlier telemetry is written first.
+                    await self._flush_telemetry()
+                    await self._on_cp_event(event)
+                kind = event.type
+            self.handler_seconds[kind].observe(time.perf_counter() - started)
         except MessageError as exc:
             self.counters["invalid"] += 1
             log.warning(
@@ -265,7 +292,8 @@ class Central:
             case CPPlugged():
                 await self._on_plugged(event)
             case CPTelemetry():
-                await self._on_telemetry(event)
+                self._stage_telemetry(event)
+                await self._flush_telemetry()
             case CPSupplyEnded():
                 await self._on_supply_ended(event)
 
@@ -448,7 +476,8 @@ class Central:
                 "started", f"{cp.id}: supplying {cp.session.driver_id}", cp.id, cp.session.driver_id
             )
 
-    async def _on_telemetry(self, event: CPTelemetry) -> None:
+    def _stage_telemetry(self, event: CPTelemetry) -> None:
+        """Take a telemetry sample into memory; `_flush_telemetry` makes it durable."""
         cp = self.registry.get(event.cp_id)
         live = cp.session if cp is not None else None
         if cp is None or live is None or live.session_id != event.session_id:
@@ -459,33 +488,62 @@ class Central:
         live.kw = event.kw
         live.kwh = max(live.kwh, event.kwh)
         live.last_telemetry_at = time.time()
+        self._telemetry[live.session_id] = (cp, live, event)
+
+    async def _flush_telemetry(self) -> None:
+        """Write the staged telemetry in one transaction, then tell drivers and check balances.
+
+        Runs before any other event is handled and at the end of every consumer poll, before
+        the offsets are committed: a sample is durable before its offset is.
+        """
+        if not self._telemetry:
+            return
+        staged, self._telemetry = self._telemetry, {}
+        started = time.perf_counter()
+        rows = [
+            (event.kw, live.kwh, live.last_telemetry_at, live.last_seq, live.session_id)
+            for _, live, event in staged.values()
+        ]
+        drivers = sorted({live.driver_id for _, live, _ in staged.values()})
+        balances: dict[str, int] = {}
         async with self.db.transaction() as tx:
-            await tx.execute(
+            # kwh only grows and seq only moves forward, whatever order rows arrive in.
+            await tx.executemany(
                 "UPDATE sessions SET kw = ?, kwh = MAX(kwh, ?), last_telemetry_at = ?,"
-                " last_telemetry_seq = ? WHERE id = ?",
-                (event.kw, event.kwh, live.last_telemetry_at, event.seq, event.session_id),
+                " last_telemetry_seq = MAX(COALESCE(last_telemetry_seq, -1), ?) WHERE id = ?",
+                rows,
             )
-            user = await tx.fetchone(
-                "SELECT balance_cents FROM users WHERE id = ?", (live.driver_id,)
+            for i in range(0, len(drivers), 500):
+                chunk = drivers[i : i + 500]
+                marks = ",".join("?" * len(chunk))
+                for row in await tx.fetchall(
+                    f"SELECT id, balance_cents FROM users WHERE id IN ({marks})", chunk
+                ):
+                    balances[row["id"]] = int(row["balance_cents"])
+        self.handler_seconds["telemetry_batch"].observe(time.perf_counter() - started)
+        for cp, live, event in staged.values():
+            self.changed(cp)
+            await self.bus.post(
+                Topics.DRIVER_UPDATES,
+                live.driver_id,
+                SupplyProgress(
+                    driver_id=live.driver_id,
+                    cp_id=cp.id,
+                    session_id=live.session_id,
+                    kw=event.kw,
+                    kwh=round(live.kwh, 4),
+                    amount_eur=live.amount_eur,
+                ),
             )
-        self.changed(cp)
-        await self.bus.post(
-            Topics.DRIVER_UPDATES,
-            live.driver_id,
-            SupplyProgress(
-                driver_id=live.driver_id,
-                cp_id=cp.id,
-                session_id=live.session_id,
-                kw=event.kw,
-                kwh=round(live.kwh, 4),
-                amount_eur=live.amount_eur,
-            ),
-        )
-        balance = int(user["balance_cents"]) if user else 0
-        if live.phase == SessionPhase.SUPPLYING and live.amount_eur * 100 >= balance:
-            await self.begin_end(
-                cp, EndReason.BALANCE_EXHAUSTED, self.settings.end_grace, tell_engine=True
-            )
+            balance = balances.get(live.driver_id, 0)
+            if (
+                cp.session is live
+                and live.phase == SessionPhase.SUPPLYING
+                and live.amount_eur * 100 >= balance
+            ):
+                await self.begin_end(
+                    cp, EndReason.BALANCE_EXHAUSTED, self.settings.end_grace, tell_engine=True
+                )
 
     async def _on_supply_ended(self, event: CPSupplyEnded) -> None:
         cp = self.registry.get(event.cp_id)
@@ -682,6 +740,14 @@ class Central:
                 tell_engine=cp.session.phase != SessionPhase.SUPPLYING,
             )
 
+    def heartbeat_fast(self, cp: ChargingPoint, engine_ok: bool, connection: object) -> bool:
+        """The common heartbeat, handled without awaiting: True when nothing else changes."""
+        if cp.connection is not connection or cp.engine_ok != engine_ok:
+            return False  # reconnection, stale link or a health change: the full path
+        cp.last_heartbeat = time.time()
+        self.counters["heartbeat"] += 1
+        return True
+
     async def heartbeat(self, cp: ChargingPoint, engine_ok: bool, connection: object) -> None:
         if cp.connection is None:
             # Heartbeats resumed on a connection that had gone silent: connected again.
@@ -689,7 +755,9 @@ class Central:
         elif cp.connection is not connection:
             return  # a stale connection that another monitor login replaced
         cp.last_heartbeat = time.time()
-        await self.engine_health(cp, engine_ok, "")
+        self.counters["heartbeat"] += 1
+        if cp.engine_ok != engine_ok:
+            await self.engine_health(cp, engine_ok, "")
 
     async def engine_health(self, cp: ChargingPoint, ok: bool, detail: str) -> None:
         if cp.engine_ok == ok:
@@ -871,8 +939,11 @@ class Central:
 
     async def _supervise(self) -> None:
         """Heartbeat timeouts, authorisation expiry, settle deadlines, lost engines."""
+        loop = asyncio.get_running_loop()
         while True:
+            due = loop.time() + 0.25
             await asyncio.sleep(0.25)
+            self.loop_lag.observe(max(0.0, loop.time() - due))
             now = time.time()
             for cp in self.registry.stale(now, self.settings.heartbeat_timeout):
                 await self.monitor_lost(

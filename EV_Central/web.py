@@ -20,10 +20,11 @@ from websockets.http11 import Request, Response
 
 from EV_Central.admin_api import ADMIN_REQUEST, MAX_COMMAND_BYTES, AdminCommand, RegisterCP
 from EV_Central.db import session_api
+from EV_Central.metrics import render
 from EV_Central.registry import ChargingPoint
 from EV_Central.service import Central, CentralEvent
 from shared.messages import STATE_COLOURS
-from shared.web import error_response, json_response, split_path, static_response
+from shared.web import error_response, json_response, response, split_path, static_response
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,8 @@ class AdminWeb:
                 return json_response([cp.as_api() for cp in self.central.registry.sorted()])
             if path == "/api/sessions":
                 return await self._sessions(query)
+            if path == "/metrics":
+                return await self._metrics()
             if path == "/api/stats":
                 return json_response({"messages": dict(self.central.counters)})
             if path == "/api/events":
@@ -122,6 +125,34 @@ class AdminWeb:
     async def _healthz(self) -> Response:
         status = await self._status()
         return json_response(status, 200 if status["status"] == "ok" else 503)
+
+    async def _metrics(self) -> Response:
+        """Prometheus text format: CPs, sessions, messages, handler latency, lag, clients."""
+        central = self.central
+        cps_by_state = {state.value: 0 for state in STATE_COLOURS}
+        monitors = 0
+        for cp in central.registry.cps.values():
+            cps_by_state[cp.state.value] += 1
+            monitors += cp.connected
+        sessions = {
+            row[0]: int(row[1])
+            for row in await central.db.read(
+                "SELECT status, COUNT(*) FROM sessions GROUP BY status"
+            )
+        }
+        outbox = await central.db.read("SELECT COUNT(*) FROM outbox")
+        text = render(
+            cps_by_state=cps_by_state,
+            sessions_by_status=sessions,
+            messages=dict(central.counters),
+            handler_seconds=dict(central.handler_seconds),
+            consumer_lag=dict(central.consumer_lag),
+            monitors_connected=monitors,
+            websocket_clients=self.client_count,
+            outbox_pending=int(outbox[0][0]) if outbox else None,
+            loop_lag=central.loop_lag,
+        )
+        return response(200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
 
     async def _drivers(self) -> list[dict[str, Any]]:
         rows = await self.central.db.read(

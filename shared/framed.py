@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 from pydantic import TypeAdapter
@@ -58,6 +59,10 @@ class FramedConnection(Generic[T]):
         self._closed = False
         self.bad_inputs = 0
         self.close_reason: str | None = None
+        # Optional synchronous handler for the commonest messages (Central's heartbeats):
+        # it returns True when it handled the message, which then skips the inbox. Used only
+        # while the inbox is empty, so messages are still handled in the order they came.
+        self.fast_path: Callable[[T], bool] | None = None
 
     @property
     def peer(self) -> Any:
@@ -162,6 +167,9 @@ class FramedConnection(Generic[T]):
                     self._reject(str(exc))
                 else:
                     self._write(framing.ACK_BYTE)
+                    fast = self.fast_path
+                    if fast is not None and self._inbox.empty() and fast(message):
+                        continue
                     if self._inbox.full():
                         return "peer is sending faster than it is read"
                     self._inbox.put_nowait(message)

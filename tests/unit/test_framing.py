@@ -140,3 +140,15 @@ def test_encode_refuses_oversized_data() -> None:
 def test_encode_refuses_stx_or_etx_in_data(control: int) -> None:
     with pytest.raises(ValueError, match="STX or ETX"):
         encode_frame(b"ab" + bytes([control]) + b"cd")
+
+
+def test_lrc_equals_the_bytewise_xor_for_every_length() -> None:
+    # lrc folds the bytes as one integer; it must equal the plain XOR of DATA and ETX.
+    import functools
+    import random
+
+    rng = random.Random(7)
+    for size in [*range(0, 300), 4096, 65536]:
+        data = bytes(rng.randrange(256) for _ in range(size))
+        expected = functools.reduce(lambda acc, b: acc ^ b, data, 0) ^ ETX
+        assert lrc(data) == expected, size

@@ -1,0 +1,144 @@
+"""Central's metrics in the Prometheus text format (pure: no I/O).
+
+Histograms are cumulative with fixed buckets in seconds; `render` turns a snapshot of
+Central's state into the exposition text served on the admin port's /metrics.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Mapping
+
+# Handler latencies: from 50 µs to 2.5 s.
+LATENCY_BUCKETS = (
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+)
+
+
+class Histogram:
+    """A cumulative histogram: counts per upper bound, a sum and a count."""
+
+    __slots__ = ("bounds", "buckets", "count", "sum")
+
+    def __init__(self, bounds: Iterable[float] = LATENCY_BUCKETS) -> None:
+        self.bounds = tuple(bounds)
+        self.buckets = [0] * (len(self.bounds) + 1)  # the last one is +Inf
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.buckets[bisect.bisect_left(self.bounds, value)] += 1
+        self.count += 1
+        self.sum += value
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """(le, cumulative count) pairs, ending with +Inf."""
+        total = 0
+        out = []
+        for bound, n in zip((*map(_number, self.bounds), "+Inf"), self.buckets, strict=True):
+            total += n
+            out.append((bound, total))
+        return out
+
+
+def _number(value: float) -> str:
+    return repr(float(value)) if value != int(value) else f"{value:.1f}"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(labels: Mapping[str, str]) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items()) + "}"
+
+
+class Exposition:
+    """Builds the text: one HELP and TYPE per family, then its samples."""
+
+    def __init__(self) -> None:
+        self._lines: list[str] = []
+
+    def family(self, name: str, kind: str, help_text: str) -> None:
+        self._lines.append(f"# HELP {name} {help_text}")
+        self._lines.append(f"# TYPE {name} {kind}")
+
+    def sample(self, name: str, value: float, labels: Mapping[str, str] | None = None) -> None:
+        self._lines.append(f"{name}{_labels(labels or {})} {_value(value)}")
+
+    def histogram(self, name: str, hist: Histogram, labels: Mapping[str, str]) -> None:
+        for le, count in hist.cumulative():
+            self.sample(f"{name}_bucket", count, {**labels, "le": le})
+        self.sample(f"{name}_sum", hist.sum, labels)
+        self.sample(f"{name}_count", hist.count, labels)
+
+    def text(self) -> str:
+        return "\n".join(self._lines) + "\n"
+
+
+def _value(value: float) -> str:
+    if isinstance(value, int):
+        return str(value)
+    return repr(float(value))
+
+
+def render(
+    *,
+    cps_by_state: Mapping[str, int],
+    sessions_by_status: Mapping[str, int],
+    messages: Mapping[str, int],
+    handler_seconds: Mapping[str, Histogram],
+    consumer_lag: Mapping[str, int],
+    monitors_connected: int,
+    websocket_clients: int,
+    outbox_pending: int | None = None,
+    loop_lag: Histogram | None = None,
+) -> str:
+    """The whole /metrics page."""
+    out = Exposition()
+    out.family("ev_central_cps", "gauge", "Charging points by state.")
+    for state, n in sorted(cps_by_state.items()):
+        out.sample("ev_central_cps", n, {"state": state})
+    out.family("ev_central_sessions", "gauge", "Sessions in the database by status.")
+    for status, n in sorted(sessions_by_status.items()):
+        out.sample("ev_central_sessions", n, {"status": status})
+    out.family("ev_central_messages_total", "counter", "Messages handled, by type.")
+    for kind, n in sorted(messages.items()):
+        out.sample("ev_central_messages_total", n, {"type": kind})
+    out.family("ev_central_handler_seconds", "histogram", "Time spent handling a message, by type.")
+    for kind, hist in sorted(handler_seconds.items()):
+        out.histogram("ev_central_handler_seconds", hist, {"type": kind})
+    out.family(
+        "ev_central_consumer_lag", "gauge", "Records behind the high watermark, by partition."
+    )
+    for partition, lag in sorted(consumer_lag.items()):
+        out.sample("ev_central_consumer_lag", lag, {"partition": partition})
+    out.family("ev_central_monitors_connected", "gauge", "Authenticated monitor connections.")
+    out.sample("ev_central_monitors_connected", monitors_connected)
+    out.family("ev_central_websocket_clients", "gauge", "Admin WebSocket clients.")
+    out.sample("ev_central_websocket_clients", websocket_clients)
+    if loop_lag is not None:
+        out.family(
+            "ev_central_event_loop_lag_seconds", "histogram", "How late a 0.25 s timer fires."
+        )
+        out.histogram("ev_central_event_loop_lag_seconds", loop_lag, {})
+    if outbox_pending is not None:
+        out.family("ev_central_outbox_pending", "gauge", "Messages waiting in the outbox.")
+        out.sample("ev_central_outbox_pending", outbox_pending)
+    return out.text()

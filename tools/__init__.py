@@ -1,0 +1,1 @@
+"""Developer tools run from the repository root with `python -m tools.<name>` (not installed)."""

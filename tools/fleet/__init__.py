@@ -1,0 +1,1 @@
+"""A fleet simulator: thousands of charging points and drivers against a real Central."""
