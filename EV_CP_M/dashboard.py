@@ -39,7 +39,7 @@ from shared.settings import (
     port_number,
     seconds,
 )
-from shared.web import error_response, json_response, split_path, static_response
+from shared.web import bound_port, error_response, json_response, split_path, static_response
 
 log = logging.getLogger(__name__)
 
@@ -197,9 +197,7 @@ class SiteDashboard:
             max_queue=4,
             server_header="EV_CP_M site dashboard",
         )
-        for sock in self._server.sockets:
-            self.port = sock.getsockname()[1]
-            break
+        self.port = bound_port(self._server.sockets, self.settings.http_port)
         log.info("site dashboard on http://%s:%d/", self.settings.listen_host, self.port)
 
     async def stop(self) -> None:

@@ -28,6 +28,7 @@ from shared.messages import (
     MonitorToCentral,
     RecoveryReport,
 )
+from shared.web import bound_port
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +61,7 @@ class MonitorServer:
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, self.host, self.port)
-        for sock in self._server.sockets:
-            self.port = sock.getsockname()[1]
-            break
+        self.port = bound_port(self._server.sockets, self.port)
         log.info("listening for monitors on %s:%d", self.host, self.port)
 
     async def stop(self) -> None:

@@ -821,11 +821,16 @@ class Central:
             return
         await self.begin_end(cp, EndReason.DRIVER_STOP, self.settings.end_grace, tell_engine=True)
 
-    async def _on_status_query(self, query: StatusQuery) -> None:
+    async def _driver_balance(self, driver_id: str) -> int | None:
+        """A driver's balance in cents, or None when no driver has that id."""
         rows = await self.db.read(
-            "SELECT role, balance_cents FROM users WHERE id = ?", (query.driver_id,)
+            "SELECT balance_cents FROM users WHERE id = ? AND role = 'driver'", (driver_id,)
         )
-        known = bool(rows) and rows[0]["role"] == "driver"
+        return int(rows[0]["balance_cents"]) if rows else None
+
+    async def _on_status_query(self, query: StatusQuery) -> None:
+        balance = await self._driver_balance(query.driver_id)
+        known = balance is not None
         active = None
         unseen = []
         if known:
@@ -853,7 +858,7 @@ class Central:
                 driver_id=query.driver_id,
                 request_id=query.id,
                 known=known,
-                balance_eur=rows[0]["balance_cents"] / 100 if known else None,
+                balance_eur=balance / 100 if balance is not None else None,
                 active_session=active,
                 unseen_tickets=unseen,
                 available_cps=[
@@ -863,10 +868,8 @@ class Central:
         )
 
     async def _on_history(self, query: HistoryQuery) -> None:
-        rows = await self.db.read(
-            "SELECT role, balance_cents FROM users WHERE id = ?", (query.driver_id,)
-        )
-        known = bool(rows) and rows[0]["role"] == "driver"
+        balance = await self._driver_balance(query.driver_id)
+        known = balance is not None
         tickets = []
         if known:
             tickets = [
@@ -884,7 +887,7 @@ class Central:
                 driver_id=query.driver_id,
                 request_id=query.id,
                 known=known,
-                balance_eur=rows[0]["balance_cents"] / 100 if known else None,
+                balance_eur=balance / 100 if balance is not None else None,
                 tickets=tickets,
             ),
         )

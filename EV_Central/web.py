@@ -24,7 +24,14 @@ from EV_Central.metrics import render
 from EV_Central.registry import ChargingPoint
 from EV_Central.service import Central, CentralEvent
 from shared.messages import STATE_COLOURS
-from shared.web import error_response, json_response, response, split_path, static_response
+from shared.web import (
+    bound_port,
+    error_response,
+    json_response,
+    response,
+    split_path,
+    static_response,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +62,7 @@ class AdminWeb:
             max_size=MAX_COMMAND_BYTES,
             server_header="EV_Central",
         )
-        for sock in self._server.sockets:
-            self.port = sock.getsockname()[1]
-            break
+        self.port = bound_port(self._server.sockets, self.port)
         self._refresher = asyncio.create_task(self._refresh(), name="admin-refresh")
         log.info("admin web on http://%s:%d/", self.host, self.port)
 

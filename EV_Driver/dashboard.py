@@ -55,7 +55,7 @@ from shared.messages import (
     LoginResult,
     Message,
 )
-from shared.web import error_response, json_response, split_path, static_response
+from shared.web import bound_port, error_response, json_response, split_path, static_response
 
 log = logging.getLogger(__name__)
 
@@ -133,9 +133,7 @@ class DriverDashboard:
             max_size=MAX_COMMAND_BYTES,
             server_header="EV_Driver",
         )
-        for sock in self._server.sockets:
-            self.port = sock.getsockname()[1]
-            break
+        self.port = bound_port(self._server.sockets, self.settings.http_port)
         log.info("driver dashboard on http://%s:%d/", self.settings.listen_host, self.port)
 
     async def stop(self) -> None:

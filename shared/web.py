@@ -10,6 +10,8 @@ from __future__ import annotations
 import email.utils
 import http
 import json
+import socket
+from collections.abc import Iterable
 from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -70,6 +72,13 @@ def static_response(package: str, name: str) -> Response:
     except (FileNotFoundError, IsADirectoryError):
         return error_response(404, "not found")
     return response(200, body, CONTENT_TYPES[suffix], cache=False)
+
+
+def bound_port(sockets: Iterable[socket.socket], requested: int) -> int:
+    """The port a server really listens on (the one the OS chose when asked for port 0)."""
+    for sock in sockets:
+        return int(sock.getsockname()[1])
+    return requested
 
 
 def split_path(target: str) -> tuple[str, dict[str, str]]:

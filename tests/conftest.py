@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from helpers import free_port, scaled
+from procs import Deployment
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 KAFKA_SH = REPO_ROOT / "scripts" / "kafka.sh"
@@ -60,6 +61,16 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
         yield b
     finally:
         b.stop()
+
+
+@pytest.fixture
+async def system(broker: Broker, tmp_path: Path) -> AsyncIterator[Deployment]:
+    """Real service processes (procs.Deployment) on a broker of the test's own."""
+    deployment = Deployment(broker.bootstrap, tmp_path)
+    try:
+        yield deployment
+    finally:
+        deployment.stop_all()
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from playwright.async_api import Browser, Page, async_playwright
 
-from procs import REPO_ROOT, Deployment
+from procs import REPO_ROOT
 
 SCREENSHOTS = REPO_ROOT / "docs" / "screenshots"
 
@@ -58,15 +58,6 @@ async def page(browser: Browser) -> AsyncIterator[Page]:
     finally:
         await context.close()
     assert not errors, f"the page raised: {errors}"
-
-
-@pytest.fixture
-async def system(broker, tmp_path: Path) -> AsyncIterator[Deployment]:
-    deployment = Deployment(broker.bootstrap, tmp_path)
-    try:
-        yield deployment
-    finally:
-        deployment.stop_all()
 
 
 async def screenshot(page: Page, name: str) -> Path:

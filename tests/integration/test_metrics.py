@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import urllib.request
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
@@ -14,15 +12,6 @@ from procs import Deployment
 from tools.fleet import promtext
 
 pytestmark = [pytest.mark.kafka, pytest.mark.e2e, pytest.mark.slow]
-
-
-@pytest.fixture
-async def system(broker, tmp_path: Path) -> AsyncIterator[Deployment]:
-    deployment = Deployment(broker.bootstrap, tmp_path)
-    try:
-        yield deployment
-    finally:
-        deployment.stop_all()
 
 
 def scrape(system: Deployment) -> tuple[str, str, dict[promtext.Key, float]]:
