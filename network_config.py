@@ -39,7 +39,27 @@ DEFAULTS: dict[str, str] = {
     # The charging points PC3 runs, one engine + monitor pair each (docker-compose.pc3.yml
     # has PC3_SLOTS pairs; a second site PC runs the same file with other ids).
     "PC3_CPS": "CP001,CP002,CP003",
+    # TLS (docs/tls.md), off while empty: paths INSIDE the containers of the certificates the
+    # operator mounts (e.g. /certs/central.crt). Central's pair turns on TLS for :5000 and the
+    # admin web; the monitors then verify Central with CENTRAL_TLS_CA. Each dashboard has its
+    # own pair.
+    "CENTRAL_TLS_CERT": "",
+    "CENTRAL_TLS_KEY": "",
+    "CENTRAL_TLS_CA": "",
+    "DRIVER_TLS_CERT": "",
+    "DRIVER_TLS_KEY": "",
+    "SITE_TLS_CERT": "",
+    "SITE_TLS_KEY": "",
 }
+
+# Settings that may stay empty (TLS off); every other one needs a value.
+OPTIONAL = frozenset(key for key in DEFAULTS if "_TLS_" in key)
+# A certificate and its key: both set or both empty.
+TLS_PAIRS = (
+    ("CENTRAL_TLS_CERT", "CENTRAL_TLS_KEY"),
+    ("DRIVER_TLS_CERT", "DRIVER_TLS_KEY"),
+    ("SITE_TLS_CERT", "SITE_TLS_KEY"),
+)
 
 PC3_SLOTS = 3
 
@@ -69,6 +89,16 @@ def check_host(key: str, value: str) -> str:
     labels = value.split(".")
     if not value or len(value) > 253 or not all(_HOST_LABEL.match(label) for label in labels):
         raise ValueError(f"{key}={value!r} is not an IPv4 address or a host name")
+    return value
+
+
+def check_container_path(key: str, value: str) -> str:
+    """Empty, or an absolute path inside a (Linux) container."""
+    if value and (not value.startswith("/") or re.search(r"[\s\"'$\\]", value)):
+        raise ValueError(
+            f"{key}={value!r} is not a path inside the container (e.g. /certs/central.crt; "
+            "no spaces, quotes, '$' or '\\')"
+        )
     return value
 
 
@@ -109,6 +139,12 @@ def load(environ: Mapping[str, str] | None = None) -> dict[str, str]:
             f"KAFKA_CLUSTER_ID={config['KAFKA_CLUSTER_ID']!r} is not a 22-character "
             "URL-safe base64 id"
         )
+    for key in OPTIONAL:
+        check_container_path(key, config[key])
+    for cert, key in TLS_PAIRS:
+        if bool(config[cert]) != bool(config[key]):
+            given, missing = (cert, key) if config[cert] else (key, cert)
+            raise ValueError(f"{given} is set but {missing} is not: TLS needs both, or neither")
     ids = cp_ids(config["PC3_CPS"])
     config["PC3_CPS"] = ",".join(ids)
     for n, cp in enumerate(ids, start=1):

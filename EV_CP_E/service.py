@@ -7,6 +7,7 @@ import contextlib
 import logging
 import re
 import sys
+import time
 from collections import deque
 from typing import TextIO
 
@@ -16,7 +17,7 @@ from aiokafka.errors import KafkaError
 from EV_CP_E.config import EngineSettings
 from EV_CP_E.machine import EngineMachine, EngineState, Outcome
 from shared.backoff import Backoff
-from shared.bus import BusError, KafkaBus, Topics, decode_record
+from shared.bus import BusError, KafkaBus, Topics
 from shared.console import stdin_lines
 from shared.errors import ConnectionLost, DeliveryFailed, EVError, MessageError
 from shared.framed import FramedConnection
@@ -25,15 +26,20 @@ from shared.messages import (
     CP_COMMANDS,
     MONITOR_TO_ENGINE,
     AuthorizeSupply,
+    CPCommand,
     CPPlugged,
     CPTelemetry,
     EndSupply,
     EngineHello,
+    EngineKey,
     HealthReport,
     Message,
     MonitorToEngine,
     SetService,
+    decode,
+    encode,
 )
+from shared.sealing import ReplayGuard, Sealer, SealError, is_sealed, open_sealed, parse, unb64
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +48,12 @@ POLL_INTERVAL = 0.1
 FLUSH_TIMEOUT = 3.0
 BUS_STOP_TIMEOUT = 1.5
 HANDLER_STOP_TIMEOUT = 1.5
+# Central's commands are acted on only while fresh: an old one replayed later is refused.
+COMMAND_MAX_AGE = 60.0
+# Commands sealed with a key the monitor has not handed over yet wait for it (this many).
+PENDING_COMMANDS = 16
+# Keys kept after a rotation, to open commands Central sealed just before it.
+OLD_KEYS = 2
 HELP = "commands: p plug in, u unplug, k report KO, o back to OK, r DRIVER_ID request, q quit"
 
 
@@ -74,6 +86,12 @@ class EngineService:
         self._handlers: set[asyncio.Task[None]] = set()
         self._last_status = ""
         self._last_poll_refusal: str | None = None
+        # The CP's keys, handed over by the monitor: events are sealed with the newest.
+        self._keys: dict[str, bytes] = {}
+        self._sealer: Sealer | None = None
+        self._key_ready = asyncio.Event()
+        self._replay = ReplayGuard(max_streams=64)
+        self._pending: deque[ConsumerRecord[bytes, bytes]] = deque(maxlen=PENDING_COMMANDS)
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -190,8 +208,16 @@ class EngineService:
                 self._outbox_changed.clear()
                 await self._outbox_changed.wait()
             key, message, reliable = self._outbox[0]
+            if self._sealer is None:
+                if not reliable:
+                    self._outbox.popleft()
+                    continue
+                self._say("waiting for the CP's key (from the monitor) to send events")
+                await self._key_ready.wait()
+                continue
             try:
-                await self.bus.send(Topics.CP_EVENTS, key, message)
+                sealed = self._sealer.seal(message.id, encode(message))
+                await self.bus.send_raw(Topics.CP_EVENTS, key.encode(), sealed)
             except (BusError, KafkaError) as exc:
                 if not reliable:
                     log.debug("telemetry dropped: %s", exc)
@@ -270,7 +296,11 @@ class EngineService:
         if record.key is not None and record.key.decode("utf-8", "replace") != cp_id:
             return
         try:
-            command = decode_record(CP_COMMANDS, record)
+            command = self._open_command(record, cp_id)
+        except SealError as exc:
+            log.warning("refused a command at offset %d: %s", record.offset, exc)
+            self._say(f"refused a command that failed authentication: {exc}")
+            return
         except MessageError as exc:
             log.warning(
                 "skipping an invalid command at %s[%d]@%d: %s",
@@ -280,7 +310,7 @@ class EngineService:
                 exc,
             )
             return
-        if command.cp_id != cp_id:
+        if command is None:
             return
         log.info("command %s from Central", command.type)
         if isinstance(command, AuthorizeSupply):
@@ -289,6 +319,49 @@ class EngineService:
             self._apply(self.machine.end_supply(command))
         elif isinstance(command, SetService):
             self._apply(self.machine.set_service(command))
+
+    def _open_command(self, record: ConsumerRecord[bytes, bytes], cp_id: str) -> CPCommand | None:
+        """Central's command in a record, authenticated; None when it must wait for its key."""
+        value = record.value or b""
+        if not is_sealed(value):
+            raise SealError("commands must be sealed with this CP's key")
+        envelope = parse(value)
+        if envelope.principal != cp_id or envelope.ch != "cp-command":
+            raise SealError(f"an envelope for {envelope.principal} ({envelope.ch})")
+        key = self._keys.get(envelope.key_id)
+        if key is None:
+            self._pending.append(record)  # maybe sealed with the key the monitor is bringing
+            log.info("command sealed with key %s, not known yet: held", envelope.key_id)
+            return None
+        self._replay.check(envelope)
+        command = decode(CP_COMMANDS, open_sealed(envelope, key))
+        if command.id != envelope.id or command.cp_id != cp_id:
+            raise SealError("the sealed command does not match its envelope")
+        if time.time() - command.ts > COMMAND_MAX_AGE:
+            raise SealError(f"command older than {COMMAND_MAX_AGE:g} s")
+        self._replay.accept(envelope)
+        return command
+
+    def _take_key(self, message: EngineKey) -> None:
+        """The monitor hands over the CP's key (after each authentication) or takes it back."""
+        if message.key_id is None or message.key is None:
+            self._keys.clear()
+            self._sealer = None
+            self._key_ready.clear()
+            self._say("Central revoked this CP's key: waiting for a new one")
+            return
+        if message.key_id in self._keys:
+            return
+        key = unb64(message.key, "key")
+        while len(self._keys) > OLD_KEYS:
+            self._keys.pop(next(iter(self._keys)))
+        self._keys[message.key_id] = key
+        self._sealer = Sealer("cp-event", message.cp_id, message.key_id, key)
+        self._key_ready.set()
+        log.info("new key %s from the monitor", message.key_id)
+        held, self._pending = list(self._pending), deque(maxlen=PENDING_COMMANDS)
+        for record in held:
+            self._on_record(record)
 
     # --- monitor socket -----------------------------------------------------------------------
 
@@ -339,6 +412,10 @@ class EngineService:
                     log.info("CP id is %s (from the monitor)", message.cp_id)
                     self._say(f"this engine is {message.cp_id}")
                     self._show()
+                continue
+            if isinstance(message, EngineKey):
+                if message.cp_id == self.machine.cp_id:
+                    self._take_key(message)
                 continue
             self._apply(self.machine.health_check(message.central_ok))
             await connection.send(

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from shared.settings import (
     EnvArgumentParser,
@@ -14,6 +15,7 @@ from shared.settings import (
     identifier,
     seconds,
 )
+from shared.tls import client_context
 
 
 @dataclass(frozen=True)
@@ -21,11 +23,16 @@ class MonitorSettings:
     engine: tuple[str, int]
     central: tuple[str, int]
     cp_id: str
+    secret: str = field(default="", repr=False)  # the CP's credentials at Central
     interval: float = 1.0
     check_timeout: float = 0.8
     broker: str | None = None  # publish health samples to Kafka when set
     log_level: str = "INFO"
     log_json: bool = False
+    # TLS to Central (docs/tls.md): on with --central-tls or --tls-ca; the CA file verifies
+    # Central's certificate (the system's CAs when None).
+    central_tls: bool = False
+    tls_ca: str | None = None
 
 
 def build_parser(environ: Mapping[str, str] | None = None) -> EnvArgumentParser:
@@ -37,6 +44,18 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvArgumentParser:
     parser.add_option("--engine", required=True, type=host_port, help="the engine's HOST:PORT")
     parser.add_option("--central", required=True, type=host_port, help="Central's HOST:PORT")
     parser.add_option("--cp-id", required=True, type=identifier, help="this CP's id")
+    parser.add_option(
+        "--secret",
+        default=None,
+        env="EV_CP_SECRET",
+        help="this CP's secret, issued when it was registered (prefer --secret-file)",
+    )
+    parser.add_option(
+        "--secret-file",
+        default=None,
+        env="EV_CP_SECRET_FILE",
+        help="a file holding this CP's secret (first line)",
+    )
     parser.add_option("--interval", type=seconds, default=1.0, help="seconds between checks")
     parser.add_option(
         "--check-timeout", type=seconds, default=0.8, help="seconds to wait for a health report"
@@ -46,6 +65,18 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvArgumentParser:
         default=None,
         help="Kafka bootstrap HOST:PORT: publish a health sample after every check "
         "(for the site dashboard); none by default",
+    )
+    parser.add_option(
+        "--central-tls",
+        action="store_true",
+        help="talk TLS to Central, verifying its certificate and host name",
+    )
+    parser.add_option(
+        "--tls-ca",
+        default=None,
+        metavar="PEM",
+        help="CA certificate that signed Central's (implies --central-tls; "
+        "default: the system's CAs)",
     )
     add_common_options(parser)
     return parser
@@ -59,6 +90,25 @@ def check_broker(parser: argparse.ArgumentParser, broker: str) -> None:
         parser.error(f"argument --broker: {exc}")
 
 
+def read_secret(parser: argparse.ArgumentParser, secret: str | None, path: str | None) -> str:
+    """The CP's secret from --secret or --secret-file; exits 2 when there is none."""
+    if secret and path:
+        parser.error("give --secret or --secret-file, not both")
+    if path:
+        try:
+            secret = Path(path).read_text(encoding="utf-8").splitlines()[0].strip()
+        except (OSError, UnicodeDecodeError, IndexError) as exc:
+            parser.error(f"argument --secret-file: cannot read a secret from {path}: {exc}")
+    if not secret:
+        parser.error(
+            "this CP's secret is required: --secret-file PATH (or --secret, EV_CP_SECRET); "
+            "an admin gets it when registering the CP"
+        )
+    if len(secret) > 256:
+        parser.error("the secret is longer than 256 characters")
+    return secret
+
+
 def parse_settings(
     argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
 ) -> MonitorSettings:
@@ -68,13 +118,20 @@ def parse_settings(
     broker = args.broker.strip() if args.broker else None
     if broker:
         check_broker(parser, broker)
+    tls_ca = args.tls_ca or None  # empty (as compose passes it unset): no CA file
+    central_tls = bool(args.central_tls or tls_ca)
+    if central_tls:
+        client_context(tls_ca)  # a missing or bad CA file: exit 2 now, in one line
     return MonitorSettings(
         engine=args.engine,
         central=args.central,
         cp_id=args.cp_id,
+        secret=read_secret(parser, args.secret, args.secret_file),
         interval=args.interval,
         check_timeout=args.check_timeout,
         broker=broker or None,
         log_level=args.log_level,
         log_json=args.log_json,
+        central_tls=central_tls,
+        tls_ca=tls_ca,
     )

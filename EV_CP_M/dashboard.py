@@ -39,6 +39,7 @@ from shared.settings import (
     port_number,
     seconds,
 )
+from shared.tls import HANDSHAKE_TIMEOUT, add_server_options, optional_server_context
 from shared.web import bound_port, error_response, json_response, split_path, static_response
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,8 @@ class DashboardSettings:
     monitor_timeout: float = SILENCE_S
     log_level: str = "INFO"
     log_json: bool = False
+    tls_cert: str | None = None  # HTTPS and WSS with both (docs/tls.md)
+    tls_key: str | None = None
 
 
 def build_parser(environ: Mapping[str, str] | None = None) -> EnvArgumentParser:
@@ -84,6 +87,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvArgumentParser:
         default=SILENCE_S,
         help="seconds without a health sample before a CP's monitor counts as lost",
     )
+    add_server_options(parser, "the site dashboard")
     add_common_options(parser)
     return parser
 
@@ -94,6 +98,8 @@ def parse_settings(
     """Parse the command line; exits 2 on bad arguments, raises ConfigError on bad env."""
     parser = build_parser(environ)
     args = parser.parse_args(argv)
+    tls_cert, tls_key = args.tls_cert or None, args.tls_key or None
+    optional_server_context(tls_cert, tls_key)  # bad TLS files: ConfigError now, not later
     return DashboardSettings(
         broker=args.broker,
         http_port=args.http_port,
@@ -101,6 +107,8 @@ def parse_settings(
         monitor_timeout=args.monitor_timeout,
         log_level=args.log_level,
         log_json=args.log_json,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
     )
 
 
@@ -187,7 +195,13 @@ class SiteDashboard:
             await self.stop()
         log.info("site dashboard stopped")
 
+    @property
+    def tls(self) -> bool:
+        """True when the dashboard is served over TLS (HTTPS, WSS)."""
+        return self.settings.tls_cert is not None
+
     async def start_web(self) -> None:
+        tls = optional_server_context(self.settings.tls_cert, self.settings.tls_key)
         self._server = await serve(
             self._ws_handler,
             self.settings.listen_host,
@@ -196,9 +210,12 @@ class SiteDashboard:
             max_size=MAX_CLIENT_BYTES,
             max_queue=4,
             server_header="EV_CP_M site dashboard",
+            ssl=tls,
+            ssl_handshake_timeout=HANDSHAKE_TIMEOUT if tls else None,
         )
         self.port = bound_port(self._server.sockets, self.settings.http_port)
-        log.info("site dashboard on http://%s:%d/", self.settings.listen_host, self.port)
+        scheme = "https" if tls else "http"
+        log.info("site dashboard on %s://%s:%d/", scheme, self.settings.listen_host, self.port)
 
     async def stop(self) -> None:
         """Close the server and the bus (idempotent)."""

@@ -24,6 +24,7 @@ from shared.messages import (
     CPState,
     CPStatusNotice,
     EngineHello,
+    EngineKey,
     EngineToMonitor,
     FaultReport,
     HealthCheck,
@@ -33,6 +34,7 @@ from shared.messages import (
     MonitorAuth,
     RecoveryReport,
 )
+from shared.tls import client_context, describe_failure
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,8 @@ class LinkState:
     rtt_ms: float | None = None
     central_up: bool = False  # connected and authenticated
     cp_state: CPState | None = None
+    # The key Central issued at the last authentication, for the engine: (key id, base64 key).
+    key: tuple[str, str] | None = None
 
 
 class MonitorService:
@@ -158,7 +162,14 @@ class MonitorService:
         loop = asyncio.get_running_loop()
         seq = 0
         next_at = loop.time()
+        key_sent: tuple[str, str] | None = None
         while True:
+            if self.state.key is not None and self.state.key != key_sent:
+                key_sent = self.state.key
+                await connection.send(
+                    EngineKey(cp_id=settings.cp_id, key_id=key_sent[0], key=key_sent[1])
+                )
+                log.info("handed key %s to the engine", key_sent[0])
             seq += 1
             started = loop.time()
             check = HealthCheck(
@@ -265,15 +276,21 @@ class MonitorService:
 
     async def _central_link(self) -> None:
         host, port = self.settings.central
+        # TLS verifies Central's certificate and that it is valid for `host` (docs/tls.md).
+        tls = client_context(self.settings.tls_ca) if self.settings.central_tls else None
         backoff = Backoff(maximum=RETRY_MAX)
         while True:
             pause: float | None = None
             problem = ""
+            tls_problem: str | None = None
             try:
-                connection = await open_framed(host, port, CENTRAL_TO_MONITOR, name="central")
+                connection = await open_framed(
+                    host, port, CENTRAL_TO_MONITOR, name="central", ssl_context=tls
+                )
             except (OSError, TimeoutError) as exc:
                 log.debug("Central connect failed: %s", exc)
-                problem = "connection refused or timed out"
+                tls_problem = describe_failure(exc)
+                problem = tls_problem or "connection refused or timed out"
             else:
                 try:
                     async with connection:
@@ -300,12 +317,15 @@ class MonitorService:
             if pause is None:
                 pause = backoff.next_delay()
                 log.info("Central link: %s", problem)
-                self._say(f"cannot reach Central at {host}:{port}; retrying in {pause:.1f} s")
+                why = f" ({tls_problem})" if tls_problem else ""
+                self._say(f"cannot reach Central at {host}:{port}{why}; retrying in {pause:.1f} s")
             await asyncio.sleep(pause)
 
     async def _authenticate(self, connection: FramedConnection[CentralToMonitor]) -> AuthResult:
         async with asyncio.timeout(AUTH_TIMEOUT):
-            await connection.send(MonitorAuth(cp_id=self.settings.cp_id))
+            await connection.send(
+                MonitorAuth(cp_id=self.settings.cp_id, secret=self.settings.secret)
+            )
             while True:
                 message = await connection.receive()
                 if isinstance(message, AuthResult):
@@ -316,6 +336,8 @@ class MonitorService:
         self, connection: FramedConnection[CentralToMonitor], result: AuthResult
     ) -> None:
         """Read Central's frames while heartbeats and reports go out; return never, raise."""
+        if result.key_id and result.key:
+            self.state.key = (result.key_id, result.key)
         self.state.central_up = True
         self._central_changed.set()
         where = result.location or "unknown location"

@@ -1,12 +1,16 @@
 """python -m EV_Central [--port 5000] --broker HOST:PORT [--db PATH] [--http-port 8002]
-python -m EV_Central ctl [--central HOST:HTTP_PORT] (stop|resume) (CP_ID|all)
+python -m EV_Central ctl [--central HOST:HTTP_PORT] [--user admin] (stop|resume) (CP_ID|all)
+python -m EV_Central ctl ... (register CP_ID --location T --price EUR --max-kw KW |
+                              revoke-key CP_ID | reset-secret CP_ID)
+python -m EV_Central user [--db PATH] (add ID --role driver|admin | passwd ID | list | unlock ID)
+python -m EV_Central audit (verify|show) [--db PATH]
 """
 
 from __future__ import annotations
 
 import sys
 
-from EV_Central import config, ctl
+from EV_Central import audit, config, ctl, users
 from EV_Central.app import run_central
 from shared.errors import ConfigError
 from shared.lifecycle import run_service
@@ -18,6 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args[:1] == ["ctl"]:
             return ctl.main(args[1:])
+        if args[:1] == ["audit"]:
+            return audit.main(args[1:])
+        if args[:1] == ["user"]:
+            return users.main(args[1:])
         settings = config.parse(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

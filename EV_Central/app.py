@@ -14,17 +14,20 @@ from EV_Central.service import Central
 from EV_Central.web import AdminWeb
 from shared.bus import KafkaBus
 from shared.lifecycle import Shutdown
+from shared.tls import optional_server_context
 
 log = logging.getLogger(__name__)
 
 
 async def run_central(settings: CentralSettings, shutdown: Shutdown) -> None:
+    # One TLS context (or none) for both servers: :5000 and the admin web.
+    tls = optional_server_context(settings.tls_cert, settings.tls_key)
     db = Database(settings.db)
     await db.start()
     bus = KafkaBus(settings.broker, "ev-central")
     central = Central(settings, bus, db)
-    monitors = MonitorServer(central, settings.listen_host, settings.port)
-    web = AdminWeb(central, settings.listen_host, settings.http_port)
+    monitors = MonitorServer(central, settings.listen_host, settings.port, tls)
+    web = AdminWeb(central, settings.listen_host, settings.http_port, tls)
     console = Console(central, settings.console)
     try:
         await central.load()

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import argparse
+from dataclasses import dataclass, field
 
 from shared.settings import (
     EnvArgumentParser,
     add_common_options,
     port_number,
     positive_float,
+    seconds,
 )
+from shared.tls import add_server_options, optional_server_context
+from shared.websession import origin_list
 
 DEFAULT_DB = "data/ev_charging.db"
 
@@ -30,14 +34,23 @@ class CentralSettings:
     console: str
     log_level: str
     log_json: bool
+    # People logging in (EV_Central/auth.py, docs/web-auth.md).
+    lockout_after: int = 5
+    lockout_seconds: float = 300.0
+    session_ttl: float = 8 * 3600.0
+    allowed_origin: list[str] = field(default_factory=list)
+    # TLS on :5000 and the admin web (docs/tls.md): both files, or neither.
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
 
 def build_parser() -> EnvArgumentParser:
     parser = EnvArgumentParser(
         prog="EV_Central",
         description="The control centre: monitors over TCP, drivers and engines over Kafka.",
-        epilog="Subcommands: 'ctl (stop|resume) (CP_ID|all)' sends an admin command; "
-        "'ctl --help' for details.",
+        epilog="Subcommands: 'ctl (stop|resume|register|revoke-key|reset-secret) ...' sends an "
+        "admin command; 'user (add|passwd|list|unlock) ...' manages accounts; "
+        "'ctl --help' and 'user --help' for details.",
     )
     parser.add_option("--port", type=port_number, default=5000, help="TCP port for monitors")
     parser.add_option("--broker", required=True, help="Kafka bootstrap HOST:PORT")
@@ -86,10 +99,48 @@ def build_parser() -> EnvArgumentParser:
         default="auto",
         help="panel: live coloured table (terminal); log: one line per event",
     )
+    parser.add_option(
+        "--lockout-after",
+        type=failure_count,
+        default=5,
+        help="consecutive failed logins that lock an account",
+    )
+    parser.add_option(
+        "--lockout-seconds",
+        type=seconds,
+        default=300.0,
+        help="how long a locked account stays locked",
+    )
+    parser.add_option(
+        "--session-ttl",
+        type=seconds,
+        default=8 * 3600.0,
+        help="seconds a web session lasts at most (admin panel, ctl)",
+    )
+    parser.add_option(
+        "--allowed-origin",
+        type=origin_list,
+        action="extend",
+        default=[],
+        metavar="ORIGIN",
+        help="another origin (scheme://host:port) whose pages may use the admin WebSocket; "
+        "repeatable or comma-separated (default: the admin page's own origin only)",
+    )
+    add_server_options(parser, "the monitor port and the admin web")
     add_common_options(parser)
     return parser
 
 
+def failure_count(value: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= 1000:
+        raise argparse.ArgumentTypeError(f"expected a number from 1 to 1000, got {value!r}")
+    return int(value)
+
+
 def parse(argv: list[str] | None) -> CentralSettings:
     args = build_parser().parse_args(argv)
+    # An empty EV_TLS_CERT (as a compose file passes it) means TLS off.
+    args.tls_cert, args.tls_key = args.tls_cert or None, args.tls_key or None
+    # Bad TLS files stop Central now, with one line, not after it has opened its ports.
+    optional_server_context(args.tls_cert, args.tls_key)
     return CentralSettings(**vars(args))

@@ -103,8 +103,14 @@ class Console:
                     affected = await self.central.set_service(words[1], verb == "resume")
                 except LookupError as exc:
                     self._say(f"error: {exc}")
+                    outcome, detail = "failed", f"{words[1]}: {exc}"
                 else:
                     self._say(f"{verb}: {', '.join(affected)}")
+                    outcome, detail = "ok", f"{words[1]}: {', '.join(affected)}"
+                # Whoever can type into Central's terminal: the console has no login of its own.
+                await self.central.audit.record(
+                    verb, outcome, actor="console", source="console", detail=detail
+                )
             elif verb == "list":
                 self._say(
                     "\n".join(cp_line(cp, colour=False) for cp in self.central.registry.sorted())

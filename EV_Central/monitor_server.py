@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 
 from EV_Central.registry import ChargingPoint
@@ -28,6 +29,8 @@ from shared.messages import (
     MonitorToCentral,
     RecoveryReport,
 )
+from shared.sealing import b64
+from shared.tls import HANDSHAKE_TIMEOUT
 from shared.web import bound_port
 
 log = logging.getLogger(__name__)
@@ -50,19 +53,34 @@ class MonitorLink:
 
 
 class MonitorServer:
-    def __init__(self, central: Central, host: str, port: int) -> None:
+    def __init__(
+        self, central: Central, host: str, port: int, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
         self.central = central
         self.host = host
         self.port = port
+        self.ssl_context = ssl_context  # TLS when set (docs/tls.md)
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
         self._closing = False
         central.cp_listeners.append(self._on_cps_changed)
+        central.disconnect_monitor = self._disconnect
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        self._server = await asyncio.start_server(
+            self._handle,
+            self.host,
+            self.port,
+            ssl=self.ssl_context,
+            ssl_handshake_timeout=HANDSHAKE_TIMEOUT if self.ssl_context else None,
+        )
         self.port = bound_port(self._server.sockets, self.port)
-        log.info("listening for monitors on %s:%d", self.host, self.port)
+        log.info(
+            "listening for monitors on %s:%d%s",
+            self.host,
+            self.port,
+            " (TLS)" if self.ssl_context else "",
+        )
 
     async def stop(self) -> None:
         if self._server is None:
@@ -75,6 +93,11 @@ class MonitorServer:
             await asyncio.gather(*self._handlers, return_exceptions=True)
         await self._server.wait_closed()
         self._server = None
+
+    async def _disconnect(self, cp: ChargingPoint) -> None:
+        link = cp.connection
+        if isinstance(link, MonitorLink):
+            await link.conn.close()
 
     def _on_cps_changed(self, cps: list[ChargingPoint]) -> None:
         for cp in cps:
@@ -128,12 +151,16 @@ class MonitorServer:
                 )
             )
             return None
+        peer = conn.peer
+        source = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        key = await self.central.authenticate_cp(first.cp_id, first.secret or "", source)
         cp = self.central.registry.get(first.cp_id)
-        if cp is None:
-            log.warning("%s: rejected authentication of unknown CP %s", conn.name, first.cp_id)
-            self.central.note("rejected", f"{first.cp_id}: unknown CP refused at :5000")
+        if isinstance(key, str) or cp is None:
+            log.warning("%s: refused authentication of %s: %s", conn.name, first.cp_id, key)
+            self.central.note("rejected", f"{first.cp_id}: refused at :5000 ({key})", first.cp_id)
+            # One reason for every failure: a prober learns nothing about which CPs exist.
             await conn.send(
-                AuthResult(cp_id=first.cp_id, accepted=False, reason=f"unknown CP {first.cp_id}")
+                AuthResult(cp_id=first.cp_id, accepted=False, reason="unknown CP or wrong secret")
             )
             return None
         previous = cp.connection
@@ -149,6 +176,8 @@ class MonitorServer:
                 location=cp.location,
                 price_eur_kwh=cp.price_eur_kwh,
                 max_kw=cp.max_kw,
+                key_id=key.key_id,
+                key=b64(key.key),
             )
         )
         await self.central.monitor_connected(cp, link)

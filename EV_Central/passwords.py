@@ -1,4 +1,9 @@
-"""Salted, slow password hashes (scrypt), compared in constant time."""
+"""Salted, slow password hashes (scrypt), compared in constant time; and CP secrets.
+
+CP secrets (what a monitor presents at :5000) are random and long (192 bits), so a salted
+SHA-256 is the right hash for them: a leaked database does not give them away, and checking one
+costs microseconds, which matters when thousands of CPs reconnect at once.
+"""
 
 from __future__ import annotations
 
@@ -32,3 +37,24 @@ def verify_password(password: str, stored: str) -> bool:
     except (ValueError, TypeError):
         return False
     return hmac.compare_digest(digest, expected)
+
+
+def new_secret() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def hash_secret(secret: str) -> str:
+    salt = secrets.token_hex(8)
+    digest = hashlib.sha256((salt + secret).encode()).hexdigest()
+    return f"sha256${salt}${digest}"
+
+
+def verify_secret(secret: str, stored: str | None) -> bool:
+    """Constant-time check of a CP secret against its stored hash (False when there is none)."""
+    if not stored or stored.count("$") != 2:
+        # Same work either way: no timing difference between "no such hash" and "wrong".
+        hashlib.sha256(secret.encode()).hexdigest()
+        return False
+    scheme, salt, expected = stored.split("$")
+    digest = hashlib.sha256((salt + secret).encode()).hexdigest()
+    return scheme == "sha256" and hmac.compare_digest(digest, expected)

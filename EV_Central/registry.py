@@ -91,6 +91,7 @@ class ChargingPoint:
         return entry
 
     def state_message(self) -> CPStateUpdate:
+        """The CP's state for the public state topic."""
         s = self.session
         return CPStateUpdate(
             cp_id=self.id,
@@ -98,11 +99,10 @@ class ChargingPoint:
             location=self.location,
             price_eur_kwh=self.price_eur_kwh,
             max_kw=self.max_kw,
-            driver_id=s.driver_id if s else None,
-            session_id=s.session_id if s else None,
+            # The state topic is readable by anyone on the broker: who is charging and what
+            # they pay stay out of it (drivers get their own figures, sealed).
             kw=s.kw if s else 0.0,
             kwh=round(s.kwh, 4) if s else 0.0,
-            amount_eur=s.amount_eur if s else 0.0,
         )
 
     def summary(self) -> CPSummary:

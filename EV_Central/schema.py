@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from pathlib import Path
 
-from EV_Central.passwords import hash_password
+from EV_Central.passwords import hash_password, hash_secret
 
 SCHEMA_VERSION = 1
 
@@ -21,7 +22,8 @@ CREATE TABLE IF NOT EXISTS charging_points (
     price_eur_kwh REAL NOT NULL CHECK (price_eur_kwh >= 0),
     max_kw        REAL NOT NULL CHECK (max_kw > 0),
     in_service    INTEGER NOT NULL DEFAULT 1,
-    created_at    REAL NOT NULL
+    created_at    REAL NOT NULL,
+    secret_hash   TEXT
 );
 CREATE TABLE IF NOT EXISTS users (
     id            TEXT PRIMARY KEY,
@@ -59,6 +61,23 @@ CREATE TABLE IF NOT EXISTS processed_messages (
     id           TEXT PRIMARY KEY,
     processed_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS channel_keys (
+    key_id     TEXT PRIMARY KEY,
+    kind       TEXT NOT NULL CHECK (kind IN ('cp', 'driver')),
+    principal  TEXT NOT NULL,
+    key        BLOB NOT NULL,
+    issued_at  REAL NOT NULL,
+    expires_at REAL,
+    retired_at REAL,
+    revoked_at REAL
+);
+CREATE INDEX IF NOT EXISTS channel_keys_by_principal ON channel_keys (kind, principal);
+CREATE TABLE IF NOT EXISTS replay_guard (
+    key_id   TEXT NOT NULL,
+    stream   TEXT NOT NULL,
+    last_seq INTEGER NOT NULL,
+    PRIMARY KEY (key_id, stream)
+);
 CREATE TABLE IF NOT EXISTS outbox (
     seq        INTEGER PRIMARY KEY AUTOINCREMENT,
     topic      TEXT NOT NULL,
@@ -66,6 +85,28 @@ CREATE TABLE IF NOT EXISTS outbox (
     payload    BLOB NOT NULL,
     created_at REAL NOT NULL
 );
+-- The audit log (EV_Central/audit.py, docs/audit.md): append-only, each row chained to the one
+-- before by its hash. The triggers stop ordinary writers; the chain catches the others.
+CREATE TABLE IF NOT EXISTS audit_log (
+    id        INTEGER PRIMARY KEY,
+    ts        REAL NOT NULL,
+    source    TEXT NOT NULL,
+    actor     TEXT NOT NULL,
+    action    TEXT NOT NULL,
+    outcome   TEXT NOT NULL,
+    detail    TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash      TEXT NOT NULL,
+    mac       TEXT NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS audit_log_no_update BEFORE UPDATE ON audit_log
+BEGIN
+    SELECT RAISE(ABORT, 'audit log is append-only');
+END;
+CREATE TRIGGER IF NOT EXISTS audit_log_no_delete BEFORE DELETE ON audit_log
+BEGIN
+    SELECT RAISE(ABORT, 'audit log is append-only');
+END;
 """
 
 DEMO_CPS = [
@@ -92,6 +133,15 @@ DEMO_USERS = [
 ]
 
 
+def demo_cp_secret(cp_id: str) -> str:
+    """The demo seed's CP secret (demo only, like the demo passwords: see the README)."""
+    return f"demo-secret-{cp_id}"
+
+
+# Columns added after the first release: (table, column, declaration).
+MIGRATIONS = [("charging_points", "secret_hash", "TEXT")]
+
+
 def connect(path: str | Path) -> sqlite3.Connection:
     conn = sqlite3.connect(str(path))
     conn.execute("PRAGMA journal_mode=WAL")
@@ -102,6 +152,10 @@ def connect(path: str | Path) -> sqlite3.Connection:
 
 def create_schema(conn: sqlite3.Connection) -> None:
     conn.executescript(SCHEMA)
+    for table, column, declaration in MIGRATIONS:
+        columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if column not in columns:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
     conn.execute(
         "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
         (str(SCHEMA_VERSION),),
@@ -115,8 +169,9 @@ def seed_demo(conn: sqlite3.Connection) -> tuple[int, int]:
     for cp_id, location, price, max_kw in DEMO_CPS:
         cur = conn.execute(
             "INSERT OR IGNORE INTO charging_points"
-            " (id, location, price_eur_kwh, max_kw, created_at) VALUES (?, ?, ?, ?, ?)",
-            (cp_id, location, price, max_kw, now),
+            " (id, location, price_eur_kwh, max_kw, created_at, secret_hash)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (cp_id, location, price, max_kw, now, hash_secret(demo_cp_secret(cp_id))),
         )
         cps += cur.rowcount
     users = 0
@@ -140,6 +195,10 @@ def initialise(path: str | Path, *, reset: bool = False, seed: bool = True) -> t
         for suffix in ("", "-wal", "-shm"):
             Path(str(db_path) + suffix).unlink(missing_ok=True)
     db_path.parent.mkdir(parents=True, exist_ok=True)
+    # The database holds password hashes and channel keys: its owner alone may read it.
+    db_path.touch(mode=0o600, exist_ok=True)
+    with contextlib.suppress(OSError):
+        db_path.chmod(0o600)
     conn = connect(db_path)
     try:
         with conn:

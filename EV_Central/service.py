@@ -10,28 +10,33 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import ConsumerRecord
 from aiokafka.errors import KafkaError
 
+from EV_Central.audit import AuditLog
+from EV_Central.auth import PeopleAuth
 from EV_Central.config import CentralSettings
 from EV_Central.db import ACTIVE_STATUSES, Database, Transaction, ticket_from_row
+from EV_Central.keys import ChannelKey, KeyStore
 from EV_Central.metrics import Histogram
-from EV_Central.passwords import verify_password
+from EV_Central.passwords import hash_secret, new_secret, verify_password, verify_secret
 from EV_Central.pricing import cap_to_balance, decide_request, max_kwh_for
 from EV_Central.registry import ChargingPoint, LiveSession, Registry, SessionPhase
 from shared.backoff import Backoff
-from shared.bus import BusError, KafkaBus, Topics, decode_record
+from shared.bus import BusError, KafkaBus, Topics
 from shared.errors import MessageError
 from shared.messages import (
     CP_EVENTS,
     DRIVER_REQUESTS,
     AuthorizeSupply,
+    CentralIdentity,
     CPPlugged,
     CPRequest,
     CPState,
@@ -43,6 +48,7 @@ from shared.messages import (
     EndReason,
     EndSupply,
     HistoryQuery,
+    IdentityQuery,
     LoginRequest,
     LoginResult,
     Message,
@@ -58,13 +64,30 @@ from shared.messages import (
     SupplyStarted,
     Ticket,
     TicketAck,
+    decode,
     new_id,
+)
+from shared.sealing import (
+    SealError,
+    b64,
+    fingerprint,
+    is_sealed,
+    login_unwrap,
+    parse,
+    seal_reply,
 )
 
 log = logging.getLogger(__name__)
 
 # Energy differences below this are rounding, not a correction worth a new ticket.
 KWH_EPSILON = 1e-4
+# Driver updates that travel in clear: the answers a driver gets before it has a key.
+CLEAR_DRIVER_UPDATES = (b'"type":"login_result"', b'"type":"central_identity"')
+# A monitor that presents a wrong secret waits this long for its answer.
+CP_AUTH_FAILURE_DELAY = 0.5
+# Rejected sealed messages are audited at most once per principal in this many seconds.
+REJECTION_AUDIT_INTERVAL = 10.0
+DEFAULT_DRIVER_KEY_TTL = 8 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -90,6 +113,13 @@ class Central:
         self.settings = settings
         self.bus = bus
         self.db = db
+        self.audit = AuditLog(db)
+        self.people = PeopleAuth(
+            db,
+            max_failures=settings.lockout_after,
+            lock_seconds=settings.lockout_seconds,
+            audit=self.audit,
+        )
         self.registry = Registry()
         self.events: collections.deque[CentralEvent] = collections.deque(maxlen=200)
         self.counters: collections.Counter[str] = collections.Counter()
@@ -108,11 +138,23 @@ class Central:
         self.event_listeners: list[Callable[[CentralEvent], None]] = []
         # Called when a session is created or settled (balances may have changed).
         self.session_listeners: list[Callable[[], None]] = []
+        # Keys of the sealed channels; every message to an engine or a driver is sealed here.
+        self.keys = KeyStore(db)
+        bus.outgoing = self._seal_outgoing
+        # Set by the monitor server: closes a CP's monitor connection (after a revocation).
+        self.disconnect_monitor: Callable[[ChargingPoint], Awaitable[None]] | None = None
+        self._rejections_audited: dict[str, float] = {}
 
     # --- start-up ------------------------------------------------------------------------
 
     async def load(self) -> None:
         """Load every registered CP (DESCONECTADO until its monitor connects) and live sessions."""
+        await self.keys.load()
+        log.info(
+            "identity key %s (fingerprint %s)",
+            self.keys.identity_public,
+            fingerprint(self.keys.identity_public),
+        )
         for row in await self.db.read("SELECT * FROM charging_points ORDER BY id"):
             self.registry.add(
                 ChargingPoint(
@@ -232,17 +274,13 @@ class Central:
         kind: str
         try:
             if topic == Topics.DRIVER_REQUESTS:
-                request = decode_record(DRIVER_REQUESTS, record)
-                if request.driver_id != key:
-                    raise MessageError(f"key {key!r} does not match driver {request.driver_id!r}")
+                request = self._open_driver_request(record, key)
                 self.counters[request.type] += 1
                 await self._flush_telemetry()
                 await self._on_driver_request(request)
                 kind = request.type
             else:
-                event = decode_record(CP_EVENTS, record)
-                if event.cp_id != key:
-                    raise MessageError(f"key {key!r} does not match CP {event.cp_id!r}")
+                event = self._open_cp_event(record, key)
                 self.counters[event.type] += 1
                 if isinstance(event, CPTelemetry):
                     self._stage_telemetry(event)
@@ -252,6 +290,12 @@ class Central:
                     await self._on_cp_event(event)
                 kind = event.type
             self.handler_seconds[kind].observe(time.perf_counter() - started)
+        except SealError as exc:
+            self.counters["rejected"] += 1
+            log.warning(
+                "rejected a message on %s (offset %d, key %r): %s", topic, record.offset, key, exc
+            )
+            await self._audit_rejection(topic, key, str(exc))
         except MessageError as exc:
             self.counters["invalid"] += 1
             log.warning(
@@ -262,6 +306,81 @@ class Central:
             self.counters["handler_errors"] += 1
             log.exception("handler failed for %s offset %d", topic, record.offset)
         self._outbox_wake.set()
+
+    # --- sealed channels ----------------------------------------------------------------------
+
+    def _open_driver_request(self, record: ConsumerRecord[bytes, bytes], key: str) -> Any:
+        value = record.value or b""
+        if not is_sealed(value):
+            request = decode(DRIVER_REQUESTS, value)
+            if not isinstance(request, LoginRequest | IdentityQuery):
+                raise SealError(f"a {request.type} must be sealed with the driver's key")
+            if request.driver_id != key:
+                raise MessageError(f"key {key!r} does not match driver {request.driver_id!r}")
+            return request
+        envelope = parse(value)
+        if envelope.principal != key:
+            raise SealError(f"key {key!r} does not match sealed principal {envelope.principal!r}")
+        plaintext, channel_key = self.keys.open(envelope, "driver", "driver-request")
+        request = decode(DRIVER_REQUESTS, plaintext)
+        self._check_opened(envelope.id, envelope.principal, request, channel_key)
+        if isinstance(request, LoginRequest | IdentityQuery):
+            raise SealError(f"a {request.type} is not sent sealed")
+        self.keys.accepted(envelope)
+        return request
+
+    def _open_cp_event(self, record: ConsumerRecord[bytes, bytes], key: str) -> Any:
+        value = record.value or b""
+        if not is_sealed(value):
+            raise SealError("CP events must be sealed with the CP's key")
+        envelope = parse(value)
+        if envelope.principal != key:
+            raise SealError(f"key {key!r} does not match sealed principal {envelope.principal!r}")
+        plaintext, channel_key = self.keys.open(envelope, "cp", "cp-event")
+        event = decode(CP_EVENTS, plaintext)
+        self._check_opened(envelope.id, envelope.principal, event, channel_key)
+        self.keys.accepted(envelope)
+        return event
+
+    @staticmethod
+    def _check_opened(envelope_id: str, principal: str, message: Any, key: ChannelKey) -> None:
+        """The sealed message must be the one the envelope names, from the key's owner."""
+        if message.id != envelope_id:
+            raise SealError("the sealed message id differs from the envelope's")
+        owner = getattr(message, "driver_id", None) if key.kind == "driver" else message.cp_id
+        if owner != principal:
+            raise SealError(f"a message of {owner!r} sealed with {principal!r}'s key")
+        refusal = key.refusal(message.ts, time.time())
+        if refusal is not None:
+            raise SealError(refusal)
+
+    def _seal_outgoing(self, topic: str, key: str, value: bytes) -> list[bytes]:
+        """What Central publishes to engines and drivers goes sealed with their keys."""
+        if topic == Topics.CP_COMMANDS:
+            return self.keys.seal_for_cp(key, json.loads(value)["id"], value)
+        if topic == Topics.DRIVER_UPDATES:
+            if any(marker in value for marker in CLEAR_DRIVER_UPDATES):
+                return [value]
+            return self.keys.seal_for_driver(key, json.loads(value)["id"], value)
+        return [value]
+
+    async def _audit(
+        self, action: str, outcome: str, *, actor: str = "", source: str = "", detail: str = ""
+    ) -> None:
+        audit = getattr(self, "audit", None)
+        if audit is not None:
+            await audit.record(action, outcome, actor=actor, source=source, detail=detail)
+
+    async def _audit_rejection(self, topic: str, principal: str, why: str) -> None:
+        now = time.monotonic()
+        if now - self._rejections_audited.get(principal, -1e9) < REJECTION_AUDIT_INTERVAL:
+            return
+        if len(self._rejections_audited) > 10_000:
+            self._rejections_audited.clear()
+        self._rejections_audited[principal] = now
+        await self._audit(
+            "message_rejected", "refused", actor=principal[:32], source=topic, detail=why
+        )
 
     async def _on_driver_request(self, request: Message) -> None:
         match request:
@@ -282,6 +401,17 @@ class Central:
                     )
             case LoginRequest():
                 await self._on_login(request)
+            case IdentityQuery():
+                await self.bus.post(
+                    Topics.DRIVER_UPDATES,
+                    request.driver_id,
+                    CentralIdentity(
+                        driver_id=request.driver_id,
+                        request_id=request.id,
+                        public_key=self.keys.identity_public,
+                        fingerprint=fingerprint(self.keys.identity_public),
+                    ),
+                )
             case HistoryQuery():
                 await self._on_history(request)
 
@@ -894,48 +1024,135 @@ class Central:
 
     async def register_cp(
         self, cp_id: str, location: str, price_eur_kwh: float, max_kw: float
-    ) -> ChargingPoint:
-        """Register a new CP; it shows DESCONECTADO until its monitor authenticates."""
+    ) -> tuple[ChargingPoint, str]:
+        """Register a new CP and issue its secret (returned once, stored only as a hash).
+
+        The CP shows DESCONECTADO until its monitor authenticates with that secret.
+        """
         if self.registry.get(cp_id) is not None:
             raise ValueError(f"CP {cp_id} is already registered")
+        secret = new_secret()
         async with self.db.transaction() as tx:
             await tx.execute(
-                "INSERT INTO charging_points (id, location, price_eur_kwh, max_kw, created_at)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (cp_id, location, price_eur_kwh, max_kw, time.time()),
+                "INSERT INTO charging_points"
+                " (id, location, price_eur_kwh, max_kw, created_at, secret_hash)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (cp_id, location, price_eur_kwh, max_kw, time.time(), hash_secret(secret)),
             )
         cp = ChargingPoint(id=cp_id, location=location, price_eur_kwh=price_eur_kwh, max_kw=max_kw)
         self.registry.add(cp)
         self.changed(cp)
         self.note("registered", f"{cp_id}: registered at {location}", cp_id)
-        return cp
+        return cp, secret
+
+    async def authenticate_cp(self, cp_id: str, secret: str, source: str) -> ChannelKey | str:
+        """Check a monitor's credentials; on success issue the CP's fresh key (rotation)."""
+        cp = self.registry.get(cp_id)
+        rows = await self.db.read("SELECT secret_hash FROM charging_points WHERE id = ?", (cp_id,))
+        stored = rows[0]["secret_hash"] if rows else None
+        if cp is None or not verify_secret(secret, stored):
+            why = "unknown CP or wrong secret" if stored or cp is None else "CP has no secret"
+            await self._audit("cp_auth", "failed", actor=cp_id, source=source, detail=why)
+            await asyncio.sleep(CP_AUTH_FAILURE_DELAY)
+            return why
+        async with self.db.transaction() as tx:
+            key = await self.keys.issue_cp_key(tx, cp_id)
+        await self._audit("cp_auth", "ok", actor=cp_id, source=source)
+        await self._audit("key_issued", "ok", actor=cp_id, source=source, detail=key.key_id)
+        return key
+
+    async def revoke_key(self, cp_id: str) -> None:
+        """Revoke a CP's keys: it is out of service until its monitor authenticates again."""
+        cp = self.registry.get(cp_id)
+        if cp is None:
+            raise LookupError(f"unknown CP {cp_id!r}")
+        async with self.db.transaction() as tx:
+            revoked = await self.keys.revoke_principal(tx, "cp", cp_id)
+        self.note("revoked", f"{cp_id}: key revoked", cp_id)
+        await self._audit("key_revoked", "ok", actor=cp_id, detail=", ".join(revoked))
+        if self.disconnect_monitor is not None and cp.connection is not None:
+            await self.disconnect_monitor(cp)
+
+    async def reset_secret(self, cp_id: str) -> str:
+        """Issue a CP a new secret (returned once); the old one and its keys stop working."""
+        cp = self.registry.get(cp_id)
+        if cp is None:
+            raise LookupError(f"unknown CP {cp_id!r}")
+        secret = new_secret()
+        async with self.db.transaction() as tx:
+            await tx.execute(
+                "UPDATE charging_points SET secret_hash = ? WHERE id = ?",
+                (hash_secret(secret), cp_id),
+            )
+            await self.keys.revoke_principal(tx, "cp", cp_id)
+        self.note("secret", f"{cp_id}: new secret issued, keys revoked", cp_id)
+        if self.disconnect_monitor is not None and cp.connection is not None:
+            await self.disconnect_monitor(cp)
+        return secret
+
+    async def _check_person(self, user_id: str, password: str) -> tuple[bool, str, float | None]:
+        """(ok, reason, retry_after) of a driver's password, with lockout when available."""
+        people = getattr(self, "people", None)
+        if people is not None:
+            outcome = await people.login(
+                user_id, password, source="kafka", channel="driver", role="driver"
+            )
+            return outcome.ok, outcome.reason, outcome.retry_after
+        rows = await self.db.read("SELECT role, password_hash FROM users WHERE id = ?", (user_id,))
+        ok = bool(rows) and rows[0]["role"] == "driver"
+        ok = ok and await asyncio.to_thread(verify_password, password, rows[0]["password_hash"])
+        return ok, "" if ok else "wrong driver id or password", None
 
     async def _on_login(self, request: LoginRequest) -> None:
-        rows = await self.db.read(
-            "SELECT role, password_hash, balance_cents FROM users WHERE id = ?",
-            (request.driver_id,),
-        )
-        ok = False
-        if rows and rows[0]["role"] == "driver":
-            # scrypt is slow on purpose: keep it off the event loop.
-            ok = await asyncio.to_thread(
-                verify_password, request.password, rows[0]["password_hash"]
+        """A driver logs in: open its password, check it, and hand back a key of its own."""
+        driver_id = request.driver_id
+
+        async def answer(**fields: Any) -> None:
+            await self.bus.post(
+                Topics.DRIVER_UPDATES,
+                driver_id,
+                LoginResult(driver_id=driver_id, request_id=request.id, **fields),
             )
+
+        assert self.keys.identity is not None
+        if time.time() - request.ts > self.settings.request_ttl:
+            await answer(ok=False, reason="login request too old")
+            return
+        try:
+            password, reply_key = login_unwrap(
+                self.keys.identity,
+                driver_id,
+                request.id,
+                request.client_key,
+                request.nonce,
+                request.sealed_password,
+            )
+        except SealError as exc:
+            await answer(ok=False, reason=f"the login could not be read: {exc}")
+            return
+        async with self.db.transaction() as tx:
+            replayed = await tx.seen(request.id)
+            if not replayed:
+                await tx.mark_processed(request.id)
+        if replayed:
+            raise SealError("replayed login request")
+        ok, reason, retry_after = await self._check_person(driver_id, password)
         self.note(
-            "login",
-            f"login of {request.driver_id}: {'ok' if ok else 'refused'}",
-            driver_id=request.driver_id,
+            "login", f"login of {driver_id}: {'ok' if ok else 'refused'}", driver_id=driver_id
         )
-        await self.bus.post(
-            Topics.DRIVER_UPDATES,
-            request.driver_id,
-            LoginResult(
-                driver_id=request.driver_id,
-                request_id=request.id,
-                ok=ok,
-                reason=None if ok else "wrong driver id or password",
-                balance_eur=rows[0]["balance_cents"] / 100 if ok else None,
-            ),
+        if not ok:
+            await answer(ok=False, reason=reason, retry_after=retry_after)
+            return
+        ttl = float(getattr(self.settings, "session_ttl", DEFAULT_DRIVER_KEY_TTL))
+        async with self.db.transaction() as tx:
+            key = await self.keys.issue_driver_key(tx, driver_id, ttl)
+        balance = await self._driver_balance(driver_id)
+        secret = json.dumps(
+            {"key": b64(key.key), "balance_eur": balance / 100 if balance is not None else None}
+        )
+        nonce, sealed = seal_reply(reply_key, driver_id, request.id, secret.encode())
+        await answer(
+            ok=True, key_id=key.key_id, expires_at=key.expires_at, nonce=nonce, sealed=sealed
         )
 
     # --- timers -----------------------------------------------------------------------------
@@ -980,6 +1197,23 @@ class Central:
                 except Exception:
                     log.exception("timer handling failed for %s", cp.id)
             self._outbox_wake.set()
+            await self._save_replay_guard(now)
+
+    async def _save_replay_guard(self, now: float) -> None:
+        """Persist the replay guard's progress (about once a second) and drop expired keys."""
+        rows = self.keys.dirty_replay_rows()
+        self.keys.sweep(now)
+        if not rows:
+            return
+        try:
+            async with self.db.transaction() as tx:
+                await tx.executemany(
+                    "INSERT INTO replay_guard (key_id, stream, last_seq) VALUES (?, ?, ?)"
+                    " ON CONFLICT (key_id, stream) DO UPDATE SET last_seq = excluded.last_seq",
+                    rows,
+                )
+        except Exception:
+            log.exception("saving the replay guard failed")
 
     async def _relay_outbox(self) -> None:
         """Send what committed transactions queued, in order; delete each once Kafka has it."""

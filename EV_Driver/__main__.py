@@ -1,4 +1,9 @@
-"""python -m EV_Driver: the driver app's command line."""
+"""python -m EV_Driver: the driver app's command line.
+
+python -m EV_Driver --broker HOST:PORT --driver-id ID (--cp CP_ID | --file PATH) [--json]
+python -m EV_Driver login --broker HOST:PORT --driver-id ID --token-file PATH
+python -m EV_Driver dashboard --broker HOST:PORT [--http-port 8001]
+"""
 
 from __future__ import annotations
 
@@ -20,8 +25,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from EV_Driver.dashboard import main as dashboard_main
 
         return dashboard_main(args[1:])
+    login_only = args[:1] == ["login"]
     try:
-        settings = parse_settings(args)
+        settings = parse_settings(args[1:] if login_only else args, login_only=login_only)
     except ConfigError as exc:
         print(f"EV_Driver: error: {exc}", file=sys.stderr)
         return 2

@@ -6,7 +6,11 @@ The decisions live in flow.DriverFlow; this module only moves messages and keeps
 from __future__ import annotations
 
 import asyncio
+import getpass
 import logging
+import sys
+from pathlib import Path
+from typing import TypeVar
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
@@ -22,17 +26,34 @@ from EV_Driver.flow import (
     update_driver_id,
 )
 from EV_Driver.output import Output
+from EV_Driver.session import DriverSession, LoginRefused, finish_login, start_login
 from shared.backoff import Backoff
-from shared.bus import BusError, KafkaBus, Topics, decode_record
-from shared.errors import MessageError
+from shared.bus import BusError, KafkaBus, Topics
+from shared.errors import EVError, MessageError
 from shared.lifecycle import Shutdown
-from shared.messages import DRIVER_UPDATES, DriverUpdate, Message
+from shared.messages import (
+    DRIVER_UPDATES,
+    CentralIdentity,
+    DriverUpdate,
+    IdentityQuery,
+    LoginResult,
+    Message,
+    decode,
+    encode,
+)
+from shared.sealing import SealError, fingerprint, is_sealed
 
 log = logging.getLogger(__name__)
+
+AnswerT = TypeVar("AnswerT", LoginResult, CentralIdentity)
 
 # While only waiting for accepted/denied, give up after this many reply timeouts of silence.
 ANSWER_TIMEOUT_FACTOR = 5
 INBOX_SIZE = 1000
+
+
+class LoginFailed(EVError):
+    """The driver could not log in (refused, no password, Central unreachable)."""
 
 
 class DriverApp:
@@ -55,6 +76,7 @@ class DriverApp:
         self._key = settings.driver_id.encode()
         self._group: asyncio.TaskGroup | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self.session: DriverSession | None = None
 
     async def run(self) -> None:
         """Connect, follow every request to its outcome, stop the bus."""
@@ -81,7 +103,80 @@ class DriverApp:
         self._tasks.append(
             self._group.create_task(self._read_updates(consumer), name="driver-updates")
         )
+        try:
+            await self._login()
+        except LoginFailed as exc:
+            self.output.emit(Failure(self.settings.driver_id, str(exc)))
+            self.exit_code = 1
+            return
+        if self.settings.login_only:
+            where = self.settings.token_file or "memory only"
+            self.output.emit(
+                Notice(self.settings.driver_id, f"logged in; token saved ({where})", "info")
+            )
+            return
         await self._work()
+
+    # --- login ---------------------------------------------------------------------------------
+
+    async def _login(self) -> None:
+        """A key for this driver: from the token file while it lasts, else a password login."""
+        settings = self.settings
+        token = Path(settings.token_file) if settings.token_file else None
+        if token is not None and settings.password is None:
+            stored = DriverSession.load(token, settings.driver_id)
+            if stored is not None:
+                self.session = stored[0]
+                log.info("using the login in %s (key %s)", token, self.session.key_id)
+                return
+        password = settings.password
+        if password is None:
+            if not sys.stdin.isatty():
+                raise LoginFailed(
+                    "a password is needed: --password-file PATH or EV_PASSWORD "
+                    "(or a valid --token-file)"
+                )
+            password = await asyncio.to_thread(
+                getpass.getpass, f"password for {settings.driver_id}: "
+            )
+        central_key = settings.central_key or await self._central_key()
+        pending = start_login(central_key, settings.driver_id, password)
+        await self._send_clear(pending.request)
+        reply = await self._answer(LoginResult, pending.request.id, "the login")
+        try:
+            self.session = finish_login(pending, reply)
+        except LoginRefused as exc:
+            wait = f" (try again in {exc.retry_after:.0f} s)" if exc.retry_after else ""
+            raise LoginFailed(f"login refused: {exc.reason}{wait}") from None
+        log.info("logged in (key %s)", self.session.key_id)
+        if token is not None:
+            self.session.save(token, central_key)
+
+    async def _central_key(self) -> str:
+        query = IdentityQuery(driver_id=self.settings.driver_id)
+        await self._send_clear(query)
+        identity = await self._answer(CentralIdentity, query.id, "Central's key")
+        self.output.emit(
+            Notice(
+                self.settings.driver_id,
+                "Central's key is not pinned; using the one Central sent, fingerprint "
+                f"{identity.fingerprint} (pin it with --central-key)",
+                "info",
+            )
+        )
+        if fingerprint(identity.public_key) != identity.fingerprint:
+            raise LoginFailed("Central's key does not match its fingerprint")
+        return identity.public_key
+
+    async def _answer(self, kind: type[AnswerT], request_id: str, what: str) -> AnswerT:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + ANSWER_TIMEOUT_FACTOR * self.settings.reply_timeout
+        while True:
+            update = await self._next_update(deadline - loop.time())
+            if update is None:
+                raise LoginFailed(f"cannot reach Central: no answer to {what}")
+            if isinstance(update, kind) and getattr(update, "request_id", None) == request_id:
+                return update
 
     # --- the Kafka reader --------------------------------------------------------------------
 
@@ -100,7 +195,9 @@ class DriverApp:
             if record.key != self._key:
                 continue
             try:
-                update = decode_record(DRIVER_UPDATES, record)
+                update = self._open(record.value or b"")
+                if update is None:
+                    continue
             except MessageError as exc:
                 log.debug(
                     "skipping invalid record %s[%d]@%d: %s",
@@ -114,6 +211,22 @@ class DriverApp:
                 log.debug("skipping an update for another driver at offset %d", record.offset)
                 continue
             await self._inbox.put(update)
+
+    def _open(self, value: bytes) -> DriverUpdate | None:
+        """An update for this login: sealed with its key, or one of the two clear answers."""
+        if is_sealed(value):
+            if self.session is None:
+                return None
+            try:
+                return self.session.open(value)
+            except SealError as exc:
+                log.warning("refused an update that failed authentication: %s", exc)
+                return None
+        update = decode(DRIVER_UPDATES, value)
+        if not isinstance(update, LoginResult | CentralIdentity):
+            log.warning("ignored an update that was not sealed (%s)", update.type)
+            return None
+        return update
 
     # --- the request flow ---------------------------------------------------------------------
 
@@ -218,11 +331,19 @@ class DriverApp:
             await self._send(ack)
 
     async def _send(self, message: Message) -> None:
+        """Publish to Central, sealed with this login's key."""
+        assert self.session is not None
+        await self._publish(self.session.seal(message))
+
+    async def _send_clear(self, message: Message) -> None:
+        await self._publish(encode(message))
+
+    async def _publish(self, value: bytes) -> None:
         """Publish to Central, retrying with backoff while the broker is unreachable."""
         backoff = Backoff()
         while True:
             try:
-                await self.bus.send(Topics.DRIVER_REQUESTS, self.settings.driver_id, message)
+                await self.bus.send_raw(Topics.DRIVER_REQUESTS, self._key, value)
                 return
             except BusError as exc:
                 delay = backoff.next_delay()

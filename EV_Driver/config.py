@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from EV_Driver.requests_file import LineProblem, identifier_problem, load_requests
@@ -30,6 +31,10 @@ class DriverSettings:
     log_level: str = "INFO"
     log_json: bool = False
     file_problems: tuple[LineProblem, ...] = ()
+    password: str | None = field(default=None, repr=False)
+    token_file: str | None = None
+    central_key: str | None = None
+    login_only: bool = False  # `python -m EV_Driver login`: log in, save the token, stop
 
 
 class _StoreGiven(argparse.Action):
@@ -109,8 +114,46 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvArgumentParser:
         metavar="S",
         help="seconds to wait for Central before saying it cannot be reached",
     )
+    parser.add_option(
+        "--password-file",
+        default=None,
+        metavar="PATH",
+        help="a file holding the driver's password (first line)",
+    )
+    parser.add_option(
+        "--password",
+        default=None,
+        help="the driver's password (prefer --password-file or EV_PASSWORD; "
+        "asked for when neither is given and a terminal is attached)",
+    )
+    parser.add_option(
+        "--token-file",
+        default=None,
+        metavar="PATH",
+        help="keep the login in this file (mode 0600) and reuse it until it expires",
+    )
+    parser.add_option(
+        "--central-key",
+        default=None,
+        metavar="BASE64",
+        help="Central's identity key, pinned (Central logs it at start-up); "
+        "without it the key is asked from Central and its fingerprint shown",
+    )
     add_common_options(parser)
     return parser
+
+
+def _password(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
+    if args.password and args.password_file:
+        parser.error("give --password or --password-file, not both")
+    if args.password_file:
+        try:
+            text = Path(args.password_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            parser.error(f"argument --password-file: cannot read {args.password_file}: {exc}")
+        lines = text.splitlines()
+        return lines[0] if lines else ""
+    return str(args.password) if args.password else None
 
 
 def _choose_target(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, str]:
@@ -134,19 +177,28 @@ def _choose_target(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
 
 
 def parse_settings(
-    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+    argv: Sequence[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    login_only: bool = False,
 ) -> DriverSettings:
     """Parse the command line and read the requests file.
 
     Exits 2 on bad flags; raises ConfigError for a bad EV_ variable or an unusable file.
     """
     parser = build_parser(environ)
+    if login_only:
+        parser.prog = "EV_Driver login"
     args = parser.parse_args(argv)
-    kind, value = _choose_target(parser, args)
-    if kind == "cp":
-        cp_ids: tuple[str, ...] = (value,)
-        source = "--cp"
+    kind, value = ("login", "") if login_only else _choose_target(parser, args)
+    if kind == "login":
+        cp_ids: tuple[str, ...] = ()
+        source = "login"
         problems: tuple[LineProblem, ...] = ()
+    elif kind == "cp":
+        cp_ids = (value,)
+        source = "--cp"
+        problems = ()
     else:
         if not value:
             raise ConfigError("--file needs a path")
@@ -163,4 +215,8 @@ def parse_settings(
         log_level=args.log_level,
         log_json=args.log_json,
         file_problems=problems,
+        password=_password(parser, args),
+        token_file=args.token_file,
+        central_key=args.central_key,
+        login_only=login_only,
     )

@@ -1,8 +1,10 @@
 """The drivers' browser dashboard: one web server for many drivers, over Kafka.
 
 Served by the `websockets` library alone: process_request answers the page, its static files
-and /healthz; /ws is the WebSocket each browser talks over. A browser logs in (Central checks
-the password over Kafka), then its connection is bound to that driver: it sees the CPs, its own
+and /healthz; /ws is the WebSocket each browser talks over. A browser logs in on /login
+(Central checks the password over Kafka), turns the one-time grant it gets into an HttpOnly
+session cookie with GET /session, and opens /ws with that cookie (docs/web-auth.md): the
+connection is bound to the session's driver. It sees the CPs, its own
 supply, tickets, balance and history, and may run a file of requests. Two tail consumers feed
 the server: driver updates (dispatched by key to the driver's room) and CP states (read from
 the start of the compacted topic, pushed to every logged-in browser on change).
@@ -14,8 +16,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import sys
 import time
+import weakref
 from collections.abc import Callable, Sequence
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
@@ -29,8 +33,6 @@ from EV_Driver.dashboard_protocol import (
     MAX_COMMAND_BYTES,
     BrowserCommand,
     CancelRun,
-    Login,
-    Logout,
     Push,
     Refresh,
     RequestSupply,
@@ -42,6 +44,7 @@ from EV_Driver.dashboard_protocol import (
 )
 from EV_Driver.dashboard_room import DriverRoom
 from EV_Driver.flow import update_driver_id
+from EV_Driver.session import DriverSession, LoginRefused, finish_login, start_login
 from shared.backoff import Backoff
 from shared.bus import BusError, KafkaBus, Topics, decode_record
 from shared.errors import ConfigError, MessageError
@@ -50,12 +53,36 @@ from shared.logs import setup_logging
 from shared.messages import (
     CP_STATE,
     DRIVER_UPDATES,
+    CentralIdentity,
     CPStateUpdate,
-    LoginRequest,
+    DriverUpdate,
+    IdentityQuery,
     LoginResult,
     Message,
+    decode,
+    encode,
 )
-from shared.web import bound_port, error_response, json_response, split_path, static_response
+from shared.sealing import SealError, is_sealed, parse
+from shared.tls import HANDSHAKE_TIMEOUT, optional_server_context
+from shared.web import (
+    bound_port,
+    error_response,
+    json_response,
+    response,
+    split_path,
+    static_response,
+)
+from shared.websession import (
+    SessionStore,
+    WebSession,
+    clear_cookie,
+    cookie_value,
+    login_ok,
+    login_refused,
+    origin_allowed,
+    parse_login,
+    session_cookie,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,16 +92,22 @@ CLIENT_QUEUE = 512  # pushes waiting for a slow browser before it is disconnecte
 CPS_PUSH_INTERVAL = 0.25  # the CP list goes out at most four times a second
 HEALTH_CACHE = 1.0
 ANSWER_TIMEOUT_FACTOR = 3  # a supply request waits this many reply timeouts for an answer
+COOKIE = "ev_driver_session"
+LOGIN_WAIT = 30.0  # seconds a /login connection may take to send its one message
+MAX_LOGINS = 100  # /login connections open at once
+SESSION_CHECK = 2.0  # seconds between checks that each browser's session is still alive
+RETRY_AFTER = re.compile(r"try again in (\d+) s")  # in Central's answer to a locked account
 
 
 class Client:
-    """One browser's WebSocket: a bounded queue of pushes and, after login, its driver."""
+    """One browser's WebSocket: a bounded queue of pushes, its session and its driver's room."""
 
-    def __init__(self, conn: ServerConnection) -> None:
+    def __init__(self, conn: ServerConnection, session: WebSession) -> None:
         self.conn = conn
+        self.session = session
+        self.ended = asyncio.Event()  # set when the session ends: the connection closes
         self.queue: asyncio.Queue[str] = asyncio.Queue(maxsize=CLIENT_QUEUE)
         self.room: DriverRoom | None = None
-        self.logging_in = False
 
     def push(self, payload: Push) -> None:
         self.send_text(json.dumps(payload, ensure_ascii=False, separators=(",", ":")))
@@ -101,9 +134,20 @@ class DriverDashboard:
         self.cp_states: dict[str, CPStateUpdate] = {}
         self.ready = False  # the bus is up and both consumers are positioned
         self._server: Server | None = None
-        self._logins: dict[str, asyncio.Future[LoginResult]] = {}
+        self._logins: dict[str, asyncio.Future[LoginResult | CentralIdentity]] = {}
+        # Each logged-in driver's key at Central (by driver, and by key id for updates).
+        self.sessions: dict[str, DriverSession] = {}
+        self._by_key: dict[str, DriverSession] = {}
+        self._central_key: str | None = settings.central_key
         self._cps_changed = asyncio.Event()
         self._health: tuple[float, bool] = (0.0, False)
+        # Browsers' sessions (cookies), apart from the drivers' keys at Central above.
+        self.web_sessions = SessionStore(ttl=settings.session_ttl)
+        self.allowed_origins = frozenset(settings.allowed_origin)
+        self._upgrades: weakref.WeakKeyDictionary[ServerConnection, WebSession] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._logins_open = 0
 
     # --- life ---------------------------------------------------------------------------------
 
@@ -115,6 +159,7 @@ class DriverDashboard:
                 tasks = [
                     group.create_task(self._connect(), name="dashboard-kafka"),
                     group.create_task(self._push_cps(), name="dashboard-cps"),
+                    group.create_task(self._check_sessions(), name="dashboard-sessions"),
                 ]
                 await shutdown.wait()
                 for task in tasks:
@@ -124,7 +169,13 @@ class DriverDashboard:
         finally:
             await self.stop()
 
+    @property
+    def tls(self) -> bool:
+        """True when the dashboard is served over TLS (HTTPS, WSS; cookies are then Secure)."""
+        return self.settings.tls_cert is not None
+
     async def start_web(self) -> None:
+        tls = optional_server_context(self.settings.tls_cert, self.settings.tls_key)
         self._server = await serve(
             self._ws_handler,
             self.settings.listen_host,
@@ -132,9 +183,12 @@ class DriverDashboard:
             process_request=self._process_request,
             max_size=MAX_COMMAND_BYTES,
             server_header="EV_Driver",
+            ssl=tls,
+            ssl_handshake_timeout=HANDSHAKE_TIMEOUT if tls else None,
         )
         self.port = bound_port(self._server.sockets, self.settings.http_port)
-        log.info("driver dashboard on http://%s:%d/", self.settings.listen_host, self.port)
+        scheme = "https" if tls else "http"
+        log.info("driver dashboard on %s://%s:%d/", scheme, self.settings.listen_host, self.port)
 
     async def stop(self) -> None:
         """Close the web server (and so every browser), every room, then the bus."""
@@ -189,14 +243,16 @@ class DriverDashboard:
     def _on_update(self, record: ConsumerRecord[bytes, bytes]) -> None:
         key = record.key.decode("utf-8", "replace") if record.key else ""
         try:
-            update = decode_record(DRIVER_UPDATES, record)
+            update = self._open(record.value or b"")
         except MessageError as exc:
             log.debug("skipping driver update at offset %d: %s", record.offset, exc)
+            return
+        if update is None:
             return
         if update_driver_id(update) != key:
             log.debug("skipping driver update at offset %d: key mismatch", record.offset)
             return
-        if isinstance(update, LoginResult):
+        if isinstance(update, LoginResult | CentralIdentity):
             waiter = self._logins.get(update.request_id)
             if waiter is not None and not waiter.done():
                 waiter.set_result(update)
@@ -204,6 +260,24 @@ class DriverDashboard:
         room = self.rooms.get(key)
         if room is not None:
             room.handle(update)
+
+    def _open(self, value: bytes) -> DriverUpdate | None:
+        """An update sealed for one of our logins, or a clear answer to a login; else None."""
+        if is_sealed(value):
+            envelope = parse(value)
+            session = self._by_key.get(envelope.key_id)
+            if session is None:
+                return None  # another login's (another dashboard, a command line)
+            try:
+                return session.open(value)
+            except SealError as exc:
+                log.warning("refused an update that failed authentication: %s", exc)
+                return None
+        update = decode(DRIVER_UPDATES, value)
+        if isinstance(update, LoginResult | CentralIdentity):
+            return update
+        log.debug("ignored an update that was not sealed (%s)", update.type)
+        return None
 
     def _on_cp_state(self, record: ConsumerRecord[bytes, bytes]) -> None:
         key = record.key.decode("utf-8", "replace") if record.key else ""
@@ -232,7 +306,7 @@ class DriverDashboard:
 
     def _push_cps_to(self, room: DriverRoom) -> None:
         text = json.dumps(
-            cps_push(self.cp_states, room.driver_id), ensure_ascii=False, separators=(",", ":")
+            cps_push(self.cp_states, room.active_cp), ensure_ascii=False, separators=(",", ":")
         )
         if text != room.last_cps:
             room.last_cps = text
@@ -241,11 +315,20 @@ class DriverDashboard:
     # --- HTTP ---------------------------------------------------------------------------------
 
     async def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
-        path, _ = split_path(request.path)
-        if path == "/ws":
-            return None  # on with the WebSocket handshake
+        path, query = split_path(request.path)
+        if path in ("/ws", "/login"):
+            return self._check_upgrade(conn, request, path)
         if path == "/healthz":
             return await self._healthz()
+        if path == "/session":
+            return self._redeem(conn, query)
+        if path == "/logout":
+            return self._logout(conn, request)
+        if path == "/api/whoami":
+            session = self.web_sessions.get(cookie_value(request.headers, COOKIE))
+            if session is None:
+                return error_response(401, "log in first")
+            return json_response(session.as_api(self.web_sessions.now()))
         if path in ("/", "/index.html"):
             return static_response(PACKAGE, "index.html")
         if path.startswith("/static/"):
@@ -266,26 +349,135 @@ class DriverDashboard:
         }
         return json_response(body, 200 if broker else 503)
 
+    # --- sessions: login, cookie, logout --------------------------------------------------------
+
+    def _check_upgrade(
+        self, conn: ServerConnection, request: Request, path: str
+    ) -> Response | None:
+        """Let a WebSocket handshake go on, or refuse it (bad Origin, no session)."""
+        if not origin_allowed(request.headers, self.allowed_origins):
+            log.warning(
+                "refused a WebSocket on %s: Origin %r not allowed",
+                path,
+                request.headers.get("Origin"),
+            )
+            return error_response(403, "this page's origin may not use the dashboard")
+        if path == "/login":
+            if self._logins_open >= MAX_LOGINS:
+                return error_response(503, "too many logins at once; try again in a moment")
+            return None
+        session = self.web_sessions.get(cookie_value(request.headers, COOKIE))
+        if session is None:
+            return error_response(401, "log in first")
+        if session.role != "driver":
+            return error_response(403, "the dashboard is for drivers")
+        self._upgrades[conn] = session
+        return None
+
+    def _redeem(self, conn: ServerConnection, query: dict[str, str]) -> Response:
+        """GET /session?grant=CODE: a grant from /login becomes the session cookie."""
+        redeemed = self.web_sessions.redeem(query.get("grant", ""))
+        if redeemed is None:
+            return error_response(400, "unknown, used or expired grant; log in again")
+        token, _ = redeemed
+        answer = response(204, b"", "text/plain; charset=utf-8")
+        answer.headers["Set-Cookie"] = session_cookie(
+            COOKIE, token, int(self.web_sessions.ttl), self.tls
+        )
+        return answer
+
+    def _logout(self, conn: ServerConnection, request: Request) -> Response:
+        """GET /logout: end the session (its browsers are closed) and clear the cookie."""
+        session = self.web_sessions.end(cookie_value(request.headers, COOKIE))
+        if session is not None:
+            log.info("driver %s logged out", session.user_id)
+            self._end_closed_sessions()
+        answer = response(204, b"", "text/plain; charset=utf-8")
+        answer.headers["Set-Cookie"] = clear_cookie(COOKIE, self.tls)
+        return answer
+
+    async def _serve_login(self, conn: ServerConnection) -> None:
+        """One login per /login connection: a message in, a login_result out, closed."""
+        self._logins_open += 1
+        try:
+            try:
+                async with asyncio.timeout(LOGIN_WAIT):
+                    raw = await conn.recv()
+            except TimeoutError:
+                await conn.close(1008, "no login message")
+                return
+            try:
+                form = parse_login(raw)
+            except MessageError as exc:
+                await conn.send(json.dumps(login_refused(str(exc))))
+                return
+            result = await self._check_password(form.user, form.password)
+            if isinstance(result, str):
+                wait = RETRY_AFTER.search(result)
+                retry_after = float(wait.group(1)) if wait else None
+                await conn.send(json.dumps(login_refused(result, retry_after)))
+                return
+            grant = self.web_sessions.grant(form.user, "driver")
+            await conn.send(json.dumps(login_ok(grant, form.user, "driver")))
+        finally:
+            self._logins_open -= 1
+
+    def _end_closed_sessions(self) -> None:
+        """Close the browsers whose session ended (logout, expiry, key at Central gone)."""
+        for client in list(self.clients):
+            driver_id = client.session.user_id
+            at_central = self.sessions.get(driver_id)
+            if at_central is None or at_central.expired:
+                self.web_sessions.end_user(driver_id)  # its requests could not go out
+            if self.web_sessions.valid(client.session):
+                self.web_sessions.touch(client.session)  # an open page is in use
+            else:
+                client.ended.set()
+
+    async def _check_sessions(self) -> None:
+        while True:
+            await asyncio.sleep(SESSION_CHECK)
+            self._end_closed_sessions()
+            self.web_sessions.prune()
+
     # --- WebSocket ----------------------------------------------------------------------------
 
     async def _ws_handler(self, conn: ServerConnection) -> None:
+        if conn.request is not None and split_path(conn.request.path)[0] == "/login":
+            with contextlib.suppress(ConnectionClosed):
+                await self._serve_login(conn)
+            return
+        session = self._upgrades.pop(conn, None)
+        if session is None:  # the handshake let no /ws through without a session
+            await conn.close(1008, "log in first")
+            return
         if len(self.clients) >= MAX_CLIENTS:
             await conn.close(1013, "too many browsers")
             return
-        client = Client(conn)
+        client = Client(conn, session)
         self.clients.add(client)
         try:
             async with asyncio.TaskGroup() as group:
                 pump = group.create_task(client.pump(), name="browser-pump")
-                await self._read_commands(client, group)
+                closer = group.create_task(self._close_when_ended(client), name="browser-end")
+                at_central = self.sessions.get(session.user_id)
+                balance = at_central.balance_eur if at_central is not None else None
+                await self._bind(client, session.user_id, balance)
+                await self._read_commands(client)
                 pump.cancel()
+                closer.cancel()
         except* ConnectionClosed:
             pass
         finally:
             self.clients.discard(client)
             await self._unbind(client)
 
-    async def _read_commands(self, client: Client, group: asyncio.TaskGroup) -> None:
+    @staticmethod
+    async def _close_when_ended(client: Client) -> None:
+        await client.ended.wait()
+        await client.conn.close(4001, "session ended")
+
+    async def _read_commands(self, client: Client) -> None:
         async for data in client.conn:
             if isinstance(data, bytes):
                 client.push(error("binary messages are not accepted; send JSON text"))
@@ -295,31 +487,22 @@ class DriverDashboard:
             except MessageError as exc:
                 client.push(error(str(exc)))
                 continue
+            if not self.web_sessions.valid(client.session):  # logged out or expired meanwhile
+                client.ended.set()
+                break
             try:
-                await self._execute(client, command, group)
+                await self._execute(client, command)
             except Exception:  # a bug answers this browser with an error; the server goes on
                 log.exception("command %s failed", command.type)
                 client.push(error("internal error"))
 
-    async def _execute(
-        self, client: Client, command: BrowserCommand, group: asyncio.TaskGroup
-    ) -> None:
-        if isinstance(command, Login):
-            if client.logging_in:
-                client.push(error("a login is already in progress"))
-            else:
-                client.logging_in = True
-                group.create_task(self._login(client, command), name="browser-login")
-            return
+    async def _execute(self, client: Client, command: BrowserCommand) -> None:
         room = client.room
         if room is None:
             client.push(error("log in first"))
             return
         problem: str | None = None
         match command:
-            case Logout():
-                await self._unbind(client)
-                client.push({"type": "logged_out"})
             case RequestSupply():
                 problem = room.request_supply(command.cp_id)
             case StopSupply():
@@ -333,44 +516,62 @@ class DriverDashboard:
         if problem is not None:
             client.push(error(problem))
 
-    async def _login(self, client: Client, command: Login) -> None:
-        try:
-            result = await self._check_password(command)
-            if isinstance(result, str):
-                client.push({"type": "login_result", "ok": False, "reason": result})
-                return
-            if not result.ok:
-                reason = result.reason or "wrong driver id or password"
-                client.push({"type": "login_result", "ok": False, "reason": reason})
-                return
-            await self._bind(client, command.driver_id, result.balance_eur)
-        finally:
-            client.logging_in = False
-
-    async def _check_password(self, command: Login) -> LoginResult | str:
-        """Central's answer to a login, or why there is none."""
+    async def _check_password(self, driver_id: str, password: str) -> DriverSession | str:
+        """Log a driver in at Central: its session (key), or why there is none."""
         if not self.ready:
             return "the dashboard is not connected to Kafka yet; try again in a moment"
-        request = LoginRequest(driver_id=command.driver_id, password=command.password)
-        waiter: asyncio.Future[LoginResult] = asyncio.get_running_loop().create_future()
-        self._logins[request.id] = waiter
         try:
-            await self._publish(request)
-            async with asyncio.timeout(self.settings.reply_timeout):
-                return await waiter
+            if self._central_key is None:
+                query = IdentityQuery(driver_id=driver_id)
+                identity = await self._ask(query, query.id)
+                if not isinstance(identity, CentralIdentity):
+                    return "Central answered something else"
+                self._central_key = identity.public_key
+                log.warning(
+                    "Central's key is not pinned (--central-key); using the one it sent, "
+                    "fingerprint %s",
+                    identity.fingerprint,
+                )
+            pending = start_login(self._central_key, driver_id, password)
+            result = await self._ask(pending.request, pending.request.id)
+            if not isinstance(result, LoginResult):
+                return "Central answered something else"
+            session = finish_login(pending, result)
+        except LoginRefused as exc:
+            wait = f"; try again in {exc.retry_after:.0f} s" if exc.retry_after else ""
+            return f"{exc.reason}{wait}"
+        except SealError as exc:
+            return f"cannot log in: {exc}"
         except BusError:
             return "cannot reach Kafka; try again in a moment"
         except TimeoutError:
             return "Central did not answer; is it running?"
+        previous = self.sessions.get(driver_id)
+        if previous is not None:
+            self._by_key.pop(previous.key_id, None)
+        self.sessions[driver_id] = session
+        self._by_key[session.key_id] = session
+        return session
+
+    async def _ask(self, message: Message, request_id: str) -> LoginResult | CentralIdentity:
+        """Send a clear request (identity query, login) and wait for its answer."""
+        waiter: asyncio.Future[LoginResult | CentralIdentity]
+        waiter = asyncio.get_running_loop().create_future()
+        self._logins[request_id] = waiter
+        driver_id = getattr(message, "driver_id", "")
+        try:
+            await self.bus.send_raw(Topics.DRIVER_REQUESTS, driver_id.encode(), encode(message))
+            async with asyncio.timeout(self.settings.reply_timeout):
+                return await waiter
         finally:
-            self._logins.pop(request.id, None)
+            self._logins.pop(request_id, None)
 
     async def _bind(self, client: Client, driver_id: str, balance_eur: float | None) -> None:
         if client.room is not None:
             await self._unbind(client)
-        client.push({"type": "login_result", "ok": True, "driver_id": driver_id})
-        client.push(cps_push(self.cp_states, driver_id))
+        client.push({"type": "session", "driver_id": driver_id})
         room = self.rooms.get(driver_id)
+        client.push(cps_push(self.cp_states, room.active_cp if room else None))
         if room is None:
             room = DriverRoom(
                 driver_id,
@@ -380,7 +581,7 @@ class DriverDashboard:
                 balance_eur=balance_eur,
             )
             room.last_cps = json.dumps(
-                cps_push(self.cp_states, driver_id), ensure_ascii=False, separators=(",", ":")
+                cps_push(self.cp_states, None), ensure_ascii=False, separators=(",", ":")
             )
             self.rooms[driver_id] = room
             room.start()
@@ -400,9 +601,13 @@ class DriverDashboard:
             log.info("driver %s left the dashboard", room.driver_id)
 
     async def _publish(self, message: Message) -> None:
+        """Send a driver's request to Central, sealed with that driver's key."""
         driver_id = getattr(message, "driver_id", None)
         assert isinstance(driver_id, str)
-        await self.bus.send(Topics.DRIVER_REQUESTS, driver_id, message)
+        session = self.sessions.get(driver_id)
+        if session is None or session.expired:
+            raise BusError(f"{driver_id} is not logged in at Central (log in again)")
+        await self.bus.send_raw(Topics.DRIVER_REQUESTS, driver_id.encode(), session.seal(message))
 
 
 def _first_error(group: BaseExceptionGroup) -> BaseException:

@@ -13,6 +13,8 @@ from shared.settings import (
     positive_float,
     seconds,
 )
+from shared.tls import add_server_options, optional_server_context
+from shared.websession import origin_list
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,11 @@ class DashboardSettings:
     reply_timeout: float = 10.0  # seconds to wait for Central's answer to a login or query
     log_level: str = "INFO"
     log_json: bool = False
+    tls_cert: str | None = None  # HTTPS and WSS with both (docs/tls.md)
+    tls_key: str | None = None
+    central_key: str | None = None  # Central's identity key, pinned (else asked from Central)
+    session_ttl: float = 8 * 3600.0  # seconds a browser's login lasts at most
+    allowed_origin: tuple[str, ...] = ()  # other origins whose pages may use the WebSocket
 
 
 def build_parser(environ: Mapping[str, str] | None = None) -> EnvArgumentParser:
@@ -64,6 +71,30 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvArgumentParser:
         metavar="S",
         help="seconds to wait for Central to answer a login or a query",
     )
+    parser.add_option(
+        "--central-key",
+        default=None,
+        metavar="BASE64",
+        help="Central's identity key, pinned (Central logs it at start-up); "
+        "without it the key is asked from Central on the first login",
+    )
+    parser.add_option(
+        "--session-ttl",
+        type=seconds,
+        default=8 * 3600.0,
+        metavar="S",
+        help="seconds a browser's login lasts at most",
+    )
+    parser.add_option(
+        "--allowed-origin",
+        type=origin_list,
+        action="extend",
+        default=[],
+        metavar="ORIGIN",
+        help="another origin (scheme://host:port) whose pages may use the dashboard's "
+        "WebSocket; repeatable or comma-separated (default: the page's own origin only)",
+    )
+    add_server_options(parser, "the driver dashboard")
     add_common_options(parser)
     return parser
 
@@ -73,6 +104,8 @@ def parse_settings(
 ) -> DashboardSettings:
     """Settings from the command line and the environment (argparse exits 2 on bad flags)."""
     args = build_parser(environ).parse_args(list(argv))
+    tls_cert, tls_key = args.tls_cert or None, args.tls_key or None
+    optional_server_context(tls_cert, tls_key)  # bad TLS files: ConfigError now, not later
     return DashboardSettings(
         broker=args.broker,
         http_port=args.http_port,
@@ -81,4 +114,9 @@ def parse_settings(
         reply_timeout=args.reply_timeout,
         log_level=args.log_level,
         log_json=args.log_json,
+        central_key=args.central_key or None,
+        session_ttl=args.session_ttl,
+        allowed_origin=tuple(args.allowed_origin),
+        tls_cert=tls_cert,
+        tls_key=tls_key,
     )

@@ -57,14 +57,8 @@ class Command(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Login(Command):
-    type: Literal["login"]
-    driver_id: Identifier
-    password: Annotated[str, Field(min_length=1, max_length=256)]
-
-
-class Logout(Command):
-    type: Literal["logout"]
+# Logging in and out is not a command: the connection belongs to the session cookie it
+# was opened with (/login, /session, /logout: shared/websession.py, docs/web-auth.md).
 
 
 class RequestSupply(Command):
@@ -93,7 +87,7 @@ class Refresh(Command):
 
 
 BrowserCommand = Annotated[
-    Login | Logout | RequestSupply | StopSupply | RunFile | CancelRun | Refresh,
+    RequestSupply | StopSupply | RunFile | CancelRun | Refresh,
     Field(discriminator="type"),
 ]
 BROWSER_COMMANDS: TypeAdapter[BrowserCommand] = TypeAdapter(BrowserCommand)
@@ -112,8 +106,11 @@ def error(detail: str) -> Push:
 # --- pushes: server -> browser ----------------------------------------------------------------
 
 
-def cp_view(update: CPStateUpdate, driver_id: str) -> Push:
-    """What a driver may see of a CP: never another driver's id or figures."""
+def cp_view(update: CPStateUpdate, mine_cp: str | None) -> Push:
+    """What a driver may see of a CP: never another driver's id or figures.
+
+    `mine_cp` is the CP of the driver's own supply (its room knows it from its sealed updates;
+    the public state topic does not say who is charging)."""
     return {
         "cp_id": update.cp_id,
         "location": update.location,
@@ -122,12 +119,12 @@ def cp_view(update: CPStateUpdate, driver_id: str) -> Push:
         "state": update.state.value,
         "colour": STATE_COLOURS[update.state],
         "available": update.state is CPState.ACTIVADO,
-        "mine": update.driver_id == driver_id,
+        "mine": update.cp_id == mine_cp,
     }
 
 
-def cps_push(states: dict[str, CPStateUpdate], driver_id: str) -> Push:
-    return {"type": "cps", "cps": [cp_view(states[k], driver_id) for k in sorted(states)]}
+def cps_push(states: dict[str, CPStateUpdate], mine_cp: str | None) -> Push:
+    return {"type": "cps", "cps": [cp_view(states[k], mine_cp) for k in sorted(states)]}
 
 
 def ticket_view(ticket: TicketData) -> Push:

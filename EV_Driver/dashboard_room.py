@@ -166,6 +166,14 @@ class DriverRoom:
         self.clients.discard(client)
         return not self.clients
 
+    @property
+    def active_cp(self) -> str | None:
+        """The CP of this driver's supply in progress (authorised or supplying), if any."""
+        current = self.flow.current
+        if current is None or current.session_id is None or current.outcome is not None:
+            return None
+        return current.cp_id
+
     def snapshot(self) -> list[Push]:
         pushes: list[Push] = [balance_push(self.balance_eur), self.panel.snapshot()]
         if self.panel.last_ticket is not None:

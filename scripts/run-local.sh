@@ -56,7 +56,8 @@ start() {
         launch "engine-$cp" "$PY" -m EV_CP_E --broker "$BROKER" \
             --listen "127.0.0.1:$engine_port" --auto-plug 2 --auto-unplug 10
         launch "monitor-$cp" "$PY" -m EV_CP_M --engine "127.0.0.1:$engine_port" \
-            --central "127.0.0.1:$CENTRAL_PORT" --cp-id "$cp" --broker "$BROKER"
+            --central "127.0.0.1:$CENTRAL_PORT" --cp-id "$cp" --broker "$BROKER" \
+            --secret "demo-secret-$cp"
     done
     launch driver-dashboard "$PY" -m EV_Driver dashboard --broker "$BROKER" --http-port "$DRIVER_PORT"
     launch site-dashboard "$PY" -m EV_CP_M dashboard --broker "$BROKER" --http-port "$SITE_PORT"
@@ -73,7 +74,7 @@ The EV charging network is running on this machine:
   charging points $CPS (they plug in 2 s after authorisation and unplug after 10 s)
 Logs are in $RUN/ (tail -f $RUN/central.log).
 
-Drive a supply from another terminal:
+Drive a supply from another terminal (it asks for user1's password, pass1):
   $PY -m EV_Driver --broker $BROKER --driver-id user1 --cp CP001
 
 Stop or resume a CP:

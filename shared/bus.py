@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -75,8 +75,17 @@ def _log_failed_post(future: asyncio.Future[Any]) -> None:
         log.debug("a posted message was not delivered: %s", future.exception())
 
 
+# Turns one outgoing (topic, key, value) into the values to publish: none (drop), the value
+# itself, or sealed copies (see shared/sealing.py). Installed by services that seal.
+Outgoing = Callable[[str, str, bytes], list[bytes]]
+
+
 class KafkaBus:
-    """One producer for a service, plus factories for its consumers."""
+    """One producer for a service, plus factories for its consumers.
+
+    `outgoing`, when set, sees every value before it is published (send, send_batch, post) and
+    returns what to publish instead: this is where a service seals its messages.
+    """
 
     def __init__(self, bootstrap: str, client_id: str, *, retry_max: float = 5.0) -> None:
         self.bootstrap = bootstrap
@@ -84,6 +93,10 @@ class KafkaBus:
         self._retry_max = retry_max
         self._producer: AIOKafkaProducer | None = None
         self._consumers: list[AIOKafkaConsumer] = []
+        self.outgoing: Outgoing | None = None
+
+    def _values(self, topic: str, key: str, value: bytes) -> list[bytes]:
+        return [value] if self.outgoing is None else self.outgoing(topic, key, value)
 
     async def start(self, *, ensure_topics: bool = True) -> None:
         """Connect, retrying with backoff until the broker answers."""
@@ -152,7 +165,8 @@ class KafkaBus:
         if self._producer is None:
             raise BusError("bus not started")
         try:
-            await self._producer.send_and_wait(topic, encode(message), key=key.encode())
+            for value in self._values(topic, key, encode(message)):
+                await self._producer.send_and_wait(topic, value, key=key.encode())
         except KafkaError as exc:
             raise BusError(f"cannot publish to {topic}: {type(exc).__name__}") from exc
 
@@ -171,7 +185,9 @@ class KafkaBus:
             raise BusError("bus not started")
         try:
             futures = [
-                await self._producer.send(topic, value, key=key) for topic, key, value in records
+                await self._producer.send(topic, sealed, key=key)
+                for topic, key, value in records
+                for sealed in self._values(topic, (key or b"").decode("utf-8", "replace"), value)
             ]
             await asyncio.gather(*futures)
         except KafkaError as exc:
@@ -185,11 +201,11 @@ class KafkaBus:
         if self._producer is None:
             return
         try:
-            future = await self._producer.send(topic, encode(message), key=key.encode())
+            for value in self._values(topic, key, encode(message)):
+                future = await self._producer.send(topic, value, key=key.encode())
+                future.add_done_callback(_log_failed_post)
         except KafkaError as exc:
             log.debug("dropped a message for %s: %s", topic, type(exc).__name__)
-            return
-        future.add_done_callback(_log_failed_post)
 
     async def group_consumer(
         self, topics: Iterable[str], group_id: str, *, from_start: bool = True

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -204,10 +205,17 @@ async def open_framed(
     inbound: TypeAdapter[T],
     *,
     connect_timeout: float = 3.0,
+    ssl_context: ssl.SSLContext | None = None,
     **kwargs: Any,
 ) -> FramedConnection[T]:
-    """Connect to HOST:PORT and return a started FramedConnection."""
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), connect_timeout)
+    """Connect to HOST:PORT and return a started FramedConnection.
+
+    With `ssl_context` the connection is TLS, verified as the context says against HOST; the
+    handshake counts within `connect_timeout`.
+    """
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection(host, port, ssl=ssl_context), connect_timeout
+    )
     connection: FramedConnection[T] = FramedConnection(reader, writer, inbound, **kwargs)
     connection.start()
     return connection

@@ -1,6 +1,8 @@
 """Container health checks: `python -m shared.healthcheck CHECK TARGET`, exit 0 when healthy.
 
-    http URL              GET answers 2xx (Central's and the dashboards' /healthz)
+    http URL [--ca PEM]   GET answers 2xx (Central's and the dashboards' /healthz); an https
+                          URL is verified against PEM (a CA, or the server's own certificate),
+                          or the system's CAs without --ca
     tcp HOST:PORT         a TCP connection opens
     listening HOST:PORT   this host has a socket listening on PORT (the engine: connecting to
                           it would replace its monitor's connection, so the check only looks)
@@ -14,14 +16,19 @@ line on stdout says what was found; exit 1 when unhealthy, 2 for bad arguments.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
+import ssl
 import sys
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from shared.errors import EVError
+from shared.tls import client_context, describe_failure
 
 TIMEOUT = 3.0
 LISTEN = "0A"
@@ -106,15 +113,24 @@ def is_connected(entries: Iterable[SocketEntry], addresses: set[str], port: int)
     )
 
 
-def check_http(url: str, timeout: float = TIMEOUT) -> tuple[bool, str]:
+def check_http(url: str, timeout: float = TIMEOUT, ca: str | None = None) -> tuple[bool, str]:
+    """GET `url`; healthy on 2xx. An https URL is verified against `ca` (ValueError when `ca`
+    is given for a plain http URL, ConfigError when it cannot be read)."""
+    context: ssl.SSLContext | None = None
+    if url.lower().startswith("https://"):
+        context = client_context(ca)
+    elif ca is not None:
+        raise ValueError(f"--ca is for https URLs, not {url!r}")
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as answer:
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as answer:
             return 200 <= answer.status < 300, f"{url} answered {answer.status}"
     except urllib.error.HTTPError as exc:
         body = exc.read(300).decode(errors="replace").strip()
         return False, f"{url} answered {exc.code}: {body}"
     except (OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
+        if isinstance(reason, BaseException):
+            reason = describe_failure(reason) or reason
         return False, f"{url} did not answer: {reason}"
 
 
@@ -149,13 +165,22 @@ CHECKS: dict[str, Callable[[str], tuple[bool, str]]] = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    ca: str | None = None
+    if len(args) == 4 and args[0] == "http" and args[2] == "--ca":
+        ca = args.pop(3) or None  # an empty --ca (an unset variable) means the system's CAs
+        args.pop(2)
     if len(args) != 2 or args[0] not in CHECKS:
-        print(f"usage: python -m shared.healthcheck {{{','.join(CHECKS)}}} TARGET", file=sys.stderr)
+        print(
+            f"usage: python -m shared.healthcheck {{{','.join(CHECKS)}}} TARGET "
+            "(http URL [--ca PEM])",
+            file=sys.stderr,
+        )
         return 2
     check, target = args
+    run = functools.partial(check_http, ca=ca) if check == "http" else CHECKS[check]
     try:
-        healthy, detail = CHECKS[check](target)
-    except ValueError as exc:
+        healthy, detail = run(target)
+    except (ValueError, EVError) as exc:
         print(f"healthcheck: {exc}", file=sys.stderr)
         return 2
     print(f"{'healthy' if healthy else 'unhealthy'}: {detail}")

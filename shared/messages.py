@@ -89,7 +89,14 @@ class MonitorAuth(Message):
     secret: Annotated[str, Field(max_length=256)] | None = None
 
 
+KeyText = Annotated[str, Field(min_length=44, max_length=44)]  # 32 bytes in base64
+KeyId = Annotated[str, Field(min_length=8, max_length=32, pattern=r"^[A-Za-z0-9_-]+$")]
+B64Text = Annotated[str, Field(max_length=4096)]
+
+
 class AuthResult(Message):
+    """Central's answer to a monitor; on success it carries the CP's fresh key (base64)."""
+
     type: Literal["auth_result"] = "auth_result"
     cp_id: Identifier
     accepted: bool
@@ -97,6 +104,8 @@ class AuthResult(Message):
     location: Text | None = None
     price_eur_kwh: Money | None = None
     max_kw: Power | None = None
+    key_id: KeyId | None = None
+    key: KeyText | None = None
 
 
 class Heartbeat(Message):
@@ -155,7 +164,17 @@ class HealthReport(Message):
     engine_state: Text = ""
 
 
-MonitorToEngine = Annotated[EngineHello | HealthCheck, Field(discriminator="type")]
+class EngineKey(Message):
+    """The monitor hands its engine the key Central issued at authentication (or None when
+    Central revoked it): the engine seals its events and opens Central's commands with it."""
+
+    type: Literal["key"] = "key"
+    cp_id: Identifier
+    key_id: KeyId | None = None
+    key: KeyText | None = None
+
+
+MonitorToEngine = Annotated[EngineHello | HealthCheck | EngineKey, Field(discriminator="type")]
 EngineToMonitor = Annotated[HealthReport, Field(discriminator="type")]
 
 
@@ -163,9 +182,21 @@ EngineToMonitor = Annotated[HealthReport, Field(discriminator="type")]
 
 
 class LoginRequest(Message):
+    """A driver's login: the password is encrypted to Central's identity key (X25519 +
+    AES-GCM, see shared/sealing.py), so only Central can read it."""
+
     type: Literal["login"] = "login"
     driver_id: Identifier
-    password: Annotated[str, Field(max_length=256)]
+    client_key: KeyText
+    nonce: Annotated[str, Field(min_length=16, max_length=16)]
+    sealed_password: B64Text
+
+
+class IdentityQuery(Message):
+    """Ask Central for its identity (public) key, when the driver has none pinned."""
+
+    type: Literal["identity_query"] = "identity_query"
+    driver_id: Identifier
 
 
 class SupplyRequest(Message):
@@ -205,7 +236,13 @@ class HistoryQuery(Message):
 
 
 DriverRequest = Annotated[
-    LoginRequest | SupplyRequest | StopRequest | StatusQuery | TicketAck | HistoryQuery,
+    LoginRequest
+    | IdentityQuery
+    | SupplyRequest
+    | StopRequest
+    | StatusQuery
+    | TicketAck
+    | HistoryQuery,
     Field(discriminator="type"),
 ]
 
@@ -249,12 +286,29 @@ class CPSummary(BaseModel):
 
 
 class LoginResult(Message):
+    """Central's answer to a login. On success `sealed` holds, encrypted for the requester only,
+    the session key (JSON: key, balance_eur); `key_id` names it, `expires_at` ends it."""
+
     type: Literal["login_result"] = "login_result"
     driver_id: Identifier
     request_id: Identifier
     ok: bool
     reason: Text | None = None
-    balance_eur: Money | None = None
+    retry_after: Annotated[float, Field(ge=0)] | None = None
+    key_id: KeyId | None = None
+    expires_at: float | None = None
+    nonce: Annotated[str, Field(min_length=16, max_length=16)] | None = None
+    sealed: B64Text | None = None
+
+
+class CentralIdentity(Message):
+    """Central's identity public key (X25519, base64) and its fingerprint."""
+
+    type: Literal["central_identity"] = "central_identity"
+    driver_id: Identifier
+    request_id: Identifier
+    public_key: KeyText
+    fingerprint: Text
 
 
 class RequestAccepted(Message):
@@ -336,6 +390,7 @@ class DriverNotice(Message):
 
 DriverUpdate = Annotated[
     LoginResult
+    | CentralIdentity
     | RequestAccepted
     | RequestDenied
     | SupplyAuthorized

@@ -9,13 +9,16 @@ import os
 import re
 import signal
 import sqlite3
+import ssl
 import subprocess
 import sys
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+from EV_Central.ctl import admin_login
 from helpers import free_port, scaled, wait_for
+from shared.tls import client_context
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -118,20 +121,38 @@ class ServiceProcess:
         return self.proc.returncode
 
 
-def http_get(url: str, timeout: float = 5) -> tuple[int, Any]:
+def http_get(
+    url: str,
+    timeout: float = 5,
+    headers: dict[str, str] | None = None,
+    context: ssl.SSLContext | None = None,
+) -> tuple[int, Any]:
+    """GET `url` (https verified with `context`): the status and the JSON body."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        request = urllib.request.Request(url, headers=headers or {})
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as resp:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read() or b"null")
 
 
+# A driver started with any of these flags logs in by itself.
+LOGIN_FLAGS = ("--password", "--token-file")
+
+
 class Deployment:
     """A Central with its own database plus any number of CPs and drivers, all real processes."""
 
-    def __init__(self, broker: str, workdir: Path, **central_flags: Any) -> None:
+    def __init__(
+        self, broker: str, workdir: Path, *, tls_ca: Path | None = None, **central_flags: Any
+    ) -> None:
+        """`central_flags` become Central's flags (tls_cert=PATH -> --tls-cert PATH). With
+        tls_cert, url/api/ctl and start_cp's monitors use TLS and verify with `tls_ca`."""
         self.broker = broker
         self.workdir = workdir
+        self.tls = "tls_cert" in central_flags
+        self.tls_ca = tls_ca
+        self.tls_context = client_context(str(tls_ca) if tls_ca else None) if self.tls else None
         self.db_path = workdir / "central.db"
         self.central_port = free_port()
         self.http_port = free_port()
@@ -141,6 +162,12 @@ class Deployment:
         self.engines: dict[str, ServiceProcess] = {}
         self.monitors: dict[str, ServiceProcess] = {}
         self.engine_ports: dict[str, int] = {}
+        self.cp_secrets: dict[str, str] = {}
+        self.passwords: dict[str, str] = {}
+        self.admin_password = "admin"  # the demo seed's admin (README: demo only)
+        self._admin_cookie: str | None = None
+        self.dashboard: ServiceProcess | None = None
+        self.dashboard_port = free_port()
 
     def _add(self, proc: ServiceProcess) -> ServiceProcess:
         self.processes.append(proc)
@@ -183,7 +210,9 @@ class Deployment:
 
     async def _healthy(self) -> bool:
         try:
-            status, _ = await asyncio.to_thread(http_get, self.url("/healthz"), 2)
+            status, _ = await asyncio.to_thread(
+                http_get, self.url("/healthz"), 2, None, self.tls_context
+            )
         except OSError:
             return False
         return status == 200
@@ -208,7 +237,10 @@ class Deployment:
     def balance(self, driver_id: str) -> int:
         return int(self.query("SELECT balance_cents FROM users WHERE id = ?", driver_id)[0][0])
 
-    async def ctl(self, action: str, target: str) -> str:
+    async def ctl(self, *args: str, password: str | None = None, check: bool = True) -> str:
+        """Run `python -m EV_Central ctl ARGS` as the admin (its password in the environment)."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EV_ADMIN_")}
+        env["EV_ADMIN_PASSWORD"] = self.admin_password if password is None else password
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -216,21 +248,45 @@ class Deployment:
             "ctl",
             "--central",
             f"127.0.0.1:{self.http_port}",
-            action,
-            target,
+            *self.tls_flags(),
+            *args,
             cwd=REPO_ROOT,
+            stdin=subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
+            env=env,
         )
         out, _ = await proc.communicate()
-        assert proc.returncode == 0, out.decode()
+        if check:
+            assert proc.returncode == 0, out.decode()
         return out.decode()
 
+    async def admin_cookie(self, user: str = "admin", password: str | None = None) -> str:
+        """A session cookie ("name=token") of `user` at Central's admin web, logged in now."""
+        secret = self.admin_password if password is None else password
+        return await admin_login(
+            "127.0.0.1", self.http_port, user, secret, scaled(10), self.tls_context
+        )
+
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.http_port}{path}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.http_port}{path}"
+
+    def tls_flags(self) -> tuple[str, ...]:
+        """What a client of this Central (monitor, ctl) needs to verify it: --tls-ca PATH."""
+        return ("--tls-ca", str(self.tls_ca)) if self.tls and self.tls_ca else ()
 
     async def api(self, path: str) -> Any:
-        status, body = await asyncio.to_thread(http_get, self.url(path))
+        """GET Central's JSON API as the demo admin (logged in again after a restart)."""
+        for _ in range(2):
+            if self._admin_cookie is None:
+                self._admin_cookie = await self.admin_cookie()
+            headers = {"Cookie": self._admin_cookie}
+            status, body = await asyncio.to_thread(
+                http_get, self.url(path), 5, headers, self.tls_context
+            )
+            if status != 401:
+                break
+            self._admin_cookie = None  # Central restarted: its sessions are gone
         assert status == 200, (path, status, body)
         return body
 
@@ -263,6 +319,10 @@ class Deployment:
         self.engines[cp_id] = proc
         return proc
 
+    def secret(self, cp_id: str) -> str:
+        """The CP's secret: the demo seed's, or the one given when a test registered it."""
+        return self.cp_secrets.get(cp_id, f"demo-secret-{cp_id}")
+
     def start_monitor(self, cp_id: str, *flags: str) -> ServiceProcess:
         port = self.engine_ports[cp_id]
         proc = self._add(
@@ -277,6 +337,11 @@ class Deployment:
                     f"127.0.0.1:{self.central_port}",
                     "--cp-id",
                     cp_id,
+                    *(
+                        ()
+                        if any(f.startswith("--secret") for f in flags)
+                        else ("--secret", self.secret(cp_id))
+                    ),
                     *flags,
                 ],
                 self.workdir,
@@ -287,26 +352,75 @@ class Deployment:
 
     async def start_cp(self, cp_id: str, *engine_flags: str) -> None:
         self.start_engine(cp_id, *engine_flags)
-        self.start_monitor(cp_id)
+        self.start_monitor(cp_id, *self.tls_flags())
         await self.wait_state(cp_id, "ACTIVADO", timeout=30)
 
-    def start_driver(self, driver_id: str, *flags: str, name: str | None = None) -> ServiceProcess:
+    def login(self, driver_id: str) -> tuple[str, ...]:
+        """Flags that log a driver in: its demo password (user3 -> pass3), or one a test set."""
+        password = self.passwords.get(driver_id, "pass" + driver_id.removeprefix("user"))
+        return ("--password", password)
+
+    def start_driver(
+        self, driver_id: str, *flags: str, name: str | None = None, command: str | None = None
+    ) -> ServiceProcess:
+        """The driver app (or `command`, e.g. "login"), logged in with its demo password."""
         return self._add(
             ServiceProcess(
                 name or f"driver-{driver_id}",
                 [
                     "-m",
                     "EV_Driver",
+                    *((command,) if command else ()),
                     "--broker",
                     self.broker,
                     "--driver-id",
                     driver_id,
                     "--json",
+                    *(
+                        ()
+                        if any(f.startswith(LOGIN_FLAGS) for f in flags)
+                        else self.login(driver_id)
+                    ),
                     *flags,
                 ],
                 self.workdir,
             )
         )
+
+    async def start_dashboard(self, *flags: str) -> ServiceProcess:
+        """The driver dashboard (`EV_Driver dashboard`) on dashboard_port, once healthy."""
+        self.dashboard = self._add(
+            ServiceProcess(
+                "driver-dashboard",
+                [
+                    "-m",
+                    "EV_Driver",
+                    "dashboard",
+                    "--broker",
+                    self.broker,
+                    "--http-port",
+                    str(self.dashboard_port),
+                    "--listen-host",
+                    "127.0.0.1",
+                    *flags,
+                ],
+                self.workdir,
+            )
+        )
+        dashboard = self.dashboard
+
+        async def healthy() -> bool:
+            if not dashboard.running:
+                raise AssertionError(f"dashboard exited:\n{dashboard.output[-3000:]}")
+            try:
+                url = f"http://127.0.0.1:{self.dashboard_port}/healthz"
+                status, _ = await asyncio.to_thread(http_get, url, 2)
+            except OSError:
+                return False
+            return status == 200
+
+        await wait_for(healthy, 60, interval=0.3, message="the driver dashboard never got healthy")
+        return dashboard
 
     def stop_all(self) -> None:
         for proc in reversed(self.processes):

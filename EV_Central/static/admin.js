@@ -64,9 +64,14 @@
       el("div", { class: "fig" }, t.eur, el("small", {}, "cost")));
     t.stop = el("button", { type: "button", dataset: { action: "stop", target: id } }, "Stop");
     t.resume = el("button", { type: "button", dataset: { action: "resume", target: id } }, "Resume");
+    t.revoke = el("button", { type: "button", dataset: { action: "revoke_key", target: id },
+      title: "Revoke its keys: the monitor must authenticate again with its secret" }, "Revoke key");
+    t.reset = el("button", { type: "button", dataset: { action: "reset_secret", target: id },
+      title: "Issue a new secret (shown once); the old one stops working" }, "Reset secret");
     t.root = el("article", { class: "tile", dataset: { cp: id } },
       el("div", { class: "tile-head" }, t.id, t.state), t.loc, t.meta, t.note, t.live,
-      el("div", { class: "actions" }, t.stop, t.resume));
+      el("div", { class: "actions" }, t.stop, t.resume),
+      el("div", { class: "actions keys" }, t.revoke, t.reset));
     return t;
   }
 
@@ -239,6 +244,50 @@
     while (list.children.length > MAX_EVENTS) list.lastChild.remove();
   }
 
+  // --- audit log -------------------------------------------------------------------------
+
+  const MAX_AUDIT = 200;
+  const AUDIT_OUTCOME = { ok: "good", failed: "bad", locked: "bad", refused: "bad" };
+  const audit = new Map(); // id -> entry, as the server sent it
+
+  function auditRow(a, fresh) {
+    const outcome = String(a.outcome ?? "");
+    const tone = Object.hasOwn(AUDIT_OUTCOME, outcome) ? AUDIT_OUTCOME[outcome] : "";
+    return el("tr", { class: fresh ? "new" : "", dataset: { audit: String(a.id), action: String(a.action ?? ""), outcome } },
+      el("td", { class: "num" }, a.id),
+      el("td", {}, el("time", {}, a.ts ? new Date(a.ts * 1000).toLocaleString() : "–")),
+      el("td", { class: "source" }, a.source || "–"),
+      el("td", {}, a.actor || "–"),
+      el("td", {}, el("span", { class: "kind info" }, a.action)),
+      el("td", {}, el("span", { class: `kind ${tone}` }, outcome)),
+      el("td", { class: "detail", title: a.hash ? `chain hash ${a.hash}` : null }, a.detail || ""));
+  }
+
+  function renderAuditCount() {
+    $("audit-empty").hidden = audit.size > 0;
+    $("audit-count").textContent = `${audit.size} shown · append-only, hash-chained · newest first`;
+  }
+
+  function setAudit(list) {
+    audit.clear();
+    for (const a of list) if (Number.isInteger(a.id)) audit.set(a.id, a);
+    const newest = [...audit.values()].sort((x, y) => y.id - x.id).slice(0, MAX_AUDIT);
+    replace($("audit"), newest.map((a) => auditRow(a, false)));
+    renderAuditCount();
+  }
+
+  function addAudit(a) {
+    if (!Number.isInteger(a.id) || audit.has(a.id)) return;
+    audit.set(a.id, a);
+    $("audit").prepend(auditRow(a, true));
+    const body = $("audit");
+    while (body.children.length > MAX_AUDIT) {
+      audit.delete(Number(body.lastChild.dataset.audit));
+      body.lastChild.remove();
+    }
+    renderAuditCount();
+  }
+
   // --- system status ---------------------------------------------------------------------
 
   function renderStatus(status) {
@@ -279,8 +328,25 @@
     return true;
   }
 
+  // A CP's secret arrives once, in the result of register_cp or reset_secret, to this page
+  // only: show it until the admin has copied it.
+  function showSecret(cpId, secret) {
+    $("secret-cp").textContent = cpId;
+    $("secret-value").textContent = secret;
+    $("secret-box").hidden = false;
+  }
+
+  function hideSecret() {
+    $("secret-value").textContent = "";
+    $("secret-cp").textContent = "";
+    $("secret-box").hidden = true;
+  }
+
   function onResult(message) {
     const entry = pending.get(message.ref);
+    if (entry && message.ok && typeof message.secret === "string") {
+      showSecret((message.cps || [])[0] || "", message.secret);
+    }
     if (!entry) {
       if (!message.ok) showResult($("command-result"), false, `Refused: ${message.detail}`);
       return;
@@ -316,9 +382,22 @@
     $("cps").addEventListener("click", (event) => {
       const button = event.target.closest("button[data-action]");
       if (!button || button.disabled) return;
-      sendCommand({ type: "command", action: button.dataset.action, target: button.dataset.target },
-        "command", $("command-result"));
+      const { action, target } = button.dataset;
+      if (action === "revoke_key" || action === "reset_secret") {
+        // Two clicks: the first arms the button for a few seconds, the second sends.
+        if (!button.classList.contains("confirm")) {
+          const label = button.textContent;
+          button.classList.add("confirm");
+          button.textContent = "Sure? Click again";
+          setTimeout(() => { button.classList.remove("confirm"); button.textContent = label; }, 4000);
+          return;
+        }
+        sendCommand({ type: action, target }, "key", $("command-result"));
+        return;
+      }
+      sendCommand({ type: "command", action, target }, "command", $("command-result"));
     });
+    $("secret-done").addEventListener("click", hideSecret);
     $("stop-all").addEventListener("click", () => {
       sendCommand({ type: "command", action: "stop", target: "all" }, "command", $("command-result"));
     });
@@ -358,6 +437,7 @@
         renderDrivers();
         replace($("events"), (message.events || []).slice(-MAX_EVENTS).reverse().map((e) => eventItem(e, false)));
         renderStatus(message.status);
+        setAudit(message.audit || []);
         drawChart();
         break;
       case "cps":
@@ -366,6 +446,9 @@
         break;
       case "event":
         if (message.event) addEvent(message.event);
+        break;
+      case "audit":
+        if (message.entry) addAudit(message.entry);
         break;
       case "sessions":
         sessions = message.sessions || [];
@@ -386,10 +469,69 @@
     }
   }
 
-  function start() {
+  // --- logging in ------------------------------------------------------------------------
+
+  let loginForm = null;
+
+  function showLogin(reason) {
+    if (socket) { socket.close(); socket = null; }
+    hideSecret();
+    $("app").hidden = true;
+    $("who").hidden = true;
+    $("logout").hidden = true;
+    $("login-view").hidden = false;
+    loginForm.show(reason);
+    $("login-user").focus();
+  }
+
+  function enter(who) {
+    if (who.role !== "admin") {
+      EVAuth.logout();
+      showLogin(`${who.user} is not an administrator: this panel is for admins only.`);
+      return;
+    }
+    $("login-view").hidden = true;
+    $("app").hidden = false;
+    $("who").textContent = who.user;
+    $("who").hidden = false;
+    $("logout").hidden = false;
+    if (!socket) socket = EV.connect("/ws", onMessage, null, { onDrop: stillLoggedIn });
+    drawChart();
+  }
+
+  // After a drop: reconnect while the session lives (Central away: whoami throws, retry);
+  // once the session is gone (logout elsewhere, expiry, Central restarted) ask for a login.
+  async function stillLoggedIn() {
+    const who = await EVAuth.whoami();
+    if (who && who.role === "admin") return true;
+    socket = null;
+    showLogin("Your session ended: please log in again.");
+    return false;
+  }
+
+  function bindLogin() {
+    loginForm = EVAuth.bindForm({
+      form: $("login-form"),
+      user: $("login-user"),
+      password: $("login-password"),
+      submit: $("login-submit"),
+      error: $("login-error"),
+      onLogin: enter,
+    });
+    $("logout").addEventListener("click", async () => {
+      await EVAuth.logout();
+      showLogin("");
+    });
+  }
+
+  async function start() {
     renderLegend();
     bindControls();
-    socket = EV.connect("/ws", onMessage);
+    bindLogin();
+    let who = null;
+    try { who = await EVAuth.whoami(); } catch { who = null; }
+    if (who) enter(who);
+    else showLogin("");
     // While the link is down everything on screen is stale: say so instead of looking healthy.
     const connection = $("connection");
     const markStale = () => {

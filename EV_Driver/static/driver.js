@@ -38,7 +38,6 @@
   };
 
   const state = {
-    creds: null, // kept in memory only, to log in again after a reconnect
     driver: null,
     supply: null,
     offset: 0, // server clock minus this browser's clock, in seconds
@@ -46,6 +45,7 @@
     cps: null,
     link: null,
   };
+  const send = (message) => Boolean(state.link && state.link.send(message));
   const nowServer = () => Date.now() / 1000 + state.offset;
   const reasonText = (r) => REASONS[r] || r || "";
   const cents = (eur) => Math.round((Number(eur) || 0) * 100);
@@ -54,8 +54,7 @@
 
   function onMessage(msg) {
     switch (msg.type) {
-      case "login_result": return onLogin(msg);
-      case "logged_out": return showLogin("");
+      case "session": return onSession(msg);
       case "cps": return renderCps(msg.cps);
       case "balance": return renderBalance(msg.balance_eur);
       case "supply": return onSupply(msg.supply);
@@ -69,22 +68,11 @@
     }
   }
 
-  function onOpen(send) {
-    if (state.creds) send({ type: "login", ...state.creds });
-  }
+  // --- login: /login, then the HttpOnly session cookie, then /ws (shared ev.auth.js) ------
 
-  // --- login -----------------------------------------------------------------------------
-
-  function onLogin(msg) {
-    $("login-submit").disabled = false;
-    if (!msg.ok) {
-      state.creds = null;
-      showLogin(msg.reason || "login refused");
-      return;
-    }
+  // The server binds the connection to the session's driver and says so first.
+  function onSession(msg) {
     state.driver = msg.driver_id;
-    $("login-error").textContent = "";
-    $("login-password").value = "";
     $("login-view").hidden = true;
     $("app").hidden = false;
     $("who").hidden = false;
@@ -93,33 +81,41 @@
     note(`logged in as ${msg.driver_id}`);
   }
 
+  function enter() {
+    if (!state.link) state.link = EV.connect("/ws", onMessage, null, { onDrop: stillLoggedIn });
+  }
+
+  // After a drop: reconnect while the session lives (the dashboard away: whoami throws,
+  // retry); once it is gone (logout, expiry, the dashboard restarted) ask for a login again.
+  async function stillLoggedIn() {
+    if (await EVAuth.whoami()) return true;
+    state.link = null;
+    showLogin("Your session ended: please log in again.");
+    return false;
+  }
+
   function showLogin(reason) {
+    if (state.link) { state.link.close(); state.link = null; }
     state.driver = null;
     $("app").hidden = true;
     $("who").hidden = true;
     $("logout").hidden = true;
     $("balance-chip").hidden = true;
     $("login-view").hidden = false;
-    $("login-error").textContent = reason;
-    $("login-submit").disabled = false;
+    loginForm.show(reason);
   }
 
-  $("login-form").addEventListener("submit", (event) => {
-    event.preventDefault();
-    const driverId = $("login-driver").value.trim();
-    const password = $("login-password").value;
-    if (!driverId || !password) return;
-    state.creds = { driver_id: driverId, password };
-    $("login-error").textContent = "";
-    $("login-submit").disabled = true;
-    if (!state.link.send({ type: "login", ...state.creds })) {
-      $("login-error").textContent = "not connected yet; logging in as soon as the link is up…";
-    }
+  const loginForm = EVAuth.bindForm({
+    form: $("login-form"),
+    user: $("login-driver"),
+    password: $("login-password"),
+    submit: $("login-submit"),
+    error: $("login-error"),
+    onLogin: enter,
   });
 
-  $("logout").addEventListener("click", () => {
-    state.creds = null;
-    state.link.send({ type: "logout" });
+  $("logout").addEventListener("click", async () => {
+    await EVAuth.logout();
     showLogin("");
   });
 
@@ -161,7 +157,7 @@
   }
 
   function requestSupply(cpId) {
-    if (state.link.send({ type: "request", cp_id: cpId })) note(`asking for a supply at ${cpId}…`);
+    if (send({ type: "request", cp_id: cpId })) note(`asking for a supply at ${cpId}…`);
   }
 
   // --- the supply --------------------------------------------------------------------------
@@ -258,7 +254,7 @@
   }
 
   $("stop-button").addEventListener("click", () => {
-    if (state.link.send({ type: "stop" })) {
+    if (send({ type: "stop" })) {
       $("stop-button").disabled = true;
       note("stop requested");
     }
@@ -311,7 +307,7 @@
     $("history-empty").hidden = tickets.length > 0;
   }
 
-  $("refresh").addEventListener("click", () => state.link.send({ type: "refresh" }));
+  $("refresh").addEventListener("click", () => send({ type: "refresh" }));
 
   // --- the file of requests ----------------------------------------------------------------
 
@@ -326,10 +322,10 @@
       note("the file is too large to send (64 KiB at most)", "error", true);
       return;
     }
-    if (state.link.send(message)) note(`running ${file.name}…`);
+    if (send(message)) note(`running ${file.name}…`);
   });
 
-  $("run-cancel").addEventListener("click", () => state.link.send({ type: "cancel_run" }));
+  $("run-cancel").addEventListener("click", () => send({ type: "cancel_run" }));
 
   function renderRun() {
     const run = state.run;
@@ -396,5 +392,10 @@
   }, 1000);
   window.addEventListener("resize", drawChart);
 
-  state.link = EV.connect("/ws", onMessage, onOpen);
+  (async () => {
+    let who = null;
+    try { who = await EVAuth.whoami(); } catch { who = null; }
+    if (who) enter();
+    else showLogin("");
+  })();
 })();

@@ -38,9 +38,12 @@ const EV = (() => {
 
   // A WebSocket to this page's own server at `path`, reconnecting with backoff. The element
   // #connection shows online/offline; #reconnecting is shown while the link is down.
-  function connect(path, onMessage, onOpen) {
+  // options.onDrop(event), when given, is awaited after each drop: false stops reconnecting
+  // (a page whose login ended asks for a new one instead). close() stops it for good.
+  function connect(path, onMessage, onOpen, options = {}) {
     let socket = null;
     let delay = 500;
+    let stopped = false;
     const status = document.getElementById("connection");
     const banner = document.getElementById("reconnecting");
     function setOnline(online) {
@@ -63,11 +66,23 @@ const EV = (() => {
         try { message = JSON.parse(event.data); } catch { return; }
         onMessage(message, send);
       });
-      socket.addEventListener("close", () => {
+      socket.addEventListener("close", async (event) => {
+        if (stopped) return;
         setOnline(false);
+        if (options.onDrop) {
+          let again = true;
+          try { again = await options.onDrop(event); } catch { again = true; }
+          if (!again || stopped) { stop(); return; }
+        }
         setTimeout(open, delay);
         delay = Math.min(delay * 2, 5000);
       });
+    }
+    function stop() {
+      stopped = true;
+      if (status) { status.textContent = "signed out"; status.className = "offline"; }
+      if (banner) banner.classList.remove("show");
+      if (socket && socket.readyState <= WebSocket.OPEN) socket.close();
     }
     function send(message) {
       if (socket && socket.readyState === WebSocket.OPEN) {
@@ -78,7 +93,7 @@ const EV = (() => {
     }
     setOnline(false);
     open();
-    return { send };
+    return { send, close: stop };
   }
 
   // A small line chart on a <canvas>: series = [{label, colour, points: [[t, v], ...]}].

@@ -256,3 +256,42 @@ async def test_reconnects_after_central_restarts(page: Page, system: Deployment)
     await expect(page.locator("#reconnecting")).to_be_hidden()
     await expect(page.locator(".tile")).to_have_count(10)
     await expect_state(page, "CP001", "ACTIVADO", timeout=20)
+
+
+async def test_audit_panel_lists_rows_live_and_shows_hostile_text_as_text(
+    page: Page, system: Deployment
+) -> None:
+    central = await system.start_central()
+    await page.goto(system.url("/"))
+    # Log in the way the page does: /login gives a grant, GET /session sets the cookie.
+    login = await page.evaluate(
+        """async ([user, password]) => {
+          const ws = new WebSocket(`ws://${location.host}/login`);
+          const result = await new Promise((resolve, reject) => {
+            ws.onopen = () => ws.send(JSON.stringify({ type: "login", user, password }));
+            ws.onmessage = (event) => resolve(JSON.parse(event.data));
+            ws.onerror = () => reject(new Error("login socket failed"));
+          });
+          if (!result.ok) return result;
+          const answer = await fetch(`/session?grant=${encodeURIComponent(result.grant)}`);
+          return { ok: answer.status === 204 };
+        }""",
+        ["admin", "admin"],
+    )
+    assert login == {"ok": True}, login
+    await open_panel(page, system)
+
+    rows = page.locator("#audit tr")
+    await expect(page.locator('#audit tr[data-action="login"]').first).to_contain_text("admin")
+
+    central.send("stop CP003")
+    await expect(rows.first).to_have_attribute("data-action", "stop", timeout=ms(5))
+    await expect(rows.first).to_contain_text("console")
+    await expect(rows.first.locator("td.detail")).to_have_text("CP003: CP003")
+
+    hostile = "<img/src=x/onerror=window.__xss=1>"
+    central.send(f"resume {hostile}")
+    await expect(rows.first).to_have_attribute("data-outcome", "failed", timeout=ms(5))
+    await expect(rows.first.locator("td.detail")).to_contain_text(hostile)
+    await expect(page.locator("#audit img")).to_have_count(0)
+    assert await page.evaluate("window.__xss") is None

@@ -10,7 +10,6 @@ from EV_Driver.dashboard_config import parse_settings
 from EV_Driver.dashboard_protocol import (
     MAX_COMMAND_BYTES,
     FileRun,
-    Login,
     RequestSupply,
     RunFile,
     RunItem,
@@ -59,9 +58,6 @@ def ticket(session_id: str = "s1", **fields: object) -> m.TicketData:
 
 
 def test_valid_commands_parse_to_their_models() -> None:
-    assert parse_command('{"type":"login","driver_id":"user1","password":"pass1"}') == Login(
-        type="login", driver_id="user1", password="pass1"
-    )
     assert isinstance(parse_command('{"type":"request","cp_id":"CP001"}'), RequestSupply)
     assert isinstance(parse_command(b'{"type":"stop"}'), StopSupply)
     run = parse_command(json.dumps({"type": "run_file", "name": "a.txt", "text": "CP001\n"}))
@@ -77,8 +73,9 @@ def test_valid_commands_parse_to_their_models() -> None:
         ('{"type":"stop","extra":1}', "extra"),
         ('{"type":"request","cp_id":"CP 001"}', "cp_id"),
         ('{"type":"request","cp_id":""}', "cp_id"),
-        ('{"type":"login","driver_id":"user1"}', "password"),
-        ('{"type":"login","driver_id":"user1","password":""}', "password"),
+        # Logging in is not a /ws command: the connection comes with its session cookie.
+        ('{"type":"login","driver_id":"user1","password":"pass1"}', "message"),
+        ('{"type":"logout"}', "message"),
         ('{"type":"run_file","name":"a\\nb","text":"CP001"}', "name"),
     ],
 )
@@ -126,11 +123,11 @@ def state(cp_id: str, st: m.CPState, driver_id: str | None = None) -> m.CPStateU
 
 def test_cp_view_never_shows_another_drivers_supply() -> None:
     busy = state("CP001", m.CPState.SUMINISTRANDO, driver_id="user2")
-    view = cp_view(busy, D)
+    view = cp_view(busy, None)
     assert view["mine"] is False and view["available"] is False
     assert "user2" not in json.dumps(view)
     assert "kwh" not in view and "kw" not in view
-    assert cp_view(busy, "user2")["mine"] is True
+    assert cp_view(busy, "CP001")["mine"] is True
     assert cp_view(state("CP002", m.CPState.ACTIVADO), D)["available"] is True
     assert cp_view(state("CP003", m.CPState.PARADO), D)["colour"] == "orange"
 

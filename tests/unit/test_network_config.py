@@ -122,7 +122,22 @@ def test_env_file_has_every_variable_the_compose_files_use() -> None:
         used = set(re.findall(r"\$\{([^}]+)\}", path.read_text().replace("$$", "")))
         missing = used - set(defined)
         assert not missing, f"{path.name} uses {sorted(missing)}, which .env lacks"
-        assert all(defined[var] for var in used)
+        # Only the TLS paths may be empty (TLS off until the operator sets them).
+        assert all(defined[var] for var in used - network_config.OPTIONAL)
+
+
+def test_tls_paths_are_off_by_default_and_checked_when_set() -> None:
+    config = network_config.load({})
+    assert all(config[key] == "" for key in network_config.OPTIONAL)
+    assert "CENTRAL_TLS_CA" in network_config.OPTIONAL
+    on = {"CENTRAL_TLS_CERT": "/certs/central.crt", "CENTRAL_TLS_KEY": "/certs/central.key"}
+    assert network_config.load(on)["CENTRAL_TLS_KEY"] == "/certs/central.key"
+    with pytest.raises(ValueError, match="SITE_TLS_CERT is set but SITE_TLS_KEY is not"):
+        network_config.load({"SITE_TLS_CERT": "/certs/site-dashboard.crt"})
+    with pytest.raises(ValueError, match="DRIVER_TLS_KEY=.* is not a path inside the container"):
+        network_config.load({"DRIVER_TLS_CERT": "/certs/d.crt", "DRIVER_TLS_KEY": "certs/d.key"})
+    with pytest.raises(ValueError, match="CENTRAL_TLS_CA="):
+        network_config.load({"CENTRAL_TLS_CA": "/certs/my ca.crt"})
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -1,0 +1,389 @@
+"""People logging in (docs/web-auth.md), against a real Central and a real driver dashboard.
+
+One deployment for the whole module (a Central locking accounts after 4 failures for 3 s,
+and a dashboard process), reached with raw HTTP and WebSocket clients: every way in without
+the right session must fail, and the right session must work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http.client
+import json
+import os
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from helpers import scaled, wait_for
+from procs import Deployment
+
+pytestmark = [pytest.mark.kafka, pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
+
+LOCK_AFTER = 4
+LOCK_SECONDS = 3
+ADMIN_COOKIE = "ev_admin_session"
+DRIVER_COOKIE = "ev_driver_session"
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def system(
+    kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Deployment]:
+    deployment = Deployment(
+        kafka_bootstrap,
+        tmp_path_factory.mktemp("web-auth"),
+        lockout_after=LOCK_AFTER,
+        lockout_seconds=LOCK_SECONDS,
+    )
+    try:
+        await deployment.start_central()
+        yield deployment
+    finally:
+        deployment.stop_all()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def dashboard(system: Deployment) -> int:
+    """The driver dashboard's port (the process belongs to the module's deployment)."""
+    await system.start_dashboard("--reply-timeout", "10")
+    return system.dashboard_port
+
+
+# --- raw clients ---------------------------------------------------------------------------
+
+
+def _get(port: int, path: str, headers: dict[str, str]) -> tuple[int, http.client.HTTPMessage, Any]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=scaled(5))
+    try:
+        conn.request("GET", path, headers=headers)
+        answer = conn.getresponse()
+        body = answer.read()
+    finally:
+        conn.close()
+    data = json.loads(body) if body and "json" in answer.headers.get("Content-Type", "") else body
+    return answer.status, answer.headers, data
+
+
+async def get(
+    port: int, path: str, cookie: str | None = None, **headers: str
+) -> tuple[int, http.client.HTTPMessage, Any]:
+    """GET `path` with the session `cookie` ("name=token") and any other headers."""
+    sent = {k.replace("_", "-"): v for k, v in headers.items()}
+    if cookie:
+        sent["Cookie"] = cookie
+    return await asyncio.to_thread(_get, port, path, sent)
+
+
+async def ask_login(
+    port: int, user: str, password: str, origin: str | None = None
+) -> dict[str, Any]:
+    """The login_result /login answers to a login message."""
+    async with connect(f"ws://127.0.0.1:{port}/login", origin=origin) as ws:  # type: ignore[arg-type]
+        await ws.send(json.dumps({"type": "login", "user": user, "password": password}))
+        async with asyncio.timeout(scaled(20)):
+            answer: dict[str, Any] = json.loads(await ws.recv())
+    assert answer["type"] == "login_result", answer
+    return answer
+
+
+async def log_in(port: int, user: str, password: str, name: str) -> str:
+    """The whole flow: /login, then GET /session; the session cookie as "name=token"."""
+    answer = await ask_login(port, user, password)
+    assert answer["ok"] is True, answer
+    status, headers, _ = await get(port, f"/session?grant={answer['grant']}")
+    assert status == 204
+    pair = headers["Set-Cookie"].split(";")[0]
+    assert pair.startswith(f"{name}="), pair
+    return pair
+
+
+def ws(port: int, cookie: str | None = None, origin: str | None = None) -> Any:
+    headers = {"Cookie": cookie} if cookie else {}
+    return connect(
+        f"ws://127.0.0.1:{port}/ws",
+        additional_headers=headers,
+        origin=origin,  # type: ignore[arg-type]
+        max_size=None,
+    )
+
+
+async def refused(port: int, cookie: str | None = None, origin: str | None = None) -> int:
+    """The HTTP status a /ws handshake is refused with (fails if it is accepted)."""
+    with pytest.raises(InvalidStatus) as refusal:
+        async with ws(port, cookie, origin):
+            pass
+    return refusal.value.response.status_code
+
+
+async def next_of(conn: ClientConnection, kind: str, timeout: float = 10) -> dict[str, Any]:
+    async with asyncio.timeout(scaled(timeout)):
+        while True:
+            message: dict[str, Any] = json.loads(await conn.recv())
+            if message.get("type") == kind:
+                return message
+
+
+async def admin(system: Deployment) -> str:
+    return await log_in(system.http_port, "admin", "admin", ADMIN_COOKIE)
+
+
+# --- Central's admin web (:8002) ------------------------------------------------------------
+
+API = ["/api/cps", "/api/sessions", "/api/events", "/api/stats", "/api/drivers", "/api/audit"]
+
+
+async def test_the_api_needs_a_session_and_public_paths_stay_public(system: Deployment) -> None:
+    port = system.http_port
+    for path in [*API, "/api/whoami", "/api/sessions?driver_id=user1"]:
+        for cookie in (None, f"{ADMIN_COOKIE}=forged-token-that-was-never-issued-xx"):
+            status, _, body = await get(port, path, cookie)
+            assert status == 401, (path, cookie, status, body)
+            assert body == {"error": "log in first"}
+    # Healthchecks and Prometheus need no login (and carry no personal data); nor the page.
+    for path in ("/healthz", "/metrics", "/", "/static/admin.js", "/static/ev.auth.js"):
+        status, _, _ = await get(port, path)
+        assert status == 200, path
+    cookie = await admin(system)
+    for path in API:
+        status, _, body = await get(port, path, cookie)
+        assert status == 200, (path, body)
+    status, _, body = await get(port, "/api/whoami", cookie)
+    assert status == 200 and body["user"] == "admin" and body["role"] == "admin", body
+    assert 0 < body["expires_in"] <= 8 * 3600
+
+
+async def test_a_driver_session_is_no_admin_and_reads_only_its_own(system: Deployment) -> None:
+    port = system.http_port
+    cookie = await log_in(port, "user1", "pass1", ADMIN_COOKIE)
+    status, _, who = await get(port, "/api/whoami", cookie)
+    assert status == 200 and (who["user"], who["role"]) == ("user1", "driver")
+    for path in ["/api/cps", "/api/events", "/api/stats", "/api/drivers", "/api/audit"]:
+        status, _, body = await get(port, path, cookie)
+        assert status == 403, (path, status, body)
+    for other in ("user2", "admin", "", "USER1"):
+        status, _, body = await get(port, f"/api/sessions?driver_id={other}", cookie)
+        assert status == 403, (other, status, body)
+    # Its own sessions: also what it gets without naming itself.
+    with contextlib.closing(sqlite3.connect(system.db_path, timeout=5)) as db, db:
+        for session_id, driver_id in (("auth-s1", "user1"), ("auth-s2", "user2")):
+            db.execute(
+                "INSERT INTO sessions (id, cp_id, driver_id, origin, status, requested_at)"
+                " VALUES (?, 'CP010', ?, 'driver', 'DENIED', ?)",
+                (session_id, driver_id, time.time()),
+            )
+    for path in ("/api/sessions", "/api/sessions?driver_id=user1"):
+        status, _, rows = await get(port, path, cookie)
+        assert status == 200 and [r["id"] for r in rows] == ["auth-s1"], (path, rows)
+    # The admin WebSocket, and so every command, is for admins only.
+    assert await refused(port, cookie) == 403
+
+
+async def test_the_websocket_needs_a_session_and_an_allowed_origin(system: Deployment) -> None:
+    port = system.http_port
+    assert await refused(port) == 401
+    assert await refused(port, f"{ADMIN_COOKIE}=not-a-session-token-of-this-central") == 401
+    cookie = await admin(system)
+    for origin in ("http://evil.example", "null", f"http://127.0.0.1:{port + 1}", "file://x"):
+        assert await refused(port, cookie, origin) == 403, origin
+    with pytest.raises(InvalidStatus) as login_refused:
+        await ask_login(port, "admin", "admin", origin="http://evil.example")
+    assert login_refused.value.response.status_code == 403
+    # The page's own origin, and clients without an Origin (ctl, scripts), are let in.
+    for origin in (f"http://127.0.0.1:{port}", None):
+        async with ws(port, cookie, origin) as conn:
+            snapshot = await next_of(conn, "snapshot")
+            assert "cps" in snapshot
+
+
+async def test_cookie_attributes_single_use_grants_and_logout(system: Deployment) -> None:
+    port = system.http_port
+    answer = await ask_login(port, "admin", "admin")
+    assert answer["ok"] is True and answer["role"] == "admin" and answer["grant"]
+    status, headers, _ = await get(port, f"/session?grant={answer['grant']}")
+    assert status == 204
+    attributes = [part.strip() for part in headers["Set-Cookie"].split(";")]
+    name, _, token = attributes[0].partition("=")
+    assert name == ADMIN_COOKIE and len(token) >= 40
+    assert {"HttpOnly", "SameSite=Strict", "Path=/"} <= set(attributes), attributes
+    assert f"Max-Age={8 * 3600}" in attributes
+    assert "Secure" not in attributes  # plain HTTP here; over TLS it is added
+    cookie = attributes[0]
+    # A grant works once; a used, forged or missing one gives nothing.
+    for grant in (answer["grant"], "A" * 32, "", "../etc"):
+        status, headers, body = await get(port, f"/session?grant={grant}")
+        assert status == 400 and "Set-Cookie" not in headers, (grant, status)
+    status, _, _ = await get(port, "/api/whoami", cookie)
+    assert status == 200
+
+    async with ws(port, cookie) as conn:
+        await next_of(conn, "snapshot")
+        status, headers, _ = await get(port, "/logout", cookie)
+        assert status == 204
+        assert "Max-Age=0" in headers["Set-Cookie"] and ADMIN_COOKIE in headers["Set-Cookie"]
+        # The open panel of that session is closed with it.
+        with pytest.raises(ConnectionClosed) as closed:
+            async with asyncio.timeout(scaled(6)):
+                while True:
+                    await conn.recv()
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4001
+    status, _, _ = await get(port, "/api/whoami", cookie)
+    assert status == 401
+    assert await refused(port, cookie) == 401
+
+
+async def test_brute_force_is_slowed_down_then_locked(system: Deployment) -> None:
+    port = system.http_port
+    took = []
+    for attempt in range(LOCK_AFTER - 1):
+        started = time.monotonic()
+        answer = await ask_login(port, "user5", f"guess{attempt}")
+        took.append(time.monotonic() - started)
+        assert answer == {"type": "login_result", "ok": False, "reason": "wrong user or password"}
+    # Each failure is answered later than the one before (0.2 s, 0.4 s, 0.8 s...).
+    assert took[1] > took[0] + 0.1 and took[2] > took[1] + 0.25, took
+    # The same words for an account that does not exist: nothing tells them apart.
+    unknown = await ask_login(port, "nobody", "guess")
+    assert unknown["reason"] == "wrong user or password"
+
+    last = await ask_login(port, "user5", "guess-last")
+    assert last["ok"] is False and last["reason"].startswith("account locked")
+    assert 1 <= last["retry_after"] <= LOCK_SECONDS
+    locked_at = time.monotonic()
+    # Locked: even the right password is refused, with how long to wait.
+    right = await ask_login(port, "user5", "pass5")
+    assert right["ok"] is False and right["reason"].startswith("account locked"), right
+    assert "grant" not in right and 1 <= right["retry_after"] <= LOCK_SECONDS
+    locked = system.query("SELECT failures, locked_until FROM login_state WHERE user_id = 'user5'")
+    assert locked and locked[0][0] == LOCK_AFTER and locked[0][1] > time.time()
+    audited = system.query(
+        "SELECT action, outcome FROM audit_log WHERE actor = 'user5' ORDER BY id"
+    )
+    assert ("lockout", "locked") in audited and ("login", "locked") in audited, audited
+
+    # Once the lock has run out, the right password works, and the count starts afresh.
+    await asyncio.sleep(max(0.0, LOCK_SECONDS + 0.2 - (time.monotonic() - locked_at)))
+    again = await ask_login(port, "user5", "pass5")
+    assert again["ok"] is True and again["role"] == "driver", again
+    assert not system.query("SELECT 1 FROM login_state WHERE user_id = 'user5'")
+
+
+async def test_ctl_logs_in_first(system: Deployment, tmp_path: Path) -> None:
+    before = system.query("SELECT in_service FROM charging_points WHERE id = 'CP004'")
+    out = await system.ctl("stop", "CP004", password="", check=False)
+    assert "error: no password" in out and "--password-file" in out, out
+    out = await system.ctl("stop", "CP004", password="not-the-password", check=False)
+    assert "refused the login of admin: wrong user or password" in out, out
+    assert system.query("SELECT in_service FROM charging_points WHERE id = 'CP004'") == before
+
+    secret_file = tmp_path / "admin-password"
+    secret_file.write_text("admin\n")
+    os.chmod(secret_file, 0o600)
+    out = await system.ctl(
+        "--password-file", str(secret_file), "register", "CP044",
+        "--location", "Alicante - Test", "--price", "0.31", "--max-kw", "11",
+    )  # fmt: skip
+    lines = out.splitlines()
+    assert lines[0] == "ok: registered CP044 (CP044)", out
+    assert lines[1].startswith("secret of CP044: ") and len(lines[1].split()[-1]) >= 24
+    assert "--secret" in lines[2] and "EV_CP_SECRET" in lines[2]
+    out = await system.ctl("stop", "CP044")
+    assert out.startswith("ok: stop CP044")
+    assert system.query("SELECT in_service FROM charging_points WHERE id = 'CP044'") == [(0,)]
+    actions = system.query(
+        "SELECT action, outcome, actor FROM audit_log WHERE detail LIKE 'CP044%' ORDER BY id"
+    )
+    assert ("cp_registered", "ok", "admin") in actions and ("stop", "ok", "admin") in actions
+
+
+# --- the driver dashboard (:8001) -----------------------------------------------------------
+
+
+async def test_dashboard_needs_a_session_and_an_allowed_origin(
+    system: Deployment, dashboard: int
+) -> None:
+    assert await refused(dashboard) == 401
+    assert await refused(dashboard, f"{DRIVER_COOKIE}=never-issued-token-of-this-dashboard") == 401
+    status, _, _ = await get(dashboard, "/api/whoami")
+    assert status == 401
+    # An admin session at Central is no session here (another server, another cookie).
+    assert await refused(dashboard, await admin(system)) == 401
+    cookie = await log_in(dashboard, "user1", "pass1", DRIVER_COOKIE)
+    assert await refused(dashboard, cookie, "http://evil.example:8001") == 403
+    with pytest.raises(InvalidStatus) as bad_login:
+        await ask_login(dashboard, "user1", "pass1", origin="null")
+    assert bad_login.value.response.status_code == 403
+    wrong = await ask_login(dashboard, "user1", "not-pass1")
+    assert wrong["ok"] is False and "grant" not in wrong
+    status, _, who = await get(dashboard, "/api/whoami", cookie)
+    assert status == 200 and (who["user"], who["role"]) == ("user1", "driver")
+
+
+async def test_a_driver_sees_only_its_own_and_cannot_speak_for_another(
+    system: Deployment, dashboard: int
+) -> None:
+    one = await log_in(dashboard, "user1", "pass1", DRIVER_COOKIE)
+    two = await log_in(dashboard, "user2", "pass2", DRIVER_COOKIE)
+    async with ws(dashboard, one) as first, ws(dashboard, two) as second:
+        assert (await next_of(first, "session"))["driver_id"] == "user1"
+        assert (await next_of(second, "session"))["driver_id"] == "user2"
+        # No command names a driver: the connection's session does. Trying is an error.
+        for command in (
+            {"type": "request", "cp_id": "CP009", "driver_id": "user2"},
+            {"type": "stop", "driver_id": "user2"},
+            {"type": "login", "user": "user2", "password": "pass2"},
+            {"type": "login", "driver_id": "user2", "password": "pass2"},
+        ):
+            await first.send(json.dumps(command))
+            answer = await next_of(first, "error")
+            assert "invalid message" in answer["detail"], (command, answer)
+
+        # user2 asks for a supply (CP009 has no monitor: denied). Only user2 hears of it.
+        await second.send(json.dumps({"type": "request", "cp_id": "CP009"}))
+        denied = None
+        async with asyncio.timeout(scaled(20)):
+            while denied is None:
+                push = json.loads(await second.recv())
+                if push["type"] == "supply" and push["supply"]["phase"] == "denied":
+                    denied = push
+        heard: list[dict[str, Any]] = []
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(scaled(1.5)):
+                while True:
+                    heard.append(json.loads(await first.recv()))
+        leaked = [p for p in heard if p["type"] in ("supply", "ticket", "run", "progress")]
+        assert not leaked and "user2" not in json.dumps(heard), heard
+    rows = system.query("SELECT driver_id, cp_id, status FROM sessions WHERE cp_id = 'CP009'")
+    assert rows == [("user2", "CP009", "DENIED")], rows
+
+
+async def test_dashboard_logout_closes_the_page_and_lockout_reaches_drivers(
+    system: Deployment, dashboard: int
+) -> None:
+    cookie = await log_in(dashboard, "user3", "pass3", DRIVER_COOKIE)
+    async with ws(dashboard, cookie) as conn:
+        await next_of(conn, "session")
+        status, headers, _ = await get(dashboard, "/logout", cookie)
+        assert status == 204 and "Max-Age=0" in headers["Set-Cookie"]
+        with pytest.raises(ConnectionClosed) as closed:
+            async with asyncio.timeout(scaled(6)):
+                while True:
+                    await conn.recv()
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4001
+    assert await refused(dashboard, cookie) == 401
+
+    # Guessing a driver's password through the dashboard locks the account at Central too.
+    for attempt in range(LOCK_AFTER):
+        answer = await ask_login(dashboard, "user4", f"guess{attempt}")
+        assert answer["ok"] is False, answer
+    locked = await ask_login(dashboard, "user4", "pass4")
+    assert locked["ok"] is False and "locked" in locked["reason"], locked
+    assert locked.get("retry_after"), locked

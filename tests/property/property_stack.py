@@ -1,0 +1,347 @@
+"""One real deployment for every property test: random and damaged input against each service.
+
+The package shares a single stack (starting Kafka and the services is the slow part): a broker
+of its own (or EV_KAFKA_BOOTSTRAP's), Central, CP001 with its engine and monitor, a spare engine
+that the tests themselves act as the monitor of, the driver dashboard and the site dashboard.
+Every property checks, after each example, that the services still answer and that nothing
+changed: Central's database rows, which CPs are connected and in which state.
+
+Hypothesis runs derandomized (`PROPERTY`): the same examples on every run, so a CI failure
+can be reproduced; `database=None` keeps it from writing an example database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http.client
+import json
+import os
+import socket
+import sqlite3
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, settings
+from pydantic import TypeAdapter
+from websockets.sync.client import connect
+
+from helpers import free_port, scaled, wait_for
+from procs import REPO_ROOT, Deployment, ServiceProcess
+from shared.errors import MessageError
+from shared.framing import (
+    ACK_BYTE,
+    Ack,
+    BadFrame,
+    Frame,
+    FrameDecoder,
+    Garbage,
+    Nack,
+    Oversized,
+    encode_frame,
+)
+from shared.messages import ENGINE_TO_MONITOR, EngineHello, decode, encode
+
+PROPERTY = settings(
+    deadline=None,
+    derandomize=True,
+    database=None,
+    max_examples=40,
+    # `central_before` is taken once per test on purpose: every example is compared with it.
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.function_scoped_fixture,
+    ],
+)
+
+CONNECTED_CP = "CP001"  # engine + monitor: ACTIVADO for the whole run
+SPARE_CP = "CP002"  # an engine alone; the tests play its monitor
+KAFKA_SH = REPO_ROOT / "scripts" / "kafka.sh"
+
+
+# --- the stack ------------------------------------------------------------------------------
+
+
+@dataclass
+class Stack:
+    system: Deployment
+    driver: ServiceProcess
+    driver_port: int
+    site: ServiceProcess
+    site_port: int
+    admin_cookie: str = ""  # "name=value" of an admin's session on Central's web
+
+    @property
+    def central(self) -> ServiceProcess:
+        assert self.system.central is not None
+        return self.system.central
+
+    @property
+    def spare_engine_port(self) -> int:
+        return self.system.engine_ports[SPARE_CP]
+
+    def processes(self) -> list[ServiceProcess]:
+        return [
+            self.central,
+            self.system.engines[CONNECTED_CP],
+            self.system.monitors[CONNECTED_CP],
+            self.system.engines[SPARE_CP],
+            self.driver,
+            self.site,
+        ]
+
+    def admin_get(self, target: str) -> tuple[int, bytes]:
+        """GET on Central's web as the admin."""
+        return get(self.system.http_port, target, headers={"Cookie": self.admin_cookie})
+
+    # Central's state as the tests compare it: database rows and the CPs' view.
+
+    def db_rows(self) -> dict[str, list[tuple[Any, ...]]]:
+        """Every row of every table of Central's database."""
+        with contextlib.closing(sqlite3.connect(self.system.db_path, timeout=10)) as db:
+            tables = [
+                row[0]
+                for row in db.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'table'"
+                    " AND name NOT LIKE 'sqlite_%' ORDER BY name"
+                )
+            ]
+            return {t: db.execute(f'SELECT * FROM "{t}" ORDER BY 1').fetchall() for t in tables}
+
+    def cps(self) -> dict[str, tuple[Any, ...]]:
+        """Each CP as Central shows it: state, connected, in service, session."""
+        status, body = self.admin_get("/api/cps")
+        assert status == 200, body
+        return {
+            cp["id"]: (cp["state"], cp["connected"], cp["in_service"], cp.get("session_id"))
+            for cp in json.loads(body)
+        }
+
+    def stats(self) -> dict[str, int]:
+        """Central's message counters (/api/stats)."""
+        status, body = self.admin_get("/api/stats")
+        assert status == 200, body
+        counters: dict[str, int] = json.loads(body)["messages"]
+        return counters
+
+    def snapshot(self) -> CentralSnapshot:
+        return CentralSnapshot(self.db_rows(), self.cps())
+
+    def assert_central_unchanged(
+        self, before: CentralSnapshot, may_change: frozenset[str] = frozenset()
+    ) -> None:
+        """Central is up and healthy, and neither its database nor its CPs changed.
+
+        The audit log may only have grown (refusals are recorded there, on purpose); the
+        tables in `may_change` are not compared (e.g. login_state, which counts the failures
+        of logins, when a test sends logins).
+        """
+        assert self.central.running, self.central.output[-3000:]
+        status, body = get(self.system.http_port, "/healthz")
+        assert status == 200, body
+        assert json.loads(body)["status"] == "ok", body
+        assert self.cps() == before.cps
+        after = self.db_rows()
+        assert set(after) == set(before.rows)
+        for table, rows in before.rows.items():
+            if table in APPEND_ONLY:
+                assert after[table][: len(rows)] == rows, f"{table} was rewritten"
+            elif table not in may_change:
+                assert after[table] == rows, f"table {table} changed"
+
+    def assert_all_running(self) -> None:
+        for proc in self.processes():
+            assert proc.running, f"{proc.name} exited:\n{proc.output[-3000:]}"
+
+    def assert_no_tracebacks(self) -> None:
+        for proc in self.processes():
+            assert "Traceback" not in proc.output, f"{proc.name}:\n{proc.output[-5000:]}"
+
+
+APPEND_ONLY = frozenset({"audit_log"})
+
+
+@dataclass(frozen=True)
+class CentralSnapshot:
+    rows: dict[str, list[tuple[Any, ...]]]
+    cps: dict[str, tuple[Any, ...]]
+
+
+def get(
+    port: int, target: str, timeout: float = 5.0, headers: dict[str, str] | None = None
+) -> tuple[int, bytes]:
+    """A plain GET on 127.0.0.1:port (status and body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=scaled(timeout))
+    try:
+        conn.request("GET", target, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def web_login(port: int, user: str, password: str) -> str:
+    """Log in on Central's web as a browser does (/login, then /session); the cookie."""
+    with connect(f"ws://127.0.0.1:{port}/login", open_timeout=scaled(5)) as ws:
+        ws.send(json.dumps({"type": "login", "user": user, "password": password}))
+        result = json.loads(ws.recv(timeout=scaled(10)))
+    assert result.get("ok"), result
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=scaled(5))
+    try:
+        conn.request("GET", f"/session?grant={result['grant']}")
+        resp = conn.getresponse()
+        resp.read()
+        cookie = resp.getheader("Set-Cookie") or ""
+    finally:
+        conn.close()
+    assert resp.status < 300 and cookie, (resp.status, cookie)
+    return cookie.split(";", 1)[0]
+
+
+def _kafka(action: str, port: int, run_dir: Path) -> None:
+    env = {**os.environ, "EV_KAFKA_RUN_DIR": str(run_dir)}
+    proc = subprocess.run(
+        [str(KAFKA_SH), action, str(port)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=scaled(300),
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"kafka.sh {action} failed:\n{proc.stdout}\n{proc.stderr}", pytrace=False)
+
+
+@contextlib.contextmanager
+def own_broker(run_dir: Path) -> Iterator[str]:
+    """EV_KAFKA_BOOTSTRAP when set, else a broker of the package's own (no other test's
+    records on it: Central reads its topics from the start)."""
+    external = os.environ.get("EV_KAFKA_BOOTSTRAP")
+    if external:
+        yield external
+        return
+    port = free_port()
+    _kafka("start", port, run_dir)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        _kafka("stop", port, run_dir)
+
+
+def dashboard(system: Deployment, package: str, port: int) -> ServiceProcess:
+    name = "driver-dashboard" if package == "EV_Driver" else "site-dashboard"
+    args = ["-m", package, "dashboard", "--broker", system.broker]
+    args += ["--http-port", str(port), "--listen-host", "127.0.0.1"]
+    proc = ServiceProcess(name, args, system.workdir).start()
+    system.processes.append(proc)
+    return proc
+
+
+async def healthy(proc: ServiceProcess, port: int) -> None:
+    async def ok() -> bool:
+        if not proc.running:
+            raise AssertionError(f"{proc.name} exited:\n{proc.output[-3000:]}")
+        try:
+            status, _ = await asyncio.to_thread(get, port, "/healthz", 2)
+        except OSError:
+            return False
+        return status == 200
+
+    await wait_for(ok, 60, interval=0.3, message=f"{proc.name} not healthy:\n{proc.output}")
+
+
+# --- speaking the frame protocol by hand ----------------------------------------------------
+
+
+@dataclass
+class Answer:
+    """Everything a peer got back on one connection."""
+
+    acks: int = 0
+    nacks: int = 0
+    messages: list[Any] = field(default_factory=list)
+    invalid: list[str] = field(default_factory=list)  # frames from the server that failed
+    stray: int = 0  # bytes from the server outside any frame
+    closed: bool = False
+
+
+class RawPeer:
+    """A blocking TCP client that writes whatever bytes it is given and decodes every byte of
+    the answer with the project's codec; it ACKs each valid frame, as a monitor would."""
+
+    def __init__(self, port: int, inbound: TypeAdapter[Any], timeout: float = 3.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=scaled(timeout))
+        self.inbound = inbound
+        self.decoder = FrameDecoder()
+        self.answer = Answer()
+
+    def __enter__(self) -> RawPeer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+    def send(self, data: bytes) -> bool:
+        """Write everything; False when the server has already closed (or reset)."""
+        try:
+            self.sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            self.answer.closed = True
+            return False
+        return True
+
+    def finish(self) -> None:
+        """Half-close: the server sees the end of our input."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_WR)
+
+    def read(self, until: Callable[[Answer], bool] | None = None, timeout: float = 3.0) -> Answer:
+        """Read until `until(answer)` holds, the server closes, or `timeout` passes."""
+        deadline = time.monotonic() + scaled(timeout)
+        while not self.answer.closed and not (until and until(self.answer)):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self.sock.settimeout(left)
+            try:
+                chunk = self.sock.recv(65536)
+            except TimeoutError:
+                break
+            except ConnectionResetError:
+                chunk = b""
+            if not chunk:
+                self.answer.closed = True
+                break
+            self._take(chunk)
+        return self.answer
+
+    def _take(self, chunk: bytes) -> None:
+        for event in self.decoder.feed(chunk):
+            if isinstance(event, Ack):
+                self.answer.acks += 1
+            elif isinstance(event, Nack):
+                self.answer.nacks += 1
+            elif isinstance(event, Frame):
+                try:
+                    self.answer.messages.append(decode(self.inbound, event.data))
+                except MessageError as exc:
+                    self.answer.invalid.append(str(exc))
+                with contextlib.suppress(OSError):
+                    self.sock.sendall(ACK_BYTE)
+            elif isinstance(event, BadFrame | Oversized):
+                self.answer.invalid.append(str(event))
+            elif isinstance(event, Garbage):
+                self.answer.stray += event.count
+
+
+def name_spare_engine(stack: Stack) -> None:
+    """Tell the spare engine which CP it is, as its monitor would (its id is then fixed)."""
+    with RawPeer(stack.spare_engine_port, ENGINE_TO_MONITOR) as peer:
+        peer.send(encode_frame(encode(EngineHello(cp_id=SPARE_CP))))
+        answer = peer.read(lambda a: a.acks >= 1)
+        assert answer.acks == 1, answer
