@@ -121,6 +121,7 @@ class PeopleAuth:
         await self._ensure_schema()
         now = time.time()
         failures, last_failure, locked_until = await self._state(user_id)
+        counted = bool(failures or locked_until)
         if locked_until > now:
             retry = locked_until - now
             await self._record("login", "locked", user_id, source, channel)
@@ -140,7 +141,7 @@ class PeopleAuth:
         matches = await asyncio.to_thread(verify_password, password, stored)
         account_role = rows[0]["role"] if rows else None
         if matches and account_role is not None and role in (None, account_role):
-            if failures:
+            if counted:
                 await self._clear(user_id)
             await self._record("login", "ok", user_id, source, channel)
             return LoginOutcome(True, user_id, account_role, "")

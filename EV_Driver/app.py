@@ -65,6 +65,7 @@ class DriverApp:
         output: Output,
         shutdown: Shutdown,
         bus: KafkaBus | None = None,
+        session: DriverSession | None = None,
     ) -> None:
         self.settings = settings
         self.output = output
@@ -76,7 +77,7 @@ class DriverApp:
         self._key = settings.driver_id.encode()
         self._group: asyncio.TaskGroup | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self.session: DriverSession | None = None
+        self.session = session  # a login made beforehand (else _login makes one)
 
     async def run(self) -> None:
         """Connect, follow every request to its outcome, stop the bus."""
@@ -122,6 +123,8 @@ class DriverApp:
     async def _login(self) -> None:
         """A key for this driver: from the token file while it lasts, else a password login."""
         settings = self.settings
+        if self.session is not None and not self.session.expired:
+            return
         token = Path(settings.token_file) if settings.token_file else None
         if token is not None and settings.password is None:
             stored = DriverSession.load(token, settings.driver_id)

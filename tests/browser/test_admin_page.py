@@ -48,10 +48,24 @@ async def expect_state(page: Page, cp_id: str, state: str, timeout: float = 10) 
     await expect(t).to_have_css("background-color", STATE_RGB[state], timeout=ms(5))
 
 
+async def log_in(page: Page, user: str = "admin", password: str = "admin") -> None:
+    """Fill and send the login form the panel shows to a browser without a session."""
+    await expect(page.locator("#login-form")).to_be_visible(timeout=ms(10))
+    await page.locator("#login-user").fill(user)
+    await page.locator("#login-password").fill(password)
+    await page.locator("#login-submit").click()
+
+
 async def open_panel(page: Page, system: Deployment) -> None:
+    """Open the panel, logging in as the demo admin unless the browser has a session."""
     await page.goto(system.url("/"))
+    form, live = page.locator("#login-form"), page.locator("#connection.online")
+    await expect(form.or_(live)).to_be_visible(timeout=ms(10))
+    if await form.is_visible():
+        await log_in(page)
     await expect(page.locator("#connection")).to_have_text("live", timeout=ms(10))
     await expect(page.locator("#reconnecting")).to_be_hidden()
+    await expect(page.locator("#who")).to_have_text("admin")
 
 
 async def test_tiles_show_every_cp_and_turn_green_when_a_cp_connects(
@@ -196,6 +210,14 @@ async def test_register_form_shows_hostile_text_as_text(page: Page, system: Depl
     result = page.locator("#register-result")
     await expect(result).to_contain_text("registered CP011", timeout=ms(5))
     await expect(result).to_have_class(re.compile(r"\bok\b"))
+    # The new CP's secret is shown this once, with what to do with it.
+    await expect(page.locator("#secret-box")).to_be_visible()
+    await expect(page.locator("#secret-cp")).to_have_text("CP011")
+    await expect(page.locator("#secret-value")).to_have_text(re.compile(r"^[\w-]{24,}$"))
+    await expect(page.locator("#secret-box")).to_contain_text("EV_CP_SECRET")
+    await page.locator("#secret-done").click()
+    await expect(page.locator("#secret-box")).to_be_hidden()
+    await expect(page.locator("#secret-value")).to_have_text("")
 
     new = tile(page, "CP011")
     await expect_state(page, "CP011", "DESCONECTADO", timeout=5)
@@ -252,6 +274,11 @@ async def test_reconnects_after_central_restarts(page: Page, system: Deployment)
     await expect(page.locator("#connection")).to_have_text("reconnecting…")
 
     await system.start_central()
+    # A restarted Central has forgotten every session: the page asks for a login again.
+    await expect(page.locator("#login-form")).to_be_visible(timeout=ms(15))
+    await expect(page.locator("#login-error")).to_contain_text("session ended")
+    await expect(page.locator("#reconnecting")).to_be_hidden()
+    await log_in(page)
     await expect(page.locator("#connection")).to_have_text("live", timeout=ms(15))
     await expect(page.locator("#reconnecting")).to_be_hidden()
     await expect(page.locator(".tile")).to_have_count(10)

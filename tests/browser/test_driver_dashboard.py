@@ -62,7 +62,7 @@ class Dashboard:
 
 async def login(page: Page, url: str, driver_id: str, password: str) -> None:
     await page.goto(url)
-    await expect(page.locator("#connection")).to_have_text("live", timeout=scaled(10_000))
+    await expect(page.locator("#login-form")).to_be_visible(timeout=scaled(10_000))
     await page.fill("#login-driver", driver_id)
     await page.fill("#login-password", password)
     await page.click("#login-form button[type=submit]")
@@ -72,6 +72,7 @@ async def logged_in(page: Page, url: str, driver_id: str, password: str) -> None
     await login(page, url, driver_id, password)
     await expect(page.locator("#app")).to_be_visible(timeout=scaled(15_000))
     await expect(page.locator("#who")).to_have_text(driver_id)
+    await expect(page.locator("#connection")).to_have_text("live")
 
 
 def number(text: str | None) -> float:
@@ -268,9 +269,13 @@ async def test_restarting_the_dashboard_shows_reconnecting_then_recovers(
     await expect(page.locator("#connection")).to_have_text("reconnecting…")
 
     await dashboard.start()
-    await expect(page.locator("#reconnecting")).to_be_hidden(timeout=scaled(20_000))
-    await expect(page.locator("#connection")).to_have_text("live")
-    # Logged in again by itself, with fresh data.
+    # The restarted dashboard has forgotten every session: log in again, fresh data follows.
+    await expect(page.locator("#login-form")).to_be_visible(timeout=scaled(20_000))
+    await expect(page.locator("#login-error")).to_contain_text("session ended")
+    await expect(page.locator("#reconnecting")).to_be_hidden()
+    await page.fill("#login-password", "pass4")
+    await page.click("#login-form button[type=submit]")
+    await expect(page.locator("#connection")).to_have_text("live", timeout=scaled(15_000))
     await expect(page.locator("#who")).to_have_text("user4", timeout=scaled(15_000))
     await expect(page.locator('[data-cp="CP001"]')).to_have_attribute(
         "data-state", "ACTIVADO", timeout=scaled(10_000)

@@ -27,7 +27,7 @@ async def test_bad_input_is_refused_and_others_keep_being_served(system: Deploym
     port = system.central_port
     # A well-behaved monitor for CP002, kept alive with heartbeats throughout.
     good = await open_framed("127.0.0.1", port, CENTRAL_TO_MONITOR)
-    await good.send(MonitorAuth(cp_id="CP002"))
+    await good.send(MonitorAuth(cp_id="CP002", secret=system.secret("CP002")))
     reply = await good.receive()
     assert isinstance(reply, AuthResult) and reply.accepted
     stop = asyncio.Event()
@@ -52,7 +52,7 @@ async def test_bad_input_is_refused_and_others_keep_being_served(system: Deploym
 
         # 2. A frame with a bad LRC: NACK; the same frame with the right LRC: ACK.
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        data = encode(MonitorAuth(cp_id="CP003"))
+        data = encode(MonitorAuth(cp_id="CP003", secret=system.secret("CP003")))
         writer.write(b"\x02" + data + b"\x03" + bytes([lrc(data) ^ 0xFF]))
         await writer.drain()
         assert await read_some(reader) == bytes([NACK])
@@ -115,7 +115,7 @@ async def test_heartbeats_resuming_on_a_silent_connection_reconnect_the_cp(
     await system.start_central()
     monitor = await open_framed("127.0.0.1", system.central_port, CENTRAL_TO_MONITOR)
     try:
-        await monitor.send(MonitorAuth(cp_id="CP004"))
+        await monitor.send(MonitorAuth(cp_id="CP004", secret=system.secret("CP004")))
         assert (await monitor.receive()).accepted
         await monitor.send(Heartbeat(cp_id="CP004", engine_ok=True))
         await system.wait_state("CP004", "ACTIVADO")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 from collections.abc import AsyncIterator
@@ -37,6 +38,12 @@ def ws_url(system: Deployment) -> str:
     return f"ws://127.0.0.1:{system.http_port}/ws"
 
 
+async def admin_ws(system: Deployment, **options: Any) -> connect:
+    """The admin WebSocket, opened with a fresh admin session's cookie."""
+    cookie = await system.admin_cookie()
+    return connect(ws_url(system), additional_headers={"Cookie": cookie}, **options)
+
+
 async def receive(ws: ClientConnection, kind: str, **match: Any) -> dict[str, Any]:
     """The next message of type `kind` whose fields equal `match` (pushes in between skipped)."""
     async with asyncio.timeout(scaled(10)):
@@ -50,11 +57,12 @@ async def cp_table(system: Deployment) -> dict[str, tuple[str, bool]]:
     return {cp["id"]: (cp["state"], cp["in_service"]) for cp in await system.api("/api/cps")}
 
 
-async def raw_get(port: int, target: str) -> tuple[int, dict[str, str], bytes]:
+async def raw_get(port: int, target: str, cookie: str = "") -> tuple[int, dict[str, str], bytes]:
     """GET `target` exactly as written (no client-side path normalisation)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        request = f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        extra = f"Cookie: {cookie}\r\n" if cookie else ""
+        request = f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n{extra}Connection: close\r\n\r\n"
         writer.write(request.encode())
         async with asyncio.timeout(scaled(5)):
             head = await reader.readuntil(b"\r\n\r\n")
@@ -71,7 +79,7 @@ async def raw_get(port: int, target: str) -> tuple[int, dict[str, str], bytes]:
 
 
 async def test_snapshot_then_pushes_for_a_command(system: Deployment) -> None:
-    async with connect(ws_url(system)) as watcher, connect(ws_url(system)) as admin:
+    async with await admin_ws(system) as watcher, await admin_ws(system) as admin:
         snapshot = await receive(watcher, "snapshot")
         assert set(snapshot) >= {"cps", "events", "sessions", "drivers", "status", "colours"}
         assert len(snapshot["cps"]) == 10
@@ -136,7 +144,7 @@ INVALID = [
 
 async def test_invalid_commands_are_refused_and_change_nothing(system: Deployment) -> None:
     before = await cp_table(system)
-    async with connect(ws_url(system)) as ws:
+    async with await admin_ws(system) as ws:
         await receive(ws, "snapshot")
         for raw, detail in INVALID:
             await ws.send(raw)
@@ -156,7 +164,7 @@ async def test_a_message_over_the_size_limit_closes_with_1009(system: Deployment
     before = await cp_table(system)
     # A valid "stop all", padded past the 4 KB limit: it must not be executed.
     padded = json.dumps({"type": "command", "action": "stop", "target": "all", "ref": "x" * 10_000})
-    async with connect(ws_url(system), max_size=None) as ws:
+    async with await admin_ws(system, max_size=None) as ws:
         await receive(ws, "snapshot")
         await ws.send(padded)
         with pytest.raises(ConnectionClosedError) as closed:
@@ -166,12 +174,12 @@ async def test_a_message_over_the_size_limit_closes_with_1009(system: Deployment
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
     assert await cp_table(system) == before
     # Central goes on serving other clients.
-    async with connect(ws_url(system)) as ws:
+    async with await admin_ws(system) as ws:
         await receive(ws, "snapshot")
 
 
 async def test_register_cp_and_refuse_an_existing_id(system: Deployment) -> None:
-    async with connect(ws_url(system)) as ws:
+    async with await admin_ws(system) as ws:
         await receive(ws, "snapshot")
         register = {
             "type": "register_cp",
@@ -184,6 +192,7 @@ async def test_register_cp_and_refuse_an_existing_id(system: Deployment) -> None
         await ws.send(json.dumps(register))
         result = await receive(ws, "result", ref="new")
         assert result["ok"] is True and result["cps"] == ["CP011"], result
+        assert isinstance(result["secret"], str) and len(result["secret"]) >= 24, result
         cps = {cp["id"]: cp for cp in await system.api("/api/cps")}
         assert cps["CP011"]["state"] == "DESCONECTADO"
         assert cps["CP011"]["location"] == "Alicante <b>Puerto</b>"
@@ -197,9 +206,46 @@ async def test_register_cp_and_refuse_an_existing_id(system: Deployment) -> None
         assert cp001["location"] != "elsewhere"
 
 
+async def test_key_commands_issue_a_secret_once_and_are_audited(system: Deployment) -> None:
+    async with await admin_ws(system) as ws, await admin_ws(system) as watcher:
+        await receive(ws, "snapshot")
+        await receive(watcher, "snapshot")
+        await ws.send(json.dumps({"type": "reset_secret", "target": "CP001", "ref": "reset"}))
+        result = await receive(ws, "result", ref="reset")
+        assert result["ok"] is True and result["cps"] == ["CP001"], result
+        secret = result["secret"]
+        assert len(secret) >= 24 and secret != system.secret("CP001")
+        for target in ("CP404", "all"):
+            await ws.send(json.dumps({"type": "revoke_key", "target": target, "ref": "bad"}))
+            refused = await receive(ws, "result", ref="bad")
+            assert refused["ok"] is False and "unknown CP" in refused["detail"], refused
+        await ws.send(json.dumps({"type": "revoke_key", "target": "CP001", "ref": "revoke"}))
+        revoked = await receive(ws, "result", ref="revoke")
+        assert revoked["ok"] is True and "secret" not in revoked, revoked
+        # Another admin's panel hears of the change, never of the secret.
+        heard = []
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(scaled(1)):
+                while True:
+                    heard.append(await watcher.recv())
+        assert heard and not any(secret in str(m) for m in heard)
+    audit = system.query("SELECT action, outcome, actor, detail FROM audit_log ORDER BY id")
+    assert ("secret_reset", "ok", "admin", "CP001") in audit, audit
+    assert ("key_revoked", "failed", "admin", "CP404: unknown CP 'CP404'") in audit, audit
+    assert not any(secret in row[3] for row in audit)
+
+    # The old secret no longer lets CP001's monitor in; the new one does.
+    await system.wait_state("CP001", "DESCONECTADO", timeout=15)
+    system.monitors["CP001"].stop()
+    system.cp_secrets["CP001"] = secret
+    system.start_monitor("CP001")
+    await system.wait_state("CP001", "ACTIVADO", timeout=15)
+
+
 async def test_http_answers_carry_the_content_security_policy(system: Deployment) -> None:
+    cookie = await system.admin_cookie()
     for path in ("/", "/index.html", "/static/admin.js", "/static/ev.css", "/api/cps", "/healthz"):
-        status, headers, body = await raw_get(system.http_port, path)
+        status, headers, body = await raw_get(system.http_port, path, cookie)
         assert status == 200, (path, body[:200])
         csp = headers["content-security-policy"]
         assert "default-src 'self'" in csp and "script-src 'self'" in csp, (path, csp)
@@ -213,6 +259,7 @@ async def test_the_page_needs_nothing_the_policy_forbids(system: Deployment) -> 
     page = body.decode()
     for asset, kind in [
         ("/static/ev.js", "text/javascript"),
+        ("/static/ev.auth.js", "text/javascript"),
         ("/static/admin.js", "text/javascript"),
         ("/static/ev.css", "text/css"),
         ("/static/admin.css", "text/css"),
@@ -225,11 +272,13 @@ async def test_the_page_needs_nothing_the_policy_forbids(system: Deployment) -> 
     assert "<style" not in page and "style=" not in page
     assert not re.search(r"\son[a-z]+\s*=", page, re.IGNORECASE)
     assert "http://" not in page and "https://" not in page
-    script = (await raw_get(system.http_port, "/static/admin.js"))[2].decode()
-    assert "innerHTML" not in script and "insertAdjacentHTML" not in script
+    for name in ("admin.js", "ev.js", "ev.auth.js"):
+        script = (await raw_get(system.http_port, f"/static/{name}"))[2].decode()
+        assert "innerHTML" not in script and "insertAdjacentHTML" not in script, name
 
 
 async def test_paths_outside_the_static_files_are_404(system: Deployment) -> None:
+    cookie = await system.admin_cookie()  # /api/... answers 401 before 404 without one
     for path in [
         "/static/../web.py",
         "/static/../../shared/web.py",
@@ -243,7 +292,7 @@ async def test_paths_outside_the_static_files_are_404(system: Deployment) -> Non
         "/nowhere",
         "/api/nothing",
     ]:
-        status, headers, body = await raw_get(system.http_port, path)
+        status, headers, body = await raw_get(system.http_port, path, cookie)
         assert status == 404, (path, status, body[:200])
         assert b"import" not in body, path
         assert "content-security-policy" in headers, path

@@ -1,7 +1,8 @@
 """The driver dashboard's WebSocket and HTTP edge, with a raw `websockets` client.
 
 The dashboard runs in this process against a real broker; no Central runs, so nothing can
-log in: everything here is what the server refuses, and that it stays up doing so.
+log in: everything here is what the server refuses, and that it stays up doing so. (Logged-in
+browsers are tested against a real Central in test_web_auth.py.)
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from EV_Driver.dashboard import DriverDashboard
 from EV_Driver.dashboard_config import DashboardSettings
@@ -33,8 +34,17 @@ class Running:
     def base(self) -> str:
         return f"127.0.0.1:{self.dashboard.port}"
 
-    def ws(self) -> Any:
-        return connect(f"ws://{self.base}/ws", max_size=None)
+    def ws(self, cookie: str | None = None, origin: str | None = None) -> Any:
+        headers = {"Cookie": cookie} if cookie else {}
+        return connect(
+            f"ws://{self.base}/ws",
+            max_size=None,
+            additional_headers=headers,
+            origin=origin,  # type: ignore[arg-type]
+        )
+
+    def login(self, origin: str | None = None) -> Any:
+        return connect(f"ws://{self.base}/login", max_size=None, origin=origin)  # type: ignore[arg-type]
 
     def get(self, path: str) -> tuple[int, dict[str, str], bytes]:
         try:
@@ -70,78 +80,83 @@ async def reply(ws: ClientConnection) -> dict[str, Any]:
     return data
 
 
-async def expect_error(ws: ClientConnection, sent: str | bytes, fragment: str) -> None:
-    await ws.send(sent)
-    answer = await reply(ws)
-    assert answer["type"] == "error", answer
-    assert fragment in answer["detail"], answer
+async def login_answer(running: Running, raw: str | bytes) -> dict[str, Any]:
+    """What /login answers to one message."""
+    async with running.login() as ws:
+        await ws.send(raw)
+        return await reply(ws)
 
 
-@pytest.mark.parametrize(
-    "command",
-    [
-        {"type": "request", "cp_id": "CP001"},
-        {"type": "stop"},
-        {"type": "run_file", "name": "f.txt", "text": "CP001\n"},
-        {"type": "cancel_run"},
-        {"type": "refresh"},
-        {"type": "logout"},
-    ],
-)
-async def test_commands_before_login_are_refused(running: Running, command: dict[str, Any]) -> None:
-    async with running.ws() as ws:
-        await expect_error(ws, json.dumps(command), "log in first")
-    assert running.dashboard.rooms == {}
+async def test_the_websocket_needs_a_session_and_an_allowed_origin(running: Running) -> None:
+    for cookie, origin, status in [
+        (None, None, 401),
+        ("ev_driver_session=never-issued-by-this-dashboard-000", None, 401),
+        ("ev_driver_session=", None, 401),
+        (None, "http://evil.example", 403),
+        (None, "null", 403),
+    ]:
+        with pytest.raises(InvalidStatus) as refused:
+            async with running.ws(cookie, origin):
+                pass
+        assert refused.value.response.status_code == status, (cookie, origin)
+    with pytest.raises(InvalidStatus) as refused:
+        async with running.login(origin="http://evil.example"):
+            pass
+    assert refused.value.response.status_code == 403
+    status, _, body = await asyncio.to_thread(running.get, "/api/whoami")
+    assert status == 401 and json.loads(body) == {"error": "log in first"}
+    assert running.dashboard.rooms == {} and len(running.dashboard.web_sessions) == 0
 
 
-async def test_invalid_messages_get_an_error_and_change_nothing(running: Running) -> None:
-    async with running.ws() as ws:
-        await expect_error(ws, "{not json", "invalid")
-        await expect_error(ws, json.dumps({"type": "launch_rockets"}), "type")
-        await expect_error(ws, json.dumps({"cp_id": "CP001"}), "type")
-        await expect_error(ws, json.dumps(["login"]), "invalid")
-        await expect_error(
-            ws,
-            json.dumps({"type": "login", "driver_id": "user1", "password": "x", "admin": True}),
-            "admin",
-        )
-        await expect_error(
-            ws, json.dumps({"type": "login", "driver_id": "../etc", "password": "x"}), "driver_id"
-        )
-        await expect_error(
-            ws, json.dumps({"type": "login", "driver_id": "u" * 33, "password": "x"}), "driver_id"
-        )
-        await expect_error(
-            ws, json.dumps({"type": "login", "driver_id": "user1", "password": ""}), "password"
-        )
-        await expect_error(ws, json.dumps({"type": "request", "cp_id": "<img src=x>"}), "cp_id")
-        await expect_error(ws, b'{"type":"stop"}', "binary")
-        # Still the same, working connection.
-        await expect_error(ws, json.dumps({"type": "stop"}), "log in first")
-    assert running.dashboard.rooms == {}
+async def test_invalid_logins_get_a_reason_and_change_nothing(running: Running) -> None:
+    for raw, fragment in [
+        ("{not json", "invalid message"),
+        (json.dumps(["login"]), "invalid message"),
+        (json.dumps({"type": "launch_rockets"}), "type"),
+        (json.dumps({"type": "login", "user": "user1", "password": "x", "admin": True}), "admin"),
+        (json.dumps({"type": "login", "user": "../etc", "password": "x"}), "user"),
+        (json.dumps({"type": "login", "user": "u" * 33, "password": "x"}), "user"),
+        (json.dumps({"type": "login", "user": "user1", "password": ""}), "password"),
+        (json.dumps({"type": "login", "driver_id": "user1", "password": "x"}), "user"),
+    ]:
+        answer = await login_answer(running, raw)
+        assert answer["type"] == "login_result" and answer["ok"] is False, (raw, answer)
+        assert fragment in answer["reason"] and "grant" not in answer, (raw, answer)
+    assert running.dashboard.rooms == {} and len(running.dashboard.web_sessions) == 0
 
 
 async def test_login_without_central_says_so(running: Running) -> None:
-    async with running.ws() as ws:
-        await ws.send(json.dumps({"type": "login", "driver_id": "user1", "password": "pass1"}))
-        answer = await reply(ws)
-        assert answer == {
-            "type": "login_result",
-            "ok": False,
-            "reason": "Central did not answer; is it running?",
-        }
-        await expect_error(ws, json.dumps({"type": "stop"}), "log in first")
-    assert running.dashboard.rooms == {}
+    answer = await login_answer(
+        running, json.dumps({"type": "login", "user": "user1", "password": "pass1"})
+    )
+    assert answer == {
+        "type": "login_result",
+        "ok": False,
+        "reason": "Central did not answer; is it running?",
+    }
+    assert running.dashboard.rooms == {} and len(running.dashboard.web_sessions) == 0
+
+
+async def test_grants_and_logout_without_a_session(running: Running) -> None:
+    for grant in ("", "x" * 40, "../../etc/passwd"):
+        status, headers, _ = await asyncio.to_thread(running.get, f"/session?grant={grant}")
+        assert status == 400 and "Set-Cookie" not in headers, grant
+    status, headers, _ = await asyncio.to_thread(running.get, "/logout")
+    assert status == 204
+    assert headers["Set-Cookie"].startswith("ev_driver_session=;")
+    assert "Max-Age=0" in headers["Set-Cookie"] and "HttpOnly" in headers["Set-Cookie"]
 
 
 async def test_oversized_message_closes_only_that_connection(running: Running) -> None:
-    async with running.ws() as bystander:
-        async with running.ws() as ws:
-            await ws.send(json.dumps({"type": "run_file", "name": "big", "text": "C" * 70_000}))
+    async with running.login() as bystander:
+        async with running.login() as ws:
+            await ws.send(json.dumps({"type": "login", "user": "u", "password": "C" * 70_000}))
             with pytest.raises(ConnectionClosed) as closed:
                 await reply(ws)
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
-        await expect_error(bystander, json.dumps({"type": "refresh"}), "log in first")
+        await bystander.send("{}")
+        answer = await reply(bystander)
+        assert answer["ok"] is False and "type" in answer["reason"]
     status, _, body = await asyncio.to_thread(running.get, "/healthz")
     assert status == 200, body
     assert json.loads(body)["broker"] is True
@@ -155,7 +170,7 @@ async def test_pages_carry_the_csp_and_unknown_paths_are_404(running: Running) -
     assert headers["X-Content-Type-Options"] == "nosniff"
     assert b'id="login-form"' in body and b'id="reconnecting"' in body
     assert b"<script>" not in body and b"style=" not in body
-    for name in ("driver.js", "driver.css", "ev.js", "ev.css"):
+    for name in ("driver.js", "driver.css", "ev.js", "ev.auth.js", "ev.css"):
         status, headers, _ = await asyncio.to_thread(running.get, f"/static/{name}")
         assert status == 200, name
         assert "Content-Security-Policy" in headers

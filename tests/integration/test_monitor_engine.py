@@ -22,7 +22,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 
 from helpers import free_port, scaled, wait_for
-from shared.bus import KafkaBus, Topics, decode_record
+from shared.bus import KafkaBus, Topics
 from shared.errors import ConnectionLost, EVError
 from shared.framed import FramedConnection
 from shared.messages import (
@@ -43,7 +43,10 @@ from shared.messages import (
     MonitorAuth,
     MonitorToCentral,
     RecoveryReport,
+    decode,
+    encode,
 )
+from shared.sealing import Sealer, b64, new_key, open_sealed, parse
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 INTERVAL = 0.5
@@ -136,6 +139,9 @@ class FakeCentral:
         self._server: asyncio.Server | None = None
         self._connections: set[FramedConnection[MonitorToCentral]] = set()
         self._handlers: set[asyncio.Task[Any]] = set()
+        # The key this fake issues to every CP, as Central does at authentication.
+        self.key_id, self.key = "fakekey000000001", new_key()
+        self.sealers: dict[str, Sealer] = {}
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
@@ -150,6 +156,15 @@ class FakeCentral:
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
+
+    def seal(self, command: Message) -> bytes:
+        """A command sealed the way Central seals it, with the key this fake issued."""
+        cp_id = getattr(command, "cp_id", "")
+        sealer = self.sealers.setdefault(cp_id, Sealer("cp-command", cp_id, self.key_id, self.key))
+        return sealer.seal(command.id, encode(command))
+
+    def open(self, value: bytes) -> Any:
+        return decode(CP_EVENTS, open_sealed(parse(value), self.key))
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -169,6 +184,8 @@ class FakeCentral:
                             accepted=True,
                             location="Test Street 1",
                             price_eur_kwh=0.35,
+                            key_id=self.key_id,
+                            key=b64(self.key),
                         )
                     )
                     await connection.send(
@@ -220,6 +237,8 @@ async def start_pair(
         cp_id,
         "--interval",
         str(INTERVAL),
+        "--secret",
+        "test-secret",
     )
     return engine, monitor, engine_port
 
@@ -355,15 +374,18 @@ async def test_command_lines_fail_cleanly(launch: Launcher) -> None:
 class EventLog:
     """Every CP event of one CP id, read from the end of the topic."""
 
-    def __init__(self, consumer: AIOKafkaConsumer, cp_id: str) -> None:
+    def __init__(self, consumer: AIOKafkaConsumer, cp_id: str, central: FakeCentral) -> None:
         self.cp_id = cp_id
+        self.central = central
         self.events: list[Message] = []
         self._consumer = consumer
         self._task = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
         async for record in self._consumer:
-            event = decode_record(CP_EVENTS, record)
+            if record.key != self.cp_id.encode():
+                continue
+            event = self.central.open(record.value)
             if event.cp_id == self.cp_id:
                 self.events.append(event)
 
@@ -386,7 +408,7 @@ async def test_engine_supplies_over_kafka(
     await bus.start()
     log: EventLog | None = None
     try:
-        log = EventLog(await bus.tail_consumer([Topics.CP_EVENTS]), cp_id)
+        log = EventLog(await bus.tail_consumer([Topics.CP_EVENTS]), cp_id, central)
         engine, monitor, _ = await start_pair(
             launch, central, cp_id, kafka_bootstrap, "--tick", "0.2"
         )
@@ -402,18 +424,15 @@ async def test_engine_supplies_over_kafka(
         )
 
         async def authorise(session_id: str) -> None:
-            await bus.send(
-                Topics.CP_COMMANDS,
-                cp_id,
-                AuthorizeSupply(
-                    cp_id=cp_id,
-                    session_id=session_id,
-                    driver_id="user1",
-                    price_eur_kwh=0.5,
-                    max_kw=36.0,
-                    expires_at=time.time() + 60,
-                ),
+            command = AuthorizeSupply(
+                cp_id=cp_id,
+                session_id=session_id,
+                driver_id="user1",
+                price_eur_kwh=0.5,
+                max_kw=36.0,
+                expires_at=time.time() + 60,
             )
+            await bus.send_raw(Topics.CP_COMMANDS, cp_id.encode(), central.seal(command))
             await wait_for(
                 lambda: engine.saw(f"session {session_id}"), 10, message=engine.describe()
             )
@@ -448,18 +467,15 @@ async def test_engine_supplies_over_kafka(
         assert ended2.kwh > 0
         await wait_for(lambda: central.since(central_mark, FaultReport), 2)
         # ...and refuses the next authorisation at once.
-        await bus.send(
-            Topics.CP_COMMANDS,
-            cp_id,
-            AuthorizeSupply(
-                cp_id=cp_id,
-                session_id="sess3",
-                driver_id="user1",
-                price_eur_kwh=0.5,
-                max_kw=36.0,
-                expires_at=time.time() + 60,
-            ),
+        command = AuthorizeSupply(
+            cp_id=cp_id,
+            session_id="sess3",
+            driver_id="user1",
+            price_eur_kwh=0.5,
+            max_kw=36.0,
+            expires_at=time.time() + 60,
         )
+        await bus.send_raw(Topics.CP_COMMANDS, cp_id.encode(), central.seal(command))
         refused = await wait_for(
             lambda: [e for e in log.of(CPSupplyEnded, mark) if e.session_id == "sess3"], 10
         )
@@ -490,7 +506,7 @@ async def test_lost_monitor_ends_the_supply_and_blocks_requests(
     await bus.start()
     log: EventLog | None = None
     try:
-        log = EventLog(await bus.tail_consumer([Topics.CP_EVENTS]), cp_id)
+        log = EventLog(await bus.tail_consumer([Topics.CP_EVENTS]), cp_id, central)
         engine, monitor, _ = await start_pair(
             launch,
             central,
@@ -506,18 +522,15 @@ async def test_lost_monitor_ends_the_supply_and_blocks_requests(
         await wait_for(lambda: heartbeat_ok(central), 10, message=monitor.describe())
         await wait_for(lambda: engine.saw("listening for Central's commands"), 30)
         await wait_for(lambda: engine_status(engine).endswith("IDLE (ready)"), 10)
-        await bus.send(
-            Topics.CP_COMMANDS,
-            cp_id,
-            AuthorizeSupply(
-                cp_id=cp_id,
-                session_id="sessA",
-                driver_id="user2",
-                price_eur_kwh=0.4,
-                max_kw=22.0,
-                expires_at=time.time() + 60,
-            ),
+        command = AuthorizeSupply(
+            cp_id=cp_id,
+            session_id="sessA",
+            driver_id="user2",
+            price_eur_kwh=0.4,
+            max_kw=22.0,
+            expires_at=time.time() + 60,
         )
+        await bus.send_raw(Topics.CP_COMMANDS, cp_id.encode(), central.seal(command))
         await wait_for(lambda: log.of(CPPlugged), 10, message=engine.describe())  # auto-plug
         await wait_for(lambda: log.of(CPTelemetry), 10)
 

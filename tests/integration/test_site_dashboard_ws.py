@@ -249,6 +249,8 @@ def start_monitor(
             "0.5",
             "--broker",
             broker,
+            "--secret",
+            "unused-without-central",
         ],
         tmp_path,
     ).start()

@@ -23,7 +23,7 @@ import pytest_asyncio
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from helpers import scaled, wait_for
+from helpers import scaled
 from procs import Deployment
 
 pytestmark = [pytest.mark.kafka, pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
@@ -55,7 +55,7 @@ async def system(
 async def dashboard(system: Deployment) -> int:
     """The driver dashboard's port (the process belongs to the module's deployment)."""
     await system.start_dashboard("--reply-timeout", "10")
-    return system.dashboard_port
+    return int(system.dashboard_port)
 
 
 # --- raw clients ---------------------------------------------------------------------------
@@ -169,7 +169,7 @@ async def test_a_driver_session_is_no_admin_and_reads_only_its_own(system: Deplo
     for path in ["/api/cps", "/api/events", "/api/stats", "/api/drivers", "/api/audit"]:
         status, _, body = await get(port, path, cookie)
         assert status == 403, (path, status, body)
-    for other in ("user2", "admin", "", "USER1"):
+    for other in ("user2", "admin", "USER1", "user1%00"):
         status, _, body = await get(port, f"/api/sessions?driver_id={other}", cookie)
         assert status == 403, (other, status, body)
     # Its own sessions: also what it gets without naming itself.
@@ -192,8 +192,9 @@ async def test_the_websocket_needs_a_session_and_an_allowed_origin(system: Deplo
     assert await refused(port) == 401
     assert await refused(port, f"{ADMIN_COOKIE}=not-a-session-token-of-this-central") == 401
     cookie = await admin(system)
-    for origin in ("http://evil.example", "null", f"http://127.0.0.1:{port + 1}", "file://x"):
-        assert await refused(port, cookie, origin) == 403, origin
+    foreign = ["http://evil.example", "null", f"http://127.0.0.1:{port + 1}", "file://x"]
+    for bad in foreign:
+        assert await refused(port, cookie, bad) == 403, bad
     with pytest.raises(InvalidStatus) as login_refused:
         await ask_login(port, "admin", "admin", origin="http://evil.example")
     assert login_refused.value.response.status_code == 403
@@ -335,16 +336,20 @@ async def test_a_driver_sees_only_its_own_and_cannot_speak_for_another(
     async with ws(dashboard, one) as first, ws(dashboard, two) as second:
         assert (await next_of(first, "session"))["driver_id"] == "user1"
         assert (await next_of(second, "session"))["driver_id"] == "user2"
-        # No command names a driver: the connection's session does. Trying is an error.
-        for command in (
-            {"type": "request", "cp_id": "CP009", "driver_id": "user2"},
-            {"type": "stop", "driver_id": "user2"},
-            {"type": "login", "user": "user2", "password": "pass2"},
-            {"type": "login", "driver_id": "user2", "password": "pass2"},
+        # No command names a driver: the connection's session does. Trying is an error,
+        # as is anything else malformed, and the connection stays usable.
+        for raw, fragment in (
+            ({"type": "request", "cp_id": "CP009", "driver_id": "user2"}, "driver_id"),
+            ({"type": "stop", "driver_id": "user2"}, "driver_id"),
+            ({"type": "login", "user": "user2", "password": "pass2"}, "invalid message"),
+            ({"type": "logout"}, "invalid message"),
+            ({"type": "request", "cp_id": "<img src=x>"}, "cp_id"),
+            ("{not json", "invalid message"),
+            (b'{"type":"refresh"}', "binary"),
         ):
-            await first.send(json.dumps(command))
+            await first.send(raw if isinstance(raw, str | bytes) else json.dumps(raw))
             answer = await next_of(first, "error")
-            assert "invalid message" in answer["detail"], (command, answer)
+            assert fragment in answer["detail"], (raw, answer)
 
         # user2 asks for a supply (CP009 has no monitor: denied). Only user2 hears of it.
         await second.send(json.dumps({"type": "request", "cp_id": "CP009"}))
@@ -352,7 +357,7 @@ async def test_a_driver_sees_only_its_own_and_cannot_speak_for_another(
         async with asyncio.timeout(scaled(20)):
             while denied is None:
                 push = json.loads(await second.recv())
-                if push["type"] == "supply" and push["supply"]["phase"] == "denied":
+                if push["type"] == "supply" and (push["supply"] or {}).get("phase") == "denied":
                     denied = push
         heard: list[dict[str, Any]] = []
         with pytest.raises(TimeoutError):

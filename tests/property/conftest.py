@@ -45,7 +45,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             )
 
             def connected() -> bool:
-                return built.cps()[CONNECTED_CP][0] == "ACTIVADO"
+                return built.state(CONNECTED_CP) == "ACTIVADO"
 
             await wait_for(connected, 30, interval=0.3, message=f"{CONNECTED_CP} not ACTIVADO")
             await healthy(driver, driver_port)

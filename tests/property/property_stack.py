@@ -84,7 +84,7 @@ class Stack:
 
     @property
     def spare_engine_port(self) -> int:
-        return self.system.engine_ports[SPARE_CP]
+        return int(self.system.engine_ports[SPARE_CP])
 
     def processes(self) -> list[ServiceProcess]:
         return [
@@ -122,6 +122,10 @@ class Stack:
             cp["id"]: (cp["state"], cp["connected"], cp["in_service"], cp.get("session_id"))
             for cp in json.loads(body)
         }
+
+    def state(self, cp_id: str) -> str:
+        """The state Central shows for one CP."""
+        return str(self.cps()[cp_id][0])
 
     def stats(self) -> dict[str, int]:
         """Central's message counters (/api/stats)."""
@@ -268,6 +272,7 @@ class Answer:
     invalid: list[str] = field(default_factory=list)  # frames from the server that failed
     stray: int = 0  # bytes from the server outside any frame
     closed: bool = False
+    reset: bool = False  # closed with unread input: what was in flight may be lost
 
 
 class RawPeer:
@@ -291,7 +296,7 @@ class RawPeer:
         try:
             self.sock.sendall(data)
         except (BrokenPipeError, ConnectionResetError):
-            self.answer.closed = True
+            self.answer.closed = self.answer.reset = True
             return False
         return True
 
@@ -313,6 +318,7 @@ class RawPeer:
             except TimeoutError:
                 break
             except ConnectionResetError:
+                self.answer.reset = True
                 chunk = b""
             if not chunk:
                 self.answer.closed = True

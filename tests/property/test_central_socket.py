@@ -18,7 +18,7 @@ from fuzzing import (
     mutated_json,
     unknown_cp_ids,
 )
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from property_stack import PROPERTY, CentralSnapshot, RawPeer, Stack
 
@@ -113,11 +113,12 @@ def test_hostile_bytes_get_nacks_or_refusals_and_change_nothing(
         assert isinstance(reply, m.AuthResult) and not reply.accepted, reply
         assert reply.reason
     if bad and not valid:
-        assert answer.nacks >= 1, answer
+        assert answer.nacks >= 1 or answer.reset, answer
     stack.assert_central_unchanged(central_before)
 
 
-@PROPERTY
+# A refused authentication costs Central a deliberate pause: fewer examples here.
+@settings(PROPERTY, max_examples=12)
 @given(first=st.one_of(unknown_auth, not_an_auth), then=st.lists(not_an_auth, max_size=2))
 def test_a_first_frame_that_is_no_valid_auth_is_refused_clearly(
     stack: Stack, central_before: CentralSnapshot, first: m.Message, then: list[m.Message]
@@ -127,11 +128,8 @@ def test_a_first_frame_that_is_no_valid_auth_is_refused_clearly(
         answer = peer.read(lambda a: bool(a.messages), timeout=5)
         assert answer.acks == 1 and len(answer.messages) == 1, answer
         refusal = answer.messages[0]
-        assert isinstance(refusal, m.AuthResult) and not refusal.accepted
-        if isinstance(first, m.MonitorAuth):
-            assert first.cp_id in (refusal.reason or ""), refusal
-        else:
-            assert "authenticate" in (refusal.reason or ""), refusal
+        assert isinstance(refusal, m.AuthResult) and not refusal.accepted, refusal
+        assert refusal.reason and refusal.key is None, refusal
         for message in then:  # whatever follows is not taken
             peer.send(encode_frame(m.encode(message)))
         answer = peer.read(timeout=3)
@@ -139,7 +137,7 @@ def test_a_first_frame_that_is_no_valid_auth_is_refused_clearly(
     stack.assert_central_unchanged(central_before)
 
 
-@PROPERTY
+@settings(PROPERTY, max_examples=12)
 @given(
     cp_id=st.sampled_from(sorted(SEEDED_CPS - {"CP001", "CP002"})),
     secret=st.none() | st.text(max_size=256),

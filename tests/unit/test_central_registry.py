@@ -265,8 +265,9 @@ def test_state_message_while_supplying() -> None:
     assert msg.type == "cp_state"
     assert (msg.cp_id, msg.state, msg.location) == ("CP001", CPState.SUMINISTRANDO, cp.location)
     assert (msg.price_eur_kwh, msg.max_kw) == (0.35, 22.0)
-    assert (msg.driver_id, msg.session_id) == ("user1", "s1")
-    assert (msg.kw, msg.kwh, msg.amount_eur) == (11.0, 2.0, 0.7)
+    # The state topic is public: who charges and what they pay stay out of it.
+    assert (msg.driver_id, msg.session_id, msg.amount_eur) == (None, None, 0.0)
+    assert (msg.kw, msg.kwh) == (11.0, 2.0)
 
 
 def test_state_message_without_a_session_is_zeroed() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -17,11 +18,15 @@ import pytest
 from EV_Driver.app import DriverApp
 from EV_Driver.config import DriverSettings
 from EV_Driver.output import Output
+from EV_Driver.session import DriverSession
 from shared import messages as m
 from shared.bus import Topics
 from shared.lifecycle import Shutdown
+from shared.sealing import Sealer, new_key, open_sealed, parse
 
 D = "D1"
+# The login the app is given: Central's side of the fake seals and opens with the same key.
+KEY_ID, KEY = "testkey000000001", new_key()
 
 
 class FakeRecord:
@@ -58,6 +63,7 @@ class FakeBus:
         self.respond = respond
         self.sent: list[m.Message] = []
         self.started = self.stopped = False
+        self.sealer = Sealer("driver-update", D, KEY_ID, KEY)
 
     async def start(self) -> None:
         self.started = True
@@ -70,13 +76,15 @@ class FakeBus:
         assert topics == [Topics.DRIVER_UPDATES]
         return self.consumer
 
-    async def send(self, topic: str, key: str, message: m.Message) -> None:
-        assert topic == Topics.DRIVER_REQUESTS and key == D
+    async def send_raw(self, topic: str, key: bytes, value: bytes) -> None:
+        assert topic == Topics.DRIVER_REQUESTS and key == D.encode()
+        message = m.decode(m.DRIVER_REQUESTS, open_sealed(parse(value), KEY))
         self.sent.append(message)
         self.respond(self, message)
 
     def update(self, message: m.Message, key: str = D) -> None:
-        self.consumer.records.put_nowait(FakeRecord(key, m.encode(message)))
+        sealed = self.sealer.seal(message.id, m.encode(message))
+        self.consumer.records.put_nowait(FakeRecord(key, sealed))
 
     def raw(self, value: bytes) -> None:
         self.consumer.records.put_nowait(FakeRecord(D, value))
@@ -170,7 +178,9 @@ async def run_app(
         reply_timeout=reply_timeout,
     )
     stream = io.StringIO()
-    driver = DriverApp(settings, Output(json_mode=True, stream=stream), shutdown or Shutdown(), bus)  # type: ignore[arg-type]
+    session = DriverSession(D, KEY_ID, KEY, expires_at=time.time() + 3600)
+    output = Output(json_mode=True, stream=stream)
+    driver = DriverApp(settings, output, shutdown or Shutdown(), bus, session)  # type: ignore[arg-type]
     await asyncio.wait_for(driver.run(), 10)
     assert bus.stopped and consumer.stopped
     return driver, bus, [json.loads(line) for line in stream.getvalue().splitlines()]

@@ -28,6 +28,8 @@ TICKET = m.TicketData(
     revision=2,
 )
 
+KEY = "A" * 43 + "="  # 32 bytes in base64
+
 # One valid instance of every concrete message model, with every optional field set.
 SAMPLES: list[m.Message] = [
     m.MonitorAuth(cp_id="CP001", secret="s3cret"),
@@ -38,6 +40,8 @@ SAMPLES: list[m.Message] = [
         location="Calle Mayor 1",
         price_eur_kwh=0.35,
         max_kw=22.0,
+        key_id="0123456789abcdef",
+        key=KEY,
     ),
     m.Heartbeat(cp_id="CP001", engine_ok=True, seq=7),
     m.FaultReport(cp_id="CP001", detail="engine KO"),
@@ -46,13 +50,30 @@ SAMPLES: list[m.Message] = [
     m.EngineHello(cp_id="CP001"),
     m.HealthCheck(seq=3, central_ok=False, cp_state=m.CPState.SUMINISTRANDO),
     m.HealthReport(seq=3, ok=True, engine_state="IDLE"),
-    m.LoginRequest(driver_id="D1", password="pw"),
+    m.EngineKey(cp_id="CP001", key_id="0123456789abcdef", key=KEY),
+    m.LoginRequest(
+        driver_id="D1", client_key=KEY, nonce="AAAAAAAAAAAAAAAA", sealed_password="c2Vj"
+    ),
+    m.IdentityQuery(driver_id="D1"),
     m.SupplyRequest(driver_id="D1", cp_id="CP001", origin="cp"),
     m.StopRequest(driver_id="D1", session_id="s1"),
     m.StatusQuery(driver_id="D1"),
     m.HistoryQuery(driver_id="D1", limit=10),
     m.TicketAck(driver_id="D1", session_id="s1"),
-    m.LoginResult(driver_id="D1", request_id="r1", ok=True, reason=None, balance_eur=12.5),
+    m.LoginResult(
+        driver_id="D1",
+        request_id="r1",
+        ok=True,
+        reason=None,
+        retry_after=None,
+        key_id="0123456789abcdef",
+        expires_at=NOW,
+        nonce="AAAAAAAAAAAAAAAA",
+        sealed="c2Vj",
+    ),
+    m.CentralIdentity(
+        driver_id="D1", request_id="q0", public_key=KEY, fingerprint="0000:1111:2222:3333"
+    ),
     m.RequestAccepted(driver_id="D1", cp_id="CP001", request_id="r1", session_id="s1"),
     m.RequestDenied(
         driver_id="D1",

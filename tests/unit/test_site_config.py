@@ -9,7 +9,16 @@ from EV_CP_M.dashboard import PingRequest, SnapshotRequest, parse_client_message
 from EV_CP_M.dashboard import parse_settings as parse_dashboard
 from shared.errors import MessageError
 
-MONITOR = ["--engine", "127.0.0.1:7001", "--central", "127.0.0.1:5000", "--cp-id", "CP001"]
+MONITOR = [
+    "--engine",
+    "127.0.0.1:7001",
+    "--central",
+    "127.0.0.1:5000",
+    "--cp-id",
+    "CP001",
+    "--secret",
+    "s3cret",
+]
 
 
 def test_the_monitor_publishes_nothing_without_a_broker() -> None:
