@@ -152,6 +152,9 @@ def load(environ: Mapping[str, str] | None = None) -> dict[str, str]:
         check_port(f"CP{n}_ENGINE_PORT", str(engine_port))
         config[f"CP{n}_ID"] = cp
         config[f"CP{n}_ENGINE_PORT"] = str(engine_port)
+        # The secret its monitor presents to Central: the one an admin got when registering
+        # the CP (`ctl register`); the demo seed's only when none is given.
+        config[f"CP{n}_SECRET"] = env.get(f"CP{n}_SECRET", "").strip() or f"demo-secret-{cp}"
         ports[f"CP{n}_ENGINE_PORT"] = engine_port
     del ports["ENGINE_BASE_PORT"]  # a base, not a port anything listens on by itself
     # docker-compose.yml publishes every port on one host: no two parts may share one.

@@ -34,6 +34,8 @@ class EnvArgumentParser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
         super().__init__(*args, **kwargs)
         self._environ = os.environ if environ is None else environ
+        # Each option's environment variable, by destination (documentation and tests).
+        self.env_names: dict[str, str] = {}
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -54,7 +56,9 @@ class EnvArgumentParser(argparse.ArgumentParser):
             kwargs["required"] = False
         help_text = kwargs.get("help", "")
         kwargs["help"] = f"{help_text} [env {name}]".strip()
-        return self.add_argument(flag, **kwargs)
+        action = self.add_argument(flag, **kwargs)
+        self.env_names[action.dest] = name
+        return action
 
 
 def host_port(value: str) -> tuple[str, int]:

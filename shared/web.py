@@ -69,7 +69,8 @@ def static_response(package: str, name: str) -> Response:
     owner = "shared" if name.startswith("ev.") else package
     try:
         body = resources.files(owner).joinpath("static", name).read_bytes()
-    except (FileNotFoundError, IsADirectoryError):
+    except (OSError, ValueError):
+        # Missing, a directory, a name too long for the file system, a NUL byte: not found.
         return error_response(404, "not found")
     return response(200, body, CONTENT_TYPES[suffix], cache=False)
 

@@ -59,9 +59,9 @@ async def log_in(page: Page, user: str = "admin", password: str = "admin") -> No
 async def open_panel(page: Page, system: Deployment) -> None:
     """Open the panel, logging in as the demo admin unless the browser has a session."""
     await page.goto(system.url("/"))
-    form, live = page.locator("#login-form"), page.locator("#connection.online")
-    await expect(form.or_(live)).to_be_visible(timeout=ms(10))
-    if await form.is_visible():
+    either = page.locator("#login-form:visible, #connection.online")
+    await expect(either.first).to_be_visible(timeout=ms(10))
+    if await page.locator("#login-form").is_visible():
         await log_in(page)
     await expect(page.locator("#connection")).to_have_text("live", timeout=ms(10))
     await expect(page.locator("#reconnecting")).to_be_hidden()

@@ -285,9 +285,10 @@ def test_container_settings_are_accepted_by_the_service(name: str, svc_name: str
     assert json.loads(entrypoint) == ["python", "-m", *module]
     assert "command" not in svc, "configured by EV_ variables, like the HEALTHCHECK"
     env = {key: substitute(value) for key, value in environment(svc).items()}
+    parser = build_parser()
     flags = {
-        env_name(option)
-        for action in build_parser()._actions
+        getattr(parser, "env_names", {}).get(action.dest, env_name(option))
+        for action in parser._actions
         for option in action.option_strings
         if option.startswith("--")
     }

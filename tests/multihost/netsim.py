@@ -279,10 +279,21 @@ class MultiHostDeployment:
         return [
             *("-m", "EV_CP_M", "--engine", engine, "--central", self.config["CENTRAL_ADDRESS"]),
             *("--cp-id", cp_id, "--broker", self.broker),
+            *("--secret", f"demo-secret-{cp_id}"),
         ]
 
     def driver_args(self, driver_id: str, *flags: str) -> list[str]:
-        return ["-m", "EV_Driver", "--broker", self.broker, "--driver-id", driver_id, *flags]
+        password = ("--password", "pass" + driver_id.removeprefix("user"))
+        return [
+            "-m",
+            "EV_Driver",
+            "--broker",
+            self.broker,
+            "--driver-id",
+            driver_id,
+            *password,
+            *flags,
+        ]
 
     # --- processes ------------------------------------------------------------------------------
 

@@ -55,6 +55,7 @@ RULES: dict[str, dict[str, str | tuple[str, str]]] = {
         "--central": EQUAL,
         "--cp-id": EQUAL,
         "--broker": EQUAL,
+        "--secret": EQUAL,  # the demo seed's, from CPn_SECRET
         "--log-json": ANY,
     },
 }
