@@ -1,10 +1,12 @@
 """The benchmark behind `make bench`: Central under fleets of 100 to 10,000 CPs.
 
 For each fleet size: a fresh Kafka broker (scripts/kafka.sh, private run dir), a fresh database
-seeded with the fleet's CPs and drivers, a Central process, then the fleet simulator
-(`python -m tools.fleet`) in a process of its own. Also measured: the raw Kafka floor
-(aiokafka produce -> consume round trip) and a baseline charger server (`ocpp` over
-`websockets`). Writes bench/results.json, bench/results.png and docs/performance.md.
+seeded with the fleet's CPs and drivers (their secrets and passwords in a credentials file of
+the run's own), a Central process, then the fleet simulator (`python -m tools.fleet`) in a
+process of its own, which authenticates like the real parts (docs/performance.md). Also
+measured: the raw Kafka floor (aiokafka produce -> consume round trip) and a baseline charger
+server (`ocpp` over `websockets`). Writes bench/results.json, bench/results.png and
+docs/performance.md.
 """
 
 from __future__ import annotations
@@ -29,10 +31,14 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from tools.fleet import procstat
+from tools.fleet.sim import central_key_from_db
 from tools.fleet.stats import summarise
 
 REPO = Path(__file__).resolve().parent.parent
 KAFKA_SH = REPO / "scripts" / "kafka.sh"
+# init_db.py seeds the demo accounts into each size's throwaway database: the simulator logs
+# in at the admin web as the demo admin (README, "demo only").
+DEMO_ADMIN_PASSWORD = "admin"
 
 
 def free_port() -> int:
@@ -126,12 +132,13 @@ def run_fleet(
 ) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix=f"fleet-{size}-", dir=root))
     db = work / "central.db"
+    credentials = work / "credentials.json"
     subprocess.run(
         [sys.executable, "init_db.py", "--db", str(db)], cwd=REPO, check=True, capture_output=True
     )
     subprocess.run(
         [sys.executable, "-m", "tools.fleet", "seed", "--db", str(db), "--cps", str(size)]
-        + ["--supplying", str(supplying)],
+        + ["--supplying", str(supplying), "--credentials", str(credentials)],
         cwd=REPO,
         check=True,
         capture_output=True,
@@ -151,16 +158,22 @@ def run_fleet(
         )
         try:
             wait_healthy(f"http://127.0.0.1:{http}/healthz", central)
+            # Central made its identity key at start: the drivers pin it (no trust on first use).
+            central_key = central_key_from_db(str(db))
+            if central_key is None:
+                raise RuntimeError("Central has no identity key in its database")
             out = work / "fleet.json"
             fleet = subprocess.run(
                 [sys.executable, "-m", "tools.fleet", "--central", f"127.0.0.1:{port}"]
                 + ["--broker", broker.bootstrap, "--admin", f"127.0.0.1:{http}"]
                 + ["--cps", str(size), "--supplying", str(supplying)]
                 + ["--duration", str(duration), "--warmup", str(warmup)]
+                + ["--credentials", str(credentials), "--central-key", central_key]
                 + ["--central-pid", str(central.pid), "--out", str(out)],
                 cwd=REPO,
                 capture_output=True,
                 text=True,
+                env={**os.environ, "EV_ADMIN_PASSWORD": DEMO_ADMIN_PASSWORD},
             )
             if fleet.returncode != 0 or not out.exists():
                 raise RuntimeError(f"fleet of {size} failed:\n{fleet.stderr[-3000:]}")

@@ -1,15 +1,18 @@
 #!/usr/bin/env python3
 """Preflight: can this PC reach every part of the EV charging network, and do the clocks agree?
 
-    python scripts/preflight.py [--pc pc1|pc2|pc3] [--env-file .env] [--timeout 3]
+    python scripts/preflight.py [--pc pc1|pc2|pc3] [--env-file .env] [--timeout 3] [--tls-ca CA]
 
 Reads the addresses and ports as network_config.py sees them (the environment, then the .env
 that deploy wrote, then its defaults) and checks, one line each with a fix when it fails:
 Kafka (the bootstrap answers, and the address it advertises in its metadata is reachable from
 here), Central (monitors' TCP port and /healthz), the clock (against the Date of Central's
 answer), the dashboards and Kafka UI. `--pc` names the PC this runs on: its address is then
-checked to be one of this machine's. Exit 0 when nothing failed (warnings allowed), 1 when
-something did. Standard library only: any Python 3.11 runs it, without the project installed.
+checked to be one of this machine's. A web server whose certificate is set in the settings
+(CENTRAL_TLS_CERT, DRIVER_TLS_CERT, SITE_TLS_CERT: TLS on, docs/tls.md) is checked over https,
+its certificate verified against `--tls-ca` (the deployment's ca.crt; the system's CAs without
+it). Exit 0 when nothing failed (warnings allowed), 1 when something did. Standard library
+only: any Python 3.11 runs it, without the project installed.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import email.utils
 import json
 import os
 import socket
+import ssl
 import struct
 import sys
 import time
@@ -36,6 +40,8 @@ import network_config  # noqa: E402  (the repository root, found above)
 MAX_SKEW_S = 2.0
 MAX_KAFKA_FRAME = 1 << 20
 OK, WARN, FAIL, SKIP = "OK", "WARN", "FAIL", "SKIP"
+# Each web server's certificate setting: set means it serves https only (docs/tls.md).
+WEB_TLS = {"central": "CENTRAL_TLS_CERT", "pc1": "DRIVER_TLS_CERT", "pc3": "SITE_TLS_CERT"}
 
 
 @dataclass(frozen=True)
@@ -150,11 +156,14 @@ class HttpAnswer:
     received_at: float
 
 
-def http_get(url: str, timeout: float) -> HttpAnswer:
-    """GET `url`; an HTTP error status is an answer too. Raises OSError when unreachable."""
+def http_get(url: str, timeout: float, tls: ssl.SSLContext | None = None) -> HttpAnswer:
+    """GET `url` (https verified with `tls`); an HTTP error status is an answer too.
+
+    Raises OSError when unreachable, or when the TLS handshake or the certificate fails.
+    """
     sent_at = time.time()
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as answer:
+        with urllib.request.urlopen(url, timeout=timeout, context=tls) as answer:
             body = answer.read(64 * 1024)
             return HttpAnswer(answer.status, body, answer.headers.get("Date"), sent_at, time.time())
     except urllib.error.HTTPError as exc:
@@ -182,10 +191,19 @@ def clock_skew(answer: HttpAnswer) -> float | None:
 
 
 class Preflight:
-    def __init__(self, config: Mapping[str, str], pc: str | None, timeout: float) -> None:
+    def __init__(
+        self,
+        config: Mapping[str, str],
+        pc: str | None,
+        timeout: float,
+        tls_ca: str | None = None,
+    ) -> None:
         self.config = config
         self.pc = pc
         self.timeout = timeout
+        self.tls_ca = tls_ca
+        # Raises OSError (ssl.SSLError) when the CA file is missing or holds no certificate.
+        self.tls = ssl.create_default_context(cafile=tls_ca)
         self.pc2 = config["PC2_IP"]
         self.central_health: HttpAnswer | None = None
         self.kafka_reachable = False
@@ -194,6 +212,8 @@ class Preflight:
         checks: list[Callable[[], Result]] = []
         if self.pc:
             checks.append(self.this_pc)
+        if self.tls_ca or any(self.config.get(key) for key in WEB_TLS.values()):
+            checks.append(self.tls_settings)
         checks += [
             self.loopback,
             self.kafka_bootstrap,
@@ -235,6 +255,36 @@ class Preflight:
                 f"(python network_config.py --env .env)",
             )
         return Result(OK, "this PC's address", f"{key}={address} belongs to this machine")
+
+    def web_url(self, server: str, host: str, port_key: str, path: str) -> str:
+        scheme = "https" if self.config.get(WEB_TLS[server]) else "http"
+        return f"{scheme}://{host}:{self.config[port_key]}{path}"
+
+    def tls_fix(self, error: str, server: str, host: str, fix: str) -> str:
+        """The fix for a web server that failed with `error`: TLS advice when TLS is the cause."""
+        key = WEB_TLS[server]
+        if self.config.get(key) and ("SSL" in error or "certificate" in error):
+            trusted = self.tls_ca or "the system's CAs (give --tls-ca certs/ca.crt)"
+            return (
+                f"its certificate must be signed by {trusted} and name {host}; "
+                f"if it has no TLS, leave {key} empty (docs/tls.md)"
+            )
+        if not self.config.get(key) and "closed" in error:
+            return f"if it has TLS on, set {key} as deploy does and give --tls-ca; else {fix}"
+        return fix
+
+    def tls_settings(self) -> Result:
+        https = [f"{server} ({key})" for server, key in WEB_TLS.items() if self.config.get(key)]
+        if not https:
+            return Result(
+                WARN,
+                "tls",
+                f"--tls-ca given, but no web server has TLS in the settings "
+                f"({', '.join(WEB_TLS.values())} are empty): checking over http",
+                "set the certificates in .env as deploy does (docs/tls.md), or drop --tls-ca",
+            )
+        trusted = self.tls_ca or "the system's CAs"
+        return Result(OK, "tls", f"https for {', '.join(https)}, verified with {trusted}")
 
     def loopback(self) -> Result:
         if self.pc2.startswith("127.") or self.pc2 == "localhost":
@@ -305,15 +355,20 @@ class Preflight:
         return Result(OK, "central monitors", f"{self.pc2}:{port} accepts connections")
 
     def central_health_check(self) -> Result:
-        url = f"http://{self.pc2}:{self.config['CENTRAL_HTTP_PORT']}/healthz"
+        url = self.web_url("central", self.pc2, "CENTRAL_HTTP_PORT", "/healthz")
         try:
-            answer = http_get(url, self.timeout)
+            answer = http_get(url, self.timeout, self.tls)
         except OSError as exc:
             return Result(
                 FAIL,
                 "central /healthz",
                 f"{url} did not answer: {exc}",
-                "start PC2 (scripts/deploy.sh pc2 up), open its firewall for CENTRAL_HTTP_PORT",
+                self.tls_fix(
+                    str(exc),
+                    "central",
+                    self.pc2,
+                    "start PC2 (scripts/deploy.sh pc2 up), open its firewall for CENTRAL_HTTP_PORT",
+                ),
             )
         self.central_health = answer
         if answer.status != 200:
@@ -336,9 +391,9 @@ class Preflight:
         if answer is not None and answer.date is None:
             # Central's JSON answers may carry no Date; its WebSocket endpoint's refusal of a
             # plain GET (the websockets library's own answer) always does.
-            url = f"http://{self.pc2}:{self.config['CENTRAL_HTTP_PORT']}/ws"
+            url = self.web_url("central", self.pc2, "CENTRAL_HTTP_PORT", "/ws")
             try:
-                answer = http_get(url, self.timeout)
+                answer = http_get(url, self.timeout, self.tls)
             except OSError:
                 answer = None
         if answer is None:
@@ -358,12 +413,17 @@ class Preflight:
 
     def _dashboard(self, name: str, pc: str, port_key: str, required: bool) -> Result:
         host = self.config[f"{pc.upper()}_IP"]
-        url = f"http://{host}:{self.config[port_key]}/healthz"
+        url = self.web_url(pc, host, port_key, "/healthz")
         fix = f"start {pc} (scripts/deploy.sh {pc} up) and open its firewall for {port_key}"
         try:
-            answer = http_get(url, self.timeout)
+            answer = http_get(url, self.timeout, self.tls)
         except OSError as exc:
-            return Result(FAIL if required else WARN, name, f"{url} did not answer: {exc}", fix)
+            return Result(
+                FAIL if required else WARN,
+                name,
+                f"{url} did not answer: {exc}",
+                self.tls_fix(str(exc), pc, host, fix),
+            )
         if answer.status != 200:
             return Result(
                 FAIL if required else WARN,
@@ -405,13 +465,30 @@ def main(argv: list[str] | None = None) -> int:
         help="the .env deploy wrote (default: .env at the repository root, if any)",
     )
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds per connection")
+    parser.add_argument(
+        "--tls-ca",
+        default=os.environ.get("EV_TLS_CA") or None,
+        help="the CA file (certs/ca.crt) that verifies the web servers with TLS on [env EV_TLS_CA]",
+    )
     args = parser.parse_args(argv)
     try:
         config = settings(args.env_file, os.environ)
     except ValueError as exc:
         print(Result(FAIL, "configuration", str(exc), "fix network_config.py or .env").line())
         return 1
-    return Preflight(config, args.pc, args.timeout).run()
+    try:
+        preflight = Preflight(config, args.pc, args.timeout, args.tls_ca)
+    except OSError as exc:
+        print(
+            Result(
+                FAIL,
+                "tls ca",
+                f"cannot use {args.tls_ca} as a CA: {exc.strerror or exc}",
+                "give the ca.crt that scripts/make-certs.py wrote (docs/tls.md)",
+            ).line()
+        )
+        return 1
+    return preflight.run()
 
 
 if __name__ == "__main__":

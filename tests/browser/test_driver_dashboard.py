@@ -198,7 +198,9 @@ async def test_two_drivers_each_see_only_their_own_supply(
 
         # A second tab of user1 follows the same supply; user2's tab is untouched by user1's stop.
         third = await contexts[0].new_page()
-        await logged_in(third, dashboard.url, "user1", "pass1")
+        await third.goto(dashboard.url)  # the same browser: its session cookie is enough
+        await expect(third.locator("#who")).to_have_text("user1", timeout=scaled(10_000))
+        await expect(third.locator("#login-view")).to_be_hidden()
         await expect(third.locator("#supply-cp")).to_contain_text("CP001")
         await one.click("#stop-button")
         for tab in (one, third):

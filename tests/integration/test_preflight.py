@@ -3,7 +3,8 @@
 The preflight runs as operators run it (a separate `python scripts/preflight.py` process, its
 settings from a .env written by network_config.py) against a real broker, a real Central and
 the two dashboards: all green while they run, a FAIL line with a fix and exit 1 once Central
-is down.
+is down; then, with a Central that has TLS on (certificates from scripts/make-certs.py), green
+over https with the CA, and a FAIL that names the cause without it.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ PREFLIGHT = REPO_ROOT / "scripts" / "preflight.py"
 
 def run_preflight(env_file: Path, *args: str) -> subprocess.CompletedProcess[str]:
     # Only the .env speaks: none of network_config's variables leak in from the caller.
-    env = {k: v for k, v in os.environ.items() if k not in network_config.DEFAULTS}
+    env = {
+        k: v for k, v in os.environ.items() if k not in network_config.DEFAULTS and k != "EV_TLS_CA"
+    }
     return subprocess.run(
         [sys.executable, str(PREFLIGHT), "--env-file", str(env_file), "--timeout", "3", *args],
         env=env,
@@ -43,6 +46,18 @@ def run_preflight(env_file: Path, *args: str) -> subprocess.CompletedProcess[str
 
 def lines_of(proc: subprocess.CompletedProcess[str], name: str) -> list[str]:
     return [line for line in proc.stdout.splitlines() if f"] {name} " in line]
+
+
+def make_certs(out: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "scripts/make-certs.py", "--out", str(out)]
+        + ["--server", "central=localhost,127.0.0.1"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=scaled(60),
+    )
+    assert proc.returncode == 0, proc.stderr
 
 
 class Network:
@@ -104,8 +119,8 @@ async def network(broker: Any, tmp_path: Path) -> AsyncIterator[Network]:
 @pytest.mark.kafka
 @pytest.mark.e2e
 @pytest.mark.slow
-async def test_preflight_green_while_everything_runs_then_fails_without_central(
-    network: Network,
+async def test_preflight_green_while_everything_runs_then_fails_without_central_then_tls(
+    network: Network, tmp_path: Path
 ) -> None:
     proc = await asyncio.to_thread(run_preflight, network.env_file, "--pc", "pc2")
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -142,6 +157,72 @@ async def test_preflight_green_while_everything_runs_then_fails_without_central(
     assert lines_of(proc, "kafka advertised")[0].startswith("[OK  ]"), proc.stdout
     assert proc.stdout.rstrip().endswith("preflight: 2 check(s) failed")
 
+    # Central again, now with TLS on both ports; the dashboards stay on plain http.
+    certs = tmp_path / "certs"
+    make_certs(certs)
+    workdir = tmp_path / "tls"
+    workdir.mkdir()
+    tls = Deployment(
+        network.deployment.broker,
+        workdir,
+        tls_ca=certs / "ca.crt",
+        tls_cert=certs / "central.crt",
+        tls_key=certs / "central.key",
+    )
+    try:
+        await tls.start_central()
+        config = {
+            **network.config,
+            "CENTRAL_PORT": str(tls.central_port),
+            "CENTRAL_HTTP_PORT": str(tls.http_port),
+        }
+        plain_env = tmp_path / "plain.env"
+        plain_env.write_text(network_config.env_file(network_config.load(config)))
+        tls_env = tmp_path / "tls.env"
+        tls_env.write_text(
+            network_config.env_file(
+                network_config.load(
+                    {
+                        **config,
+                        "CENTRAL_TLS_CERT": "/certs/c.crt",
+                        "CENTRAL_TLS_KEY": "/certs/c.key",
+                    }
+                )
+            )
+        )
+        url = f"https://127.0.0.1:{tls.http_port}/healthz"
+
+        proc = await asyncio.to_thread(run_preflight, tls_env, "--tls-ca", str(certs / "ca.crt"))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert lines_of(proc, "tls")[0].startswith("[OK  ] tls"), proc.stdout
+        assert "https for central (CENTRAL_TLS_CERT)" in lines_of(proc, "tls")[0]
+        (line,) = lines_of(proc, "central /healthz")
+        assert line == f"[OK  ] central /healthz   {url} answered 200", proc.stdout
+        assert lines_of(proc, "clock")[0].startswith("[OK  ]"), proc.stdout
+        for name in ("driver dashboard", "site dashboard"):  # still checked over http
+            assert lines_of(proc, name)[0].startswith("[OK  ] "), proc.stdout
+            assert "http://127.0.0.1:" in lines_of(proc, name)[0], proc.stdout
+
+        # Without the CA the certificate cannot be verified: said, with the fix.
+        proc = await asyncio.to_thread(run_preflight, tls_env)
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        (line,) = lines_of(proc, "central /healthz")
+        assert line.startswith(f"[FAIL] central /healthz   {url} did not answer"), proc.stdout
+        assert "certificate verify failed" in line and "give --tls-ca certs/ca.crt" in line
+
+        # A .env that does not say Central has TLS: plain http is refused, and the fix says why.
+        proc = await asyncio.to_thread(run_preflight, plain_env)
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        (line,) = lines_of(proc, "central /healthz")
+        assert line.startswith("[FAIL]") and "set CENTRAL_TLS_CERT" in line, proc.stdout
+        # A CA given while no server has TLS in the settings is worth a warning, not a failure.
+        proc = await asyncio.to_thread(
+            run_preflight, network.env_file, "--tls-ca", str(certs / "ca.crt")
+        )
+        assert lines_of(proc, "tls")[0].startswith("[WARN] tls"), proc.stdout
+    finally:
+        tls.stop_all()
+
 
 def test_preflight_rejects_bad_configuration_and_foreign_address(tmp_path: Path) -> None:
     env_file = tmp_path / "bad.env"
@@ -163,6 +244,16 @@ def test_preflight_rejects_bad_configuration_and_foreign_address(tmp_path: Path)
         line.startswith("[FAIL]") and "PC3_IP=192.0.2.33 is not an address of this machine" in line
     )
     assert lines_of(proc, "kafka bootstrap")[0].startswith("[FAIL]")
+
+    # A CA file that is not one: one line, exit 1, nothing checked.
+    not_a_ca = tmp_path / "ca.crt"
+    not_a_ca.write_text("not a certificate\n")
+    for ca in (not_a_ca, tmp_path / "missing.crt"):
+        proc = run_preflight(env_file, "--tls-ca", str(ca))
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        (line,) = proc.stdout.splitlines()
+        assert line.startswith(f"[FAIL] tls ca             cannot use {ca} as a CA: "), line
+        assert "-- fix: give the ca.crt that scripts/make-certs.py wrote" in line
 
 
 # --- shared.healthcheck, as the images' HEALTHCHECKs run it --------------------------------------

@@ -5,11 +5,13 @@ compose files are written in (mappings, lists, quoted and block scalars, flow li
 aliases and `<<` merges). A service's command line is its image target's ENTRYPOINT in
 docker/Dockerfile plus its settings: the target's ENV lines, then the service's `environment`,
 with `${VAR}` taken from the .env that network_config.py writes. Every EV_X variable is the
-flag --x (that is how each service reads its environment).
+flag --x (that is how each service reads its environment), except where the module's own
+parser names it otherwise.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import shlex
@@ -252,6 +254,22 @@ def env_to_flag(name: str) -> str:
     return "--" + name.removeprefix("EV_").lower().replace("_", "-")
 
 
+def module_env_flags(module: str | None, words: list[str]) -> dict[str, str]:
+    """The flag of each variable a module's main command line reads, as its parser says.
+
+    Most variables are named after their flag; not all (the monitor's --secret reads
+    EV_CP_SECRET). Subcommands (the dashboards) and other programs: none, use env_to_flag.
+    """
+    if module is None or words:
+        return {}
+    try:
+        config = importlib.import_module(f"{module}.config")
+    except ImportError:
+        return {}
+    parser = config.build_parser()
+    return {env: "--" + dest.replace("_", "-") for dest, env in parser.env_names.items()}
+
+
 def compose_services(
     compose_file: Path, stages: Mapping[str, Stage], dotenv: Mapping[str, str]
 ) -> list[ComposeService]:
@@ -278,7 +296,10 @@ def compose_services(
             at = command.index("-m")
             module = command[at + 1]
             words = command[at + 2 :]
-        flags = {env_to_flag(k): v for k, v in settings.items() if k.startswith("EV_")}
+        named = module_env_flags(module, words)
+        flags = {
+            named.get(k) or env_to_flag(k): v for k, v in settings.items() if k.startswith("EV_")
+        }
         services.append(ComposeService(compose_file.name, name, module, words, flags, missing))
     return services
 

@@ -31,6 +31,8 @@ PCS = ("pc1", "pc2", "pc3")
 CP_IDS = ("CP001", "CP002")
 # The compose files' engines plug 1 s after authorisation and unplug 3 s after plugging.
 AUTO_PLUG, AUTO_UNPLUG = "1", "3"
+# The demo seed's admin account, for Central's API (docs/web-auth.md).
+ADMIN = ("admin", "admin")
 # (what was measured, seconds, the bound it must stay under), printed at the end of the run.
 TIMINGS: list[tuple[str, float, float]] = []
 
@@ -155,11 +157,10 @@ class Probe:
         )
         return self
 
-    async def get(self, url: str) -> tuple[int | None, Any]:
-        """(status, body) of a GET, or (None, error text) when nothing answered."""
+    async def _ask(self, request: dict[str, str]) -> tuple[int | None, Any]:
         assert self.proc is not None and self.proc.stdin and self.proc.stdout
         async with self._lock:
-            self.proc.stdin.write(url.encode() + b"\n")
+            self.proc.stdin.write(json.dumps(request).encode() + b"\n")
             await self.proc.stdin.drain()
             async with asyncio.timeout(scaled(10)):
                 line = await self.proc.stdout.readline()
@@ -169,6 +170,20 @@ class Probe:
         if "error" in answer:
             return None, answer["error"]
         return answer["status"], answer["body"]
+
+    async def get(self, url: str) -> tuple[int | None, Any]:
+        """(status, body) of a GET, or (None, error text) when nothing answered.
+
+        The GET carries the session cookie of the last login to that server, if any.
+        """
+        return await self._ask({"get": url})
+
+    async def login(self, base_url: str, user: str, password: str) -> tuple[int | None, Any]:
+        """Log in at Central's admin web at `base_url`: later GETs there carry its cookie.
+
+        (204, Central's login answer) on success, else (None, why not).
+        """
+        return await self._ask({"login": base_url, "user": user, "password": password})
 
     async def close(self) -> None:
         if self.proc is None:
@@ -185,14 +200,30 @@ class Probe:
 
 
 class CentralView:
-    """Central's web interface (/api/cps, /api/sessions, /healthz) as seen from one PC."""
+    """Central's web interface (/api/cps, /api/sessions, /healthz) as seen from one PC.
 
-    def __init__(self, probe: Probe, base_url: str) -> None:
+    The API needs an admin session: the view logs in at its first call, and again when
+    Central answers 401 (a restarted Central has forgotten its sessions).
+    """
+
+    def __init__(self, probe: Probe, base_url: str, admin: tuple[str, str] = ADMIN) -> None:
         self.probe = probe
         self.base_url = base_url
+        self.admin = admin
+        self.logged_in = False
+
+    async def login(self) -> None:
+        status, body = await self.probe.login(self.base_url, *self.admin)
+        assert status == 204, (self.probe.netns, self.base_url, self.admin[0], body)
+        self.logged_in = True
 
     async def api(self, path: str) -> Any:
+        if not self.logged_in:
+            await self.login()
         status, body = await self.probe.get(self.base_url + path)
+        if status == 401:
+            await self.login()
+            status, body = await self.probe.get(self.base_url + path)
         assert status == 200, (self.probe.netns, path, status, body)
         return body
 

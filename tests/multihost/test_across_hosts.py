@@ -95,6 +95,33 @@ async def test_driver_file_of_ten_requests_across_hosts(hosts) -> None:
     assert system.balance("user1") == balance_before - spent
 
 
+async def test_central_api_from_another_pc_needs_a_session_of_the_right_role(hosts) -> None:
+    view = hosts.from_pc1  # a fresh probe on PC1: no session yet
+    probe, url = view.probe, view.base_url
+    # Health is public (healthchecks); the API and the admin WebSocket are not.
+    assert (await probe.get(url + "/healthz"))[0] == 200
+    for path in ("/api/cps", "/api/sessions", "/api/audit", "/ws"):
+        status, body = await probe.get(url + path)
+        assert status == 401, (path, status, body)
+
+    # A wrong password gets no session.
+    status, body = await probe.login(url, "admin", "not-the-password")
+    assert status is None and "login refused" in body, body
+    assert (await probe.get(url + "/api/cps"))[0] == 401
+
+    # A driver's session reads its own supplies, and nothing else.
+    status, body = await probe.login(url, "user1", "pass1")
+    assert status == 204 and (body["user"], body["role"]) == ("user1", "driver"), body
+    assert (await probe.get(url + "/api/cps"))[0] == 403
+    assert (await probe.get(url + "/api/sessions?driver_id=user2"))[0] == 403
+    status, rows = await probe.get(url + "/api/sessions?limit=50")
+    assert status == 200 and {row["driver_id"] for row in rows} <= {"user1"}, rows
+
+    # The admin's session reads everything.
+    await view.login()
+    assert set(await view.cp_states()) >= set(CP_IDS)
+
+
 async def test_pc3_cut_off_shows_its_cps_disconnected_then_back(hosts) -> None:
     net, system = hosts.net, hosts.system
     cut_at = time.monotonic()  # taken before the cut: the measure can only overstate

@@ -29,6 +29,8 @@ EQUAL = "equal"  # the same value
 SAME_PORT = "same port"  # host:port with the same port; the host is the container's view
 SET = "set"  # both set; the value is where the container keeps or finds it
 ANY = "any"  # presentation only
+# Unset on both sides: compose passes it empty (the services read "" as not given), we omit it.
+UNSET = "unset"
 
 RULES: dict[str, dict[str, str | tuple[str, str]]] = {
     "EV_Central": {
@@ -41,6 +43,9 @@ RULES: dict[str, dict[str, str | tuple[str, str]]] = {
         "--listen-host": ("default", "0.0.0.0"),  # compose relies on the default we pass
         "--console": ANY,
         "--log-json": ANY,
+        # TLS is off in the default .env (CENTRAL_TLS_CERT, CENTRAL_TLS_KEY) and here.
+        "--tls-cert": UNSET,
+        "--tls-key": UNSET,
     },
     "EV_CP_E": {
         "--broker": EQUAL,
@@ -56,6 +61,7 @@ RULES: dict[str, dict[str, str | tuple[str, str]]] = {
         "--cp-id": EQUAL,
         "--broker": EQUAL,
         "--secret": EQUAL,  # the demo seed's, from CPn_SECRET
+        "--tls-ca": UNSET,  # CENTRAL_TLS_CA: empty while Central has no TLS
         "--log-json": ANY,
     },
 }
@@ -82,6 +88,9 @@ def compare(module: str, our_args: list[str], theirs: ComposeService) -> list[st
             problems.append(f"{where}: {flag} differs (ours {mine!r}, compose {other!r})")
         elif rule == ANY:
             continue
+        elif rule == UNSET:
+            if mine is not None or other:
+                problems.append(f"{where}: {flag} is {other!r} there, {mine!r} here, not unset")
         elif mine is None or (other is None and not isinstance(rule, tuple)):
             problems.append(f"{where}: {flag} only in {'compose' if mine is None else 'ours'}")
         elif isinstance(rule, tuple):

@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, TypeVar
 
 from hypothesis import strategies as st
 
 from shared import messages as m
 from shared.framing import ACK, ETX, NACK, STX, encode_frame, lrc
 
+M = TypeVar("M", bound=m.Message)
+
 SEEDED_CPS = frozenset(f"CP{n:03d}" for n in range(1, 11))
 
 identifiers = st.from_regex(r"[A-Za-z0-9_.-]{1,32}", fullmatch=True)
+message_ids = st.from_regex(r"[0-9a-f]{32}", fullmatch=True)
+timestamps = st.floats(1.7e9, 1.9e9)
+
+
+def instances(model: type[M], **fields: Any) -> st.SearchStrategy[M]:
+    """Instances of a message model whose id and time are drawn too (not random, not the
+    clock): the same examples on every run, as derandomized Hypothesis promises."""
+    return st.builds(model, id=message_ids, ts=timestamps, **fields)
+
+
 unknown_cp_ids = identifiers.filter(lambda i: i not in SEEDED_CPS)
 
 json_scalars = (

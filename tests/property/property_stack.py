@@ -17,6 +17,7 @@ import contextlib
 import http.client
 import json
 import os
+import re
 import socket
 import sqlite3
 import subprocess
@@ -165,10 +166,27 @@ class Stack:
 
     def assert_no_tracebacks(self) -> None:
         for proc in self.processes():
-            assert "Traceback" not in proc.output, f"{proc.name}:\n{proc.output[-5000:]}"
+            output = LIBRARY_EOF_ASSERTION.sub("", proc.output)
+            assert "Traceback" not in output, f"{proc.name}:\n{output[-5000:]}"
+
+
+# The `websockets` library (17.x) logs this when a plain HTTP request is followed by more bytes
+# (a body, a second request) before it closes the connection: its own assertion, not ours; the
+# connection is closed and the server goes on. Only that exact traceback is tolerated.
+LIBRARY_EOF_ASSERTION = re.compile(
+    r"ERROR +websockets\.server: unexpected internal error\n"
+    r"Traceback \(most recent call last\):\n"
+    r"(?:  .*\n)*?"
+    r"  File \S+websockets/protocol\.py\S*, line \d+, in send_eof\n"
+    r"(?:    .*\n)+"
+    r"AssertionError\n"
+)
 
 
 APPEND_ONLY = frozenset({"audit_log"})
+# What a refused login changes on purpose: the failure counters, and (for a login that came
+# over Kafka) the id of the message Central has handled.
+LOGIN_TABLES = frozenset({"login_state", "processed_messages"})
 
 
 @dataclass(frozen=True)

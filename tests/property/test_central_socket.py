@@ -15,6 +15,7 @@ from fuzzing import (
     flipped,
     framed_if_possible,
     identifiers,
+    instances,
     mutated_json,
     unknown_cp_ids,
 )
@@ -30,19 +31,19 @@ pytestmark = [pytest.mark.e2e, pytest.mark.kafka]
 
 # Real messages Central must never accept as a first frame, or at all on this port.
 not_an_auth = st.one_of(
-    st.builds(m.Heartbeat, cp_id=identifiers, engine_ok=st.booleans(), seq=st.integers(0, 99)),
-    st.builds(m.FaultReport, cp_id=identifiers, detail=st.text(max_size=40)),
-    st.builds(m.RecoveryReport, cp_id=identifiers),
+    instances(m.Heartbeat, cp_id=identifiers, engine_ok=st.booleans(), seq=st.integers(0, 99)),
+    instances(m.FaultReport, cp_id=identifiers, detail=st.text(max_size=40)),
+    instances(m.RecoveryReport, cp_id=identifiers),
 )
 wrong_channel = st.one_of(
-    st.builds(m.EngineHello, cp_id=identifiers),
-    st.builds(m.HealthCheck, seq=st.integers(0, 99), central_ok=st.booleans()),
-    st.builds(m.HealthReport, seq=st.integers(0, 99), ok=st.booleans()),
-    st.builds(m.AuthResult, cp_id=st.sampled_from(sorted(SEEDED_CPS)), accepted=st.just(True)),
-    st.builds(m.CPStatusNotice, cp_id=identifiers, state=st.sampled_from(m.CPState)),
-    st.builds(m.SupplyRequest, driver_id=identifiers, cp_id=identifiers),
+    instances(m.EngineHello, cp_id=identifiers),
+    instances(m.HealthCheck, seq=st.integers(0, 99), central_ok=st.booleans()),
+    instances(m.HealthReport, seq=st.integers(0, 99), ok=st.booleans()),
+    instances(m.AuthResult, cp_id=st.sampled_from(sorted(SEEDED_CPS)), accepted=st.just(True)),
+    instances(m.CPStatusNotice, cp_id=identifiers, state=st.sampled_from(m.CPState)),
+    instances(m.SupplyRequest, driver_id=identifiers, cp_id=identifiers),
 )
-unknown_auth = st.builds(m.MonitorAuth, cp_id=unknown_cp_ids, secret=st.none() | st.text())
+unknown_auth = instances(m.MonitorAuth, cp_id=unknown_cp_ids, secret=st.none() | st.text())
 seeds = st.one_of(unknown_auth, not_an_auth, wrong_channel)
 
 

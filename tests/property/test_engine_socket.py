@@ -14,7 +14,15 @@ import json
 import time
 
 import pytest
-from fuzzing import as_dict, bad_lrc, flipped, framed_if_possible, identifiers, mutated_json
+from fuzzing import (
+    as_dict,
+    bad_lrc,
+    flipped,
+    framed_if_possible,
+    identifiers,
+    instances,
+    mutated_json,
+)
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from property_stack import CONNECTED_CP, PROPERTY, SPARE_CP, RawPeer, Stack
@@ -30,17 +38,17 @@ other_cp_ids = identifiers.filter(lambda i: i != SPARE_CP)
 
 # Valid messages of other channels: the engine must refuse every one of them.
 wrong_channel = st.one_of(
-    st.builds(m.MonitorAuth, cp_id=st.just(SPARE_CP), secret=st.text(max_size=20)),
-    st.builds(m.Heartbeat, cp_id=st.just(SPARE_CP), engine_ok=st.booleans()),
-    st.builds(m.HealthReport, seq=st.integers(0, 99), ok=st.booleans()),
-    st.builds(m.AuthResult, cp_id=st.just(SPARE_CP), accepted=st.just(True)),
-    st.builds(m.SetService, cp_id=st.just(SPARE_CP), in_service=st.booleans()),
+    instances(m.MonitorAuth, cp_id=st.just(SPARE_CP), secret=st.text(max_size=20)),
+    instances(m.Heartbeat, cp_id=st.just(SPARE_CP), engine_ok=st.booleans()),
+    instances(m.HealthReport, seq=st.integers(0, 99), ok=st.booleans()),
+    instances(m.AuthResult, cp_id=st.just(SPARE_CP), accepted=st.just(True)),
+    instances(m.SetService, cp_id=st.just(SPARE_CP), in_service=st.booleans()),
 )
 # Real monitor messages, used as seeds for damage.
 seeds = st.one_of(
-    st.builds(m.EngineHello, cp_id=st.just(SPARE_CP)),
-    st.builds(m.HealthCheck, seq=st.integers(0, 99), central_ok=st.booleans()),
-    st.builds(m.EngineKey, cp_id=st.just(SPARE_CP), key_id=st.just("k" * 16), key=st.none()),
+    instances(m.EngineHello, cp_id=st.just(SPARE_CP)),
+    instances(m.HealthCheck, seq=st.integers(0, 99), central_ok=st.booleans()),
+    instances(m.EngineKey, cp_id=st.just(SPARE_CP), key_id=st.just("k" * 16), key=st.none()),
 )
 
 

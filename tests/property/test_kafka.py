@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from fuzzing import as_dict, flipped, identifiers, mutated_json
+from fuzzing import as_dict, flipped, identifiers, instances, mutated_json
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from property_stack import CONNECTED_CP, PROPERTY, CentralSnapshot, Stack, get
@@ -97,16 +97,16 @@ def cp_key(stack: Stack) -> CPKey:
 
 
 driver_requests = st.one_of(
-    st.builds(m.SupplyRequest, driver_id=st.just(DRIVER), cp_id=st.just(CONNECTED_CP)),
-    st.builds(m.StopRequest, driver_id=st.just(DRIVER)),
-    st.builds(m.StatusQuery, driver_id=st.just(DRIVER)),
-    st.builds(m.TicketAck, driver_id=st.just(DRIVER), session_id=st.just(SESSION)),
-    st.builds(m.HistoryQuery, driver_id=st.just(DRIVER)),
+    instances(m.SupplyRequest, driver_id=st.just(DRIVER), cp_id=st.just(CONNECTED_CP)),
+    instances(m.StopRequest, driver_id=st.just(DRIVER)),
+    instances(m.StatusQuery, driver_id=st.just(DRIVER)),
+    instances(m.TicketAck, driver_id=st.just(DRIVER), session_id=st.just(SESSION)),
+    instances(m.HistoryQuery, driver_id=st.just(DRIVER)),
 )
 cp_events = st.one_of(
-    st.builds(m.CPRequest, cp_id=st.just(CONNECTED_CP), driver_id=st.just(DRIVER)),
-    st.builds(m.CPPlugged, cp_id=st.just(CONNECTED_CP), session_id=st.just(SESSION)),
-    st.builds(
+    instances(m.CPRequest, cp_id=st.just(CONNECTED_CP), driver_id=st.just(DRIVER)),
+    instances(m.CPPlugged, cp_id=st.just(CONNECTED_CP), session_id=st.just(SESSION)),
+    instances(
         m.CPTelemetry,
         cp_id=st.just(CONNECTED_CP),
         session_id=st.just(SESSION),
@@ -115,7 +115,7 @@ cp_events = st.one_of(
         kwh=st.floats(0, 100),
         amount_eur=st.floats(0, 100),
     ),
-    st.builds(
+    instances(
         m.CPSupplyEnded,
         cp_id=st.just(CONNECTED_CP),
         session_id=st.just(SESSION),
@@ -125,7 +125,7 @@ cp_events = st.one_of(
     ),
 )
 cp_commands = st.one_of(
-    st.builds(
+    instances(
         m.AuthorizeSupply,
         cp_id=st.just(CONNECTED_CP),
         session_id=st.just(SESSION),
@@ -134,8 +134,8 @@ cp_commands = st.one_of(
         max_kw=st.just(22.0),
         expires_at=st.just(time.time() + 3600),
     ),
-    st.builds(m.SetService, cp_id=st.just(CONNECTED_CP), in_service=st.booleans()),
-    st.builds(
+    instances(m.SetService, cp_id=st.just(CONNECTED_CP), in_service=st.booleans()),
+    instances(
         m.EndSupply,
         cp_id=st.just(CONNECTED_CP),
         session_id=st.just(SESSION),

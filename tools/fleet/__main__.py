@@ -1,7 +1,11 @@
 """python -m tools.fleet --central HOST:PORT --broker HOST:PORT --admin HOST:PORT --cps N ...
 
-Or `python -m tools.fleet seed --db PATH --cps N [--supplying F]` to register the CPs and
-driver accounts in Central's database before Central starts.
+Or `python -m tools.fleet seed --db PATH --cps N --credentials FILE [--supplying F]` to register
+the CPs and driver accounts in Central's database before Central starts; their secrets and
+passwords go to FILE (readable by its owner only), which the run reads with --credentials.
+
+The run logs in at Central's admin web as --admin-user, with the password of
+--admin-password-file, else of EV_ADMIN_PASSWORD, else a prompt on a terminal.
 """
 
 from __future__ import annotations
@@ -10,25 +14,44 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
-from tools.fleet.sim import Fleet, FleetConfig, cp_ids, driver_ids, seed_database
+from EV_Central.ctl import LoginRefused, read_password
+from tools.fleet.accounts import Credentials, CredentialsError, seed_database
+from tools.fleet.sim import Fleet, FleetConfig, FleetError, cp_ids, driver_ids
+
+
+def seed(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m tools.fleet seed")
+    p.add_argument("--db", required=True)
+    p.add_argument("--cps", type=int, required=True)
+    p.add_argument("--supplying", type=float, default=0.2)
+    p.add_argument("--prefix", default="SIM")
+    p.add_argument(
+        "--credentials",
+        type=Path,
+        required=True,
+        help="JSON file for the CPs' secrets and the drivers' passwords (kept, extended)",
+    )
+    a = p.parse_args(argv)
+    drivers = max(1, round(a.cps * a.supplying))
+    try:
+        credentials = Credentials.load(a.credentials)
+        seed_database(a.db, cp_ids(a.prefix, a.cps), driver_ids(a.prefix, drivers), credentials)
+        credentials.save(a.credentials)
+    except (CredentialsError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"seeded {a.cps} CPs and {drivers} drivers into {a.db}; credentials in {a.credentials}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["seed"]:
-        p = argparse.ArgumentParser(prog="python -m tools.fleet seed")
-        p.add_argument("--db", required=True)
-        p.add_argument("--cps", type=int, required=True)
-        p.add_argument("--supplying", type=float, default=0.2)
-        p.add_argument("--prefix", default="SIM")
-        a = p.parse_args(argv[1:])
-        drivers = max(1, round(a.cps * a.supplying))
-        seed_database(a.db, cp_ids(a.prefix, a.cps), driver_ids(a.prefix, drivers))
-        print(f"seeded {a.cps} CPs and {drivers} drivers into {a.db}")
-        return 0
+        return seed(argv[1:])
     p = argparse.ArgumentParser(prog="python -m tools.fleet", description=__doc__)
     p.add_argument("--central", required=True, help="Central's monitor port HOST:PORT")
     p.add_argument("--broker", required=True, help="Kafka HOST:PORT")
@@ -43,12 +66,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--central-pid", type=int, help="Central's pid (default: looked up)")
     p.add_argument(
         "--db",
-        help="Central's database: insert the driver accounts (and the CPs, which Central loads"
-        " at start; CPs it does not know are registered over the admin WebSocket)",
+        help="Central's database: insert (or refresh) the simulated driver accounts and read"
+        " Central's identity key there",
+    )
+    p.add_argument(
+        "--credentials",
+        type=Path,
+        help="JSON file of CP secrets and driver passwords (from `seed`); the secrets of CPs"
+        " registered or reset during the run are added to it",
+    )
+    p.add_argument("--admin-user", default="admin", help="admin account at Central's web")
+    p.add_argument("--admin-password-file", metavar="PATH", help="first line: its password")
+    p.add_argument(
+        "--central-key",
+        help="Central's identity public key (base64) to pin; default: read from --db, else"
+        " asked over Kafka",
     )
     p.add_argument("--out", type=Path, help="write the figures as JSON here")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s fleet %(message)s")
+    try:
+        password = read_password(a.admin_password_file, os.environ, sys.stdin, a.admin_user)
+        credentials = Credentials.load(a.credentials) if a.credentials else Credentials()
+    except (CredentialsError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if password is None:
+        print(
+            "error: no admin password (--admin-password-file or EV_ADMIN_PASSWORD)",
+            file=sys.stderr,
+        )
+        return 2
     pid = a.central_pid
     if pid is None:
         from tools.fleet.procstat import find_pid
@@ -67,8 +115,20 @@ def main(argv: list[str] | None = None) -> int:
         prefix=a.prefix,
         central_pid=pid,
         db=a.db,
+        admin_user=a.admin_user,
+        admin_password=password,
+        credentials=credentials,
+        credentials_path=a.credentials,
+        central_key=a.central_key,
     )
-    result = asyncio.run(Fleet(config).run())
+    failure: BaseException | None = None
+    try:
+        result = asyncio.run(Fleet(config).run())
+    except* (FleetError, LoginRefused, OSError) as group:
+        failure = group.exceptions[0]
+    if failure is not None:
+        print(f"error: {failure}", file=sys.stderr)
+        return 1
     text = json.dumps(result, indent=2)
     if a.out:
         a.out.write_text(text + "\n")

@@ -8,6 +8,13 @@ telemetry. Latencies are measured from outside Central:
 - request to authorisation: supply_request produced -> supply_authorized consumed;
 - telemetry to dashboard: cp_telemetry produced -> the new kWh seen in a `cps` push on /ws;
 - lost CP: connection closed (or heartbeats stopped) -> DESCONECTADO seen on /ws.
+
+The fleet authenticates like the real parts do (docs/security.md): each monitor presents its
+CP's secret and gets the CP's key; the simulated engines seal their events with it and open
+Central's sealed commands; each driver logs in over Kafka (its password encrypted to Central's
+identity key) and seals its requests with its session; the dashboard probe and the admin
+commands use an admin session cookie. Logins and registrations happen before the warm-up,
+outside the measured window.
 """
 
 from __future__ import annotations
@@ -23,22 +30,65 @@ import time
 import urllib.request
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from websockets.asyncio.client import connect as ws_connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from EV_Central.admin_api import RegisterCP, ResetSecret
+from EV_Central.ctl import admin_login
+from EV_Driver.session import DriverSession, LoginRefused, finish_login, start_login
 from shared.bus import Topics
+from shared.errors import MessageError
 from shared.framing import ACK_BYTE, Ack, Frame, FrameDecoder, Nack, encode_frame
-from shared.messages import CPPlugged, CPSupplyEnded, CPTelemetry, EndReason, SupplyRequest, encode
+from shared.messages import (
+    CP_COMMANDS,
+    DRIVER_UPDATES,
+    AuthorizeSupply,
+    CentralIdentity,
+    CPPlugged,
+    CPSupplyEnded,
+    CPTelemetry,
+    EndReason,
+    EndSupply,
+    IdentityQuery,
+    LoginResult,
+    Message,
+    MonitorAuth,
+    RequestDenied,
+    SupplyAuthorized,
+    SupplyRequest,
+    decode,
+    encode,
+)
+from shared.sealing import (
+    ReplayGuard,
+    Sealer,
+    SealError,
+    fingerprint,
+    identity_public,
+    is_sealed,
+    load_identity,
+    open_sealed,
+    parse,
+    unb64,
+)
 from tools.fleet import procstat, promtext
+from tools.fleet.accounts import Credentials, seed_database
 from tools.fleet.stats import summarise
 
 log = logging.getLogger("fleet")
 
 TICK_GROUPS = 50  # heartbeats and telemetry are spread over 50 slots a second
-DRIVER_BALANCE_CENTS = 10_000_000
+ADMIN_BATCH = 100  # admin commands in flight on the admin WebSocket
+LOGIN_CONCURRENCY = 50  # driver logins in flight (Central answers them one at a time)
+ANSWER_TIMEOUT = 30.0  # seconds to wait for Central's answer to a login or a request
+
+
+class FleetError(Exception):
+    """The fleet cannot run (no credentials, Central refused the admin, ...)."""
 
 
 @dataclass
@@ -58,6 +108,11 @@ class FleetConfig:
     connect_concurrency: int = 200
     central_pid: int | None = None
     db: str | None = None
+    admin_user: str = "admin"
+    admin_password: str = ""
+    credentials: Credentials = field(default_factory=Credentials)
+    credentials_path: Path | None = None  # where new secrets are kept for the next run
+    central_key: str | None = None  # Central's identity key (base64), pinned
 
 
 def cp_ids(prefix: str, n: int) -> list[str]:
@@ -69,47 +124,43 @@ def driver_ids(prefix: str, n: int) -> list[str]:
     return [f"{prefix}D{i:05d}" for i in range(1, n + 1)]
 
 
-def seed_database(db_path: str, cps: list[str], drivers: list[str]) -> None:
-    """Register CPs and driver accounts directly in Central's database (idempotent)."""
-    now = time.time()
-    with contextlib.closing(sqlite3.connect(db_path, timeout=30)) as db, db:
-        db.executemany(
-            "INSERT OR IGNORE INTO charging_points (id, location, price_eur_kwh, max_kw,"
-            " created_at) VALUES (?, ?, ?, ?, ?)",
-            [(cp, f"Fleet site {cp}", 0.35, 22.0, now) for cp in cps],
-        )
-        db.executemany(
-            "INSERT OR IGNORE INTO users (id, role, password_hash, balance_cents, created_at)"
-            " VALUES (?, 'driver', 'simulated', ?, ?)",
-            [(d, DRIVER_BALANCE_CENTS, now) for d in drivers],
-        )
-        db.execute(
-            "UPDATE users SET balance_cents = ? WHERE id LIKE ?",
-            (DRIVER_BALANCE_CENTS, drivers[0][:-5] + "%" if drivers else "none"),
-        )
+def central_key_from_db(db_path: str) -> str | None:
+    """Central's identity public key (base64) from its database; None when it has none yet."""
+    with contextlib.closing(sqlite3.connect(db_path, timeout=30)) as db:
+        row = db.execute("SELECT value FROM meta WHERE key = 'identity_key'").fetchone()
+    return identity_public(load_identity(bytes.fromhex(row[0]))) if row else None
 
 
 class MonitorClient(asyncio.Protocol):
-    """One CP's monitor: AUTH, then heartbeats written by the fleet's ticker."""
+    """One CP's monitor: AUTH with its secret, then heartbeats written by the fleet's ticker."""
 
-    __slots__ = ("cp_id", "fleet", "transport", "decoder", "pending", "authed", "seq", "silent")
+    __slots__ = (
+        "cp_id",
+        "secret",
+        "fleet",
+        "transport",
+        "decoder",
+        "pending",
+        "authed",
+        "seq",
+        "silent",
+    )
 
-    def __init__(self, cp_id: str, fleet: Fleet) -> None:
+    def __init__(self, cp_id: str, secret: str, fleet: Fleet) -> None:
         self.cp_id = cp_id
+        self.secret = secret
         self.fleet = fleet
         self.transport: asyncio.Transport | None = None
         self.decoder = FrameDecoder()
         self.pending: collections.deque[float] = collections.deque()
-        self.authed = asyncio.get_running_loop().create_future()
+        self.authed: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self.seq = 0
         self.silent = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        data = json.dumps(
-            {"id": uuid.uuid4().hex, "ts": time.time(), "v": 1, "type": "auth", "cp_id": self.cp_id}
-        ).encode()
+        data = encode(MonitorAuth(cp_id=self.cp_id, secret=self.secret))
         self.pending.append(-1.0)  # the AUTH frame's ACK is not a heartbeat
         transport.write(encode_frame(data))
 
@@ -129,13 +180,19 @@ class MonitorClient(asyncio.Protocol):
                 self.transport.write(ACK_BYTE)
                 message = json.loads(event.data)
                 if message.get("type") == "auth_result" and not self.authed.done():
-                    self.authed.set_result(bool(message.get("accepted")))
+                    accepted = bool(message.get("accepted"))
+                    if accepted:
+                        fleet.take_key(self.cp_id, str(message["key_id"]), str(message["key"]))
+                    else:
+                        fleet.auth_refusals[self.cp_id] = str(message.get("reason"))
+                    self.authed.set_result(accepted)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         if not self.authed.done():
             self.authed.set_result(False)
-        if self.cp_id not in self.fleet.cut and not self.fleet.stopping:
+        elif self.authed.result() and self.cp_id not in self.fleet.cut and not self.fleet.stopping:
+            # Only a connection that was authenticated can be lost (a refusal is counted apart).
             self.fleet.unexpected_closes += 1
 
     def heartbeat(self) -> None:
@@ -170,11 +227,23 @@ class Fleet:
         self.slots = slots
         self.drivers = driver_ids(config.prefix, max(1, slots))
         self.monitors: dict[str, MonitorClient] = {}
+        self.tick_groups: list[list[MonitorClient]] = [[] for _ in range(TICK_GROUPS)]
         self.cut: set[str] = set()
         self.busy: set[str] = set()  # CPs with a request or supply of ours
         self.supplies: dict[str, Supply] = {}  # cp id -> supply in progress
         self.released: dict[str, asyncio.Event] = {}  # cp id -> set when its supply ends
-        self.driver_waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self.driver_waiters: dict[str, asyncio.Future[Message]] = {}
+        # Security: each CP's keys (from its monitor's AUTH) and each driver's login.
+        self.credentials = config.credentials
+        self.cookie = ""
+        self.cp_keys: dict[str, dict[str, bytes]] = {}  # cp id -> key id -> key
+        self.sealers: dict[str, Sealer] = {}  # cp id -> sealer of its events (current key)
+        self.command_replay = ReplayGuard()
+        self.sessions: dict[str, DriverSession] = {}
+        self.answers: dict[str, asyncio.Future[Message]] = {}  # request id -> clear answer
+        self.auth_refusals: dict[str, str] = {}  # cp id -> Central's reason
+        self.login_refusals: dict[str, str] = {}  # driver id -> Central's reason
+        self.unopened = 0  # sealed commands or updates the fleet could not open
         # Measurements (seconds).
         self.heartbeat_rtt: list[float] = []
         self.auth_latency: list[float] = []
@@ -208,15 +277,19 @@ class Fleet:
 
         async def connect(cp_id: str) -> None:
             nonlocal failures
+            secret = self.credentials.cps[cp_id]
             async with limit:
                 for attempt in range(5):
                     try:
                         _, client = await loop.create_connection(
-                            lambda: MonitorClient(cp_id, self), host, int(port)
+                            lambda: MonitorClient(cp_id, secret, self), host, int(port)
                         )
                         if await asyncio.wait_for(client.authed, 30):
+                            self.tick_groups[len(self.monitors) % TICK_GROUPS].append(client)
                             self.monitors[cp_id] = client
                             return
+                        if cp_id in self.auth_refusals:
+                            break  # a wrong secret stays wrong: no retry
                     except (OSError, TimeoutError):
                         await asyncio.sleep(0.5 * (attempt + 1))
                 failures += 1
@@ -224,17 +297,23 @@ class Fleet:
         await asyncio.gather(*(connect(cp) for cp in self.cp_ids))
         if failures:
             log.warning("%d monitors could not authenticate", failures)
+        for cp_id, reason in list(self.auth_refusals.items())[:5]:
+            log.warning("Central refused the monitor of %s: %s", cp_id, reason)
+
+    def take_key(self, cp_id: str, key_id: str, key_b64: str) -> None:
+        """The key Central issued at the monitor's AUTH: the CP's events are sealed with it."""
+        key = unb64(key_b64, "key")
+        self.cp_keys.setdefault(cp_id, {})[key_id] = key
+        self.sealers[cp_id] = Sealer("cp-event", cp_id, key_id, key)
 
     async def heartbeats(self) -> None:
         """Every CP sends one heartbeat a second, spread evenly over the second."""
-        ids = list(self.monitors)
-        groups = [ids[i::TICK_GROUPS] for i in range(TICK_GROUPS)]
         loop = asyncio.get_running_loop()
         start = loop.time()
         tick = 0
         while not self.stopping:
-            for cp_id in groups[tick % TICK_GROUPS]:
-                self.monitors[cp_id].heartbeat()
+            for client in self.tick_groups[tick % TICK_GROUPS]:
+                client.heartbeat()
             tick += 1
             delay = start + tick / TICK_GROUPS - loop.time()
             if delay > 0:
@@ -246,44 +325,62 @@ class Fleet:
         assert self.producer is not None
         await self.producer.send(topic, value, key=key.encode())
 
+    async def send_event(self, cp_id: str, event: Message) -> None:
+        """A CP event, sealed with the CP's current key (as its engine does)."""
+        sealed = self.sealers[cp_id].seal(event.id, encode(event))
+        await self.send(Topics.CP_EVENTS, cp_id, sealed)
+
+    def open_command(self, cp_id: str, value: bytes) -> Message:
+        """Central's sealed command to `cp_id`, authenticated; SealError/MessageError if not."""
+        envelope = parse(value)
+        if envelope.principal != cp_id or envelope.ch != "cp-command":
+            raise SealError(f"an envelope for {envelope.principal} ({envelope.ch})")
+        key = self.cp_keys.get(cp_id, {}).get(envelope.key_id)
+        if key is None:
+            raise SealError(f"a command sealed with key {envelope.key_id}, not {cp_id}'s")
+        self.command_replay.check(envelope)
+        command = decode(CP_COMMANDS, open_sealed(envelope, key))
+        if command.id != envelope.id or command.cp_id != cp_id:
+            raise SealError("the sealed command does not match its envelope")
+        self.command_replay.accept(envelope)
+        return command
+
     async def read_commands(self, consumer: AIOKafkaConsumer) -> None:
         """The simulated engines: answer authorisations with a plug, end supplies on request."""
         async for record in consumer:
-            if record.value is None:
+            if record.value is None or record.key is None:
                 continue
-            command = json.loads(record.value)
-            cp_id = command.get("cp_id")
+            cp_id = record.key.decode("utf-8", "replace")
             if cp_id not in self.busy:
+                continue  # not ours to open: a CP with no request of the fleet
+            try:
+                command = self.open_command(cp_id, record.value)
+            except (SealError, MessageError) as exc:
+                self.unopened += 1
+                log.warning("cannot open a command for %s: %s", cp_id, exc)
                 continue
-            if command.get("type") == "authorize_supply" and cp_id not in self.supplies:
+            if isinstance(command, AuthorizeSupply) and cp_id not in self.supplies:
                 low, high = self.config.supply_seconds
-                supply = Supply(cp_id, command["session_id"])
+                supply = Supply(cp_id, command.session_id)
                 supply.ends_at = time.monotonic() + random.uniform(low, high)
                 self.supplies[cp_id] = supply
-                await self.send(
-                    Topics.CP_EVENTS,
-                    cp_id,
-                    encode(CPPlugged(cp_id=cp_id, session_id=supply.session_id)),
-                )
-            elif command.get("type") == "end_supply":
+                await self.send_event(cp_id, CPPlugged(cp_id=cp_id, session_id=supply.session_id))
+            elif isinstance(command, EndSupply):
                 ending = self.supplies.get(cp_id)
-                if ending is not None and ending.session_id == command.get("session_id"):
-                    await self.end_supply(ending, EndReason(command.get("reason", "unplugged")))
+                if ending is not None and ending.session_id == command.session_id:
+                    await self.end_supply(ending, command.reason)
 
     async def end_supply(self, supply: Supply, reason: EndReason) -> None:
         self.supplies.pop(supply.cp_id, None)
-        await self.send(
-            Topics.CP_EVENTS,
+        await self.send_event(
             supply.cp_id,
-            encode(
-                CPSupplyEnded(
-                    cp_id=supply.cp_id,
-                    session_id=supply.session_id,
-                    kwh=round(supply.kwh, 4),
-                    amount_eur=round(supply.kwh * 0.35, 2),
-                    reason=reason,
-                    started_at=time.time() - (time.monotonic() - supply.started),
-                )
+            CPSupplyEnded(
+                cp_id=supply.cp_id,
+                session_id=supply.session_id,
+                kwh=round(supply.kwh, 4),
+                amount_eur=round(supply.kwh * 0.35, 2),
+                reason=reason,
+                started_at=time.time() - (time.monotonic() - supply.started),
             ),
         )
         self.busy.discard(supply.cp_id)
@@ -309,18 +406,15 @@ class Fleet:
                 supply.kwh += step
                 kwh = round(supply.kwh, 4)
                 sent = time.perf_counter()
-                await self.send(
-                    Topics.CP_EVENTS,
+                await self.send_event(
                     cp_id,
-                    encode(
-                        CPTelemetry(
-                            cp_id=cp_id,
-                            session_id=supply.session_id,
-                            seq=supply.seq,
-                            kw=self.config.kw,
-                            kwh=kwh,
-                            amount_eur=round(kwh * 0.35, 2),
-                        )
+                    CPTelemetry(
+                        cp_id=cp_id,
+                        session_id=supply.session_id,
+                        seq=supply.seq,
+                        kw=self.config.kw,
+                        kwh=kwh,
+                        amount_eur=round(kwh * 0.35, 2),
                     ),
                 )
                 self.telemetry_sent += 1
@@ -332,20 +426,99 @@ class Fleet:
                 await asyncio.sleep(delay)
 
     async def read_updates(self, consumer: AIOKafkaConsumer) -> None:
+        """Central's answers to the drivers: clear ones (identity, logins), then sealed ones."""
         async for record in consumer:
             if record.value is None or record.key is None:
                 continue
-            waiter = self.driver_waiters.get(record.key.decode())
-            if waiter is None or waiter.done():
+            if not is_sealed(record.value):
+                if self.answers:
+                    self.on_clear_update(record.value)
                 continue
-            update = json.loads(record.value)
-            if update.get("type") in ("supply_authorized", "request_denied"):
+            driver_id = record.key.decode("utf-8", "replace")
+            waiter = self.driver_waiters.get(driver_id)
+            session = self.sessions.get(driver_id)
+            if waiter is None or waiter.done() or session is None:
+                continue  # nobody waits: not worth decrypting
+            try:
+                update = session.open(record.value)
+            except (SealError, MessageError) as exc:
+                self.unopened += 1
+                log.warning("cannot open an update for %s: %s", driver_id, exc)
+                continue
+            if isinstance(update, SupplyAuthorized | RequestDenied):
                 waiter.set_result(update)
+
+    def on_clear_update(self, value: bytes) -> None:
+        try:
+            update = decode(DRIVER_UPDATES, value)
+        except MessageError:
+            return
+        if isinstance(update, LoginResult | CentralIdentity):
+            waiter = self.answers.get(update.request_id)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(update)
+
+    async def ask(self, driver_id: str, request: Message) -> Message:
+        """Send a clear request (identity query, login) and wait for Central's answer to it."""
+        waiter: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self.answers[request.id] = waiter
+        try:
+            await self.send(Topics.DRIVER_REQUESTS, driver_id, encode(request))
+            return await asyncio.wait_for(waiter, ANSWER_TIMEOUT)
+        finally:
+            del self.answers[request.id]
+
+    async def central_identity(self) -> str:
+        """Central's identity key: pinned, else from its database, else asked on Kafka."""
+        if self.config.central_key:
+            return self.config.central_key
+        if self.config.db:
+            key = await asyncio.to_thread(central_key_from_db, self.config.db)
+            if key:
+                return key
+        answer = await self.ask(self.drivers[0], IdentityQuery(driver_id=self.drivers[0]))
+        assert isinstance(answer, CentralIdentity)
+        log.info("Central's identity key (not pinned): fingerprint %s", answer.fingerprint)
+        return answer.public_key
+
+    async def log_in_drivers(self) -> None:
+        """Every driver logs in over Kafka, as the driver app does."""
+        try:
+            central_key = await self.central_identity()
+        except TimeoutError:
+            raise FleetError("Central did not answer the identity query") from None
+        log.info("logging %d drivers in (Central %s)", len(self.drivers), fingerprint(central_key))
+        limit = asyncio.Semaphore(LOGIN_CONCURRENCY)
+
+        async def log_in(driver_id: str) -> None:
+            async with limit:
+                for _ in range(3):
+                    pending = start_login(
+                        central_key, driver_id, self.credentials.drivers[driver_id]
+                    )
+                    try:
+                        answer = await self.ask(driver_id, pending.request)
+                    except TimeoutError:
+                        continue
+                    assert isinstance(answer, LoginResult)
+                    try:
+                        self.sessions[driver_id] = finish_login(pending, answer)
+                    except LoginRefused as exc:
+                        self.login_refusals[driver_id] = exc.reason
+                    return
+                self.login_refusals[driver_id] = "no answer from Central"
+
+        await asyncio.gather(*(log_in(d) for d in self.drivers))
+        for driver_id, reason in list(self.login_refusals.items())[:5]:
+            log.warning("login of %s failed: %s", driver_id, reason)
 
     async def driver(self, index: int, driver_id: str) -> None:
         """A driver that keeps one supply going: request at an idle CP, wait, repeat."""
         loop = asyncio.get_running_loop()
         await asyncio.sleep(index / self.config.request_rate)
+        session = self.sessions.get(driver_id)
+        if session is None:
+            return  # its login failed (counted)
         while not self.stopping:
             candidates = [
                 cp
@@ -357,23 +530,23 @@ class Fleet:
                 continue
             cp_id = candidates[0]
             self.busy.add(cp_id)
-            waiter: asyncio.Future[dict[str, Any]] = loop.create_future()
+            waiter: asyncio.Future[Message] = loop.create_future()
             self.driver_waiters[driver_id] = waiter
             sent = time.perf_counter()
             await self.send(
                 Topics.DRIVER_REQUESTS,
                 driver_id,
-                encode(SupplyRequest(driver_id=driver_id, cp_id=cp_id)),
+                session.seal(SupplyRequest(driver_id=driver_id, cp_id=cp_id)),
             )
             try:
-                update = await asyncio.wait_for(waiter, 30)
+                update = await asyncio.wait_for(waiter, ANSWER_TIMEOUT)
             except TimeoutError:
                 self.request_timeouts += 1
                 self.busy.discard(cp_id)
                 continue
             finally:
                 self.driver_waiters.pop(driver_id, None)
-            if update["type"] != "supply_authorized":
+            if not isinstance(update, SupplyAuthorized):
                 self.denied += 1
                 self.busy.discard(cp_id)
                 await asyncio.sleep(1)
@@ -389,12 +562,16 @@ class Fleet:
     # --- dashboard probe ------------------------------------------------------------------
 
     async def watch_dashboard(self) -> None:
-        url = f"ws://{self.config.admin}/ws"
         while not self.stopping:
             try:
-                async with ws_connect(url, max_size=None, open_timeout=30) as ws:
+                async with self.admin_ws() as ws:
                     async for raw in ws:
                         self.on_push(json.loads(raw))
+            except InvalidStatus as exc:
+                log.info("dashboard refused (%s); logging in again", exc)
+                await asyncio.sleep(0.5)
+                with contextlib.suppress(OSError, TimeoutError, ConnectionError, InvalidHandshake):
+                    await self.log_in_admin()
             except (OSError, ConnectionClosed, InvalidHandshake, TimeoutError) as exc:
                 log.info("dashboard connection ended (%s); reconnecting", exc)
                 await asyncio.sleep(0.5)
@@ -465,100 +642,167 @@ class Fleet:
             log.warning("cannot read /metrics: %s", exc)
             return {}
 
-    async def register_missing(self) -> int:
-        """Register, over the admin WebSocket, the fleet's CPs that Central does not know."""
-        url = f"http://{self.config.admin}/api/cps"
-        with urllib.request.urlopen(url, timeout=30) as resp:  # noqa: ASYNC210 (once, at start)
-            known = {cp["id"] for cp in json.loads(resp.read())}
-        missing = [cp for cp in self.cp_ids if cp not in known]
-        if not missing:
-            return 0
-        async with ws_connect(f"ws://{self.config.admin}/ws", max_size=None) as ws:
-            for cp_id in missing:
-                await ws.send(
-                    json.dumps(
-                        {
-                            "type": "register_cp",
-                            "id": cp_id,
-                            "location": f"Fleet site {cp_id}",
-                            "price_eur_kwh": 0.35,
-                            "max_kw": 22.0,
-                            "ref": cp_id,
-                        }
+    # --- the admin web: a session, and the CPs' secrets ------------------------------------
+
+    async def log_in_admin(self) -> None:
+        host, port = self.config.admin.rsplit(":", 1)
+        self.cookie = await admin_login(
+            host, int(port), self.config.admin_user, self.config.admin_password, ANSWER_TIMEOUT
+        )
+
+    def admin_ws(self) -> ws_connect:
+        """The admin WebSocket (/ws) with the fleet's session cookie."""
+        return ws_connect(
+            f"ws://{self.config.admin}/ws",
+            max_size=None,
+            open_timeout=30,
+            additional_headers={"Cookie": self.cookie},
+        )
+
+    def get_json(self, path: str) -> Any:
+        """GET one of the admin API's routes with the session cookie (blocking)."""
+        request = urllib.request.Request(
+            f"http://{self.config.admin}{path}", headers={"Cookie": self.cookie}
+        )
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            return json.loads(resp.read())
+
+    async def admin_commands(self, commands: list[RegisterCP | ResetSecret]) -> list[Any]:
+        """Send admin commands (ADMIN_BATCH at a time); Central's results, in the same order."""
+        results: dict[str, Any] = {}
+        async with asyncio.timeout(ANSWER_TIMEOUT + len(commands) * 0.1), self.admin_ws() as ws:
+            for start in range(0, len(commands), ADMIN_BATCH):
+                batch = commands[start : start + ADMIN_BATCH]
+                for command in batch:
+                    await ws.send(command.model_dump_json())
+                waiting = {command.ref for command in batch}
+                while waiting:
+                    reply = json.loads(await ws.recv())
+                    if reply.get("type") == "result" and reply.get("ref") in waiting:
+                        waiting.discard(reply["ref"])
+                        results[reply["ref"]] = reply
+        return [results[command.ref] for command in commands]
+
+    async def provision_cps(self) -> tuple[int, int]:
+        """Make sure every CP of the fleet is known to Central and has a secret we hold.
+
+        Unknown CPs are registered over the admin WebSocket (the result carries the secret);
+        known ones without a secret in the credentials get a new one (reset_secret).
+        Returns (registered, reset).
+        """
+        known = {cp["id"] for cp in await asyncio.to_thread(self.get_json, "/api/cps")}
+        commands: list[RegisterCP | ResetSecret] = []
+        for cp_id in self.cp_ids:
+            if cp_id not in known:
+                commands.append(
+                    RegisterCP(
+                        id=cp_id,
+                        location=f"Fleet site {cp_id}",
+                        price_eur_kwh=0.35,
+                        max_kw=22.0,
+                        ref=cp_id,
                     )
                 )
-                async for raw in ws:
-                    reply = json.loads(raw)
-                    if reply.get("type") == "result" and reply.get("ref") == cp_id:
-                        if not reply.get("ok"):
-                            raise RuntimeError(f"cannot register {cp_id}: {reply.get('detail')}")
-                        break
-        log.info("registered %d CPs over the admin WebSocket", len(missing))
-        return len(missing)
+            elif cp_id not in self.credentials.cps:
+                commands.append(ResetSecret(target=cp_id, ref=cp_id))
+        for command, reply in zip(commands, await self.admin_commands(commands), strict=True):
+            if not reply.get("ok") or not reply.get("secret"):
+                raise FleetError(f"Central refused {command.type} {command.ref}: {reply}")
+            self.credentials.cps[command.ref] = str(reply["secret"])
+        registered = sum(isinstance(c, RegisterCP) for c in commands)
+        if commands:
+            log.info(
+                "over the admin WebSocket: %d CPs registered, %d given a new secret",
+                registered,
+                len(commands) - registered,
+            )
+        return registered, len(commands) - registered
 
     # --- the run --------------------------------------------------------------------------
 
     async def run(self) -> dict[str, Any]:
         config = self.config
         if config.db:
-            seed_database(config.db, self.cp_ids, self.drivers)
+            # Driver accounts only: Central reads passwords at each login, CPs only at start.
+            await asyncio.to_thread(seed_database, config.db, [], self.drivers, self.credentials)
+        missing = [d for d in self.drivers if d not in self.credentials.drivers]
+        if missing:
+            raise FleetError(
+                f"no password for {len(missing)} simulated drivers (e.g. {missing[0]}): seed"
+                " them with --db, or with `python -m tools.fleet seed ... --credentials FILE`"
+            )
+        t0 = time.monotonic()
+        await self.log_in_admin()
+        await self.provision_cps()
+        if config.credentials_path is not None:
+            self.credentials.save(config.credentials_path)
+        provision_s = time.monotonic() - t0
         self.producer = AIOKafkaProducer(bootstrap_servers=config.broker, linger_ms=2, acks=1)
-        await self.producer.start()
         commands = AIOKafkaConsumer(
             Topics.CP_COMMANDS, bootstrap_servers=config.broker, auto_offset_reset="latest"
         )
         updates = AIOKafkaConsumer(
             Topics.DRIVER_UPDATES, bootstrap_servers=config.broker, auto_offset_reset="latest"
         )
-        await commands.start()
-        await updates.start()
-        for consumer in (commands, updates):
-            await consumer.seek_to_end()
-        await self.register_missing()
-        t0 = time.monotonic()
-        await self.connect_all()
-        connect_s = time.monotonic() - t0
-        log.info("%d monitors authenticated in %.1f s", len(self.monitors), connect_s)
-        async with asyncio.TaskGroup() as tasks:
-            background = [
-                tasks.create_task(self.heartbeats()),
-                tasks.create_task(self.read_commands(commands)),
-                tasks.create_task(self.read_updates(updates)),
-                tasks.create_task(self.telemetry()),
-                tasks.create_task(self.watch_dashboard()),
-                tasks.create_task(self.sample_central()),
-                tasks.create_task(self.probe_loop()),
-            ]
-            drivers = [
-                tasks.create_task(self.driver(i, d))
-                for i, d in enumerate(self.drivers[: self.slots])
-            ]
-            await asyncio.sleep(config.warmup)
-            self.heartbeat_rtt.clear()
-            self.measuring = True
-            before = self.metrics()
-            cpu_before = procstat.sample(config.central_pid) if config.central_pid else None
-            m0 = time.monotonic()
-            own0 = time.process_time()
-            hb_sent0 = self.heartbeats_sent
-            await asyncio.sleep(max(0.0, config.duration - 8))
-            await self.cut_monitors()
-            await asyncio.sleep(min(8.0, config.duration))
-            window = time.monotonic() - m0
-            after = self.metrics()
-            cpu_after = procstat.sample(config.central_pid) if config.central_pid else None
-            own_cpu = time.process_time() - own0
-            hb_sent = self.heartbeats_sent - hb_sent0
-            supplying_now = len(self.supplies)
+        try:
+            await self.producer.start()
+            await commands.start()
+            await updates.start()
+            for consumer in (commands, updates):
+                await consumer.seek_to_end()
+            async with asyncio.TaskGroup() as tasks:
+                # Heartbeats start with the first monitor: the others connect meanwhile.
+                background = [
+                    tasks.create_task(self.heartbeats()),
+                    tasks.create_task(self.read_commands(commands)),
+                    tasks.create_task(self.read_updates(updates)),
+                    tasks.create_task(self.sample_central()),
+                    tasks.create_task(self.probe_loop()),
+                ]
+                t0 = time.monotonic()
+                await self.connect_all()
+                connect_s = time.monotonic() - t0
+                log.info("%d monitors authenticated in %.1f s", len(self.monitors), connect_s)
+                t0 = time.monotonic()
+                await self.log_in_drivers()
+                login_s = time.monotonic() - t0
+                log.info("%d drivers logged in in %.1f s", len(self.sessions), login_s)
+                background += [
+                    tasks.create_task(self.telemetry()),
+                    tasks.create_task(self.watch_dashboard()),
+                ]
+                drivers = [
+                    tasks.create_task(self.driver(i, d))
+                    for i, d in enumerate(self.drivers[: self.slots])
+                ]
+                await asyncio.sleep(config.warmup)
+                self.heartbeat_rtt.clear()
+                self.measuring = True
+                before = self.metrics()
+                cpu_before = procstat.sample(config.central_pid) if config.central_pid else None
+                m0 = time.monotonic()
+                own0 = time.process_time()
+                hb_sent0 = self.heartbeats_sent
+                await asyncio.sleep(max(0.0, config.duration - 8))
+                await self.cut_monitors()
+                await asyncio.sleep(min(8.0, config.duration))
+                window = time.monotonic() - m0
+                after = self.metrics()
+                cpu_after = procstat.sample(config.central_pid) if config.central_pid else None
+                own_cpu = time.process_time() - own0
+                hb_sent = self.heartbeats_sent - hb_sent0
+                supplying_now = len(self.supplies)
+                self.stopping = True
+                for task in background + drivers:
+                    task.cancel()
+        finally:
             self.stopping = True
-            for task in background + drivers:
-                task.cancel()
-        for client in self.monitors.values():
-            if client.transport is not None:
-                client.transport.close()
-        await commands.stop()
-        await updates.stop()
-        await self.producer.stop()
+            for client in self.monitors.values():
+                if client.transport is not None:
+                    client.transport.close()
+            await commands.stop()
+            await updates.stop()
+            await self.producer.stop()
 
         def delta(name: str, **labels: str) -> float:
             return promtext.value(after, name, **labels) - promtext.value(before, name, **labels)
@@ -569,8 +813,14 @@ class Fleet:
             "supplying_target": self.slots,
             "supplying_at_end": supplying_now,
             "duration_s": round(window, 1),
+            "provision_s": round(provision_s, 1),
             "connect_s": round(connect_s, 1),
             "monitors_authenticated": len(self.monitors),
+            "monitors_refused": len(self.auth_refusals),
+            "login_s": round(login_s, 1),
+            "drivers_logged_in": len(self.sessions),
+            "driver_logins_failed": len(self.login_refusals),
+            "unopened_sealed": self.unopened,
             "heartbeats_sent": hb_sent,
             "heartbeat_rtt_ms": summarise(self.heartbeat_rtt),
             "request_to_authorisation_ms": summarise(self.auth_latency),
@@ -589,6 +839,12 @@ class Fleet:
             "simulator_cpu_s": round(own_cpu, 2),
             "central_heartbeats_handled": heartbeats_handled,
             "central_telemetry_handled": delta("ev_central_messages_total", type="cp_telemetry"),
+            # Since Central started (logins included): all three must stay 0.
+            "central_rejected": promtext.value(after, "ev_central_messages_total", type="rejected"),
+            "central_invalid": promtext.value(after, "ev_central_messages_total", type="invalid"),
+            "central_handler_errors": promtext.value(
+                after, "ev_central_messages_total", type="handler_errors"
+            ),
         }
         if cpu_before is not None and cpu_after is not None:
             cpu = cpu_after.cpu_seconds - cpu_before.cpu_seconds
