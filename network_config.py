@@ -39,6 +39,9 @@ DEFAULTS: dict[str, str] = {
     # The charging points PC3 runs, one engine + monitor pair each (docker-compose.pc3.yml
     # has PC3_SLOTS pairs; a second site PC runs the same file with other ids).
     "PC3_CPS": "CP001,CP002,CP003",
+    # 1: Central seeds a new database with the demo CPs and accounts (public passwords, demos
+    # only); 0 for a real deployment (create accounts with `python -m EV_Central user add`).
+    "DEMO": "1",
     # TLS (docs/tls.md), off while empty: paths INSIDE the containers of the certificates the
     # operator mounts (e.g. /certs/central.crt). Central's pair turns on TLS for :5000 and the
     # admin web; the monitors then verify Central with CENTRAL_TLS_CA. Each dashboard has its
@@ -145,6 +148,8 @@ def load(environ: Mapping[str, str] | None = None) -> dict[str, str]:
         if bool(config[cert]) != bool(config[key]):
             given, missing = (cert, key) if config[cert] else (key, cert)
             raise ValueError(f"{given} is set but {missing} is not: TLS needs both, or neither")
+    if config["DEMO"] not in ("0", "1"):
+        raise ValueError(f"DEMO={config['DEMO']!r}: 1 seeds the demo data, 0 does not")
     ids = cp_ids(config["PC3_CPS"])
     config["PC3_CPS"] = ",".join(ids)
     for n, cp in enumerate(ids, start=1):

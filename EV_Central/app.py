@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 async def run_central(settings: CentralSettings, shutdown: Shutdown) -> None:
     # One TLS context (or none) for both servers: :5000 and the admin web.
     tls = optional_server_context(settings.tls_cert, settings.tls_key)
-    db = Database(settings.db)
+    db = Database(settings.db, demo=settings.demo)
     await db.start()
     bus = KafkaBus(settings.broker, "ev-central")
     central = Central(settings, bus, db)

@@ -42,6 +42,7 @@ class CentralSettings:
     # TLS on :5000 and the admin web (docs/tls.md): both files, or neither.
     tls_cert: str | None = None
     tls_key: str | None = None
+    demo: bool = False
 
 
 def build_parser() -> EnvArgumentParser:
@@ -55,6 +56,12 @@ def build_parser() -> EnvArgumentParser:
     parser.add_option("--port", type=port_number, default=5000, help="TCP port for monitors")
     parser.add_option("--broker", required=True, help="Kafka bootstrap HOST:PORT")
     parser.add_option("--db", default=DEFAULT_DB, help="SQLite database file (created if absent)")
+    parser.add_option(
+        "--demo",
+        action="store_true",
+        help="seed a database created now with the demo CPs and accounts (public passwords: "
+        "demos only); without it a new database has no accounts",
+    )
     parser.add_option("--http-port", type=port_number, default=8002, help="admin web port")
     parser.add_option("--listen-host", default="0.0.0.0", help="address the servers bind to")
     parser.add_option(

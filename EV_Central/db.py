@@ -68,8 +68,9 @@ class Transaction:
 
 
 class Database:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, demo: bool = True) -> None:
         self.path = Path(path)
+        self.demo = demo  # seed the demo CPs and accounts when the file is created
         self._conn: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
 
@@ -77,8 +78,14 @@ class Database:
         if self._conn is not None:
             return
         if not self.path.exists():
-            cps, users = await asyncio.to_thread(schema.initialise, self.path)
+            cps, users = await asyncio.to_thread(schema.initialise, self.path, seed=self.demo)
             log.info("created database %s (%d CPs, %d accounts)", self.path, cps, users)
+            if not self.demo:
+                log.warning(
+                    "the new database has no accounts: create an admin with "
+                    "'python -m EV_Central user add NAME --role admin --db %s'",
+                    self.path,
+                )
         else:
             await asyncio.to_thread(schema.initialise, self.path, seed=False)
         conn = await aiosqlite.connect(str(self.path), isolation_level=None)

@@ -1068,8 +1068,8 @@ class Central:
             raise LookupError(f"unknown CP {cp_id!r}")
         async with self.db.transaction() as tx:
             revoked = await self.keys.revoke_principal(tx, "cp", cp_id)
-        self.note("revoked", f"{cp_id}: key revoked", cp_id)
-        await self._audit("key_revoked", "ok", actor=cp_id, detail=", ".join(revoked))
+        # The admin interface audits the command, with who gave it.
+        self.note("revoked", f"{cp_id}: key revoked ({', '.join(revoked) or 'none live'})", cp_id)
         if self.disconnect_monitor is not None and cp.connection is not None:
             await self.disconnect_monitor(cp)
 

@@ -149,7 +149,9 @@ class DriverApp:
         try:
             self.session = finish_login(pending, reply)
         except LoginRefused as exc:
-            wait = f" (try again in {exc.retry_after:.0f} s)" if exc.retry_after else ""
+            wait = ""
+            if exc.retry_after and "try again" not in exc.reason:
+                wait = f" (try again in {exc.retry_after:.0f} s)"
             raise LoginFailed(f"login refused: {exc.reason}{wait}") from None
         log.info("logged in (key %s)", self.session.key_id)
         if token is not None:

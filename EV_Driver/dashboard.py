@@ -538,7 +538,9 @@ class DriverDashboard:
                 return "Central answered something else"
             session = finish_login(pending, result)
         except LoginRefused as exc:
-            wait = f"; try again in {exc.retry_after:.0f} s" if exc.retry_after else ""
+            wait = ""
+            if exc.retry_after and "try again" not in exc.reason:
+                wait = f"; try again in {exc.retry_after:.0f} s"
             return f"{exc.reason}{wait}"
         except SealError as exc:
             return f"cannot log in: {exc}"

@@ -314,6 +314,7 @@ def report(results: dict[str, Any], command: str, plot_name: str) -> str:
         command,
         "```",
         "",
+        AUTHENTICATION,
         "## Results",
         "",
         "| CPs | supplying | hb RTT p50/p99 ms | req→auth p50/p95/p99/max ms |"
@@ -358,6 +359,38 @@ def report(results: dict[str, Any], command: str, plot_name: str) -> str:
     lines += ["", ANALYSIS]
     return "\n".join(lines)
 
+
+AUTHENTICATION = """\
+## How the simulator authenticates
+
+The fleet goes through the same security as the real parts ([security.md](security.md)), so
+every figure includes its cost:
+
+- Each monitor presents its CP's secret at :5000; at every authentication Central issues the CP
+  a fresh key (a database transaction and two audit rows). The simulated engines seal every
+  event (plugged, telemetry, ended) with AES-GCM under that key and open Central's sealed
+  commands with it.
+- Each driver logs in over Kafka (its password encrypted to Central's identity key, which
+  `make bench` reads from Central's database and pins) and seals its requests with the key of
+  its login; Central seals each update for that login.
+- The dashboard probe uses an admin session (the demo admin of the run's throwaway database);
+  CPs that Central does not know are registered over the admin WebSocket, which hands back their
+  secrets.
+- **Simulated accounts use a cheap password hash.** `python -m tools.fleet seed` stores each
+  simulated driver's password as a real scrypt hash in Central's own format
+  (`scrypt$n$r$p$salt$digest`), but with n=16 instead of Central's 2^14. At Central's cost
+  (about 40 ms of CPU per check on this machine) the 2,000 drivers of the 10,000-CP fleet would
+  keep Central busy for well over a minute before anything is measured. Only the benchmark's
+  throwaway databases hold such accounts; real accounts keep Central's cost. CP secrets are
+  checked with Central's usual salted SHA-256, cheap by design.
+- Secrets and passwords are random; `seed` writes them to a credentials file of the run (mode
+  0600), which goes away with the run's temporary directory.
+- **Logins are not part of the measured window.** Registrations, monitor authentications and
+  driver logins all happen before the warm-up; their durations are in results.json
+  (`provision_s`, `connect_s`, `login_s`). So are the counters that must stay 0: monitors
+  refused, failed logins, sealed messages the fleet could not open, and Central's `rejected`,
+  `invalid` and `handler_errors` messages (`central_rejected`, ...).
+"""
 
 ANALYSIS = """\
 ## What was changed, and why targets are missed

@@ -47,7 +47,7 @@ start() {
     scripts/kafka.sh start "$KAFKA_PORT"
     "$PY" init_db.py --db "$RUN/ev_charging.db"
     launch central "$PY" -m EV_Central --port "$CENTRAL_PORT" --http-port "$HTTP_PORT" \
-        --broker "$BROKER" --db "$RUN/ev_charging.db" --console log
+        --broker "$BROKER" --db "$RUN/ev_charging.db" --console log --demo
     wait_http "http://127.0.0.1:$HTTP_PORT/healthz"
     local n=0
     for cp in $CPS; do
@@ -78,7 +78,7 @@ Drive a supply from another terminal (it asks for user1's password, pass1):
   $PY -m EV_Driver --broker $BROKER --driver-id user1 --cp CP001
 
 Stop or resume a CP:
-  $PY -m EV_Central ctl --central 127.0.0.1:$HTTP_PORT stop CP002
+  EV_ADMIN_PASSWORD=admin $PY -m EV_Central ctl --central 127.0.0.1:$HTTP_PORT stop CP002
 
 Demo accounts (demo only): user1/pass1 (150.00 €), user2/pass2 (200.00 €), user3/pass3 (75.50 €).
 Stop everything with: make stop

@@ -195,6 +195,7 @@ class Deployment:
                     "127.0.0.1",
                     "--console",
                     "log",
+                    "--demo",
                     *flags,
                 ],
                 self.workdir,

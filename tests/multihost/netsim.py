@@ -295,7 +295,7 @@ class MultiHostDeployment:
             *("-m", "EV_Central", "--port", self.config["CENTRAL_PORT"]),
             *("--broker", self.broker, "--db", str(self.db_path)),
             *("--http-port", self.config["CENTRAL_HTTP_PORT"], "--listen-host", "0.0.0.0"),
-            *("--console", "log"),
+            *("--console", "log", "--demo"),
         ]
 
     def engine_args(self, cp_id: str) -> list[str]:

@@ -34,6 +34,7 @@ UNSET = "unset"
 
 RULES: dict[str, dict[str, str | tuple[str, str]]] = {
     "EV_Central": {
+        "--demo": ANY,  # the demo deployment seeds its demo data (DEMO=1 in .env)
         "--port": EQUAL,
         "--http-port": EQUAL,
         # In its container Central dials Kafka's internal listener (kafka:29092); the other

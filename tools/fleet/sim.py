@@ -85,6 +85,7 @@ TICK_GROUPS = 50  # heartbeats and telemetry are spread over 50 slots a second
 ADMIN_BATCH = 100  # admin commands in flight on the admin WebSocket
 LOGIN_CONCURRENCY = 50  # driver logins in flight (Central answers them one at a time)
 ANSWER_TIMEOUT = 30.0  # seconds to wait for Central's answer to a login or a request
+CP_TURNAROUND_S = 1.0  # after a supply ends, its CP and its driver wait this long to go again
 
 
 class FleetError(Exception):
@@ -230,6 +231,7 @@ class Fleet:
         self.tick_groups: list[list[MonitorClient]] = [[] for _ in range(TICK_GROUPS)]
         self.cut: set[str] = set()
         self.busy: set[str] = set()  # CPs with a request or supply of ours
+        self.free_at: dict[str, float] = {}  # cp id -> when a new request may go to it
         self.supplies: dict[str, Supply] = {}  # cp id -> supply in progress
         self.released: dict[str, asyncio.Event] = {}  # cp id -> set when its supply ends
         self.driver_waiters: dict[str, asyncio.Future[Message]] = {}
@@ -383,6 +385,8 @@ class Fleet:
                 started_at=time.time() - (time.monotonic() - supply.started),
             ),
         )
+        # The next car comes a moment later: Central has the end before the next request.
+        self.free_at[supply.cp_id] = time.monotonic() + CP_TURNAROUND_S
         self.busy.discard(supply.cp_id)
         self.released.setdefault(supply.cp_id, asyncio.Event()).set()
         self.supplies_completed += 1
@@ -520,10 +524,14 @@ class Fleet:
         if session is None:
             return  # its login failed (counted)
         while not self.stopping:
+            now = time.monotonic()
             candidates = [
                 cp
                 for cp in random.sample(self.cp_ids, min(20, len(self.cp_ids)))
-                if cp not in self.busy and cp in self.monitors and cp not in self.cut
+                if cp not in self.busy
+                and cp in self.monitors
+                and cp not in self.cut
+                and self.free_at.get(cp, 0.0) <= now
             ]
             if not candidates:
                 await asyncio.sleep(0.5)
@@ -553,11 +561,13 @@ class Fleet:
                 continue
             # Every request counts, the first wave during the warm-up included.
             self.auth_latency.append(time.perf_counter() - sent)
-            # Wait until the supply is over (the engine side ends it), then ask again.
+            # Wait until the supply is over (the engine side ends it), then ask again a moment
+            # later: by then Central has settled it (else: denied, driver_busy).
             released = self.released.setdefault(cp_id, asyncio.Event())
             if cp_id in self.busy:
                 await released.wait()
             released.clear()
+            await asyncio.sleep(CP_TURNAROUND_S)
 
     # --- dashboard probe ------------------------------------------------------------------
 
