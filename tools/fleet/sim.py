@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
@@ -475,6 +476,10 @@ class Fleet:
     async def central_identity(self) -> str:
         """Central's identity key: pinned, else from its database, else asked on Kafka."""
         if self.config.central_key:
+            try:
+                X25519PublicKey.from_public_bytes(unb64(self.config.central_key, "Central's key"))
+            except (SealError, ValueError) as exc:
+                raise FleetError(f"the pinned Central key is not an X25519 key: {exc}") from None
             return self.config.central_key
         if self.config.db:
             key = await asyncio.to_thread(central_key_from_db, self.config.db)
