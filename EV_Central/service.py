@@ -87,6 +87,8 @@ CLEAR_DRIVER_UPDATES = (b'"type":"login_result"', b'"type":"central_identity"')
 CP_AUTH_FAILURE_DELAY = 0.5
 # Rejected sealed messages are audited at most once per principal in this many seconds.
 REJECTION_AUDIT_INTERVAL = 10.0
+# Driver logins checked at once (each one is a scrypt hash in a worker thread).
+LOGIN_CONCURRENCY = 4
 # How often the replay guard's progress is written to the database.
 REPLAY_SAVE_INTERVAL = 1.0
 
@@ -146,6 +148,8 @@ class Central:
         self.disconnect_monitor: Callable[[ChargingPoint], Awaitable[None]] | None = None
         self._rejections_audited: dict[str, float] = {}
         self._replay_saved_at = 0.0
+        self._logins: set[asyncio.Task[None]] = set()
+        self._login_slots = asyncio.Semaphore(LOGIN_CONCURRENCY)
 
     # --- start-up ------------------------------------------------------------------------
 
@@ -400,7 +404,10 @@ class Central:
                         (request.session_id, request.driver_id),
                     )
             case LoginRequest():
-                await self._on_login(request)
+                # A login costs a slow hash: it runs beside the consumer, not in its way.
+                task = asyncio.create_task(self._login_task(request), name="driver-login")
+                self._logins.add(task)
+                task.add_done_callback(self._logins.discard)
             case IdentityQuery():
                 await self.bus.post(
                     Topics.DRIVER_UPDATES,
@@ -1089,6 +1096,18 @@ class Central:
         if self.disconnect_monitor is not None and cp.connection is not None:
             await self.disconnect_monitor(cp)
         return secret
+
+    async def _login_task(self, request: LoginRequest) -> None:
+        async with self._login_slots:
+            try:
+                await self._on_login(request)
+            except SealError as exc:
+                self.counters["rejected"] += 1
+                log.warning("rejected a login of %s: %s", request.driver_id, exc)
+                await self._audit_rejection(Topics.DRIVER_REQUESTS, request.driver_id, str(exc))
+            except Exception:
+                self.counters["handler_errors"] += 1
+                log.exception("login of %s failed", request.driver_id)
 
     async def _on_login(self, request: LoginRequest) -> None:
         """A driver logs in: open its password, check it, and hand back a key of its own."""

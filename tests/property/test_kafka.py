@@ -179,7 +179,6 @@ def hostile_value(
         return forged
     if kind == "envelope":
         return draw(mutated_json(json.loads(forged)))
-    return genuine  # DELIBERATE: an undamaged genuine message, to see the property fail
     damaged = draw(flipped(genuine, most=2) | mutated_json(json.loads(genuine)))
     # A change that still opens (base64 has spare bits) is the same message, not a forgery.
     assume(not real.opens(damaged))
