@@ -110,7 +110,7 @@ def assert_engine_unchanged(stack: Stack) -> None:
         assert peer.read(timeout=5).closed
 
 
-@PROPERTY
+@settings(PROPERTY, max_examples=60)
 @given(chunks=st.lists(bad_chunks(), min_size=1, max_size=4))
 def test_hostile_bytes_get_nacks_and_leave_the_engine_as_it_was(
     stack: Stack, chunks: list[bytes]

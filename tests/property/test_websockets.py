@@ -7,7 +7,9 @@
 - /ws of Central and of the driver dashboard without a real session (or from a foreign page):
   the handshake is refused;
 - Central's /ws with the admin's session: every damaged command gets a result with ok false,
-  and no CP is stopped, registered or given a new secret or key.
+  and no CP is stopped, registered or given a new secret or key;
+- the driver dashboard's /ws with a driver's session: every damaged command gets an error,
+  and no supply is asked for.
 """
 
 from __future__ import annotations
@@ -21,12 +23,21 @@ import pytest
 from fuzzing import json_values, mutated_json
 from hypothesis import assume, event, example, given, settings
 from hypothesis import strategies as st
-from property_stack import LOGIN_TABLES, PROPERTY, CentralSnapshot, Stack, get
+from property_stack import (
+    LOGIN_TABLES,
+    PROPERTY,
+    CentralSnapshot,
+    Stack,
+    get,
+    may_change,
+    web_login,
+)
 from pydantic import ValidationError
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from EV_Central.admin_api import ADMIN_REQUEST, AdminCommand, RegisterCP
+from EV_Driver.dashboard_protocol import parse_command
 from helpers import scaled
 from shared.errors import MessageError
 from shared.websession import parse_login
@@ -209,29 +220,31 @@ def one_refusal(port: int, raw: str | bytes) -> None:
 WELL_FORMED = json.dumps(LOGIN_SEEDS[0])
 
 
+@may_change(*LOGIN_TABLES)
 @settings(PROPERTY, max_examples=20)
 @given(raw=messages(LOGIN_SEEDS, 4096))
 @example(raw=WELL_FORMED)
 def test_central_login_refuses_anything_but_a_right_password(
-    stack: Stack, central_before_logins: CentralSnapshot, raw: str | bytes
+    stack: Stack, central_before: CentralSnapshot, raw: str | bytes
 ) -> None:
     assume(not a_real_account_login(raw))
     one_refusal(stack.system.http_port, raw)
-    stack.assert_central_unchanged(central_before_logins, may_change=LOGIN_TABLES)
+    stack.assert_central_unchanged(central_before)
 
 
+@may_change(*LOGIN_TABLES)
 @settings(PROPERTY, max_examples=12)
 @given(raw=messages(LOGIN_SEEDS, 4096))
 @example(raw=WELL_FORMED)
 def test_driver_dashboard_login_refuses_anything_but_a_right_password(
-    stack: Stack, central_before_logins: CentralSnapshot, raw: str | bytes
+    stack: Stack, central_before: CentralSnapshot, raw: str | bytes
 ) -> None:
     assume(not a_real_account_login(raw))
     one_refusal(stack.driver_port, raw)
     status, body = get(stack.driver_port, "/healthz")
     assert status == 200, body
     assert json.loads(body)["drivers"] == 0, body  # nobody logged in
-    stack.assert_central_unchanged(central_before_logins, may_change=LOGIN_TABLES)
+    stack.assert_central_unchanged(central_before)
 
 
 # --- /ws without a session ------------------------------------------------------------------
@@ -344,4 +357,115 @@ def test_the_admin_websocket_refuses_every_damaged_command(
         assert len(raw) <= ADMIN_LIMIT, "a message past the limit was read"
         assert answer["ok"] is False and answer["detail"], answer
         assert "secret" not in answer and "cps" not in answer, answer
+    stack.assert_central_unchanged(central_before)
+
+
+# --- the driver dashboard's /ws with a driver's session -------------------------------------
+
+DRIVER_LIMIT = 64 * 1024
+DRIVER_SEEDS: list[dict[str, Any]] = [
+    {"type": "request", "cp_id": "CP001"},
+    {"type": "stop"},
+    {"type": "run_file", "name": "trip.txt", "text": "CP001\nCP002\n"},
+    {"type": "cancel_run"},
+    {"type": "refresh"},
+]
+
+
+def a_driver_command(raw: str | bytes) -> bool:
+    """Would the dashboard carry this out (text that is a valid command)? Then it is no
+    hostile input: a supply request or a run would change things on purpose."""
+    if isinstance(raw, bytes):
+        return False
+    try:
+        parse_command(raw)
+    except MessageError:
+        return False
+    return True
+
+
+class DriverSocket:
+    """user1's browser on the driver dashboard: logged in once, /ws opened again when closed.
+
+    Before each example an invalid message naming a fresh tag is sent, and everything up to
+    its error is skipped, so an example reads the answer to its own message.
+    """
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.cookie = web_login(stack.driver_port, "user1", "pass1")
+        self.ws: ClientConnection | None = None
+        self.syncs = 0
+
+    def current(self) -> ClientConnection:
+        if self.ws is None:
+            headers = {"Cookie": self.cookie}
+            self.ws = open_ws(self.stack.driver_port, "/ws", headers).__enter__()
+        self.syncs += 1
+        tag = f"sync-{self.syncs}"
+        self.ws.send(json.dumps({"type": tag}))
+        replies(self.ws, lambda m: m["type"] == "error" and tag in m.get("detail", ""))
+        return self.ws
+
+    def close(self) -> None:
+        if self.ws is not None:
+            self.ws.__exit__(None, None, None)
+            self.ws = None
+
+
+@pytest.fixture(scope="module")
+def driver_socket(stack: Stack) -> Iterator[DriverSocket]:
+    socket = DriverSocket(stack)
+    socket.current()
+    settle(stack)
+    yield socket
+    socket.close()
+
+
+def settle(stack: Stack) -> None:
+    """Wait until Central's database is quiet after a login: the driver's key, and the replay
+    guard of its first sealed queries, which Central saves once a second."""
+    deadline = time.monotonic() + scaled(15)
+    previous = stack.db_rows()
+    while True:
+        time.sleep(1.5)
+        now = stack.db_rows()
+        if now == previous:
+            return
+        assert time.monotonic() < deadline, "Central's database never settled"
+        previous = now
+
+
+# Requests that would change something at Central (the others only read).
+ACTING_REQUESTS = ("supply_request", "stop_request", "ticket_ack")
+
+
+# The logged-in page's own status and history queries are sealed; Central's replay guard
+# records how far each sealed stream has got, so it may move on while a test runs.
+@may_change("replay_guard")
+@settings(PROPERTY, max_examples=40)
+@given(raw=messages(DRIVER_SEEDS, DRIVER_LIMIT))
+def test_the_driver_websocket_refuses_every_damaged_command(
+    stack: Stack,
+    driver_socket: DriverSocket,
+    central_before: CentralSnapshot,
+    raw: str | bytes,
+) -> None:
+    assume(not a_driver_command(raw))
+    acting = [stack.stats().get(kind, 0) for kind in ACTING_REQUESTS]
+    ws = driver_socket.current()
+    try:
+        ws.send(raw)
+        answer = replies(ws, lambda m: m["type"] == "error")
+    except ConnectionClosed:
+        driver_socket.close()
+        event(f"closed with {close_code(ws)}")
+        assert close_code(ws) == 1009 and len(raw) > DRIVER_LIMIT, close_code(ws)
+    else:
+        event(f"error: {answer['detail'][:24]}")
+        assert len(raw) <= DRIVER_LIMIT, "a message past the limit was read"
+        assert answer["detail"], answer
+    status, body = get(stack.driver_port, "/healthz")
+    assert status == 200, body
+    assert [stack.stats().get(kind, 0) for kind in ACTING_REQUESTS] == acting
     stack.assert_central_unchanged(central_before)
