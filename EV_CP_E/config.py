@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from shared.settings import (
     EnvArgumentParser,
@@ -11,6 +11,7 @@ from shared.settings import (
     broker_address,
     host_port,
     positive_float,
+    read_secret,
     seconds,
 )
 
@@ -23,6 +24,7 @@ class EngineSettings:
     auto_unplug: float | None = None
     tick: float = 1.0
     health_timeout: float = 3.0
+    secret: str | None = field(default=None, repr=False)  # the CP's secret: checks the monitor
     log_level: str = "INFO"
     log_json: bool = False
 
@@ -55,6 +57,19 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvArgumentParser:
         default=3.0,
         help="seconds without a health check before the monitor counts as lost",
     )
+    parser.add_option(
+        "--secret",
+        default=None,
+        env="EV_CP_SECRET",
+        help="the CP's secret (as its monitor has it): only a monitor that proves it knows it "
+        "may connect; without it any local connection can",
+    )
+    parser.add_option(
+        "--secret-file",
+        default=None,
+        env="EV_CP_SECRET_FILE",
+        help="a file holding the CP's secret (first line)",
+    )
     add_common_options(parser)
     return parser
 
@@ -72,6 +87,7 @@ def parse_settings(
         auto_unplug=args.auto_unplug,
         tick=args.tick,
         health_timeout=args.health_timeout,
+        secret=read_secret(parser, args.secret, args.secret_file, required=False),
         log_level=args.log_level,
         log_json=args.log_json,
     )

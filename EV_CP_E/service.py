@@ -39,7 +39,16 @@ from shared.messages import (
     decode,
     encode,
 )
-from shared.sealing import ReplayGuard, Sealer, SealError, is_sealed, open_sealed, parse, unb64
+from shared.sealing import (
+    ReplayGuard,
+    Sealer,
+    SealError,
+    check_hello_proof,
+    is_sealed,
+    open_sealed,
+    parse,
+    unb64,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +63,8 @@ COMMAND_MAX_AGE = 60.0
 PENDING_COMMANDS = 16
 # Keys kept after a rotation, to open commands Central sealed just before it.
 OLD_KEYS = 2
+# A new connection must say hello within this many seconds.
+HELLO_TIMEOUT = 5.0
 HELP = "commands: p plug in, u unplug, k report KO, o back to OK, r DRIVER_ID request, q quit"
 
 
@@ -92,6 +103,11 @@ class EngineService:
         self._key_ready = asyncio.Event()
         self._replay = ReplayGuard(max_streams=64)
         self._pending: deque[ConsumerRecord[bytes, bytes]] = deque(maxlen=PENDING_COMMANDS)
+        self._hellos: deque[str] = deque(maxlen=64)  # recent hello ids: no replayed hello
+        if not settings.secret:
+            log.warning(
+                "no CP secret given (--secret-file): any local connection may act as the monitor"
+            )
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -372,17 +388,21 @@ class EngineService:
         connection: FramedConnection[MonitorToEngine] = FramedConnection(
             reader, writer, MONITOR_TO_ENGINE, name="monitor"
         )
-        previous, self._monitor = self._monitor, connection
         try:
+            log.info("connection from %s", connection.peer)
+            connection.start()
+            # Only a connection whose hello is accepted becomes the monitor's link: a stranger
+            # on this port cannot cut the real monitor off.
+            first = await asyncio.wait_for(connection.receive(), HELLO_TIMEOUT)
+            if not isinstance(first, EngineHello) or not self._accept_hello(first):
+                return
+            previous, self._monitor = self._monitor, connection
             if previous is not None:
                 log.info("a new monitor connection from %s replaces the old one", connection.peer)
                 await previous.close()
-            else:
-                log.info("monitor connected from %s", connection.peer)
-            connection.start()
             await self._serve_monitor(connection)
-        except (ConnectionLost, DeliveryFailed) as exc:
-            log.info("monitor connection ended: %s", exc)
+        except (ConnectionLost, DeliveryFailed, TimeoutError) as exc:
+            log.info("monitor connection ended: %s", exc or "no hello in time")
         except asyncio.CancelledError:
             # Only our own shutdown cancels this task, and asyncio's stream server (3.11)
             # logs a traceback for a handler task that ends cancelled: end it normally.
@@ -397,22 +417,42 @@ class EngineService:
             if task is not None:
                 self._handlers.discard(task)
 
+    def _accept_hello(self, hello: EngineHello) -> bool:
+        """Check a monitor's hello (its CP, its proof of the secret); take the CP id from it."""
+        secret = self.settings.secret
+        if secret:
+            refusal = check_hello_proof(
+                secret, hello.cp_id, hello.id, hello.ts, hello.proof, time.time()
+            )
+            if refusal is None and hello.id in self._hellos:
+                refusal = "a hello seen before"
+            if refusal is not None:
+                log.warning("refused a monitor connection: %s", refusal)
+                self._say(f"refused a monitor connection: {refusal}")
+                return False
+            self._hellos.append(hello.id)
+        known = self.machine.cp_id
+        if not self.machine.set_cp_id(hello.cp_id):
+            log.warning("refusing a monitor for %s: this engine is %s", hello.cp_id, known)
+            self._say(f"refused a monitor for another CP ({hello.cp_id})")
+            return False
+        if known is None:
+            log.info("CP id is %s (from the monitor)", hello.cp_id)
+            self._say(f"this engine is {hello.cp_id}")
+            self._show()
+        return True
+
     async def _serve_monitor(self, connection: FramedConnection[MonitorToEngine]) -> None:
         while True:
             message = await connection.receive()
             if isinstance(message, EngineHello):
-                known = self.machine.cp_id
-                if not self.machine.set_cp_id(message.cp_id):
+                if message.cp_id != self.machine.cp_id:
                     log.warning(
-                        "refusing a monitor for %s: this engine is %s", message.cp_id, known
+                        "refusing a hello for %s on %s's link", message.cp_id, self.machine.cp_id
                     )
                     self._say(f"refused a monitor for another CP ({message.cp_id})")
                     return
-                if known is None:
-                    log.info("CP id is %s (from the monitor)", message.cp_id)
-                    self._say(f"this engine is {message.cp_id}")
-                    self._show()
-                continue
+                continue  # already said hello on this connection
             if isinstance(message, EngineKey):
                 if message.cp_id == self.machine.cp_id:
                     self._take_key(message)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from shared.settings import (
     EnvArgumentParser,
@@ -13,6 +12,7 @@ from shared.settings import (
     broker_address,
     host_port,
     identifier,
+    read_secret,
     seconds,
 )
 from shared.tls import client_context
@@ -88,25 +88,6 @@ def check_broker(parser: argparse.ArgumentParser, broker: str) -> None:
         broker_address(broker)
     except argparse.ArgumentTypeError as exc:
         parser.error(f"argument --broker: {exc}")
-
-
-def read_secret(parser: argparse.ArgumentParser, secret: str | None, path: str | None) -> str:
-    """The CP's secret from --secret or --secret-file; exits 2 when there is none."""
-    if secret and path:
-        parser.error("give --secret or --secret-file, not both")
-    if path:
-        try:
-            secret = Path(path).read_text(encoding="utf-8").splitlines()[0].strip()
-        except (OSError, UnicodeDecodeError, IndexError) as exc:
-            parser.error(f"argument --secret-file: cannot read a secret from {path}: {exc}")
-    if not secret:
-        parser.error(
-            "this CP's secret is required: --secret-file PATH (or --secret, EV_CP_SECRET); "
-            "an admin gets it when registering the CP"
-        )
-    if len(secret) > 256:
-        parser.error("the secret is longer than 256 characters")
-    return secret
 
 
 def parse_settings(

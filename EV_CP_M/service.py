@@ -34,6 +34,7 @@ from shared.messages import (
     MonitorAuth,
     RecoveryReport,
 )
+from shared.sealing import hello_proof
 from shared.tls import client_context, describe_failure
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,9 @@ class MonitorService:
     async def _check_engine(self, connection: FramedConnection[EngineToMonitor]) -> None:
         """Say hello, then one health check per interval until the connection fails."""
         settings = self.settings
-        await connection.send(EngineHello(cp_id=settings.cp_id))
+        hello = EngineHello(cp_id=settings.cp_id)
+        proof = hello_proof(settings.secret, hello.cp_id, hello.id, hello.ts)
+        await connection.send(hello.model_copy(update={"proof": proof}))
         loop = asyncio.get_running_loop()
         seq = 0
         next_at = loop.time()

@@ -54,7 +54,8 @@ start() {
         n=$((n + 1))
         local engine_port=$((6100 + n))
         launch "engine-$cp" "$PY" -m EV_CP_E --broker "$BROKER" \
-            --listen "127.0.0.1:$engine_port" --auto-plug 2 --auto-unplug 10
+            --listen "127.0.0.1:$engine_port" --auto-plug 2 --auto-unplug 10 \
+            --secret "demo-secret-$cp"
         launch "monitor-$cp" "$PY" -m EV_CP_M --engine "127.0.0.1:$engine_port" \
             --central "127.0.0.1:$CENTRAL_PORT" --cp-id "$cp" --broker "$BROKER" \
             --secret "demo-secret-$cp"

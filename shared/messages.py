@@ -144,10 +144,12 @@ CentralToMonitor = Annotated[AuthResult | CPStatusNotice, Field(discriminator="t
 
 
 class EngineHello(Message):
-    """The monitor tells its engine which CP it is."""
+    """The monitor tells its engine which CP it is, proving it knows the CP's secret
+    (`proof`: see shared.sealing.hello_proof) when the engine was given the secret too."""
 
     type: Literal["hello"] = "hello"
     cp_id: Identifier
+    proof: Annotated[str, Field(min_length=64, max_length=64)] | None = None
 
 
 class HealthCheck(Message):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import os
 import secrets
 from dataclasses import dataclass, field
@@ -182,6 +183,33 @@ class ReplayGuard:
     def forget_key(self, key_id: str) -> None:
         for where in [w for w in self.last if w[0] == key_id]:
             del self.last[where]
+
+
+# --- the monitor's hello to its engine: proof that it knows the CP's secret ---------------
+
+# A hello older (or newer) than this is refused: a captured one cannot be used later.
+HELLO_MAX_SKEW_S = 60.0
+
+
+def hello_proof(secret: str, cp_id: str, message_id: str, sent_at: float) -> str:
+    """HMAC-SHA256 of the hello's CP id, id and time, keyed with (a hash of) the CP's secret."""
+    key = hashlib.sha256(b"ev-link|" + secret.encode()).digest()
+    data = f"ev-link|{cp_id}|{message_id}|{sent_at!r}".encode()
+    return hmac.new(key, data, hashlib.sha256).hexdigest()
+
+
+def check_hello_proof(
+    secret: str, cp_id: str, message_id: str, sent_at: float, proof: str | None, now: float
+) -> str | None:
+    """Why a hello is refused (no or wrong proof, too old), or None when it is genuine."""
+    if not proof:
+        return "no proof of the CP's secret"
+    if abs(now - sent_at) > HELLO_MAX_SKEW_S:
+        return f"hello sent {now - sent_at:.0f} s away from now"
+    expected = hello_proof(secret, cp_id, message_id, sent_at)
+    if not hmac.compare_digest(expected, proof):
+        return "wrong proof of the CP's secret"
+    return None
 
 
 # --- the driver's login: X25519 with Central's identity key --------------------------------

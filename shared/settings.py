@@ -10,6 +10,7 @@ import argparse
 import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, NoReturn
 
 from shared.errors import ConfigError
@@ -122,3 +123,31 @@ def add_common_options(parser: EnvArgumentParser) -> None:
         "--log-level", type=log_level, default="INFO", metavar="LEVEL", help=", ".join(LOG_LEVELS)
     )
     parser.add_option("--log-json", action="store_true", help="log JSON lines (for containers)")
+
+
+def read_secret(
+    parser: argparse.ArgumentParser,
+    secret: str | None,
+    path: str | None,
+    *,
+    required: bool = True,
+) -> str:
+    """The CP's secret from --secret or --secret-file; exits 2 when there is none (and one is
+    required; else "")."""
+    if secret and path:
+        parser.error("give --secret or --secret-file, not both")
+    if path:
+        try:
+            secret = Path(path).read_text(encoding="utf-8").splitlines()[0].strip()
+        except (OSError, UnicodeDecodeError, IndexError) as exc:
+            parser.error(f"argument --secret-file: cannot read a secret from {path}: {exc}")
+    if not secret and required:
+        parser.error(
+            "this CP's secret is required: --secret-file PATH (or --secret, EV_CP_SECRET); "
+            "an admin gets it when registering the CP"
+        )
+    if secret is None:
+        return ""
+    if len(secret) > 256:
+        parser.error("the secret is longer than 256 characters")
+    return secret

@@ -312,6 +312,11 @@ class Deployment:
                     self.broker,
                     "--listen",
                     f"127.0.0.1:{port}",
+                    *(
+                        ()
+                        if any(f.startswith("--secret") for f in flags)
+                        else ("--secret", self.secret(cp_id))
+                    ),
                     *flags,
                 ],
                 self.workdir,

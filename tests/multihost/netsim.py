@@ -303,6 +303,7 @@ class MultiHostDeployment:
         return [
             *("-m", "EV_CP_E", "--broker", self.broker, "--listen", listen),
             *("--auto-plug", AUTO_PLUG, "--auto-unplug", AUTO_UNPLUG),
+            *("--secret", f"demo-secret-{cp_id}"),
         ]
 
     def monitor_args(self, cp_id: str) -> list[str]:

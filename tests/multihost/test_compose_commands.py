@@ -54,6 +54,7 @@ RULES: dict[str, dict[str, str | tuple[str, str]]] = {
         # Compose engines are driven by hand (docker attach); the tests add automatic plugging.
         "--auto-plug": ANY,
         "--auto-unplug": ANY,
+        "--secret": EQUAL,  # the demo seed's, from CPn_SECRET
         "--log-json": ANY,
     },
     "EV_CP_M": {

@@ -47,6 +47,7 @@ from shared.framing import (
     encode_frame,
 )
 from shared.messages import ENGINE_TO_MONITOR, EngineHello, decode, encode
+from shared.sealing import hello_proof
 
 PROPERTY = settings(
     deadline=None,
@@ -377,9 +378,16 @@ class RawPeer:
                 self.answer.stray += event.count
 
 
+def proven_hello(cp_id: str, secret: str | None = None) -> EngineHello:
+    """A hello as the CP's monitor sends it: with the proof that it knows the CP's secret."""
+    hello = EngineHello(cp_id=cp_id)
+    proof = hello_proof(secret or f"demo-secret-{cp_id}", cp_id, hello.id, hello.ts)
+    return hello.model_copy(update={"proof": proof})
+
+
 def name_spare_engine(stack: Stack) -> None:
     """Tell the spare engine which CP it is, as its monitor would (its id is then fixed)."""
     with RawPeer(stack.spare_engine_port, ENGINE_TO_MONITOR) as peer:
-        peer.send(encode_frame(encode(EngineHello(cp_id=SPARE_CP))))
+        peer.send(encode_frame(encode(proven_hello(SPARE_CP))))
         answer = peer.read(lambda a: a.acks >= 1)
         assert answer.acks == 1, answer

@@ -25,7 +25,7 @@ from fuzzing import (
 )
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from property_stack import CONNECTED_CP, PROPERTY, SPARE_CP, RawPeer, Stack
+from property_stack import CONNECTED_CP, PROPERTY, SPARE_CP, RawPeer, Stack, proven_hello
 
 from helpers import scaled, wait_for
 from shared import messages as m
@@ -99,7 +99,7 @@ def assert_engine_unchanged(stack: Stack) -> None:
     assert engine.running, engine.output[-3000:]
     seq = next(CHECKS)
     with RawPeer(stack.spare_engine_port, m.ENGINE_TO_MONITOR) as peer:
-        peer.send(encode_frame(m.encode(m.EngineHello(cp_id=SPARE_CP))))
+        peer.send(encode_frame(m.encode(proven_hello(SPARE_CP))))
         peer.send(encode_frame(m.encode(m.HealthCheck(seq=seq, central_ok=False))))
         answer = peer.read(lambda a: bool(a.messages), timeout=5)
         assert answer.messages, answer
@@ -143,10 +143,6 @@ def cp_faults(stack: Stack, cp_id: str) -> int:
     return sum(1 for e in json.loads(body) if e["kind"] == "fault" and e["cp_id"] == cp_id)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the engine link has no authentication: any new connection replaces the monitor's",
-)
 def test_a_stranger_on_the_engine_port_does_not_cut_the_cp_off(stack: Stack) -> None:
     """Bytes from someone who is not the CP's monitor must not displace the monitor's link
     (the monitor would report the engine lost, and a supply in progress would end)."""

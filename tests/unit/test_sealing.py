@@ -13,7 +13,9 @@ from shared.sealing import (
     ReplayGuard,
     Sealer,
     SealError,
+    check_hello_proof,
     fingerprint,
+    hello_proof,
     identity_public,
     login_unwrap,
     login_wrap,
@@ -132,3 +134,18 @@ def test_a_login_is_readable_by_central_only() -> None:
     with pytest.raises(SealError):
         open_reply(wrap.reply_key, "user1", "req2", nonce, reply)
     assert len(fingerprint(public).split(":")) == 8
+
+
+def test_a_hello_proves_the_secret_once_and_only_fresh() -> None:
+    now = 1_800_000_000.0
+    proof = hello_proof("s3cret", "CP001", "h1", now)
+    assert check_hello_proof("s3cret", "CP001", "h1", now, proof, now + 1) is None
+    assert check_hello_proof("other", "CP001", "h1", now, proof, now) == (
+        "wrong proof of the CP's secret"
+    )
+    assert check_hello_proof("s3cret", "CP002", "h1", now, proof, now) is not None  # moved
+    assert check_hello_proof("s3cret", "CP001", "h2", now, proof, now) is not None
+    assert check_hello_proof("s3cret", "CP001", "h1", now, None, now) is not None
+    assert "away from now" in (
+        check_hello_proof("s3cret", "CP001", "h1", now, proof, now + 600) or ""
+    )
