@@ -65,6 +65,8 @@ from shared.websession import (
 
 log = logging.getLogger(__name__)
 
+# Refused WebSockets are audited at most once per client host in this many seconds.
+REFUSAL_AUDIT_INTERVAL = 10.0
 MAX_CLIENTS = 200
 CLIENT_QUEUE = 256
 COOKIE = ADMIN_COOKIE
@@ -96,6 +98,8 @@ class AdminWeb:
         # Each open /ws: its session, and an event set when that session ends.
         self._sessions_of: dict[ServerConnection, tuple[WebSession, asyncio.Event]] = {}
         self._logins = 0
+        self._audit_tasks: set[asyncio.Task[None]] = set()
+        self._refusals_audited: dict[str, float] = {}
         central.cp_listeners.append(self._on_cps_changed)
         central.event_listeners.append(self._on_event)
         central.session_listeners.append(self._sessions_dirty.set)
@@ -194,6 +198,7 @@ class AdminWeb:
                 _peer(conn),
                 request.headers.get("Origin"),
             )
+            self._audit_refusal(conn, path, f"Origin {request.headers.get('Origin')!r}")
             return error_response(403, "this page's origin may not use the admin WebSocket")
         if path == "/login":
             if self._logins >= MAX_LOGINS:
@@ -201,8 +206,10 @@ class AdminWeb:
             return None
         session = self.sessions.get(cookie_value(request.headers, COOKIE))
         if session is None:
+            self._audit_refusal(conn, path, "no session")
             return error_response(401, "log in first")
         if session.role != "admin":
+            self._audit_refusal(conn, path, f"role {session.role}", actor=session.user_id)
             return error_response(403, "the admin WebSocket is for admins only")
         self._upgrades[conn] = session
         return None
@@ -242,10 +249,38 @@ class AdminWeb:
         session = self.sessions.end(cookie_value(request.headers, COOKIE))
         if session is not None:
             log.info("%s logged out", session.user_id)
+            self._audit_later("logout", "ok", actor=session.user_id, source=_peer(conn))
             self._close_ended()
         answer = response(204, b"", "text/plain; charset=utf-8")
         answer.headers["Set-Cookie"] = clear_cookie(COOKIE, _secure(conn))
         return answer
+
+    def _audit_later(
+        self, action: str, outcome: str, *, actor: str = "", source: str = "", detail: str = ""
+    ) -> None:
+        """Record in the audit log from a synchronous step (the record is written shortly)."""
+        record = self.central.audit.record(
+            action, outcome, actor=actor, source=source, detail=detail
+        )
+        task = asyncio.get_running_loop().create_task(record)
+        self._audit_tasks.add(task)
+        task.add_done_callback(self._audit_tasks.discard)
+
+    def _audit_refusal(
+        self, conn: ServerConnection, path: str, why: str, *, actor: str = ""
+    ) -> None:
+        """A refused WebSocket goes to the audit log, at most once per client host in 10 s."""
+        source = _peer(conn)
+        host = source.rpartition(":")[0] or source
+        now = time.monotonic()
+        if now - self._refusals_audited.get(host, -1e9) < REFUSAL_AUDIT_INTERVAL:
+            return
+        if len(self._refusals_audited) > 10_000:
+            self._refusals_audited.clear()
+        self._refusals_audited[host] = now
+        self._audit_later(
+            "ws_rejected", "refused", actor=actor, source=source, detail=f"{path}: {why}"
+        )
 
     async def _serve_login(self, conn: ServerConnection) -> None:
         """One login per /login connection: a message in, a login_result out, closed."""

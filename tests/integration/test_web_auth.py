@@ -23,7 +23,7 @@ import pytest_asyncio
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from helpers import scaled
+from helpers import scaled, wait_for
 from procs import Deployment
 
 pytestmark = [pytest.mark.kafka, pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
@@ -239,6 +239,12 @@ async def test_cookie_attributes_single_use_grants_and_logout(system: Deployment
     status, _, _ = await get(port, "/api/whoami", cookie)
     assert status == 401
     assert await refused(port, cookie) == 401
+
+    async def audited() -> bool:
+        rows = system.query("SELECT action, actor FROM audit_log")
+        return ("logout", "admin") in rows and any(a == "ws_rejected" for a, _ in rows)
+
+    await wait_for(audited, 5, message="the logout and the refused WebSocket were not audited")
 
 
 async def test_brute_force_is_slowed_down_then_locked(system: Deployment) -> None:
