@@ -135,7 +135,8 @@ class Database:
 
     async def outbox_batch(self, limit: int = 200) -> list[aiosqlite.Row]:
         return await self.read(
-            "SELECT seq, topic, key, payload FROM outbox ORDER BY seq LIMIT ?", (limit,)
+            "SELECT seq, topic, key, payload, created_at FROM outbox ORDER BY seq LIMIT ?",
+            (limit,),
         )
 
     async def outbox_done(self, seqs: list[int]) -> None:

@@ -109,6 +109,7 @@ def render(
     websocket_clients: int,
     outbox_pending: int | None = None,
     loop_lag: Histogram | None = None,
+    stage_seconds: Mapping[str, Histogram] | None = None,
 ) -> str:
     """The whole /metrics page."""
     out = Exposition()
@@ -141,4 +142,13 @@ def render(
     if outbox_pending is not None:
         out.family("ev_central_outbox_pending", "gauge", "Messages waiting in the outbox.")
         out.sample("ev_central_outbox_pending", outbox_pending)
+    if stage_seconds:
+        out.family(
+            "ev_central_stage_seconds",
+            "histogram",
+            "Where a message's time goes: arrival (sent -> handled), outbox (committed -> "
+            "published), publish (the broker's acknowledgement).",
+        )
+        for stage, hist in sorted(stage_seconds.items()):
+            out.histogram("ev_central_stage_seconds", hist, {"stage": stage})
     return out.text()

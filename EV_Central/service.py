@@ -131,6 +131,8 @@ class Central:
         self.handler_seconds: dict[str, Histogram] = collections.defaultdict(Histogram)
         self.consumer_lag: dict[str, int] = {}
         self.loop_lag = Histogram()  # how late the supervisor's 0.25 s timer fires
+        # Where a request's time goes (arrival, outbox, publish): see metrics.render.
+        self.stage_seconds: dict[str, Histogram] = collections.defaultdict(Histogram)
         # Telemetry of one consumer poll, written in one transaction (latest per session).
         self._telemetry: dict[str, tuple[ChargingPoint, LiveSession, CPTelemetry]] = {}
         self._outbox_wake = asyncio.Event()
@@ -282,6 +284,8 @@ class Central:
             if topic == Topics.DRIVER_REQUESTS:
                 request = self._open_driver_request(record, key)
                 self.counters[request.type] += 1
+                if isinstance(request, SupplyRequest):
+                    self.stage_seconds["arrival"].observe(max(0.0, time.time() - request.ts))
                 await self._flush_telemetry()
                 await self._on_driver_request(request)
                 kind = request.type
@@ -1240,6 +1244,9 @@ class Central:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._outbox_wake.wait(), 1.0)
                 continue
+            oldest = time.time() - min(r["created_at"] for r in rows)
+            self.stage_seconds["outbox"].observe(max(0.0, oldest))
+            sending = time.perf_counter()
             try:
                 await self.bus.send_batch(
                     [(r["topic"], r["key"].encode(), bytes(r["payload"])) for r in rows]
@@ -1250,6 +1257,7 @@ class Central:
                 log.warning("cannot publish to Kafka (%s); retrying in %.1f s", exc, delay)
                 await asyncio.sleep(delay)
                 continue
+            self.stage_seconds["publish"].observe(time.perf_counter() - sending)
             backoff.reset()
             self.broker_ok = True
             await self.db.outbox_done([r["seq"] for r in rows])

@@ -363,6 +363,7 @@ class AdminWeb:
             websocket_clients=self.client_count,
             outbox_pending=int(outbox[0][0]) if outbox else None,
             loop_lag=central.loop_lag,
+            stage_seconds=dict(central.stage_seconds),
         )
         return response(200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
 

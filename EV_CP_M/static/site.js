@@ -89,10 +89,8 @@
     const supply = cp.state === "SUMINISTRANDO"
       ? el("div", { class: "cp-supply" },
           el("span", { class: "supply-tag" }, "Supplying"),
-          el("span", {}, cp.driver_id ? `driver ${cp.driver_id}` : ""),
           el("span", { class: "num" }, EV.kw(cp.kw)),
-          el("span", { class: "num" }, EV.kwh(cp.kwh)),
-          el("span", { class: "num" }, EV.euro(cp.amount_eur)))
+          el("span", { class: "num" }, EV.kwh(cp.kwh)))
       : null;
     const price = cp.price_eur_kwh !== null && cp.price_eur_kwh !== undefined
       ? `${Number(cp.price_eur_kwh).toFixed(2)} €/kWh · ${Number(cp.max_kw || 0).toFixed(1)} kW` : "";

@@ -234,10 +234,13 @@ async def test_key_commands_issue_a_secret_once_and_are_audited(system: Deployme
     assert ("key_revoked", "failed", "admin", "CP404: unknown CP 'CP404'") in audit, audit
     assert not any(secret in row[3] for row in audit)
 
-    # The old secret no longer lets CP001's monitor in; the new one does.
+    # The old secret no longer lets CP001's monitor in; the new one does (the CP's engine and
+    # monitor both get it: the engine checks its monitor with it).
     await system.wait_state("CP001", "DESCONECTADO", timeout=15)
     system.monitors["CP001"].stop()
+    system.engines["CP001"].stop()
     system.cp_secrets["CP001"] = secret
+    system.start_engine("CP001")
     system.start_monitor("CP001")
     await system.wait_state("CP001", "ACTIVADO", timeout=15)
 
