@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
 
 from helpers import free_port, scaled
 from procs import Deployment
@@ -63,10 +65,40 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
         b.stop()
 
 
+async def _empty_broker(bootstrap: str) -> None:
+    """Delete every topic (and with them the consumer groups' offsets) on a shared broker, so
+    that a test finds it as new: nothing left by the tests before it."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="test-reset")
+    await admin.start()
+    try:
+        names = [t for t in await admin.list_topics() if not t.startswith("__")]
+        if not names:
+            return
+        await admin.delete_topics(names)
+        deadline = asyncio.get_running_loop().time() + scaled(30)
+        while set(names) & set(await admin.list_topics()):
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"the shared broker still has topics {names}")
+            await asyncio.sleep(0.1)
+    finally:
+        await admin.close()
+
+
 @pytest.fixture
-async def system(broker: Broker, tmp_path: Path) -> AsyncIterator[Deployment]:
-    """Real service processes (procs.Deployment) on a broker of the test's own."""
-    deployment = Deployment(broker.bootstrap, tmp_path)
+async def system(
+    request: pytest.FixtureRequest, tmp_path: Path, kafka_bootstrap: str
+) -> AsyncIterator[Deployment]:
+    """Real service processes (procs.Deployment) on an empty broker.
+
+    The session's broker, emptied first; or, when the test also asks for `broker` (to stop
+    and restart it), a broker of the test's own.
+    """
+    if "broker" in request.fixturenames:
+        bootstrap = request.getfixturevalue("broker").bootstrap
+    else:
+        await _empty_broker(kafka_bootstrap)
+        bootstrap = kafka_bootstrap
+    deployment = Deployment(bootstrap, tmp_path)
     try:
         yield deployment
     finally:
