@@ -75,6 +75,7 @@ def test_rendered_metrics_parse_back() -> None:
         monitors_connected=3,
         websocket_clients=1,
         outbox_pending=0,
+        stage_seconds={"arrival": h},
     )
     assert "# TYPE ev_central_handler_seconds histogram" in text
     samples = promtext.parse(text)
@@ -90,6 +91,8 @@ def test_rendered_metrics_parse_back() -> None:
     )
     assert promtext.value(samples, "ev_central_handler_seconds_count", type="supply_request") == 1
     assert promtext.value(samples, "ev_central_monitors_connected") == 3
+    assert promtext.value(samples, "ev_central_outbox_pending") == 0
+    assert promtext.value(samples, "ev_central_stage_seconds_count", stage="arrival") == 1
 
 
 def test_promtext_rejects_a_broken_line() -> None:
