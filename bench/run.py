@@ -86,6 +86,12 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
 
 # --- the Kafka floor ------------------------------------------------------------------------
 
+# Kafka hops of a supply request until its authorisation reaches the driver.
+REQUEST_HOPS = 2
+# Each simulated supply lasts a random time in this range, then its driver asks again: requests
+# keep coming during the measured window, not only in the first wave.
+SUPPLY_SECONDS = "20,40"
+
 
 async def kafka_floor(bootstrap: str, samples: int = 300) -> dict[str, Any]:
     """Produce one record, wait until a consumer has it; repeated `samples` times."""
@@ -168,6 +174,7 @@ def run_fleet(
                 + ["--broker", broker.bootstrap, "--admin", f"127.0.0.1:{http}"]
                 + ["--cps", str(size), "--supplying", str(supplying)]
                 + ["--duration", str(duration), "--warmup", str(warmup)]
+                + ["--supply-seconds", SUPPLY_SECONDS]
                 + ["--credentials", str(credentials), "--central-key", central_key]
                 + ["--central-pid", str(central.pid), "--out", str(out)],
                 cwd=REPO,
@@ -344,7 +351,10 @@ def report(results: dict[str, Any], command: str, plot_name: str) -> str:
             f"- Raw Kafka floor (aiokafka produce→consume round trip, acks=all): median "
             f"{fmt(floor['p50'])} ms, p99 {fmt(floor['p99'])} ms. Request→authorisation crosses"
             " Kafka twice (driver→Central, Central→driver), plus Central's transaction and its"
-            " outbox relay.",
+            " outbox relay: its floor is twice the round trip.",
+            f"- Supplies last {SUPPLY_SECONDS.replace(',', ' to ')} s, then their driver asks"
+            " again: supply requests arrive all through the measured window (about"
+            " supplying CPs / 30 a second), not only in the first wave.",
         ]
     for b in results.get("baseline", []):
         lines.append(
@@ -475,9 +485,13 @@ def targets(results: dict[str, Any]) -> list[str]:
             f" = {ratio:.2f}x (target >= 3x): {verdict(ratio >= 3)}"
         )
     if a["p50"] is not None and floor.get("p50"):
-        ratio = a["p50"] / floor["p50"]
+        # The request crosses Kafka twice (driver -> Central, Central -> driver): its floor is
+        # two produce -> consume round trips.
+        hops_floor = REQUEST_HOPS * floor["p50"]
+        ratio = a["p50"] / hops_floor
         out.append(
-            f"request→authorisation median {a['p50']:g} ms vs Kafka floor {floor['p50']:g} ms"
+            f"request→authorisation median {a['p50']:g} ms vs the Kafka floor for its"
+            f" {REQUEST_HOPS} hops ({REQUEST_HOPS} × {floor['p50']:g} ms = {hops_floor:.3g} ms)"
             f" = {ratio:.2f}x (target <= 2x): {verdict(ratio <= 2)}"
         )
     return out

@@ -48,6 +48,17 @@ def seed(argv: list[str]) -> int:
     return 0
 
 
+def seconds_range(text: str) -> tuple[float, float]:
+    """LOW,HIGH: two positive numbers of seconds, LOW <= HIGH."""
+    try:
+        low, high = (float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH seconds, got {text!r}") from None
+    if not 0 < low <= high:
+        raise argparse.ArgumentTypeError(f"expected 0 < LOW <= HIGH, got {text!r}")
+    return low, high
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["seed"]:
@@ -62,6 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=10.0, help="seconds before measuring")
     p.add_argument("--request-rate", type=float, default=100.0, help="first requests a second")
     p.add_argument("--lose", type=int, default=10, help="CPs cut off near the end")
+    p.add_argument(
+        "--supply-seconds",
+        type=seconds_range,
+        default=(60.0, 120.0),
+        metavar="LOW,HIGH",
+        help="each supply lasts a random time in this range; then its driver asks again",
+    )
     p.add_argument("--prefix", default="SIM", help="CP id prefix")
     p.add_argument("--central-pid", type=int, help="Central's pid (default: looked up)")
     p.add_argument(
@@ -111,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         duration=a.duration,
         warmup=a.warmup,
         request_rate=a.request_rate,
+        supply_seconds=a.supply_seconds,
         lose=a.lose,
         prefix=a.prefix,
         central_pid=pid,
