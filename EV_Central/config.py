@@ -13,7 +13,7 @@ from shared.settings import (
     seconds,
 )
 from shared.tls import add_server_options, optional_server_context
-from shared.websession import origin_list
+from shared.websession import add_session_options
 
 DEFAULT_DB = "data/ev_charging.db"
 
@@ -118,21 +118,7 @@ def build_parser() -> EnvArgumentParser:
         default=300.0,
         help="how long a locked account stays locked",
     )
-    parser.add_option(
-        "--session-ttl",
-        type=seconds,
-        default=8 * 3600.0,
-        help="seconds a web session lasts at most (admin panel, ctl)",
-    )
-    parser.add_option(
-        "--allowed-origin",
-        type=origin_list,
-        action="extend",
-        default=[],
-        metavar="ORIGIN",
-        help="another origin (scheme://host:port) whose pages may use the admin WebSocket; "
-        "repeatable or comma-separated (default: the admin page's own origin only)",
-    )
+    add_session_options(parser, "the admin panel (and ctl)")
     add_server_options(parser, "the monitor port and the admin web")
     add_common_options(parser)
     return parser

@@ -68,6 +68,8 @@ from shared.messages import (
     new_id,
 )
 from shared.sealing import (
+    Channel,
+    Sealed,
     SealError,
     b64,
     fingerprint,
@@ -328,12 +330,7 @@ class Central:
             if request.driver_id != key:
                 raise MessageError(f"key {key!r} does not match driver {request.driver_id!r}")
             return request
-        envelope = parse(value)
-        if envelope.principal != key:
-            raise SealError(f"key {key!r} does not match sealed principal {envelope.principal!r}")
-        plaintext, channel_key = self.keys.open(envelope, "driver", "driver-request")
-        request = decode(DRIVER_REQUESTS, plaintext)
-        self._check_opened(envelope.id, envelope.principal, request, channel_key)
+        request, envelope = self._open_sealed(value, key, "driver", "driver-request")
         if isinstance(request, LoginRequest | IdentityQuery):
             raise SealError(f"a {request.type} is not sent sealed")
         self.keys.accepted(envelope)
@@ -343,14 +340,24 @@ class Central:
         value = record.value or b""
         if not is_sealed(value):
             raise SealError("CP events must be sealed with the CP's key")
+        event, envelope = self._open_sealed(value, key, "cp", "cp-event")
+        self.keys.accepted(envelope)
+        return event
+
+    def _open_sealed(
+        self, value: bytes, key: str, kind: str, channel: Channel
+    ) -> tuple[Any, Sealed]:
+        """The message in an envelope under record key `key`, authenticated (not yet accepted:
+        the caller accepts it once its own checks pass)."""
         envelope = parse(value)
         if envelope.principal != key:
             raise SealError(f"key {key!r} does not match sealed principal {envelope.principal!r}")
-        plaintext, channel_key = self.keys.open(envelope, "cp", "cp-event")
-        event = decode(CP_EVENTS, plaintext)
-        self._check_opened(envelope.id, envelope.principal, event, channel_key)
-        self.keys.accepted(envelope)
-        return event
+        plaintext, channel_key = self.keys.open(envelope, kind, channel)
+        message: Any = (
+            decode(DRIVER_REQUESTS, plaintext) if kind == "driver" else decode(CP_EVENTS, plaintext)
+        )
+        self._check_opened(envelope.id, envelope.principal, message, channel_key)
+        return message, envelope
 
     @staticmethod
     def _check_opened(envelope_id: str, principal: str, message: Any, key: ChannelKey) -> None:

@@ -54,13 +54,13 @@ from shared.web import (
 from shared.websession import (
     SessionStore,
     WebSession,
-    clear_cookie,
     cookie_value,
     login_ok,
     login_refused,
+    logout_response,
     origin_allowed,
     parse_login,
-    session_cookie,
+    redeem_response,
 )
 
 log = logging.getLogger(__name__)
@@ -233,15 +233,13 @@ class AdminWeb:
 
     def _redeem(self, conn: ServerConnection, query: dict[str, str]) -> Response:
         """GET /session?grant=CODE: a grant from /login becomes the session cookie."""
-        redeemed = self.sessions.redeem(query.get("grant", ""))
-        if redeemed is None:
-            return error_response(400, "unknown, used or expired grant; log in again")
-        token, session = redeemed
-        answer = response(204, b"", "text/plain; charset=utf-8")
-        answer.headers["Set-Cookie"] = session_cookie(
-            COOKIE, token, int(self.sessions.ttl), _secure(conn)
+        answer, session = redeem_response(
+            self.sessions, query.get("grant", ""), COOKIE, _secure(conn)
         )
-        log.info("session started for %s (%s) from %s", session.user_id, session.role, _peer(conn))
+        if session is not None:
+            log.info(
+                "session started for %s (%s) from %s", session.user_id, session.role, _peer(conn)
+            )
         return answer
 
     def _logout(self, conn: ServerConnection, request: Request) -> Response:
@@ -251,9 +249,7 @@ class AdminWeb:
             log.info("%s logged out", session.user_id)
             self._audit_later("logout", "ok", actor=session.user_id, source=_peer(conn))
             self._close_ended()
-        answer = response(204, b"", "text/plain; charset=utf-8")
-        answer.headers["Set-Cookie"] = clear_cookie(COOKIE, _secure(conn))
-        return answer
+        return logout_response(COOKIE, _secure(conn))
 
     def _audit_later(
         self, action: str, outcome: str, *, actor: str = "", source: str = "", detail: str = ""

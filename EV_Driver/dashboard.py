@@ -68,20 +68,19 @@ from shared.web import (
     bound_port,
     error_response,
     json_response,
-    response,
     split_path,
     static_response,
 )
 from shared.websession import (
     SessionStore,
     WebSession,
-    clear_cookie,
     cookie_value,
     login_ok,
     login_refused,
+    logout_response,
     origin_allowed,
     parse_login,
-    session_cookie,
+    redeem_response,
 )
 
 log = logging.getLogger(__name__)
@@ -376,14 +375,7 @@ class DriverDashboard:
 
     def _redeem(self, conn: ServerConnection, query: dict[str, str]) -> Response:
         """GET /session?grant=CODE: a grant from /login becomes the session cookie."""
-        redeemed = self.web_sessions.redeem(query.get("grant", ""))
-        if redeemed is None:
-            return error_response(400, "unknown, used or expired grant; log in again")
-        token, _ = redeemed
-        answer = response(204, b"", "text/plain; charset=utf-8")
-        answer.headers["Set-Cookie"] = session_cookie(
-            COOKIE, token, int(self.web_sessions.ttl), self.tls
-        )
+        answer, _ = redeem_response(self.web_sessions, query.get("grant", ""), COOKIE, self.tls)
         return answer
 
     def _logout(self, conn: ServerConnection, request: Request) -> Response:
@@ -392,9 +384,7 @@ class DriverDashboard:
         if session is not None:
             log.info("driver %s logged out", session.user_id)
             self._end_closed_sessions()
-        answer = response(204, b"", "text/plain; charset=utf-8")
-        answer.headers["Set-Cookie"] = clear_cookie(COOKIE, self.tls)
-        return answer
+        return logout_response(COOKIE, self.tls)
 
     async def _serve_login(self, conn: ServerConnection) -> None:
         """One login per /login connection: a message in, a login_result out, closed."""

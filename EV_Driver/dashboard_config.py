@@ -14,7 +14,7 @@ from shared.settings import (
     seconds,
 )
 from shared.tls import add_server_options, optional_server_context
-from shared.websession import origin_list
+from shared.websession import add_session_options
 
 
 @dataclass(frozen=True)
@@ -78,22 +78,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvArgumentParser:
         help="Central's identity key, pinned (Central logs it at start-up); "
         "without it the key is asked from Central on the first login",
     )
-    parser.add_option(
-        "--session-ttl",
-        type=seconds,
-        default=8 * 3600.0,
-        metavar="S",
-        help="seconds a browser's login lasts at most",
-    )
-    parser.add_option(
-        "--allowed-origin",
-        type=origin_list,
-        action="extend",
-        default=[],
-        metavar="ORIGIN",
-        help="another origin (scheme://host:port) whose pages may use the dashboard's "
-        "WebSocket; repeatable or comma-separated (default: the page's own origin only)",
-    )
+    add_session_options(parser, "the driver dashboard")
     add_server_options(parser, "the driver dashboard")
     add_common_options(parser)
     return parser

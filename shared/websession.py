@@ -28,8 +28,11 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from websockets.datastructures import Headers
+from websockets.http11 import Response
 
 from shared.messages import Identifier, decode
+from shared.settings import EnvArgumentParser, seconds
+from shared.web import error_response, response
 
 DEFAULT_TTL = 8 * 3600.0  # a session lasts a working day at most
 DEFAULT_IDLE = 1800.0  # and ends after half an hour without any use
@@ -333,3 +336,46 @@ def login_refused(reason: str, retry_after: float | None = None) -> dict[str, An
     if retry_after is not None:
         answer["retry_after"] = max(1, round(retry_after))
     return answer
+
+
+# --- the pieces every web server with logins shares ------------------------------------------
+
+
+def redeem_response(
+    store: SessionStore, grant: str, cookie: str, secure: bool
+) -> tuple[Response, WebSession | None]:
+    """GET /session?grant=CODE: the answer that sets the session cookie, and the session."""
+    redeemed = store.redeem(grant)
+    if redeemed is None:
+        return error_response(400, "unknown, used or expired grant; log in again"), None
+    token, session = redeemed
+    answer = response(204, b"", "text/plain; charset=utf-8")
+    answer.headers["Set-Cookie"] = session_cookie(cookie, token, int(store.ttl), secure)
+    return answer, session
+
+
+def logout_response(cookie: str, secure: bool) -> Response:
+    """GET /logout: the answer that makes the browser forget its session cookie."""
+    answer = response(204, b"", "text/plain; charset=utf-8")
+    answer.headers["Set-Cookie"] = clear_cookie(cookie, secure)
+    return answer
+
+
+def add_session_options(parser: EnvArgumentParser, pages: str) -> None:
+    """--session-ttl and --allowed-origin, for a server whose `pages` people log in to."""
+    parser.add_option(
+        "--session-ttl",
+        type=seconds,
+        default=8 * 3600.0,
+        metavar="S",
+        help=f"seconds a login to {pages} lasts at most",
+    )
+    parser.add_option(
+        "--allowed-origin",
+        type=origin_list,
+        action="extend",
+        default=[],
+        metavar="ORIGIN",
+        help=f"another origin (scheme://host:port) whose pages may use {pages}' WebSocket; "
+        "repeatable or comma-separated (default: the page's own origin only)",
+    )
