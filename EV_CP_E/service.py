@@ -20,7 +20,7 @@ from shared.backoff import Backoff
 from shared.bus import BusError, KafkaBus, Topics
 from shared.console import stdin_lines
 from shared.errors import ConnectionLost, DeliveryFailed, EVError, MessageError
-from shared.framed import FramedConnection
+from shared.framed import FramedConnection, serve_framed
 from shared.lifecycle import Shutdown
 from shared.messages import (
     CP_COMMANDS,
@@ -56,7 +56,6 @@ DRIVER_ID = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
 POLL_INTERVAL = 0.1
 FLUSH_TIMEOUT = 3.0
 BUS_STOP_TIMEOUT = 1.5
-HANDLER_STOP_TIMEOUT = 1.5
 # Central's commands are acted on only while fresh: an old one replayed later is refused.
 COMMAND_MAX_AGE = 60.0
 # Commands sealed with a key the monitor has not handed over yet wait for it (this many).
@@ -94,7 +93,6 @@ class EngineService:
         self._commands_ready = asyncio.Event()
         self._supply_started = asyncio.Event()
         self._monitor: FramedConnection[MonitorToEngine] | None = None
-        self._handlers: set[asyncio.Task[None]] = set()
         self._last_status = ""
         self._last_poll_refusal: str | None = None
         # The CP's keys, handed over by the monitor: events are sealed with the newest.
@@ -114,7 +112,9 @@ class EngineService:
     async def run(self) -> None:
         host, port = self.settings.listen
         try:
-            server = await asyncio.start_server(self._on_monitor, host, port)
+            server = await serve_framed(
+                self._on_monitor, host, port, MONITOR_TO_ENGINE, name="monitor"
+            )
         except OSError as exc:
             raise EngineError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         log.info("listening for the monitor on %s:%d", host, port)
@@ -133,25 +133,14 @@ class EngineService:
                 for task in tasks:
                     task.cancel()
         finally:
-            server.close()
-            await self._close_monitor_connections()
+            if self._monitor is not None:
+                await self._monitor.close()  # which ends its handler
+            await server.close()
             try:
                 await asyncio.wait_for(self.bus.stop(), BUS_STOP_TIMEOUT)
             except TimeoutError:
                 log.warning("Kafka client did not close in time")
             log.info("engine stopped")
-
-    async def _close_monitor_connections(self) -> None:
-        """Closing a connection ends its handler; cancel only what does not end in time."""
-        if self._monitor is not None:
-            await self._monitor.close()
-        handlers = list(self._handlers)
-        if not handlers:
-            return
-        _, pending = await asyncio.wait(handlers, timeout=HANDLER_STOP_TIMEOUT)
-        for handler in pending:
-            handler.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
 
     async def _finish(self) -> None:
         """Before quitting: end a supply in progress as unplugged and flush the outbox."""
@@ -381,16 +370,9 @@ class EngineService:
 
     # --- monitor socket -----------------------------------------------------------------------
 
-    async def _on_monitor(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._handlers.add(task)
-        connection: FramedConnection[MonitorToEngine] = FramedConnection(
-            reader, writer, MONITOR_TO_ENGINE, name="monitor"
-        )
+    async def _on_monitor(self, connection: FramedConnection[MonitorToEngine]) -> None:
         try:
             log.info("connection from %s", connection.peer)
-            connection.start()
             # Only a connection whose hello is accepted becomes the monitor's link: a stranger
             # on this port cannot cut the real monitor off.
             first = await asyncio.wait_for(connection.receive(), HELLO_TIMEOUT)
@@ -404,9 +386,7 @@ class EngineService:
         except (ConnectionLost, DeliveryFailed, TimeoutError) as exc:
             log.info("monitor connection ended: %s", exc or "no hello in time")
         except asyncio.CancelledError:
-            # Only our own shutdown cancels this task, and asyncio's stream server (3.11)
-            # logs a traceback for a handler task that ends cancelled: end it normally.
-            log.debug("monitor connection handler cancelled")
+            log.debug("monitor connection handler cancelled")  # only our own shutdown does
         except Exception as exc:  # a connection boundary: log it, keep the engine running
             log.error("monitor connection failed: %s: %s", type(exc).__name__, exc)
             log.debug("details", exc_info=True)
@@ -414,8 +394,6 @@ class EngineService:
             await connection.close()
             if self._monitor is connection:
                 self._monitor = None
-            if task is not None:
-                self._handlers.discard(task)
 
     def _accept_hello(self, hello: EngineHello) -> bool:
         """Check a monitor's hello (its CP, its proof of the secret); take the CP id from it."""

@@ -16,7 +16,7 @@ import time
 from EV_Central.registry import ChargingPoint
 from EV_Central.service import Central
 from shared.errors import ConnectionLost, DeliveryFailed
-from shared.framed import FramedConnection
+from shared.framed import FramedConnection, FramedServer, serve_framed
 from shared.framing import DEFAULT_MAX_FRAME
 from shared.messages import (
     MONITOR_TO_CENTRAL,
@@ -60,19 +60,21 @@ class MonitorServer:
         self.host = host
         self.port = port
         self.ssl_context = ssl_context  # TLS when set (docs/tls.md)
-        self._server: asyncio.Server | None = None
-        self._handlers: set[asyncio.Task[None]] = set()
+        self._server: FramedServer[MonitorToCentral] | None = None
         self._closing = False
         central.cp_listeners.append(self._on_cps_changed)
         central.disconnect_monitor = self._disconnect
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(
+        self._server = await serve_framed(
             self._handle,
             self.host,
             self.port,
-            ssl=self.ssl_context,
-            ssl_handshake_timeout=HANDSHAKE_TIMEOUT if self.ssl_context else None,
+            MONITOR_TO_CENTRAL,
+            name="monitor",
+            max_frame=DEFAULT_MAX_FRAME,
+            ssl_context=self.ssl_context,
+            ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
         )
         self.port = bound_port(self._server.sockets, self.port)
         log.info(
@@ -86,12 +88,7 @@ class MonitorServer:
         if self._server is None:
             return
         self._closing = True
-        self._server.close()
-        for task in list(self._handlers):
-            task.cancel()
-        if self._handlers:
-            await asyncio.gather(*self._handlers, return_exceptions=True)
-        await self._server.wait_closed()
+        await self._server.close()
         self._server = None
 
     async def _disconnect(self, cp: ChargingPoint) -> None:
@@ -104,15 +101,7 @@ class MonitorServer:
             if isinstance(cp.connection, MonitorLink):
                 cp.connection.offer(cp.state)
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._handlers.add(task)
-        peer = writer.get_extra_info("peername")
-        conn: FramedConnection[MonitorToCentral] = FramedConnection(
-            reader, writer, MONITOR_TO_CENTRAL, max_frame=DEFAULT_MAX_FRAME, name=f"monitor {peer}"
-        )
-        conn.start()
+    async def _handle(self, conn: FramedConnection[MonitorToCentral]) -> None:
         link: MonitorLink | None = None
         why = "connection closed"
         try:
@@ -132,7 +121,6 @@ class MonitorServer:
                 raise
             # Central is shutting down: ending quietly is the point, not an error.
         finally:
-            self._handlers.discard(task)
             # A monitor is lost when its connection ends while Central runs, not when Central
             # itself stops: a restarted Central must not settle supplies as "monitor lost".
             if not self._closing and link is not None and link.cp.connection is link:

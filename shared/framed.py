@@ -1,8 +1,12 @@
-"""Framed message connections over asyncio streams (Central :5000, monitor <-> engine).
+"""Framed message connections (Central :5000, monitor <-> engine), as asyncio protocols.
 
 The codec lives in shared.framing; this is the thin I/O layer around it. Each received frame
 is answered ACK or NACK; each sent frame waits for its ACK and is retried on NACK or silence
 a bounded number of times.
+
+A connection is an `asyncio.Protocol`: the event loop hands it the bytes as they arrive and it
+decodes, acknowledges and queues them in that call, with no reader task and no stream buffer
+in between. Central serves ten thousand monitors this way (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -11,8 +15,8 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, TypeVar, cast
 
 from pydantic import TypeAdapter
 
@@ -24,20 +28,18 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-READ_CHUNK = 4096
 MAX_BAD_INPUTS = 5
+CLOSE_TIMEOUT = 1.0  # a peer that does not take our last bytes is cut off after this long
 
 
-class FramedConnection(Generic[T]):
+class FramedConnection(asyncio.Protocol, Generic[T]):
     """One framed connection: `send()` waits for ACK, `receive()` yields validated messages.
 
-    The connection owns one reader task; `close()` cancels and awaits it.
+    Made by `open_framed()` (client) or `serve_framed()` (server); `close()` ends it.
     """
 
     def __init__(
         self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
         inbound: TypeAdapter[T],
         *,
         max_frame: int = framing.DEFAULT_MAX_FRAME,
@@ -45,18 +47,18 @@ class FramedConnection(Generic[T]):
         retries: int = 3,
         name: str = "peer",
     ) -> None:
-        self._reader = reader
-        self._writer = writer
         self._inbound = inbound
         self._decoder = framing.FrameDecoder(max_frame)
         self._max_frame = max_frame
         self._ack_timeout = ack_timeout
         self._retries = retries
         self.name = name
+        self._transport: asyncio.Transport | None = None
         self._inbox: asyncio.Queue[T | ConnectionLost] = asyncio.Queue(maxsize=256)
         self._acks: asyncio.Queue[bool] = asyncio.Queue()
         self._send_lock = asyncio.Lock()
-        self._task: asyncio.Task[None] | None = None
+        self._ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._writable: asyncio.Future[None] | None = None  # set while the peer is not reading
         self._closed = False
         self.bad_inputs = 0
         self.close_reason: str | None = None
@@ -64,19 +66,14 @@ class FramedConnection(Generic[T]):
         # it returns True when it handled the message, which then skips the inbox. Used only
         # while the inbox is empty, so messages are still handled in the order they came.
         self.fast_path: Callable[[T], bool] | None = None
+        # Called once the connection is up (after the TLS handshake, when there is one).
+        self.on_made: Callable[[FramedConnection[T]], None] | None = None
 
     @property
     def peer(self) -> Any:
-        return self._writer.get_extra_info("peername")
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(
-                self._read_loop(), name=f"framed-reader-{self.name}"
-            )
+        return None if self._transport is None else self._transport.get_extra_info("peername")
 
     async def __aenter__(self) -> FramedConnection[T]:
-        self.start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -89,16 +86,15 @@ class FramedConnection(Generic[T]):
             for attempt in range(1, self._retries + 1):
                 self._drain_stale_acks()
                 self._write(frame)
-                with contextlib.suppress(ConnectionError):
-                    await self._writer.drain()
+                await self._drain()
                 try:
                     acked = await asyncio.wait_for(self._acks.get(), self._ack_timeout)
                 except TimeoutError:
                     acked = False
-                    if self._closed:
-                        raise ConnectionLost(f"{self.name}: connection closed") from None
                 if acked:
                     return
+                if self._closed:
+                    raise ConnectionLost(f"{self.name}: connection closed")
                 log.debug("%s: frame not acknowledged (try %d)", self.name, attempt)
             raise DeliveryFailed(f"{self.name}: no ACK after {self._retries} tries")
 
@@ -111,52 +107,93 @@ class FramedConnection(Generic[T]):
         return item
 
     async def close(self) -> None:
+        """Close (what is written still goes out) and wait until the connection has ended."""
         self._closed = True
-        if self._task is not None and self._task is not asyncio.current_task():
-            self._task.cancel()
-            # The reader's own ending (cancelled, or failed) is no concern of whoever closes.
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-        self._writer.close()
-        with contextlib.suppress(Exception):
-            await self._writer.wait_closed()
+        transport = self._transport
+        if transport is None:
+            return
+        if self.close_reason is None:
+            self.close_reason = "closed by us"
+        transport.close()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._ended), CLOSE_TIMEOUT)
+        except TimeoutError:
+            transport.abort()  # the peer does not read what is left: drop it
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._ended), CLOSE_TIMEOUT)
+
+    # --- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        if self.on_made is not None:
+            self.on_made(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self._closed:
+            return
+        try:
+            stop = self._handle(self._decoder.feed(data))
+        except ConnectionLost:
+            stop = "connection closed while answering"
+        if stop:
+            self.close_reason = stop
+            self._closed = True
+            assert self._transport is not None
+            self._transport.close()
+
+    def eof_received(self) -> bool | None:
+        return False  # the peer is done sending: close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        if self.close_reason is None:
+            self.close_reason = (
+                f"connection error: {exc}" if exc is not None else "peer closed the connection"
+            )
+        self._put_end(ConnectionLost(f"{self.name}: {self.close_reason}"))
+        self._acks.put_nowait(False)  # a sender waiting for its ACK learns at once
+        writable, self._writable = self._writable, None
+        if writable is not None and not writable.done():
+            writable.set_result(None)
+        if not self._ended.done():
+            self._ended.set_result(None)
+
+    def pause_writing(self) -> None:
+        # The peer does not read our ACKs and frames: stop reading its input until it does.
+        if self._writable is None:
+            self._writable = asyncio.get_running_loop().create_future()
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        writable, self._writable = self._writable, None
+        if writable is not None and not writable.done():
+            writable.set_result(None)
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.resume_reading()
+
+    # --- inside -------------------------------------------------------------------------------
+
+    async def _drain(self) -> None:
+        if self._writable is not None:
+            await asyncio.shield(self._writable)
 
     def _drain_stale_acks(self) -> None:
         while not self._acks.empty():
             self._acks.get_nowait()
 
     def _write(self, data: bytes) -> None:
-        if self._writer.is_closing():
+        transport = self._transport
+        if transport is None or transport.is_closing():
             raise ConnectionLost(f"{self.name}: connection closed")
-        self._writer.write(data)
+        transport.write(data)
 
     def _reject(self, why: str) -> None:
         self.bad_inputs += 1
         log.warning("%s: NACK (%s)", self.name, why)
         with contextlib.suppress(ConnectionLost):
             self._write(framing.NACK_BYTE)
-
-    async def _read_loop(self) -> None:
-        reason = "peer closed the connection"
-        try:
-            while True:
-                chunk = await self._reader.read(READ_CHUNK)
-                if not chunk:
-                    break
-                stop = self._handle(self._decoder.feed(chunk))
-                if stop:
-                    reason = stop
-                    break
-                with contextlib.suppress(ConnectionError):
-                    await self._writer.drain()
-        except (ConnectionError, OSError, ConnectionLost) as exc:
-            # ConnectionLost: an ACK or NACK could not be written because we closed first.
-            reason = f"connection error: {exc}"
-        finally:
-            self._closed = True
-            self.close_reason = reason
-            self._put_end(ConnectionLost(f"{self.name}: {reason}"))
-            self._writer.close()
 
     def _handle(self, events: list[framing.FrameEvent]) -> str | None:
         """React to decoded events; return a reason when the connection must close."""
@@ -208,14 +245,100 @@ async def open_framed(
     ssl_context: ssl.SSLContext | None = None,
     **kwargs: Any,
 ) -> FramedConnection[T]:
-    """Connect to HOST:PORT and return a started FramedConnection.
+    """Connect to HOST:PORT and return a FramedConnection.
 
     With `ssl_context` the connection is TLS, verified as the context says against HOST; the
     handshake counts within `connect_timeout`.
     """
-    reader, writer = await asyncio.wait_for(
-        asyncio.open_connection(host, port, ssl=ssl_context), connect_timeout
+    loop = asyncio.get_running_loop()
+    _, connection = await asyncio.wait_for(
+        loop.create_connection(
+            lambda: FramedConnection(inbound, **kwargs), host, port, ssl=ssl_context
+        ),
+        connect_timeout,
     )
-    connection: FramedConnection[T] = FramedConnection(reader, writer, inbound, **kwargs)
-    connection.start()
     return connection
+
+
+class FramedServer(Generic[T]):
+    """A listening socket whose connections are FramedConnections, each served by a handler.
+
+    The handler runs in its own task and owns its connection: the connection is closed when
+    the handler returns. `close()` stops listening, cancels the handlers and waits for them.
+    """
+
+    def __init__(
+        self,
+        handler: Callable[[FramedConnection[T]], Awaitable[None]],
+        inbound: TypeAdapter[T],
+        name: str,
+        **kwargs: Any,
+    ) -> None:
+        self._handler = handler
+        self._inbound = inbound
+        self._name = name
+        self._kwargs = kwargs
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
+
+    @property
+    def sockets(self) -> tuple[Any, ...]:
+        return () if self._server is None else tuple(self._server.sockets)
+
+    def _connection(self) -> FramedConnection[T]:
+        conn: FramedConnection[T] = FramedConnection(self._inbound, name=self._name, **self._kwargs)
+        conn.on_made = self._start
+        return conn
+
+    def _start(self, conn: FramedConnection[T]) -> None:
+        conn.name = f"{self._name} {conn.peer}"
+        task = asyncio.get_running_loop().create_task(self._serve(conn), name=conn.name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, conn: FramedConnection[T]) -> None:
+        try:
+            await self._handler(conn)
+        except asyncio.CancelledError:
+            if not self._closing:
+                raise
+        except Exception:  # a connection boundary: log it, keep serving the others
+            log.exception("%s: connection handler failed", conn.name)
+        finally:
+            await conn.close()
+
+    async def close(self) -> None:
+        self._closing = True
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if server is not None:
+            await server.wait_closed()
+
+
+async def serve_framed(
+    handler: Callable[[FramedConnection[T]], Awaitable[None]],
+    host: str,
+    port: int,
+    inbound: TypeAdapter[T],
+    *,
+    name: str = "peer",
+    ssl_context: ssl.SSLContext | None = None,
+    ssl_handshake_timeout: float | None = None,
+    **kwargs: Any,
+) -> FramedServer[T]:
+    """Listen on HOST:PORT; run `handler(connection)` for each framed connection that comes."""
+    server: FramedServer[T] = FramedServer(handler, inbound, name, **kwargs)
+    server._server = await asyncio.get_running_loop().create_server(
+        server._connection,
+        host,
+        port,
+        ssl=ssl_context,
+        ssl_handshake_timeout=ssl_handshake_timeout if ssl_context else None,
+    )
+    return server

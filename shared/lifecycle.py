@@ -3,6 +3,10 @@
 `run_service` runs the service coroutine until it returns or a signal arrives, then cancels it
 and waits for its clean-up with a timeout. Exit codes: 0 clean stop, 1 anything else (2 for bad
 arguments comes from argparse).
+
+Services run on uvloop, a libuv-based event loop that does asyncio's socket work in C, when it
+is installed (it is a dependency on Linux and macOS); `EV_EVENT_LOOP=asyncio` chooses the
+standard library's loop instead, `EV_EVENT_LOOP=uvloop` insists on uvloop.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine
@@ -18,6 +23,37 @@ from typing import Any
 from shared.errors import EVError
 
 log = logging.getLogger(__name__)
+
+EVENT_LOOP_ENV = "EV_EVENT_LOOP"
+LoopFactory = Callable[[], asyncio.AbstractEventLoop]
+
+
+def loop_factory(environ: dict[str, str] | None = None) -> LoopFactory | None:
+    """The event loop EV_EVENT_LOOP asks for: uvloop's, or None for asyncio's own."""
+    choice = (os.environ if environ is None else environ).get(EVENT_LOOP_ENV, "auto").lower()
+    if choice not in ("auto", "uvloop", "asyncio"):
+        raise EVError(f"{EVENT_LOOP_ENV} must be auto, uvloop or asyncio, not {choice!r}")
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise EVError(f"{EVENT_LOOP_ENV}=uvloop but uvloop is not installed") from None
+        return None
+    factory: LoopFactory = uvloop.new_event_loop
+    return factory
+
+
+def run_loop(main: Coroutine[Any, Any, Any]) -> Any:
+    """asyncio.run(MAIN) on the event loop that EV_EVENT_LOOP chooses."""
+    try:
+        factory = loop_factory()
+    except EVError:
+        main.close()
+        raise
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
 
 
 class Shutdown:
@@ -68,7 +104,7 @@ def run_service(
 ) -> int:
     """Run a service until it ends or is signalled; return the process exit code."""
     try:
-        asyncio.run(_supervise(factory, grace))
+        run_loop(_supervise(factory, grace))
     except KeyboardInterrupt:
         return 0
     except EVError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import sqlite3
@@ -362,3 +363,26 @@ async def test_prune_forgets_only_old_idempotency_records(database: Database) ->
     async with database.transaction() as tx:
         assert await tx.seen("recent")
         assert not await tx.seen("old")
+
+
+async def test_the_write_ahead_log_is_checkpointed_while_central_runs(tmp_path: Path) -> None:
+    """Commits stay in the WAL (no fsync on the event loop); a thread copies them back."""
+    db = Database(tmp_path / "central.db")
+    await db.start()
+    try:
+        main_file = db.path.stat().st_size
+        payload = b"x" * 4000
+        async with db.transaction() as tx:
+            await tx.executemany(
+                "INSERT INTO outbox (topic, key, payload, created_at) VALUES (?, ?, ?, ?)",
+                [("t", f"k{i}", payload, time.time()) for i in range(500)],
+            )
+        # Nothing wrote the 2 MB into the database file itself yet: they are in the WAL.
+        assert db.path.stat().st_size < main_file + 1_000_000
+        deadline = time.monotonic() + scaled(10)
+        while db.path.stat().st_size < main_file + 1_000_000:
+            assert time.monotonic() < deadline, "no checkpoint copied the WAL back"
+            await asyncio.sleep(0.1)
+        assert query(db.path, "SELECT COUNT(*) FROM outbox") == [(500,)]
+    finally:
+        await db.stop()

@@ -24,7 +24,7 @@ from aiokafka import AIOKafkaConsumer
 from helpers import free_port, scaled, wait_for
 from shared.bus import KafkaBus, Topics
 from shared.errors import ConnectionLost, EVError
-from shared.framed import FramedConnection
+from shared.framed import FramedConnection, FramedServer, serve_framed
 from shared.messages import (
     CP_EVENTS,
     MONITOR_TO_CENTRAL,
@@ -136,25 +136,22 @@ class FakeCentral:
     def __init__(self, port: int) -> None:
         self.port = port
         self.received: list[MonitorToCentral] = []
-        self._server: asyncio.Server | None = None
+        self._server: FramedServer[MonitorToCentral] | None = None
         self._connections: set[FramedConnection[MonitorToCentral]] = set()
-        self._handlers: set[asyncio.Task[Any]] = set()
         # The key this fake issues to every CP, as Central does at authentication.
         self.key_id, self.key = "fakekey000000001", new_key()
         self.sealers: dict[str, Sealer] = {}
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+        self._server = await serve_framed(
+            self._handle, "127.0.0.1", self.port, MONITOR_TO_CENTRAL, name="fake-central"
+        )
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
         for connection in list(self._connections):
             await connection.close()
-        handlers = list(self._handlers)
-        await asyncio.gather(*handlers, return_exceptions=True)
         if self._server is not None:
-            await self._server.wait_closed()
+            await self._server.close()
             self._server = None
 
     def seal(self, command: Message) -> bytes:
@@ -166,12 +163,7 @@ class FakeCentral:
     def open(self, value: bytes) -> Any:
         return decode(CP_EVENTS, open_sealed(parse(value), self.key))
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._handlers.add(task)
-        connection = FramedConnection(reader, writer, MONITOR_TO_CENTRAL, name="fake-central")
-        connection.start()
+    async def _handle(self, connection: FramedConnection[MonitorToCentral]) -> None:
         self._connections.add(connection)
         try:
             while True:
@@ -195,8 +187,6 @@ class FakeCentral:
             pass
         finally:
             self._connections.discard(connection)
-            await connection.close()
-            self._handlers.discard(task)
 
     def count(self, kind: type[Message]) -> int:
         return sum(isinstance(m, kind) for m in self.received)

@@ -31,7 +31,7 @@ import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
@@ -160,8 +160,7 @@ class MonitorClient(asyncio.Protocol):
         self.silent = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         data = encode(MonitorAuth(cp_id=self.cp_id, secret=self.secret))
         self.pending.append(-1.0)  # the AUTH frame's ACK is not a heartbeat
         transport.write(encode_frame(data))
