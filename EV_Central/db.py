@@ -169,10 +169,12 @@ class Database:
 
     # --- queries used by more than one handler ------------------------------------------
 
-    async def outbox_batch(self, limit: int = 200) -> list[sqlite3.Row]:
+    async def outbox_batch(self, limit: int = 200, after: int = 0) -> list[sqlite3.Row]:
+        """The oldest LIMIT messages waiting in the outbox, from sequence AFTER + 1 on."""
         return await self.read(
-            "SELECT seq, topic, key, payload, created_at FROM outbox ORDER BY seq LIMIT ?",
-            (limit,),
+            "SELECT seq, topic, key, payload, created_at FROM outbox WHERE seq > ?"
+            " ORDER BY seq LIMIT ?",
+            (after, limit),
         )
 
     async def outbox_done(self, seqs: list[int]) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import json
 import logging
 import time
@@ -25,12 +24,12 @@ from EV_Central.auth import PeopleAuth
 from EV_Central.config import CentralSettings
 from EV_Central.db import ACTIVE_STATUSES, Database, Transaction, ticket_from_row
 from EV_Central.keys import ChannelKey, KeyStore
-from EV_Central.metrics import Histogram
+from EV_Central.metrics import GcPauses, Histogram
 from EV_Central.passwords import hash_secret, new_secret, verify_secret
 from EV_Central.pricing import cap_to_balance, decide_request, max_kwh_for
 from EV_Central.registry import ChargingPoint, LiveSession, Registry, SessionPhase
 from shared.backoff import Backoff
-from shared.bus import BusError, KafkaBus, Topics
+from shared.bus import KafkaBus, Topics
 from shared.errors import MessageError
 from shared.messages import (
     CP_EVENTS,
@@ -93,6 +92,12 @@ REJECTION_AUDIT_INTERVAL = 10.0
 LOGIN_CONCURRENCY = 4
 # How often the replay guard's progress is written to the database.
 REPLAY_SAVE_INTERVAL = 1.0
+# Consumer offsets are committed at most this often (and whenever the topics go quiet), not
+# after every poll: a commit is a round trip to the broker during which nothing is read. What a
+# crash can redeliver is at most this much more, and every handler is idempotent.
+COMMIT_INTERVAL = 0.2
+# Outbox batches handed to Kafka before the oldest is acknowledged (see _relay_outbox).
+OUTBOX_IN_FLIGHT = 4
 
 
 @dataclass(frozen=True)
@@ -135,6 +140,7 @@ class Central:
         self.loop_lag = Histogram()  # how late the supervisor's 0.25 s timer fires
         # Where a request's time goes (arrival, outbox, publish): see metrics.render.
         self.stage_seconds: dict[str, Histogram] = collections.defaultdict(Histogram)
+        self.gc_pauses = GcPauses()
         # Telemetry of one consumer poll, written in one transaction (latest per session).
         self._telemetry: dict[str, tuple[ChargingPoint, LiveSession, CPTelemetry]] = {}
         self._outbox_wake = asyncio.Event()
@@ -245,6 +251,8 @@ class Central:
             [Topics.DRIVER_REQUESTS, Topics.CP_EVENTS], "ev-central"
         )
         backoff = Backoff()
+        committed_at = 0.0
+        uncommitted = False
         while True:
             try:
                 batches = await consumer.getmany(timeout_ms=500, max_records=500)
@@ -257,7 +265,7 @@ class Central:
                 )
                 await asyncio.sleep(delay)
                 continue
-            if not batches:
+            if not batches and not uncommitted:
                 continue
             for tp, records in batches.items():
                 for record in records:
@@ -271,8 +279,14 @@ class Central:
             except Exception:
                 self.counters["handler_errors"] += 1
                 log.exception("writing a batch of telemetry failed")
+            # Everything read so far is durable now: its offsets may be committed.
+            uncommitted = True
+            now = time.monotonic()
+            if batches and now - committed_at < COMMIT_INTERVAL:
+                continue
             try:
                 await consumer.commit()
+                committed_at, uncommitted = now, False
                 backoff.reset()
             except KafkaError as exc:
                 # Not fatal: handlers are idempotent, a redelivery changes nothing.
@@ -1242,32 +1256,64 @@ class Central:
             log.exception("saving the replay guard failed")
 
     async def _relay_outbox(self) -> None:
-        """Send what committed transactions queued, in order; delete each once Kafka has it."""
+        """Send what committed transactions queued, in order; delete each once Kafka has it.
+
+        Up to OUTBOX_IN_FLIGHT batches are handed to the producer before the oldest is
+        acknowledged, so a new message does not wait for the previous batch's round trip. They
+        are handed over in outbox order and the producer keeps that order per partition. Rows
+        are deleted in order as their batches are acknowledged; after a failure everything not
+        yet acknowledged is sent again from the oldest (consumers drop duplicates by id).
+        """
         backoff = Backoff()
+        in_flight: collections.deque[tuple[list[int], float, asyncio.Future[None]]] = (
+            collections.deque()
+        )
+        sent_up_to = 0  # the highest outbox seq handed to the producer
         while True:
-            rows = await self.db.outbox_batch()
-            if not rows:
-                self._outbox_wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._outbox_wake.wait(), 1.0)
-                continue
-            oldest = time.time() - min(r["created_at"] for r in rows)
-            self.stage_seconds["outbox"].observe(max(0.0, oldest))
-            sending = time.perf_counter()
-            try:
-                await self.bus.send_batch(
-                    [(r["topic"], r["key"].encode(), bytes(r["payload"])) for r in rows]
-                )
-            except BusError as exc:
+            acked: list[int] = []
+            failure: BaseException | None = None
+            while in_flight and in_flight[0][2].done():
+                seqs, sending, batch = in_flight.popleft()
+                failure = batch.exception()
+                if failure is not None:
+                    break
+                self.stage_seconds["publish"].observe(time.perf_counter() - sending)
+                acked.extend(seqs)
+            if acked:
+                await self.db.outbox_done(acked)
+                backoff.reset()
+                self.broker_ok = True
+            if failure is not None:
+                # Let the rest finish, then send again all that is left, from the oldest.
+                await asyncio.gather(*(batch for _, _, batch in in_flight), return_exceptions=True)
+                in_flight.clear()
+                sent_up_to = 0
                 self.broker_ok = False
                 delay = backoff.next_delay()
-                log.warning("cannot publish to Kafka (%s); retrying in %.1f s", exc, delay)
+                log.warning("cannot publish to Kafka (%s); retrying in %.1f s", failure, delay)
                 await asyncio.sleep(delay)
                 continue
-            self.stage_seconds["publish"].observe(time.perf_counter() - sending)
-            backoff.reset()
-            self.broker_ok = True
-            await self.db.outbox_done([r["seq"] for r in rows])
+            rows = (
+                await self.db.outbox_batch(after=sent_up_to)
+                if len(in_flight) < OUTBOX_IN_FLIGHT
+                else []
+            )
+            if rows:
+                oldest = time.time() - min(r["created_at"] for r in rows)
+                self.stage_seconds["outbox"].observe(max(0.0, oldest))
+                batch = await self.bus.start_batch(
+                    [(r["topic"], r["key"].encode(), bytes(r["payload"])) for r in rows]
+                )
+                in_flight.append(([r["seq"] for r in rows], time.perf_counter(), batch))
+                sent_up_to = rows[-1]["seq"]
+                continue
+            # Nothing to hand over now: wait for new rows or for the oldest batch's answer.
+            self._outbox_wake.clear()
+            waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(self._outbox_wake.wait())]
+            if in_flight:
+                waits.append(in_flight[0][2])
+            await asyncio.wait(waits, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+            waits[0].cancel()
 
     async def _prune(self) -> None:
         while True:
@@ -1276,6 +1322,10 @@ class Central:
 
     async def run(self) -> None:
         """Run the background work until cancelled."""
+        with self.gc_pauses:
+            await self._run_tasks()
+
+    async def _run_tasks(self) -> None:
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self._consume(), name="kafka-consumer")
             tasks.create_task(self._relay_outbox(), name="outbox-relay")

@@ -360,6 +360,7 @@ class AdminWeb:
             outbox_pending=int(outbox[0][0]) if outbox else None,
             loop_lag=central.loop_lag,
             stage_seconds=dict(central.stage_seconds),
+            gc_pauses=central.gc_pauses.by_generation,
         )
         return response(200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
 

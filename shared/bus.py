@@ -83,7 +83,7 @@ Outgoing = Callable[[str, str, bytes], list[bytes]]
 class KafkaBus:
     """One producer for a service, plus factories for its consumers.
 
-    `outgoing`, when set, sees every value before it is published (send, send_batch, post) and
+    `outgoing`, when set, sees every value before it is published (send, start_batch, post) and
     returns what to publish instead: this is where a service seals its messages.
     """
 
@@ -108,7 +108,7 @@ class KafkaBus:
                 bootstrap_servers=self.bootstrap,
                 client_id=self.client_id,
                 acks="all",
-                linger_ms=2,
+                linger_ms=0,  # send at once; records queue up while a request is in flight
                 max_request_size=MAX_MESSAGE_BYTES * 4,
                 request_timeout_ms=10_000,
             ),
@@ -179,19 +179,38 @@ class KafkaBus:
         except KafkaError as exc:
             raise BusError(f"cannot publish to {topic}: {type(exc).__name__}") from exc
 
-    async def send_batch(self, records: list[tuple[str, bytes | None, bytes]]) -> None:
-        """Publish several (topic, key, value) records, waiting until the broker has all."""
-        if self._producer is None:
-            raise BusError("bus not started")
+    async def start_batch(
+        self, records: list[tuple[str, bytes | None, bytes]]
+    ) -> asyncio.Future[None]:
+        """Hand (topic, key, value) records to the producer, in order, without waiting.
+
+        Returns a future that completes when the broker has them all, or fails with BusError.
+        """
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         try:
-            futures = [
+            if self._producer is None:
+                raise BusError("bus not started")
+            deliveries = [
                 await self._producer.send(topic, sealed, key=key)
                 for topic, key, value in records
                 for sealed in self._values(topic, (key or b"").decode("utf-8", "replace"), value)
             ]
-            await asyncio.gather(*futures)
-        except KafkaError as exc:
-            raise BusError(f"cannot publish: {type(exc).__name__}") from exc
+        except (KafkaError, BusError) as exc:
+            done.set_exception(_bus_error(exc))
+            return done
+
+        def settle(all_delivered: asyncio.Future[list[Any]]) -> None:
+            if done.done():
+                return
+            if all_delivered.cancelled():
+                done.set_exception(BusError("cannot publish: cancelled"))
+            elif (exc := all_delivered.exception()) is not None:
+                done.set_exception(_bus_error(exc))
+            else:
+                done.set_result(None)
+
+        asyncio.gather(*deliveries).add_done_callback(settle)
+        return done
 
     async def post(self, topic: str, key: str, message: Message) -> None:
         """Publish without waiting for the broker (live figures that the next one replaces).
@@ -290,3 +309,7 @@ class KafkaBus:
                 await producer.stop()
             except KafkaError:
                 log.debug("producer stop failed", exc_info=True)
+
+
+def _bus_error(exc: BaseException) -> BusError:
+    return exc if isinstance(exc, BusError) else BusError(f"cannot publish: {type(exc).__name__}")

@@ -163,7 +163,7 @@ class MonitorClient(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         data = encode(MonitorAuth(cp_id=self.cp_id, secret=self.secret))
         self.pending.append(-1.0)  # the AUTH frame's ACK is not a heartbeat
-        transport.write(encode_frame(data))
+        self.transport.write(encode_frame(data))
 
     def data_received(self, data: bytes) -> None:
         fleet = self.fleet
@@ -751,7 +751,7 @@ class Fleet:
         if config.credentials_path is not None:
             self.credentials.save(config.credentials_path)
         provision_s = time.monotonic() - t0
-        self.producer = AIOKafkaProducer(bootstrap_servers=config.broker, linger_ms=2, acks=1)
+        self.producer = AIOKafkaProducer(bootstrap_servers=config.broker, linger_ms=0, acks=1)
         commands = AIOKafkaConsumer(
             Topics.CP_COMMANDS, bootstrap_servers=config.broker, auto_offset_reset="latest"
         )
@@ -881,4 +881,25 @@ class Fleet:
             result["central_loop_lag_over_100ms_share"] = round(late / lag_count, 4)
         lag = promtext.family(after, "ev_central_consumer_lag")
         result["central_consumer_lag_max"] = max(lag.values()) if lag else None
+        # Where a supply request's time goes inside Central, mean ms over the window.
+        stages: dict[str, float | None] = {}
+        for stage, (name, labels) in {
+            "arrival": ("ev_central_stage_seconds", {"stage": "arrival"}),
+            "handler": ("ev_central_handler_seconds", {"type": "supply_request"}),
+            "outbox": ("ev_central_stage_seconds", {"stage": "outbox"}),
+            "publish": ("ev_central_stage_seconds", {"stage": "publish"}),
+        }.items():
+            count = delta(f"{name}_count", **labels)
+            total = delta(f"{name}_sum", **labels)
+            stages[stage] = round(1000 * total / count, 2) if count else None
+        result["central_stage_mean_ms"] = stages
+        # Full garbage collections in the window (they stop Central: see the tail latencies).
+        gen2 = {"generation": "2"}
+        full = delta("ev_central_gc_pause_seconds_count", **gen2)
+        result["central_full_gc"] = {
+            "count": int(full),
+            "mean_ms": round(1000 * delta("ev_central_gc_pause_seconds_sum", **gen2) / full, 1)
+            if full
+            else None,
+        }
         return result
