@@ -20,7 +20,7 @@ import contextlib
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,8 @@ class Database:
         self._lock = asyncio.Lock()
         self._checkpointer: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
+        # Called after a transaction that queued messages commits (the outbox relay's wake).
+        self.on_outbox: Callable[[], None] | None = None
 
     async def start(self) -> None:
         if self._conn is not None:
@@ -155,6 +157,8 @@ class Database:
                 raise
             else:
                 self.conn.execute("COMMIT")
+                if tx.outgoing and self.on_outbox is not None:
+                    self.on_outbox()
 
     async def read(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
         async with self._lock:

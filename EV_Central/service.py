@@ -25,6 +25,7 @@ from EV_Central.config import CentralSettings
 from EV_Central.db import ACTIVE_STATUSES, Database, Transaction, ticket_from_row
 from EV_Central.keys import ChannelKey, KeyStore
 from EV_Central.metrics import GcPauses, Histogram
+from EV_Central.outbox import OutboxRelay
 from EV_Central.passwords import hash_secret, new_secret, verify_secret
 from EV_Central.pricing import cap_to_balance, decide_request, max_kwh_for
 from EV_Central.registry import ChargingPoint, LiveSession, Registry, SessionPhase
@@ -96,7 +97,7 @@ REPLAY_SAVE_INTERVAL = 1.0
 # after every poll: a commit is a round trip to the broker during which nothing is read. What a
 # crash can redeliver is at most this much more, and every handler is idempotent.
 COMMIT_INTERVAL = 0.2
-# Outbox batches handed to Kafka before the oldest is acknowledged (see _relay_outbox).
+# Outbox batches handed to Kafka before the oldest is acknowledged (EV_Central/outbox.py).
 OUTBOX_IN_FLIGHT = 4
 
 
@@ -143,7 +144,14 @@ class Central:
         self.gc_pauses = GcPauses()
         # Telemetry of one consumer poll, written in one transaction (latest per session).
         self._telemetry: dict[str, tuple[ChargingPoint, LiveSession, CPTelemetry]] = {}
-        self._outbox_wake = asyncio.Event()
+        self.outbox = OutboxRelay(
+            db,
+            bus,
+            in_flight=OUTBOX_IN_FLIGHT,
+            on_broker=self._broker_answers,
+            stage_seconds=self.stage_seconds,
+        )
+        db.on_outbox = self.outbox.wake
         self._dirty: set[str] = set()
         self._dirty_wake = asyncio.Event()
         # Observers (web sockets, console, monitor links) get called with what changed.
@@ -267,7 +275,11 @@ class Central:
                 continue
             if not batches and not uncommitted:
                 continue
-            for tp, records in batches.items():
+            # Driver requests first: they wait for an answer, telemetry does not. Different
+            # topics have no order between them, so this reorders nothing that has one.
+            for tp, records in sorted(
+                batches.items(), key=lambda item: item[0].topic != Topics.DRIVER_REQUESTS
+            ):
                 for record in records:
                     await self._dispatch(tp.topic, record)
                 highwater = consumer.highwater(tp)
@@ -331,7 +343,7 @@ class Central:
             # A bug must not stop Central from serving everyone else; the log has the details.
             self.counters["handler_errors"] += 1
             log.exception("handler failed for %s offset %d", topic, record.offset)
-        self._outbox_wake.set()
+        await self.outbox.hand_over_new()  # the reply leaves now, not on the relay's next turn
 
     # --- sealed channels ----------------------------------------------------------------------
 
@@ -870,7 +882,6 @@ class Central:
         if cp is not None and cp.session is not None and cp.session.session_id == session_id:
             cp.session = None
             self.changed(cp)
-        self._outbox_wake.set()
 
     # --- monitor-side events (from the TCP server) ---------------------------------------
 
@@ -1228,7 +1239,7 @@ class Central:
                         await self.begin_end(cp, EndReason.ENGINE_LOST, 0, tell_engine=True)
                 except Exception:
                     log.exception("timer handling failed for %s", cp.id)
-            self._outbox_wake.set()
+            await self.outbox.hand_over_new()
             await self._save_replay_guard(now)
 
     async def _save_replay_guard(self, now: float) -> None:
@@ -1255,65 +1266,8 @@ class Central:
         except Exception:
             log.exception("saving the replay guard failed")
 
-    async def _relay_outbox(self) -> None:
-        """Send what committed transactions queued, in order; delete each once Kafka has it.
-
-        Up to OUTBOX_IN_FLIGHT batches are handed to the producer before the oldest is
-        acknowledged, so a new message does not wait for the previous batch's round trip. They
-        are handed over in outbox order and the producer keeps that order per partition. Rows
-        are deleted in order as their batches are acknowledged; after a failure everything not
-        yet acknowledged is sent again from the oldest (consumers drop duplicates by id).
-        """
-        backoff = Backoff()
-        in_flight: collections.deque[tuple[list[int], float, asyncio.Future[None]]] = (
-            collections.deque()
-        )
-        sent_up_to = 0  # the highest outbox seq handed to the producer
-        while True:
-            acked: list[int] = []
-            failure: BaseException | None = None
-            while in_flight and in_flight[0][2].done():
-                seqs, sending, batch = in_flight.popleft()
-                failure = batch.exception()
-                if failure is not None:
-                    break
-                self.stage_seconds["publish"].observe(time.perf_counter() - sending)
-                acked.extend(seqs)
-            if acked:
-                await self.db.outbox_done(acked)
-                backoff.reset()
-                self.broker_ok = True
-            if failure is not None:
-                # Let the rest finish, then send again all that is left, from the oldest.
-                await asyncio.gather(*(batch for _, _, batch in in_flight), return_exceptions=True)
-                in_flight.clear()
-                sent_up_to = 0
-                self.broker_ok = False
-                delay = backoff.next_delay()
-                log.warning("cannot publish to Kafka (%s); retrying in %.1f s", failure, delay)
-                await asyncio.sleep(delay)
-                continue
-            rows = (
-                await self.db.outbox_batch(after=sent_up_to)
-                if len(in_flight) < OUTBOX_IN_FLIGHT
-                else []
-            )
-            if rows:
-                oldest = time.time() - min(r["created_at"] for r in rows)
-                self.stage_seconds["outbox"].observe(max(0.0, oldest))
-                batch = await self.bus.start_batch(
-                    [(r["topic"], r["key"].encode(), bytes(r["payload"])) for r in rows]
-                )
-                in_flight.append(([r["seq"] for r in rows], time.perf_counter(), batch))
-                sent_up_to = rows[-1]["seq"]
-                continue
-            # Nothing to hand over now: wait for new rows or for the oldest batch's answer.
-            self._outbox_wake.clear()
-            waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(self._outbox_wake.wait())]
-            if in_flight:
-                waits.append(in_flight[0][2])
-            await asyncio.wait(waits, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
-            waits[0].cancel()
+    def _broker_answers(self, ok: bool) -> None:
+        self.broker_ok = ok
 
     async def _prune(self) -> None:
         while True:
@@ -1328,7 +1282,7 @@ class Central:
     async def _run_tasks(self) -> None:
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self._consume(), name="kafka-consumer")
-            tasks.create_task(self._relay_outbox(), name="outbox-relay")
+            tasks.create_task(self.outbox.run(), name="outbox-relay")
             tasks.create_task(self._supervise(), name="supervisor")
             tasks.create_task(self._publish_changes(), name="state-publisher")
             tasks.create_task(self._prune(), name="prune")
