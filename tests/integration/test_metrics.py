@@ -49,3 +49,9 @@ async def test_metrics_count_a_supply(system: Deployment) -> None:
     assert promtext.value(after, "ev_central_handler_seconds_count", type="telemetry_batch") >= 1
     lag = promtext.family(after, "ev_central_consumer_lag")
     assert lag and all(v >= 0 for v in lag.values())
+    # Where the request's time went: one arrival, its reply handed over and acknowledged.
+    assert promtext.value(after, "ev_central_stage_seconds_count", stage="arrival") == 1
+    assert promtext.value(after, "ev_central_stage_seconds_count", stage="outbox") >= 1
+    assert promtext.value(after, "ev_central_stage_seconds_count", stage="publish") >= 1
+    pauses = promtext.family(after, "ev_central_gc_pause_seconds_count")
+    assert set(pauses) >= {(("generation", g),) for g in "012"}, pauses

@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer
-from conftest import Broker, _empty_broker
 
 from EV_Central.db import Database
 from EV_Central.outbox import OutboxRelay
@@ -97,19 +96,18 @@ async def wait_empty(outbox: OutboxRelay) -> None:
 
 
 async def test_many_batches_arrive_in_outbox_order_and_the_outbox_empties(
-    tmp_path: Path, kafka_bootstrap: str
+    tmp_path: Path, broker: Any
 ) -> None:
-    await _empty_broker(kafka_bootstrap)
-    async with relay(tmp_path, kafka_bootstrap) as outbox:
+    async with relay(tmp_path, broker.bootstrap) as outbox:
         await queue_rows(outbox, 0, 1000)  # 5 batches of 200, several in flight at once
         await queue_rows(outbox, 1000, 1000, hand_over=True)  # and from the handlers' side
-        seen = await read_rows(kafka_bootstrap, 2000)
+        seen = await read_rows(broker.bootstrap, 2000)
         await wait_empty(outbox)
     assert seen == list(range(2000))
 
 
 async def test_a_broker_outage_loses_nothing_and_keeps_the_order(
-    tmp_path: Path, broker: Broker, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, broker: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="EV_Central.outbox")
     async with relay(tmp_path, broker.bootstrap) as outbox:

@@ -249,6 +249,7 @@ class Fleet:
         # Measurements (seconds).
         self.heartbeat_rtt: list[float] = []
         self.auth_latency: list[float] = []
+        self.auth_latency_warmup: list[float] = []
         self.telemetry_latency: list[float] = []
         self.lost_closed: list[float] = []
         self.lost_silent: list[float] = []
@@ -545,6 +546,7 @@ class Fleet:
             waiter: asyncio.Future[Message] = loop.create_future()
             self.driver_waiters[driver_id] = waiter
             sent = time.perf_counter()
+            in_window = self.measuring
             await self.send(
                 Topics.DRIVER_REQUESTS,
                 driver_id,
@@ -563,8 +565,10 @@ class Fleet:
                 self.busy.discard(cp_id)
                 await asyncio.sleep(1)
                 continue
-            # Every request counts, the first wave during the warm-up included.
-            self.auth_latency.append(time.perf_counter() - sent)
+            # Requests sent in the measured window count; those of the warm-up (the first wave:
+            # every driver at once, while the fleet is still logging in) are reported apart.
+            latency = time.perf_counter() - sent
+            (self.auth_latency if in_window else self.auth_latency_warmup).append(latency)
             # Wait until the supply is over (the engine side ends it), then ask again a moment
             # later: by then Central has settled it (else: denied, driver_busy).
             released = self.released.setdefault(cp_id, asyncio.Event())
@@ -838,6 +842,7 @@ class Fleet:
             "heartbeats_sent": hb_sent,
             "heartbeat_rtt_ms": summarise(self.heartbeat_rtt),
             "request_to_authorisation_ms": summarise(self.auth_latency),
+            "request_to_authorisation_warmup_ms": summarise(self.auth_latency_warmup),
             "telemetry_to_dashboard_ms": summarise(self.telemetry_latency),
             "lost_cp_closed_ms": summarise(self.lost_closed),
             "lost_cp_silent_ms": summarise(self.lost_silent),
