@@ -133,6 +133,20 @@ def central_key_from_db(db_path: str) -> str | None:
     return identity_public(load_identity(bytes.fromhex(row[0]))) if row else None
 
 
+async def stop_tasks(tasks: list[asyncio.Task[Any]]) -> None:
+    """Cancel TASKS until every one has ended.
+
+    Once is not always enough on Python 3.11: `asyncio.wait_for` can swallow a cancellation that
+    comes as its awaitable completes, and a driver task then went on to wait for a supply that
+    would never end, holding the whole run open.
+    """
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=1.0)
+
+
 class MonitorClient(asyncio.Protocol):
     """One CP's monitor: AUTH with its secret, then heartbeats written by the fleet's ticker."""
 
@@ -811,8 +825,7 @@ class Fleet:
                 hb_sent = self.heartbeats_sent - hb_sent0
                 supplying_now = len(self.supplies)
                 self.stopping = True
-                for task in background + drivers:
-                    task.cancel()
+                await stop_tasks(background + drivers)
         finally:
             self.stopping = True
             for client in self.monitors.values():
