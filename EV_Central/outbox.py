@@ -69,9 +69,18 @@ class OutboxRelay:
         self._wake.set()
 
     async def hand_over_new(self) -> None:
-        """`hand_over()`, when a transaction has queued something since the last look."""
-        if self._new_rows:
+        """`hand_over()`, when a transaction has queued something since the last look.
+
+        Called from the consumer loop: a failure here is logged and left to the relay's own
+        task, which looks again at once; it never stops the caller.
+        """
+        if not self._new_rows:
+            return
+        try:
             await self.hand_over()
+        except Exception:
+            log.exception("handing the outbox to Kafka failed; the relay will try again")
+            self.wake()
 
     async def hand_over(self) -> None:
         """Pass the rows not yet with the producer to it, as far as the in-flight limit allows."""

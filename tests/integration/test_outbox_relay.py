@@ -132,3 +132,17 @@ async def test_a_broker_outage_loses_nothing_and_keeps_the_order(
     last: dict[int, int] = {n: i for i, n in enumerate(seen)}
     assert set(last) == set(range(1200))
     assert sorted(last, key=last.__getitem__) == list(range(1200))
+
+
+async def test_a_failing_hand_over_is_logged_and_does_not_stop_the_consumer_loop(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = Database(tmp_path / "central.db", demo=False)
+    await db.start()
+    outbox = OutboxRelay(db, KafkaBus("127.0.0.1:9", "test-relay"))
+    async with db.transaction() as tx:
+        await tx.publish(TOPIC, "CP001", update(0))
+    outbox.wake()
+    await db.stop()  # the database is gone: reading the outbox fails
+    await outbox.hand_over_new()  # logged, not raised
+    assert "handing the outbox to Kafka failed" in caplog.text
