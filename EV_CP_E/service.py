@@ -390,8 +390,7 @@ class EngineService:
         except Exception as exc:  # a connection boundary: log it, keep the engine running
             log.error("monitor connection failed: %s: %s", type(exc).__name__, exc)
             log.debug("details", exc_info=True)
-        finally:
-            await connection.close()
+        finally:  # the server closes the connection once this returns
             if self._monitor is connection:
                 self._monitor = None
 

@@ -178,8 +178,8 @@ def render(
         out.family(
             "ev_central_stage_seconds",
             "histogram",
-            "Where a message's time goes: arrival (sent -> handled), outbox (committed -> "
-            "published), publish (the broker's acknowledgement).",
+            "Where a message's time goes: arrival (sent -> handled), outbox (committed -> handed "
+            "to the producer), publish (handed over -> the broker's acknowledgement).",
         )
         for stage, hist in sorted(stage_seconds.items()):
             out.histogram("ev_central_stage_seconds", hist, {"stage": stage})

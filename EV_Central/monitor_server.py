@@ -126,7 +126,6 @@ class MonitorServer:
             if not self._closing and link is not None and link.cp.connection is link:
                 with contextlib.suppress(Exception):
                     await self.central.monitor_lost(link.cp, why)
-            await conn.close()
 
     async def _authenticate(self, conn: FramedConnection[MonitorToCentral]) -> MonitorLink | None:
         first = await asyncio.wait_for(conn.receive(), AUTH_TIMEOUT)

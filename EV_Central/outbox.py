@@ -45,13 +45,16 @@ class OutboxRelay:
         *,
         in_flight: int = 4,
         on_broker: Callable[[bool], None] = lambda ok: None,
-        stage_seconds: dict[str, Histogram] | None = None,
+        stage_seconds: collections.defaultdict[str, Histogram] | None = None,
     ) -> None:
         self.db = db
         self.bus = bus
         self.max_in_flight = in_flight
         self.on_broker = on_broker  # told whether the broker takes our messages
-        self.stage_seconds = stage_seconds if stage_seconds is not None else {}
+        # "outbox" (committed -> handed over) and "publish" (-> acknowledged), in /metrics
+        self.stage_seconds = (
+            stage_seconds if stage_seconds is not None else collections.defaultdict(Histogram)
+        )
         # (outbox seqs, when handed over, the broker's answer), oldest first
         self._in_flight: collections.deque[tuple[list[int], float, asyncio.Future[None]]] = (
             collections.deque()
@@ -95,7 +98,7 @@ class OutboxRelay:
                 if not rows:
                     return
                 oldest = time.time() - min(r["created_at"] for r in rows)
-                self._observe("outbox", max(0.0, oldest))
+                self.stage_seconds["outbox"].observe(max(0.0, oldest))
                 answer = await self.bus.start_batch(
                     [(r["topic"], r["key"].encode(), bytes(r["payload"])) for r in rows]
                 )
@@ -122,7 +125,7 @@ class OutboxRelay:
             failure = answer.exception()
             if failure is not None:
                 break
-            self._observe("publish", time.perf_counter() - sent_at)
+            self.stage_seconds["publish"].observe(time.perf_counter() - sent_at)
             acked.extend(seqs)
         if acked:
             await self.db.outbox_done(acked)
@@ -154,9 +157,3 @@ class OutboxRelay:
             await asyncio.wait(waits, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
         finally:
             waits[0].cancel()
-
-    def _observe(self, stage: str, seconds: float) -> None:
-        histogram = self.stage_seconds.get(stage)
-        if histogram is None:
-            histogram = self.stage_seconds[stage] = Histogram()
-        histogram.observe(seconds)

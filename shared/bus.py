@@ -186,7 +186,6 @@ class KafkaBus:
 
         Returns a future that completes when the broker has them all, or fails with BusError.
         """
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         try:
             if self._producer is None:
                 raise BusError("bus not started")
@@ -196,21 +195,17 @@ class KafkaBus:
                 for sealed in self._values(topic, (key or b"").decode("utf-8", "replace"), value)
             ]
         except (KafkaError, BusError) as exc:
-            done.set_exception(_bus_error(exc))
-            return done
+            refused: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            refused.set_exception(_bus_error(exc))
+            return refused
 
-        def settle(all_delivered: asyncio.Future[list[Any]]) -> None:
-            if done.done():
-                return
-            if all_delivered.cancelled():
-                done.set_exception(BusError("cannot publish: cancelled"))
-            elif (exc := all_delivered.exception()) is not None:
-                done.set_exception(_bus_error(exc))
-            else:
-                done.set_result(None)
+        async def delivered() -> None:
+            try:
+                await asyncio.gather(*deliveries)
+            except KafkaError as exc:
+                raise _bus_error(exc) from exc
 
-        asyncio.gather(*deliveries).add_done_callback(settle)
-        return done
+        return asyncio.ensure_future(delivered())
 
     async def post(self, topic: str, key: str, message: Message) -> None:
         """Publish without waiting for the broker (live figures that the next one replaces).

@@ -73,12 +73,6 @@ class FramedConnection(asyncio.Protocol, Generic[T]):
     def peer(self) -> Any:
         return None if self._transport is None else self._transport.get_extra_info("peername")
 
-    async def __aenter__(self) -> FramedConnection[T]:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
     async def send(self, message: Message) -> None:
         """Send one message and wait for its ACK; raise DeliveryFailed or ConnectionLost."""
         frame = framing.encode_frame(encode(message), self._max_frame)
@@ -121,6 +115,12 @@ class FramedConnection(asyncio.Protocol, Generic[T]):
             transport.abort()  # the peer does not read what is left: drop it
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._ended), CLOSE_TIMEOUT)
+
+    async def __aenter__(self) -> FramedConnection[T]:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
     # --- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -286,6 +286,21 @@ class FramedServer(Generic[T]):
     def sockets(self) -> tuple[Any, ...]:
         return () if self._server is None else tuple(self._server.sockets)
 
+    async def listen(
+        self,
+        host: str,
+        port: int,
+        ssl_context: ssl.SSLContext | None = None,
+        ssl_handshake_timeout: float | None = None,
+    ) -> None:
+        self._server = await asyncio.get_running_loop().create_server(
+            self._connection,
+            host,
+            port,
+            ssl=ssl_context,
+            ssl_handshake_timeout=ssl_handshake_timeout if ssl_context else None,
+        )
+
     def _connection(self) -> FramedConnection[T]:
         conn: FramedConnection[T] = FramedConnection(self._inbound, name=self._name, **self._kwargs)
         conn.on_made = self._start
@@ -334,11 +349,5 @@ async def serve_framed(
 ) -> FramedServer[T]:
     """Listen on HOST:PORT; run `handler(connection)` for each framed connection that comes."""
     server: FramedServer[T] = FramedServer(handler, inbound, name, **kwargs)
-    server._server = await asyncio.get_running_loop().create_server(
-        server._connection,
-        host,
-        port,
-        ssl=ssl_context,
-        ssl_handshake_timeout=ssl_handshake_timeout if ssl_context else None,
-    )
+    await server.listen(host, port, ssl_context, ssl_handshake_timeout)
     return server

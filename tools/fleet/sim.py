@@ -838,6 +838,13 @@ class Fleet:
         def delta(name: str, **labels: str) -> float:
             return promtext.value(after, name, **labels) - promtext.value(before, name, **labels)
 
+        def mean_ms(histogram: str, digits: int = 2, **labels: str) -> float | None:
+            """A histogram's mean over the window, in ms (None when nothing was observed)."""
+            count = delta(f"{histogram}_count", **labels)
+            if not count:
+                return None
+            return round(1000 * delta(f"{histogram}_sum", **labels) / count, digits)
+
         heartbeats_handled = delta("ev_central_messages_total", type="heartbeat")
         result: dict[str, Any] = {
             "cps": config.cps,
@@ -892,32 +899,23 @@ class Fleet:
         lag_name = "ev_central_event_loop_lag_seconds"
         lag_count = delta(f"{lag_name}_count")
         if lag_count:
-            result["central_loop_lag_mean_ms"] = round(
-                1000 * delta(f"{lag_name}_sum") / lag_count, 2
-            )
+            result["central_loop_lag_mean_ms"] = mean_ms(lag_name)
             late = lag_count - delta(f"{lag_name}_bucket", le="0.1")
             result["central_loop_lag_over_100ms_share"] = round(late / lag_count, 4)
         lag = promtext.family(after, "ev_central_consumer_lag")
         result["central_consumer_lag_max"] = max(lag.values()) if lag else None
         # Where a supply request's time goes inside Central, mean ms over the window.
-        stages: dict[str, float | None] = {}
-        for stage, (name, labels) in {
-            "arrival": ("ev_central_stage_seconds", {"stage": "arrival"}),
-            "handler": ("ev_central_handler_seconds", {"type": "supply_request"}),
-            "outbox": ("ev_central_stage_seconds", {"stage": "outbox"}),
-            "publish": ("ev_central_stage_seconds", {"stage": "publish"}),
-        }.items():
-            count = delta(f"{name}_count", **labels)
-            total = delta(f"{name}_sum", **labels)
-            stages[stage] = round(1000 * total / count, 2) if count else None
-        result["central_stage_mean_ms"] = stages
+        stage = "ev_central_stage_seconds"
+        result["central_stage_mean_ms"] = {
+            "arrival": mean_ms(stage, stage="arrival"),
+            "handler": mean_ms("ev_central_handler_seconds", type="supply_request"),
+            "outbox": mean_ms(stage, stage="outbox"),
+            "publish": mean_ms(stage, stage="publish"),
+        }
         # Full garbage collections in the window (they stop Central: see the tail latencies).
-        gen2 = {"generation": "2"}
-        full = delta("ev_central_gc_pause_seconds_count", **gen2)
+        pauses = "ev_central_gc_pause_seconds"
         result["central_full_gc"] = {
-            "count": int(full),
-            "mean_ms": round(1000 * delta("ev_central_gc_pause_seconds_sum", **gen2) / full, 1)
-            if full
-            else None,
+            "count": int(delta(f"{pauses}_count", generation="2")),
+            "mean_ms": mean_ms(pauses, 1, generation="2"),
         }
         return result
