@@ -17,16 +17,15 @@ from aiokafka.errors import KafkaError
 from EV_CP_E.config import EngineSettings
 from EV_CP_E.machine import EngineMachine, EngineState, Outcome
 from shared.backoff import Backoff
-from shared.bus import BusError, KafkaBus, Topics
+from shared.bus import BusError, KafkaBus, Topics, consume_each
 from shared.console import stdin_lines
+from shared.cp_channel import CPChannel, KeyNotKnown
 from shared.errors import ConnectionLost, DeliveryFailed, EVError, MessageError
 from shared.framed import FramedConnection, serve_framed
 from shared.lifecycle import Shutdown
 from shared.messages import (
-    CP_COMMANDS,
     MONITOR_TO_ENGINE,
     AuthorizeSupply,
-    CPCommand,
     CPPlugged,
     CPTelemetry,
     EndSupply,
@@ -36,19 +35,8 @@ from shared.messages import (
     Message,
     MonitorToEngine,
     SetService,
-    decode,
-    encode,
 )
-from shared.sealing import (
-    ReplayGuard,
-    Sealer,
-    SealError,
-    check_hello_proof,
-    is_sealed,
-    open_sealed,
-    parse,
-    unb64,
-)
+from shared.sealing import SealError, check_hello_proof
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +84,8 @@ class EngineService:
         self._last_status = ""
         self._last_poll_refusal: str | None = None
         # The CP's keys, handed over by the monitor: events are sealed with the newest.
-        self._keys: dict[str, bytes] = {}
-        self._sealer: Sealer | None = None
+        self._channel: CPChannel | None = None
         self._key_ready = asyncio.Event()
-        self._replay = ReplayGuard(max_streams=64)
         self._pending: deque[ConsumerRecord[bytes, bytes]] = deque(maxlen=PENDING_COMMANDS)
         self._hellos: deque[str] = deque(maxlen=64)  # recent hello ids: no replayed hello
         if not settings.secret:
@@ -213,7 +199,8 @@ class EngineService:
                 self._outbox_changed.clear()
                 await self._outbox_changed.wait()
             key, message, reliable = self._outbox[0]
-            if self._sealer is None:
+            channel = self._channel
+            if channel is None or not channel.ready:
                 if not reliable:
                     self._outbox.popleft()
                     continue
@@ -221,7 +208,7 @@ class EngineService:
                 await self._key_ready.wait()
                 continue
             try:
-                sealed = self._sealer.seal(message.id, encode(message))
+                sealed = channel.seal(message)
                 await self.bus.send_raw(Topics.CP_EVENTS, key.encode(), sealed)
             except (BusError, KafkaError) as exc:
                 if not reliable:
@@ -281,18 +268,8 @@ class EngineService:
         log.info("listening for Central's commands")
         self._say("listening for Central's commands")
         self._commands_ready.set()
-        backoff.reset()
         # The consumer belongs to the bus, which stops it with everything else.
-        while True:
-            try:
-                record = await consumer.getone()
-            except KafkaError as exc:
-                delay = backoff.next_delay()
-                log.warning("cannot read commands from Kafka (%s); retrying in %.1f s", exc, delay)
-                await asyncio.sleep(delay)
-                continue
-            backoff.reset()
-            self._on_record(record)
+        await consume_each(consumer, self._on_record, what="Central's commands")
 
     def _on_record(self, record: ConsumerRecord[bytes, bytes]) -> None:
         cp_id = self.machine.cp_id
@@ -301,7 +278,11 @@ class EngineService:
         if record.key is not None and record.key.decode("utf-8", "replace") != cp_id:
             return
         try:
-            command = self._open_command(record, cp_id)
+            command = self._channel_of(cp_id).open(record.value or b"")
+        except KeyNotKnown as exc:
+            self._pending.append(record)  # maybe sealed with the key the monitor is bringing
+            log.info("command sealed with key %s, not known yet: held", exc.key_id)
+            return
         except SealError as exc:
             log.warning("refused a command at offset %d: %s", record.offset, exc)
             self._say(f"refused a command that failed authentication: {exc}")
@@ -315,8 +296,6 @@ class EngineService:
                 exc,
             )
             return
-        if command is None:
-            return
         log.info("command %s from Central", command.type)
         if isinstance(command, AuthorizeSupply):
             self._apply(self.machine.authorize(command))
@@ -325,43 +304,22 @@ class EngineService:
         elif isinstance(command, SetService):
             self._apply(self.machine.set_service(command))
 
-    def _open_command(self, record: ConsumerRecord[bytes, bytes], cp_id: str) -> CPCommand | None:
-        """Central's command in a record, authenticated; None when it must wait for its key."""
-        value = record.value or b""
-        if not is_sealed(value):
-            raise SealError("commands must be sealed with this CP's key")
-        envelope = parse(value)
-        if envelope.principal != cp_id or envelope.ch != "cp-command":
-            raise SealError(f"an envelope for {envelope.principal} ({envelope.ch})")
-        key = self._keys.get(envelope.key_id)
-        if key is None:
-            self._pending.append(record)  # maybe sealed with the key the monitor is bringing
-            log.info("command sealed with key %s, not known yet: held", envelope.key_id)
-            return None
-        self._replay.check(envelope)
-        command = decode(CP_COMMANDS, open_sealed(envelope, key))
-        if command.id != envelope.id or command.cp_id != cp_id:
-            raise SealError("the sealed command does not match its envelope")
-        if time.time() - command.ts > COMMAND_MAX_AGE:
-            raise SealError(f"command older than {COMMAND_MAX_AGE:g} s")
-        self._replay.accept(envelope)
-        return command
+    def _channel_of(self, cp_id: str) -> CPChannel:
+        """This CP's channel (the CP id, once known, never changes)."""
+        if self._channel is None:
+            self._channel = CPChannel(cp_id, old_keys=OLD_KEYS, max_age=COMMAND_MAX_AGE)
+        return self._channel
 
     def _take_key(self, message: EngineKey) -> None:
         """The monitor hands over the CP's key (after each authentication) or takes it back."""
+        channel = self._channel_of(message.cp_id)
         if message.key_id is None or message.key is None:
-            self._keys.clear()
-            self._sealer = None
+            channel.revoke()
             self._key_ready.clear()
             self._say("Central revoked this CP's key: waiting for a new one")
             return
-        if message.key_id in self._keys:
+        if not channel.take_key(message.key_id, message.key):
             return
-        key = unb64(message.key, "key")
-        while len(self._keys) > OLD_KEYS:
-            self._keys.pop(next(iter(self._keys)))
-        self._keys[message.key_id] = key
-        self._sealer = Sealer("cp-event", message.cp_id, message.key_id, key)
         self._key_ready.set()
         log.info("new key %s from the monitor", message.key_id)
         held, self._pending = list(self._pending), deque(maxlen=PENDING_COMMANDS)

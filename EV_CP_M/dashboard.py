@@ -1,16 +1,16 @@
 """`python -m EV_CP_M dashboard --broker HOST:PORT`: the site dashboard (:8003).
 
 Reads the monitors' health samples (ev.cp.health, from one hour ago) and Central's CP states
-(ev.cp.state, compacted, from the start) into a pure `Site`, and serves it with the `websockets`
-library: the page and its files, /healthz, /api/site, and /ws, which sends a snapshot and then
-the site every half second.
+(ev.cp.state, compacted, from the start) into a pure `Site`, and serves it with the shared web
+shell (shared/webshell.py): the page and its files, and /ws, which sends a snapshot and then the
+site every half second. Its own parts plug in: /healthz, /api/site, and the answers to a
+browser's ping and snapshot requests. The site is public and read-only: no logins.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import sys
 import time
@@ -20,10 +20,8 @@ from typing import Annotated, Any, Literal
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
-from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.exceptions import ConnectionClosed
-from websockets.http11 import Request, Response
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from websockets.http11 import Response
 
 from EV_CP_M.site import SILENCE_S, Site
 from shared.backoff import Backoff
@@ -31,7 +29,7 @@ from shared.bus import KafkaBus, Topics, decode_record
 from shared.errors import ConfigError, MessageError
 from shared.lifecycle import Shutdown, run_service
 from shared.logs import setup_logging
-from shared.messages import CP_HEALTH, CP_STATE
+from shared.messages import CP_HEALTH, CP_STATE, decode
 from shared.settings import (
     EnvArgumentParser,
     add_common_options,
@@ -39,12 +37,13 @@ from shared.settings import (
     port_number,
     seconds,
 )
-from shared.tls import HANDSHAKE_TIMEOUT, add_server_options, optional_server_context
-from shared.web import bound_port, error_response, json_response, split_path, static_response
+from shared.tls import add_server_options, optional_server_context
+from shared.web import json_response
+from shared.webapp import HttpRequest, Limits, Listen, Route, WebApp, WebClient, server_fields
+from shared.webshell import WebShell
 
 log = logging.getLogger(__name__)
 
-PACKAGE = "EV_CP_M"
 PUSH_INTERVAL = 0.5  # the page is never more than this behind (the brief asks for 1 s)
 MAX_CLIENT_BYTES = 1024  # browsers send tiny messages, if any
 MAX_CLIENTS = 100
@@ -98,18 +97,7 @@ def parse_settings(
     """Parse the command line; exits 2 on bad arguments, raises ConfigError on bad env."""
     parser = build_parser(environ)
     args = parser.parse_args(argv)
-    tls_cert, tls_key = args.tls_cert or None, args.tls_key or None
-    optional_server_context(tls_cert, tls_key)  # bad TLS files: ConfigError now, not later
-    return DashboardSettings(
-        broker=args.broker,
-        http_port=args.http_port,
-        listen_host=args.listen_host,
-        monitor_timeout=args.monitor_timeout,
-        log_level=args.log_level,
-        log_json=args.log_json,
-        tls_cert=tls_cert,
-        tls_key=tls_key,
-    )
+    return DashboardSettings(**server_fields(args), monitor_timeout=args.monitor_timeout)
 
 
 # --- what a browser may send ------------------------------------------------------------------
@@ -137,28 +125,26 @@ ClientMessage = Annotated[PingRequest | SnapshotRequest, Field(discriminator="ty
 CLIENT_MESSAGE: TypeAdapter[ClientMessage] = TypeAdapter(ClientMessage)
 
 
-def client_error(detail: str, ref: str | None = None) -> str:
-    return json.dumps({"type": "error", "ref": ref, "detail": detail})
+def client_error(detail: str, ref: str | None = None) -> dict[str, Any]:
+    return {"type": "error", "ref": ref, "detail": detail}
 
 
 def parse_client_message(raw: str | bytes) -> ClientMessage:
     """Validate one browser message; raise MessageError with a short reason."""
     if isinstance(raw, bytes):
         raise MessageError("binary messages are not accepted")
-    try:
-        return CLIENT_MESSAGE.validate_json(raw)
-    except ValidationError as exc:
-        errors = exc.errors(include_url=False)
-        where = ".".join(str(p) for p in errors[0]["loc"]) if errors else ""
-        reason = errors[0]["msg"] if errors else "invalid"
-        raise MessageError(f"invalid message at {where or 'message'}: {reason}") from None
+    return decode(CLIENT_MESSAGE, raw.encode("utf-8"), MAX_CLIENT_BYTES)
 
 
 # --- the service ------------------------------------------------------------------------------
 
 
-class SiteDashboard:
+class SiteDashboard(WebApp):
     """Kafka in, a pure Site in the middle, HTTP and WebSocket out."""
+
+    web_name = "site dashboard"
+    static_package = "EV_CP_M"
+    server_header = "EV_CP_M site dashboard"
 
     def __init__(
         self,
@@ -172,59 +158,35 @@ class SiteDashboard:
         self.clock = clock
         self.site = Site(clock=clock, silence=settings.monitor_timeout)
         self.bus = KafkaBus(settings.broker, "site-dashboard")
-        self.port = settings.http_port
         self.ready = False  # the last hour of samples has been replayed
         self.consuming = False
         self.invalid_messages = 0
-        self._server: Server | None = None
-        self._clients: dict[ServerConnection, asyncio.Queue[str]] = {}
+        self._invalid: dict[WebClient, int] = {}  # invalid messages of each open WebSocket
         self._broker_cache: tuple[float, bool] = (0.0, False)
+        # Public and read-only: no logins, and any page may watch.
+        tls = optional_server_context(settings.tls_cert, settings.tls_key)
+        self.web = WebShell(
+            self,
+            Listen(settings.listen_host, settings.http_port, tls),
+            Limits(MAX_CLIENT_BYTES, MAX_CLIENTS, CLIENT_QUEUE, max_queue=4),
+            routes={"/api/site": Route(self._api_site), "/healthz": Route(self._healthz)},
+        )
+
+    @property
+    def port(self) -> int:
+        """The web port (the one the OS chose once started on port 0)."""
+        return self.web.port
 
     async def run(self) -> None:
-        await self.start_web()
         try:
-            async with asyncio.TaskGroup() as group:
-                tasks = [
-                    group.create_task(self._feed(), name="site-feed"),
-                    group.create_task(self._push(), name="site-push"),
-                ]
-                await self.shutdown.wait()
-                for task in tasks:
-                    task.cancel()
+            await self.web.run(self.shutdown, self._feed, self._push)
         finally:
             await self.stop()
         log.info("site dashboard stopped")
 
-    @property
-    def tls(self) -> bool:
-        """True when the dashboard is served over TLS (HTTPS, WSS)."""
-        return self.settings.tls_cert is not None
-
-    async def start_web(self) -> None:
-        tls = optional_server_context(self.settings.tls_cert, self.settings.tls_key)
-        self._server = await serve(
-            self._ws_handler,
-            self.settings.listen_host,
-            self.settings.http_port,
-            process_request=self._process_request,
-            max_size=MAX_CLIENT_BYTES,
-            max_queue=4,
-            server_header="EV_CP_M site dashboard",
-            ssl=tls,
-            ssl_handshake_timeout=HANDSHAKE_TIMEOUT if tls else None,
-        )
-        self.port = bound_port(self._server.sockets, self.settings.http_port)
-        scheme = "https" if tls else "http"
-        log.info("site dashboard on %s://%s:%d/", scheme, self.settings.listen_host, self.port)
-
     async def stop(self) -> None:
         """Close the server and the bus (idempotent)."""
-        server, self._server = self._server, None
-        if server is not None:
-            server.close()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(BUS_STOP_TIMEOUT):
-                    await server.wait_closed()
+        await self.web.stop()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(BUS_STOP_TIMEOUT):
                 await self.bus.stop()
@@ -334,7 +296,7 @@ class SiteDashboard:
             "ready": self.ready,
             "consuming": self.consuming,
             "invalid_messages": self.invalid_messages,
-            "websocket_clients": len(self._clients),
+            "websocket_clients": self.web.client_count,
         }
 
     def site_json(self, *, full_rtt: bool) -> dict[str, Any]:
@@ -350,8 +312,8 @@ class SiteDashboard:
         view["status"] = self.status()
         return view
 
-    def snapshot(self) -> str:
-        return json.dumps({"type": "snapshot", **self.site_json(full_rtt=True)})
+    def snapshot(self) -> dict[str, Any]:
+        return {"type": "snapshot", **self.site_json(full_rtt=True)}
 
     async def _push(self) -> None:
         """Tick the site (silent monitors) and push it to every browser twice a second."""
@@ -359,8 +321,8 @@ class SiteDashboard:
             await asyncio.sleep(PUSH_INTERVAL)
             if self.ready:
                 self.site.tick()
-            if self._clients:
-                self._broadcast(json.dumps({"type": "site", **self.site_json(full_rtt=False)}))
+            if self.web.client_count:
+                self.web.broadcast({"type": "site", **self.site_json(full_rtt=False)})
 
     # --- HTTP -----------------------------------------------------------------------------
 
@@ -371,80 +333,38 @@ class SiteDashboard:
             self._broker_cache = (time.monotonic(), ok)
         return ok
 
-    async def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
-        path, _query = split_path(request.path)
-        if path == "/ws":
-            return None  # on to the WebSocket handshake
-        if path in ("/", "/index.html"):
-            return static_response(PACKAGE, "index.html")
-        if path.startswith("/static/"):
-            return static_response(PACKAGE, path.removeprefix("/static/"))
-        if path == "/api/site":
-            return json_response(self.site_json(full_rtt=True))
-        if path == "/healthz":
-            broker = await self._broker_ok()
-            ok = broker and self.consuming
-            body = {"status": "ok" if ok else "degraded", "broker": broker, **self.status()}
-            return json_response(body, 200 if ok else 503)
-        return error_response(404, f"no such resource: {path}")
+    async def _api_site(self, request: HttpRequest) -> Response:
+        return json_response(self.site_json(full_rtt=True))
+
+    async def _healthz(self, request: HttpRequest) -> Response:
+        broker = await self._broker_ok()
+        ok = broker and self.consuming
+        body = {"status": "ok" if ok else "degraded", "broker": broker, **self.status()}
+        return json_response(body, 200 if ok else 503)
 
     # --- WebSocket ------------------------------------------------------------------------
 
-    def _broadcast(self, text: str) -> None:
-        for conn, queue in list(self._clients.items()):
-            if queue.full():
-                log.warning("site client %s too slow; closing it", conn.remote_address)
-                self._clients.pop(conn, None)
-                conn.transport.abort()
-            else:
-                queue.put_nowait(text)
+    async def on_connect(self, client: WebClient) -> None:
+        client.push(self.snapshot())
 
-    async def _ws_handler(self, conn: ServerConnection) -> None:
-        if len(self._clients) >= MAX_CLIENTS:
-            await conn.close(1013, "too many clients")
-            return
-        queue: asyncio.Queue[str] = asyncio.Queue(maxsize=CLIENT_QUEUE)
-        queue.put_nowait(self.snapshot())
-        self._clients[conn] = queue
+    async def on_disconnect(self, client: WebClient) -> None:
+        self._invalid.pop(client, None)
+
+    async def on_message(self, client: WebClient, raw: str | bytes) -> None:
         try:
-            async with asyncio.TaskGroup() as tasks:
-                sender = tasks.create_task(self._pump(conn, queue))
-                await self._read(conn, queue)
-                sender.cancel()
-        except* ConnectionClosed:
-            pass
-        finally:
-            self._clients.pop(conn, None)
-
-    @staticmethod
-    async def _pump(conn: ServerConnection, queue: asyncio.Queue[str]) -> None:
-        while True:
-            await conn.send(await queue.get())
-
-    async def _read(self, conn: ServerConnection, queue: asyncio.Queue[str]) -> None:
-        invalid = 0
-        async for raw in conn:
-            try:
-                message = parse_client_message(raw)
-            except MessageError as exc:
-                invalid += 1
-                log.info("invalid message from %s: %s", conn.remote_address, exc)
-                if invalid > MAX_INVALID:
-                    await conn.close(1008, "too many invalid messages")
-                    return
-                self._enqueue(conn, queue, client_error(str(exc)))
-                continue
-            if isinstance(message, PingRequest):
-                reply = json.dumps({"type": "pong", "ref": message.ref, "now": self.clock()})
-                self._enqueue(conn, queue, reply)
-            else:
-                self._enqueue(conn, queue, self.snapshot())
-
-    def _enqueue(self, conn: ServerConnection, queue: asyncio.Queue[str], text: str) -> None:
-        if queue.full():
-            conn.transport.abort()
+            message = parse_client_message(raw)
+        except MessageError as exc:
+            invalid = self._invalid[client] = self._invalid.get(client, 0) + 1
+            log.info("invalid message from %s: %s", client.peer, exc)
+            if invalid > MAX_INVALID:
+                await client.conn.close(1008, "too many invalid messages")
+                return
+            client.push(client_error(str(exc)))
+            return
+        if isinstance(message, PingRequest):
+            client.push({"type": "pong", "ref": message.ref, "now": self.clock()})
         else:
-            queue.put_nowait(text)
+            client.push(self.snapshot())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

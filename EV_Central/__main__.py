@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from EV_Central import audit, config, ctl, users
-from EV_Central.app import run_central
+from EV_Central import audit_cli, config, ctl, users
 from shared.errors import ConfigError
 from shared.lifecycle import run_service
 from shared.logs import setup_logging
@@ -23,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         if args[:1] == ["ctl"]:
             return ctl.main(args[1:])
         if args[:1] == ["audit"]:
-            return audit.main(args[1:])
+            return audit_cli.main(args[1:])
         if args[:1] == ["user"]:
             return users.main(args[1:])
         settings = config.parse(args)
@@ -31,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level, settings.log_json)
+    # Imported here: the command lines above (audit, user, ctl) work on the database or over
+    # HTTP and need none of Central's service.
+    from EV_Central.app import run_central
+
     return run_service(lambda shutdown: run_central(settings, shutdown))
 
 

@@ -1,4 +1,9 @@
-"""Wires Central's parts together and runs them until shutdown."""
+"""Central's parts wired together, and the runner that owns every task until shutdown.
+
+`Central` builds each part once and hands it what it works with (docs/architecture.md has
+the picture); `run_central` starts the servers, runs Central's tasks in one task group and
+stops everything in order on shutdown.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +11,33 @@ import asyncio
 import contextlib
 import gc
 import logging
+import time
 
+from EV_Central.audit import AuditLog
+from EV_Central.auth import PeopleAuth
 from EV_Central.config import CentralSettings
 from EV_Central.console import Console
+from EV_Central.context import Context
+from EV_Central.cp_links import CPLinks
 from EV_Central.db import Database
+from EV_Central.drivers import Drivers
+from EV_Central.feed import Feed
+from EV_Central.gate import SealedGate
+from EV_Central.inbox import Inbox
+from EV_Central.keys import KeyStore
+from EV_Central.metrics import CentralStats
 from EV_Central.monitor_server import MonitorServer
-from EV_Central.service import Central
+from EV_Central.outbox import OutboxRelay
+from EV_Central.registry import Registry
+from EV_Central.session import Timers
+from EV_Central.store import Store
+from EV_Central.supplies import Supplies
 from EV_Central.web import AdminWeb
 from shared.bus import KafkaBus
 from shared.lifecycle import Shutdown
+from shared.sealing import fingerprint
 from shared.tls import optional_server_context
+from shared.webapp import Listen
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +47,14 @@ log = logging.getLogger(__name__)
 # collected in full (every object Central holds) several times a minute: pauses of 100 ms and
 # more. At this threshold such objects die young, freed by reference counting.
 GC_YOUNG_THRESHOLD = 50_000
+# Outbox batches handed to Kafka before the oldest is acknowledged (EV_Central/outbox.py).
+OUTBOX_IN_FLIGHT = 4
+# How often the timers run, and how often the replay guard's progress is saved.
+TICK_SECONDS = 0.25
+REPLAY_SAVE_INTERVAL = 1.0
+# Idempotency records are kept this long, and pruned this often.
+PROCESSED_KEPT_S = 7 * 24 * 3600.0
+PRUNE_INTERVAL = 3600.0
 
 
 def tune_garbage_collector() -> None:
@@ -35,23 +65,133 @@ def tune_garbage_collector() -> None:
     gc.freeze()  # modules, the registry, schemas: alive for the whole run
 
 
+class Central:
+    """Central's parts, each given what it works with; `run()` owns their tasks."""
+
+    def __init__(self, settings: CentralSettings, db: Database) -> None:
+        self.settings = settings
+        self.stats = CentralStats()
+        self.store = Store(db)
+        self.registry = Registry()
+        self.audit = AuditLog(db)
+        self.people = PeopleAuth(
+            db,
+            max_failures=settings.lockout_after,
+            lock_seconds=settings.lockout_seconds,
+            audit=self.audit,
+        )
+        self.keys = KeyStore(self.store)
+        self.gate = SealedGate(self.keys, self.audit)
+        # Every message to an engine or a driver is sealed on its way out.
+        self.bus = KafkaBus(settings.broker, "ev-central", outgoing=self.gate.seal_outgoing)
+        self.outbox = OutboxRelay(
+            db,
+            self.bus,
+            in_flight=OUTBOX_IN_FLIGHT,
+            on_broker=self.stats.broker_answers,
+            stage_seconds=self.stats.stage_seconds,
+        )
+        self.feed = Feed(self.registry, self.bus)
+        self.context = context = Context(self.store, self.registry, self.bus, self.feed, self.stats)
+        self.supplies = Supplies(context, Timers.from_settings(settings))
+        self.cp_links = CPLinks(
+            context,
+            self.keys,
+            self.audit,
+            self.supplies,
+            heartbeat_timeout=settings.heartbeat_timeout,
+        )
+        self.drivers = Drivers(
+            context,
+            self.keys,
+            self.people,
+            self.gate,
+            self.supplies,
+            request_ttl=settings.request_ttl,
+            session_ttl=settings.session_ttl,
+        )
+        self.inbox = Inbox(context, self.gate, self.supplies, self.drivers, self.outbox)
+
+    async def load(self) -> None:
+        """Keys, every registered CP (DESCONECTADO until its monitor connects), live sessions."""
+        await self.keys.load()
+        log.info(
+            "identity key %s (fingerprint %s)",
+            self.keys.identity_public,
+            fingerprint(self.keys.identity_public),
+        )
+        cps = await self.cp_links.load()
+        sessions = await self.supplies.load()
+        self.feed.note("start", f"loaded {cps} CPs, {sessions} live sessions")
+        # Publish every CP's state once, so that readers of the compacted state topic (the
+        # dashboards) know every registered CP, connected or not.
+        self.feed.changed_all()
+
+    async def run(self) -> None:
+        """Run the background work until cancelled."""
+        with self.stats.gc_pauses:
+            try:
+                async with asyncio.TaskGroup() as tasks:
+                    tasks.create_task(self.inbox.run(), name="kafka-consumer")
+                    tasks.create_task(self.outbox.run(), name="outbox-relay")
+                    tasks.create_task(self._tick(), name="timers")
+                    tasks.create_task(self.feed.run(), name="state-publisher")
+                    tasks.create_task(self._prune(), name="prune")
+            finally:
+                await self.drivers.stop()
+
+    async def _tick(self) -> None:
+        """Heartbeat timeouts, session timers, the outbox's hand-over and the replay guard."""
+        loop = asyncio.get_running_loop()
+        replay_saved_at = 0.0
+        while True:
+            due = loop.time() + TICK_SECONDS
+            await asyncio.sleep(TICK_SECONDS)
+            self.stats.loop_lag.observe(max(0.0, loop.time() - due))
+            now = time.time()
+            await self.cp_links.check_heartbeats(now)
+            await self.supplies.check_timers(now)
+            await self.outbox.hand_over_new()
+            if now - replay_saved_at >= REPLAY_SAVE_INTERVAL:
+                replay_saved_at = now
+                try:
+                    await self.keys.save_replay_guard(now)
+                except Exception:
+                    log.exception("saving the replay guard failed")
+
+    async def _prune(self) -> None:
+        while True:
+            await asyncio.sleep(PRUNE_INTERVAL)
+            await self.store.prune(older_than_s=PROCESSED_KEPT_S)
+
+
 async def run_central(settings: CentralSettings, shutdown: Shutdown) -> None:
     # One TLS context (or none) for both servers: :5000 and the admin web.
     tls = optional_server_context(settings.tls_cert, settings.tls_key)
     db = Database(settings.db, demo=settings.demo)
     await db.start()
-    bus = KafkaBus(settings.broker, "ev-central")
-    central = Central(settings, bus, db)
-    monitors = MonitorServer(central, settings.listen_host, settings.port, tls)
-    web = AdminWeb(central, settings.listen_host, settings.http_port, tls)
-    console = Console(central, settings.console)
+    central = Central(settings, db)
+    monitors = MonitorServer(
+        central.cp_links, central.feed, settings.listen_host, settings.port, tls
+    )
+    web = AdminWeb(
+        central.context,
+        central.cp_links,
+        central.people,
+        central.audit,
+        Listen(settings.listen_host, settings.http_port, tls),
+        session_ttl=settings.session_ttl,
+        allowed_origins=settings.allowed_origin,
+    )
+    console = Console(central.registry, central.feed, central.cp_links, central.audit,
+                      settings.console)  # fmt: skip
     try:
         await central.load()
         tune_garbage_collector()
         # Serve monitors and the admin page at once; Kafka may still be coming up.
         await monitors.start()
         await web.start()
-        await bus.start()
+        await central.bus.start()
         log.info(
             "Central ready: monitors on :%d, admin on :%d, Kafka at %s",
             monitors.port,
@@ -70,5 +210,5 @@ async def run_central(settings: CentralSettings, shutdown: Shutdown) -> None:
             await monitors.stop()
         with contextlib.suppress(Exception):
             await web.stop()
-        await bus.stop()
+        await central.bus.stop()
         await db.stop()

@@ -9,7 +9,8 @@ Each consecutive failure of an account is answered only after a delay that doubl
 0.4 s, ... at most 3 s); after `max_failures` of them the account is locked for
 `lock_seconds`, during which even the right password is refused. Attempts on one account are
 handled one at a time, so parallel guesses queue behind each other's delays. The counters
-live in their own table, `login_state`, so they survive a restart of Central.
+live in their own table, `login_state` (EV_Central/schema.py), so they survive a restart of
+Central.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import sqlite3
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -30,20 +30,6 @@ log = logging.getLogger(__name__)
 WRONG = "wrong user or password"
 BASE_DELAY = 0.2
 MAX_DELAY = 3.0
-
-LOGIN_STATE_SCHEMA = """
-CREATE TABLE IF NOT EXISTS login_state (
-    user_id      TEXT PRIMARY KEY,
-    failures     INTEGER NOT NULL DEFAULT 0,
-    last_failure REAL NOT NULL DEFAULT 0,
-    locked_until REAL NOT NULL DEFAULT 0
-)
-"""
-
-
-def ensure_schema(conn: sqlite3.Connection) -> None:
-    """Create the login_state table when it is missing (idempotent)."""
-    conn.execute(LOGIN_STATE_SCHEMA)
 
 
 class AuditSink(Protocol):
@@ -93,7 +79,6 @@ class PeopleAuth:
         self.max_delay = max_delay
         # Verified against when the user does not exist: the same cost as a real account.
         self._dummy_hash = hash_password("no such account")
-        self._schema_ready = False
         self._queues: dict[str, tuple[asyncio.Lock, int]] = {}
 
     async def login(
@@ -118,7 +103,6 @@ class PeopleAuth:
     async def _attempt(
         self, user_id: str, password: str, source: str, channel: str, role: str | None
     ) -> LoginOutcome:
-        await self._ensure_schema()
         now = time.time()
         failures, last_failure, locked_until = await self._state(user_id)
         counted = bool(failures or locked_until)
@@ -193,13 +177,6 @@ class PeopleAuth:
             self._queues[user_id] = (lock, users - 1)
 
     # --- storage --------------------------------------------------------------------------
-
-    async def _ensure_schema(self) -> None:
-        if self._schema_ready:
-            return
-        async with self.db.transaction() as tx:
-            await tx.execute(LOGIN_STATE_SCHEMA)
-        self._schema_ready = True
 
     async def _state(self, user_id: str) -> tuple[int, float, float]:
         rows = await self.db.read(

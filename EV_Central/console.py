@@ -10,8 +10,11 @@ import logging
 import sys
 import time
 
-from EV_Central.registry import ChargingPoint
-from EV_Central.service import Central
+from EV_Central.audit import AuditLog
+from EV_Central.cp_links import CPLinks
+from EV_Central.feed import Feed
+from EV_Central.registry import ChargingPoint, Registry
+from EV_Central.session import SessionStatus
 from shared.console import stdin_lines
 from shared.messages import CPState
 
@@ -34,34 +37,39 @@ def cp_line(cp: ChargingPoint, colour: bool) -> str:
     line = f"{cp.id:<8} {label} {cp.location[:34]:<34} {cp.price_eur_kwh:5.2f} €/kWh"
     s = cp.session
     if s is not None:
-        line += f"  {s.phase.lower():<10} {s.driver_id:<8}"
-        if s.phase != "AUTHORISED":
+        line += f"  {s.status.lower():<10} {s.driver_id:<8}"
+        if s.status != SessionStatus.AUTHORISED:
             line += f" {s.kw:6.2f} kW {s.kwh:8.4f} kWh {s.amount_eur:7.2f} €"
     return line
 
 
 class Console:
-    def __init__(self, central: Central, mode: str) -> None:
-        self.central = central
+    def __init__(
+        self, registry: Registry, feed: Feed, links: CPLinks, audit: AuditLog, mode: str
+    ) -> None:
+        self.registry = registry
+        self.feed = feed
+        self.links = links
+        self.audit = audit
         if mode == "auto":
             mode = "panel" if sys.stdout.isatty() else "log"
         self.mode = mode
         self._redraw = asyncio.Event()
         self._message = ""
         if mode == "panel":
-            central.cp_listeners.append(lambda _cps: self._redraw.set())
-            central.event_listeners.append(lambda _e: self._redraw.set())
+            feed.on_cps(lambda _cps: self._redraw.set())
+            feed.on_event(lambda _e: self._redraw.set())
             # The panel shows every event; log lines would scribble over it.
-            logging.getLogger("EV_Central.service").setLevel(logging.WARNING)
+            logging.getLogger("EV_Central.feed").setLevel(logging.WARNING)
 
     def render(self) -> str:
-        cps = self.central.registry.sorted()
+        cps = self.registry.sorted()
         lines = ["\033[H\033[2J" + "EV_Central".ljust(30) + time.strftime("%H:%M:%S"), ""]
         lines += [cp_line(cp, colour=True) for cp in cps]
         requests = [cp for cp in cps if cp.session is not None]
         lines += ["", f"in progress: {len(requests)}"]
         lines += ["", "recent events:"]
-        for event in list(self.central.events)[-8:]:
+        for event in list(self.feed.events)[-8:]:
             lines.append("  " + time.strftime("%H:%M:%S ", time.localtime(event.ts)) + event.text)
         lines += ["", HELP, self._message, "> "]
         return "\n".join(lines)
@@ -100,7 +108,7 @@ class Console:
             verb = words[0].lower()
             if verb in ("stop", "resume") and len(words) == 2:
                 try:
-                    affected = await self.central.set_service(words[1], verb == "resume")
+                    affected = await self.links.set_service(words[1], verb == "resume")
                 except LookupError as exc:
                     self._say(f"error: {exc}")
                     outcome, detail = "failed", f"{words[1]}: {exc}"
@@ -108,12 +116,10 @@ class Console:
                     self._say(f"{verb}: {', '.join(affected)}")
                     outcome, detail = "ok", f"{words[1]}: {', '.join(affected)}"
                 # Whoever can type into Central's terminal: the console has no login of its own.
-                await self.central.audit.record(
+                await self.audit.record(
                     verb, outcome, actor="console", source="console", detail=detail
                 )
             elif verb == "list":
-                self._say(
-                    "\n".join(cp_line(cp, colour=False) for cp in self.central.registry.sorted())
-                )
+                self._say("\n".join(cp_line(cp, colour=False) for cp in self.registry.sorted()))
             else:
                 self._say(HELP)

@@ -20,17 +20,15 @@ import contextlib
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
 from EV_Central import schema
-from shared.messages import Message, TicketData, encode
+from shared.messages import Message, encode
 
 log = logging.getLogger(__name__)
 
-ACTIVE_STATUSES = ("AUTHORISED", "SUPPLYING", "ENDING")
-ENDED_STATUSES = ("COMPLETED", "ABORTED", "EXPIRED")
 CHECKPOINT_INTERVAL = 1.0  # seconds between write-ahead-log checkpoints
 BUSY_TIMEOUT_MS = 5000  # how long a write waits for another process's (user CLI) to finish
 
@@ -83,8 +81,8 @@ class Database:
         self._lock = asyncio.Lock()
         self._checkpointer: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
-        # Called after a transaction that queued messages commits (the outbox relay's wake).
-        self.on_outbox: Callable[[], None] | None = None
+        # Set when a transaction that queued messages commits; the outbox relay waits for it.
+        self.outbox_waiting = asyncio.Event()
 
     async def start(self) -> None:
         if self._conn is not None:
@@ -157,8 +155,8 @@ class Database:
                 raise
             else:
                 self.conn.execute("COMMIT")
-                if tx.outgoing and self.on_outbox is not None:
-                    self.on_outbox()
+                if tx.outgoing:
+                    self.outbox_waiting.set()
 
     async def read(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
         async with self._lock:
@@ -192,37 +190,3 @@ class Database:
         cutoff = time.time() - older_than_s
         async with self.transaction() as tx:
             await tx.execute("DELETE FROM processed_messages WHERE processed_at < ?", (cutoff,))
-
-
-def ticket_from_row(row: sqlite3.Row | dict[str, Any]) -> TicketData:
-    return TicketData(
-        session_id=row["id"],
-        cp_id=row["cp_id"],
-        driver_id=row["driver_id"],
-        kwh=round(row["kwh"], 4),
-        price_eur_kwh=row["price_eur_kwh"],
-        amount_eur=row["amount_cents"] / 100,
-        reason=row["reason"],
-        started_at=row["started_at"],
-        ended_at=row["ended_at"],
-        revision=max(1, row["ticket_revision"]),
-    )
-
-
-def session_api(row: sqlite3.Row) -> dict[str, Any]:
-    return {
-        "id": row["id"],
-        "cp_id": row["cp_id"],
-        "driver_id": row["driver_id"],
-        "status": row["status"],
-        "origin": row["origin"],
-        "kwh": round(row["kwh"], 4),
-        "price_eur_kwh": row["price_eur_kwh"],
-        "amount_eur": row["amount_cents"] / 100,
-        "reason": row["reason"],
-        "requested_at": row["requested_at"],
-        "authorized_at": row["authorized_at"],
-        "started_at": row["started_at"],
-        "ended_at": row["ended_at"],
-        "ticket_revision": row["ticket_revision"],
-    }

@@ -12,11 +12,10 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from EV_Central.db import Database, Transaction
+from EV_Central.store import Store, StoreTx
 from shared.sealing import (
     Channel,
     ReplayGuard,
@@ -65,8 +64,8 @@ class ChannelKey:
 
 
 class KeyStore:
-    def __init__(self, db: Database) -> None:
-        self.db = db
+    def __init__(self, store: Store) -> None:
+        self.store = store
         self.by_id: dict[str, ChannelKey] = {}
         self.current_cp: dict[str, ChannelKey] = {}
         self.drivers: dict[str, list[ChannelKey]] = {}
@@ -78,13 +77,7 @@ class KeyStore:
 
     async def load(self) -> None:
         now = time.time()
-        rows = await self.db.read(
-            "SELECT * FROM channel_keys WHERE revoked_at IS NULL"
-            " AND (expires_at IS NULL OR expires_at > ?)"
-            " AND (retired_at IS NULL OR retired_at > ?)",
-            (now, now - RETIRED_KEPT_S),
-        )
-        for row in rows:
+        for row in await self.store.live_keys(now, now - RETIRED_KEPT_S):
             self._remember(
                 ChannelKey(
                     key_id=row["key_id"],
@@ -96,18 +89,16 @@ class KeyStore:
                     retired_at=row["retired_at"],
                 )
             )
-        for row in await self.db.read("SELECT key_id, stream, last_seq FROM replay_guard"):
+        for row in await self.store.replay_guard():
             if row["key_id"] in self.by_id:
                 self.replay.last[(row["key_id"], row["stream"])] = int(row["last_seq"])
-        stored = await self.db.read("SELECT value FROM meta WHERE key = 'identity_key'")
+        stored = await self.store.meta("identity_key")
         if stored:
-            self.identity = load_identity(bytes.fromhex(stored[0]["value"]))
+            self.identity = load_identity(bytes.fromhex(stored))
         else:
             self.identity, raw = new_identity()
-            async with self.db.transaction() as tx:
-                await tx.execute(
-                    "INSERT INTO meta (key, value) VALUES ('identity_key', ?)", (raw.hex(),)
-                )
+            async with self.store.transaction() as tx:
+                await tx.set_meta("identity_key", raw.hex())
         self.identity_public = identity_public(self.identity)
 
     def _remember(self, key: ChannelKey) -> None:
@@ -120,14 +111,12 @@ class KeyStore:
 
     # --- issue, rotate, revoke ---------------------------------------------------------------
 
-    async def issue_cp_key(self, tx: Transaction, cp_id: str) -> ChannelKey:
+    async def issue_cp_key(self, tx: StoreTx, cp_id: str) -> ChannelKey:
         """A fresh key for a CP; its previous one is retired (rotation)."""
         now = time.time()
         previous = self.current_cp.get(cp_id)
         if previous is not None:
-            await tx.execute(
-                "UPDATE channel_keys SET retired_at = ? WHERE key_id = ?", (now, previous.key_id)
-            )
+            await tx.retire_key(previous.key_id, now)
         key = ChannelKey(new_key_id(), "cp", cp_id, new_key(), now)
         await self._insert(tx, key)
         # Memory follows the transaction's commit (the caller's `async with` ends right after).
@@ -136,28 +125,22 @@ class KeyStore:
         self._remember(key)
         return key
 
-    async def revoke_principal(self, tx: Transaction, kind: str, principal: str) -> list[str]:
+    async def revoke_principal(self, tx: StoreTx, kind: str, principal: str) -> list[str]:
         """Revoke every key of a CP or a driver; returns the key ids."""
         now = time.time()
         keys = [k for k in self.by_id.values() if k.kind == kind and k.principal == principal]
-        await tx.execute(
-            "UPDATE channel_keys SET revoked_at = ? WHERE kind = ? AND principal = ?"
-            " AND revoked_at IS NULL",
-            (now, kind, principal),
-        )
+        await tx.revoke_keys_of(kind, principal, now)
         for key in keys:
             key.revoked_at = now
             self._forget(key)
         return [k.key_id for k in keys]
 
-    async def issue_driver_key(self, tx: Transaction, driver_id: str, ttl: float) -> ChannelKey:
+    async def issue_driver_key(self, tx: StoreTx, driver_id: str, ttl: float) -> ChannelKey:
         now = time.time()
         live = [k for k in self.drivers.get(driver_id, []) if k.refusal(now, now) is None]
         while len(live) >= MAX_DRIVER_KEYS:
             oldest = live.pop(0)
-            await tx.execute(
-                "UPDATE channel_keys SET revoked_at = ? WHERE key_id = ?", (now, oldest.key_id)
-            )
+            await tx.revoke_key(oldest.key_id, now)
             oldest.revoked_at = now
             self._forget(oldest)
         key = ChannelKey(new_key_id(), "driver", driver_id, new_key(), now, expires_at=now + ttl)
@@ -165,11 +148,9 @@ class KeyStore:
         self._remember(key)
         return key
 
-    async def _insert(self, tx: Transaction, key: ChannelKey) -> None:
-        await tx.execute(
-            "INSERT INTO channel_keys (key_id, kind, principal, key, issued_at, expires_at)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (key.key_id, key.kind, key.principal, key.key, key.issued_at, key.expires_at),
+    async def _insert(self, tx: StoreTx, key: ChannelKey) -> None:
+        await tx.insert_key(
+            key.key_id, key.kind, key.principal, key.key, key.issued_at, key.expires_at
         )
 
     def _forget(self, key: ChannelKey) -> None:
@@ -232,11 +213,20 @@ class KeyStore:
         ]:
             self._forget(key)
 
-    def dirty_replay_rows(self) -> list[tuple[Any, ...]]:
+    async def save_replay_guard(self, now: float) -> None:
+        """Persist the replay guard's progress and forget expired keys.
+
+        What a crash loses is at most the progress since the last save; the messages it covers
+        were handled already and are idempotent (state-changing ids are recorded, telemetry
+        carries its own sequence), so a replay of them changes nothing.
+        """
         rows = [
             (key_id, stream, self.replay.last[(key_id, stream)])
             for key_id, stream in self.replay.dirty
             if (key_id, stream) in self.replay.last
         ]
         self.replay.dirty.clear()
-        return rows
+        self.sweep(now)
+        if rows:
+            async with self.store.transaction() as tx:
+                await tx.save_replay_guard(rows)

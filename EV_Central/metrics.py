@@ -7,9 +7,11 @@ Central's state into the exposition text served on the admin port's /metrics.
 from __future__ import annotations
 
 import bisect
+import collections
 import gc
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 # Handler latencies: from 50 µs to 2.5 s.
@@ -84,6 +86,28 @@ class GcPauses:
             generation = str(info.get("generation"))
             if generation in self.by_generation:
                 self.by_generation[generation].observe(time.perf_counter() - self._started)
+
+
+def _histograms() -> collections.defaultdict[str, Histogram]:
+    return collections.defaultdict(Histogram)
+
+
+@dataclass
+class CentralStats:
+    """What Central counts and times as it runs; every part that counts is given this."""
+
+    counters: collections.Counter[str] = field(default_factory=collections.Counter)
+    handler_seconds: collections.defaultdict[str, Histogram] = field(default_factory=_histograms)
+    # Where a request's time goes (arrival, outbox, publish): see `render`.
+    stage_seconds: collections.defaultdict[str, Histogram] = field(default_factory=_histograms)
+    consumer_lag: dict[str, int] = field(default_factory=dict)
+    loop_lag: Histogram = field(default_factory=Histogram)  # how late the 0.25 s timer fires
+    gc_pauses: GcPauses = field(default_factory=lambda: GcPauses())
+    broker_ok: bool = False
+
+    def broker_answers(self, ok: bool) -> None:
+        """Whether the broker takes Central's messages (the outbox relay's last answer)."""
+        self.broker_ok = ok
 
 
 def _number(value: float) -> str:

@@ -13,8 +13,9 @@ import logging
 import ssl
 import time
 
+from EV_Central.cp_links import CPLinks
+from EV_Central.feed import Feed
 from EV_Central.registry import ChargingPoint
-from EV_Central.service import Central
 from shared.errors import ConnectionLost, DeliveryFailed
 from shared.framed import FramedConnection, FramedServer, serve_framed
 from shared.framing import DEFAULT_MAX_FRAME
@@ -51,19 +52,27 @@ class MonitorLink:
         if state != self.last_sent and not self.notices.full():
             self.notices.put_nowait(state)
 
+    async def close(self) -> None:
+        await self.conn.close()
+
 
 class MonitorServer:
     def __init__(
-        self, central: Central, host: str, port: int, ssl_context: ssl.SSLContext | None = None
+        self,
+        links: CPLinks,
+        feed: Feed,
+        host: str,
+        port: int,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        self.central = central
+        self.links = links
+        self.feed = feed
         self.host = host
         self.port = port
         self.ssl_context = ssl_context  # TLS when set (docs/tls.md)
         self._server: FramedServer[MonitorToCentral] | None = None
         self._closing = False
-        central.cp_listeners.append(self._on_cps_changed)
-        central.disconnect_monitor = self._disconnect
+        feed.on_cps(self._on_cps_changed)
 
     async def start(self) -> None:
         self._server = await serve_framed(
@@ -91,15 +100,11 @@ class MonitorServer:
         await self._server.close()
         self._server = None
 
-    async def _disconnect(self, cp: ChargingPoint) -> None:
-        link = cp.connection
-        if isinstance(link, MonitorLink):
-            await link.conn.close()
-
     def _on_cps_changed(self, cps: list[ChargingPoint]) -> None:
         for cp in cps:
-            if isinstance(cp.connection, MonitorLink):
-                cp.connection.offer(cp.state)
+            link = self.links.link_of(cp.id)
+            if isinstance(link, MonitorLink):
+                link.offer(cp.state)
 
     async def _handle(self, conn: FramedConnection[MonitorToCentral]) -> None:
         link: MonitorLink | None = None
@@ -123,9 +128,9 @@ class MonitorServer:
         finally:
             # A monitor is lost when its connection ends while Central runs, not when Central
             # itself stops: a restarted Central must not settle supplies as "monitor lost".
-            if not self._closing and link is not None and link.cp.connection is link:
+            if not self._closing and link is not None:
                 with contextlib.suppress(Exception):
-                    await self.central.monitor_lost(link.cp, why)
+                    await self.links.lost(link.cp, why, link)
 
     async def _authenticate(self, conn: FramedConnection[MonitorToCentral]) -> MonitorLink | None:
         first = await asyncio.wait_for(conn.receive(), AUTH_TIMEOUT)
@@ -140,21 +145,16 @@ class MonitorServer:
             return None
         peer = conn.peer
         source = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        key = await self.central.authenticate_cp(first.cp_id, first.secret or "", source)
-        cp = self.central.registry.get(first.cp_id)
+        key = await self.links.authenticate(first.cp_id, first.secret or "", source)
+        cp = self.links.cp(first.cp_id)
         if isinstance(key, str) or cp is None:
             log.warning("%s: refused authentication of %s: %s", conn.name, first.cp_id, key)
-            self.central.note("rejected", f"{first.cp_id}: refused at :5000 ({key})", first.cp_id)
+            self.feed.note("rejected", f"{first.cp_id}: refused at :5000 ({key})", first.cp_id)
             # One reason for every failure: a prober learns nothing about which CPs exist.
             await conn.send(
                 AuthResult(cp_id=first.cp_id, accepted=False, reason="unknown CP or wrong secret")
             )
             return None
-        previous = cp.connection
-        if isinstance(previous, MonitorLink):
-            # A monitor that reconnects replaces its stale connection.
-            cp.connection = None
-            await previous.conn.close()
         link = MonitorLink(cp, conn)
         await conn.send(
             AuthResult(
@@ -167,14 +167,14 @@ class MonitorServer:
                 key=b64(key.key),
             )
         )
-        await self.central.monitor_connected(cp, link)
+        await self.links.connected(cp, link)  # a previous link of the CP's is closed
         link.offer(cp.state)
-        central = self.central
+        links = self.links
 
         def heartbeat_fast(message: MonitorToCentral) -> bool:
             # No task switch, no queue: a heartbeat only moves the CP's last-seen time.
             if type(message) is Heartbeat and message.cp_id == cp.id:
-                return central.heartbeat_fast(cp, message.engine_ok, link)
+                return links.heartbeat_fast(cp, message.engine_ok, link)
             return False
 
         conn.fast_path = heartbeat_fast
@@ -194,12 +194,12 @@ class MonitorServer:
                 continue
             match message:
                 case Heartbeat():
-                    await self.central.heartbeat(cp, message.engine_ok, link)
+                    await self.links.heartbeat(cp, message.engine_ok, link)
                 case FaultReport():
                     cp.last_heartbeat = time.time()
-                    await self.central.engine_health(cp, False, message.detail)
+                    await self.links.engine_health(cp, False, message.detail)
                 case RecoveryReport():
-                    await self.central.engine_health(cp, True, "")
+                    await self.links.engine_health(cp, True, "")
                 case MonitorAuth():
                     pass  # already authenticated
 

@@ -62,14 +62,13 @@ class OutboxRelay:
         self._sent_up_to = 0  # the highest outbox seq handed to the producer
         self._paused_until = 0.0  # after a failure: no hand-over before this (monotonic)
         self._lock = asyncio.Lock()  # one hand-over or reset at a time: keeps the order
-        self._wake = asyncio.Event()
-        self._new_rows = False
+        self._wake = asyncio.Event()  # a batch was handed over: its answer is awaited
+        self._new_rows = db.outbox_waiting  # set by the database when rows are committed
         self._backoff = Backoff()
 
     def wake(self) -> None:
-        """New rows were committed (or it is time to look again)."""
-        self._new_rows = True
-        self._wake.set()
+        """Look at the outbox again (committed transactions do this by themselves)."""
+        self._new_rows.set()
 
     async def hand_over_new(self) -> None:
         """`hand_over()`, when a transaction has queued something since the last look.
@@ -77,7 +76,7 @@ class OutboxRelay:
         Called from the consumer loop: a failure here is logged and left to the relay's own
         task, which looks again at once; it never stops the caller.
         """
-        if not self._new_rows:
+        if not self._new_rows.is_set():
             return
         try:
             await self.hand_over()
@@ -92,7 +91,7 @@ class OutboxRelay:
         async with self._lock:
             if time.monotonic() < self._paused_until:
                 return  # a failure came while this waited for the lock
-            self._new_rows = False
+            self._new_rows.clear()
             while len(self._in_flight) < self.max_in_flight:
                 rows = await self.db.outbox_batch(BATCH_ROWS, after=self._sent_up_to)
                 if not rows:
@@ -150,10 +149,15 @@ class OutboxRelay:
     async def _wait(self) -> None:
         """Until new rows may be waiting, the oldest batch is answered, or a second passes."""
         self._wake.clear()
-        waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(self._wake.wait())]
+        signals = [
+            asyncio.ensure_future(self._wake.wait()),
+            asyncio.ensure_future(self._new_rows.wait()),
+        ]
+        waits: list[asyncio.Future[Any]] = list(signals)
         if self._in_flight:
             waits.append(self._in_flight[0][2])
         try:
             await asyncio.wait(waits, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            waits[0].cancel()
+            for signal in signals:
+                signal.cancel()

@@ -8,36 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from EV_Central.pricing import amount_cents
+from EV_Central.session import Session, SessionStatus
 from shared.messages import CPState, CPStateUpdate, CPSummary
-
-
-class SessionPhase:
-    AUTHORISED = "AUTHORISED"
-    SUPPLYING = "SUPPLYING"
-    ENDING = "ENDING"  # asked to end; waiting for the engine's final figures
-
-
-@dataclass
-class LiveSession:
-    """The session a CP is busy with, as far as Central knows right now."""
-
-    session_id: str
-    driver_id: str
-    phase: str
-    price_eur_kwh: float
-    kw: float = 0.0
-    kwh: float = 0.0
-    last_telemetry_at: float | None = None
-    last_seq: int = -1
-    end_reason: str | None = None
-    settle_deadline: float | None = None
-    expires_at: float | None = None
-
-    @property
-    def amount_eur(self) -> float:
-        """The amount so far, rounded exactly as the ticket will be."""
-        return amount_cents(self.kwh, self.price_eur_kwh) / 100
 
 
 @dataclass
@@ -50,8 +22,7 @@ class ChargingPoint:
     connected: bool = False
     engine_ok: bool = True
     last_heartbeat: float = 0.0
-    connection: object | None = None
-    session: LiveSession | None = None
+    session: Session | None = None
 
     @property
     def state(self) -> CPState:
@@ -60,7 +31,7 @@ class ChargingPoint:
             return CPState.DESCONECTADO
         if not self.engine_ok:
             return CPState.AVERIADO
-        if self.session is not None and self.session.phase == SessionPhase.SUPPLYING:
+        if self.session is not None and self.session.status == SessionStatus.SUPPLYING:
             return CPState.SUMINISTRANDO
         if not self.in_service:
             return CPState.PARADO
@@ -69,6 +40,10 @@ class ChargingPoint:
     @property
     def available(self) -> bool:
         return self.state == CPState.ACTIVADO and self.session is None
+
+    def unavailable_detail(self) -> str:
+        """Why a request for this CP finds it unavailable, for the driver."""
+        return f"{self.id} is {self.state.value}" + (" and busy" if self.session else "")
 
     def as_api(self) -> dict[str, object]:
         entry: dict[str, object] = {
@@ -83,7 +58,7 @@ class ChargingPoint:
         }
         if self.session is not None:
             entry["session_id"] = self.session.session_id
-            entry["session_phase"] = self.session.phase
+            entry["session_phase"] = self.session.status.value
             entry["driver_id"] = self.session.driver_id
             entry["kw"] = self.session.kw
             entry["kwh"] = round(self.session.kwh, 4)

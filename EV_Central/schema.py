@@ -57,6 +57,14 @@ CREATE TABLE IF NOT EXISTS sessions (
 );
 CREATE INDEX IF NOT EXISTS sessions_by_driver ON sessions (driver_id, requested_at);
 CREATE INDEX IF NOT EXISTS sessions_by_status ON sessions (status);
+-- Consecutive failed logins and lockouts per account (EV_Central/auth.py): they outlast a
+-- restart. user_id is not a foreign key: unknown ids are counted too.
+CREATE TABLE IF NOT EXISTS login_state (
+    user_id      TEXT PRIMARY KEY,
+    failures     INTEGER NOT NULL DEFAULT 0,
+    last_failure REAL NOT NULL DEFAULT 0,
+    locked_until REAL NOT NULL DEFAULT 0
+);
 CREATE TABLE IF NOT EXISTS processed_messages (
     id           TEXT PRIMARY KEY,
     processed_at REAL NOT NULL

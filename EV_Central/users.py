@@ -21,7 +21,6 @@ import time
 from typing import TextIO
 
 from EV_Central import schema
-from EV_Central.auth import ensure_schema
 from EV_Central.config import DEFAULT_DB
 from EV_Central.passwords import hash_password
 from shared.settings import EnvArgumentParser, identifier
@@ -103,8 +102,6 @@ def open_db(path: str) -> sqlite3.Connection:
     schema.initialise(path, seed=False)  # the schema, never the demo accounts
     conn = schema.connect(path)
     conn.execute("PRAGMA busy_timeout=5000")
-    with conn:
-        ensure_schema(conn)
     return conn
 
 

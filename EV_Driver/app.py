@@ -12,8 +12,7 @@ import sys
 from pathlib import Path
 from typing import TypeVar
 
-from aiokafka import AIOKafkaConsumer
-from aiokafka.errors import KafkaError
+from aiokafka import AIOKafkaConsumer, ConsumerRecord
 
 from EV_Driver.config import DriverSettings
 from EV_Driver.flow import (
@@ -28,9 +27,9 @@ from EV_Driver.flow import (
 from EV_Driver.output import Output
 from EV_Driver.session import DriverSession, LoginRefused, finish_login, start_login
 from shared.backoff import Backoff
-from shared.bus import BusError, KafkaBus, Topics
+from shared.bus import BusError, KafkaBus, Topics, consume_each
 from shared.errors import EVError, MessageError
-from shared.lifecycle import Shutdown
+from shared.lifecycle import Shutdown, first_error
 from shared.messages import (
     DRIVER_UPDATES,
     CentralIdentity,
@@ -91,7 +90,7 @@ class DriverApp:
                 for task in self._tasks:
                     task.cancel()
         except BaseExceptionGroup as failures:
-            raise _first_error(failures) from None
+            raise first_error(failures) from None
         finally:
             self._group = None
             await self.bus.stop()
@@ -187,35 +186,28 @@ class DriverApp:
 
     async def _read_updates(self, consumer: AIOKafkaConsumer) -> None:
         """Keep this driver's valid updates; skip everything else."""
-        backoff = Backoff()
-        while True:
-            try:
-                record = await consumer.getone()
-            except KafkaError as exc:
-                delay = backoff.next_delay()
-                log.warning("reading driver updates failed (%r); retrying in %.1f s", exc, delay)
-                await asyncio.sleep(delay)
-                continue
-            backoff.reset()
-            if record.key != self._key:
-                continue
-            try:
-                update = self._open(record.value or b"")
-                if update is None:
-                    continue
-            except MessageError as exc:
-                log.debug(
-                    "skipping invalid record %s[%d]@%d: %s",
-                    record.topic,
-                    record.partition,
-                    record.offset,
-                    exc,
-                )
-                continue
-            if update_driver_id(update) != self.settings.driver_id:
-                log.debug("skipping an update for another driver at offset %d", record.offset)
-                continue
-            await self._inbox.put(update)
+        await consume_each(consumer, self._on_record, what="driver updates", backoff=Backoff())
+
+    async def _on_record(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        if record.key != self._key:
+            return
+        try:
+            update = self._open(record.value or b"")
+            if update is None:
+                return
+        except MessageError as exc:
+            log.debug(
+                "skipping invalid record %s[%d]@%d: %s",
+                record.topic,
+                record.partition,
+                record.offset,
+                exc,
+            )
+            return
+        if update_driver_id(update) != self.settings.driver_id:
+            log.debug("skipping an update for another driver at offset %d", record.offset)
+            return
+        await self._inbox.put(update)
 
     def _open(self, value: bytes) -> DriverUpdate | None:
         """An update for this login: sealed with its key, or one of the two clear answers."""
@@ -354,13 +346,3 @@ class DriverApp:
                 delay = backoff.next_delay()
                 log.warning("%s; retrying in %.1f s", exc, delay)
                 await asyncio.sleep(delay)
-
-
-def _first_error(group: BaseExceptionGroup) -> BaseException:
-    """The first real failure inside a task group (cancellations are not failures)."""
-    for error in group.exceptions:
-        if isinstance(error, BaseExceptionGroup):
-            return _first_error(error)
-        if not isinstance(error, asyncio.CancelledError):
-            return error
-    return group

@@ -13,7 +13,8 @@ from shared.settings import (
     positive_float,
     seconds,
 )
-from shared.tls import add_server_options, optional_server_context
+from shared.tls import add_server_options
+from shared.webapp import server_fields
 from shared.websession import add_session_options
 
 
@@ -89,19 +90,11 @@ def parse_settings(
 ) -> DashboardSettings:
     """Settings from the command line and the environment (argparse exits 2 on bad flags)."""
     args = build_parser(environ).parse_args(list(argv))
-    tls_cert, tls_key = args.tls_cert or None, args.tls_key or None
-    optional_server_context(tls_cert, tls_key)  # bad TLS files: ConfigError now, not later
     return DashboardSettings(
-        broker=args.broker,
-        http_port=args.http_port,
-        listen_host=args.listen_host,
+        **server_fields(args),
         pause=args.pause,
         reply_timeout=args.reply_timeout,
-        log_level=args.log_level,
-        log_json=args.log_json,
         central_key=args.central_key or None,
         session_ttl=args.session_ttl,
         allowed_origin=tuple(args.allowed_origin),
-        tls_cert=tls_cert,
-        tls_key=tls_key,
     )

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections import deque
@@ -54,6 +53,7 @@ from shared.messages import (
     SupplyRequest,
     SupplyStarted,
 )
+from shared.webapp import dumps
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ class DriverRoom:
         """Bind a browser and bring it up to date."""
         self.clients.add(client)
         for push in self.snapshot():
-            client.send_text(_json(push))
+            client.send_text(dumps(push))
 
     def detach(self, client: Client) -> bool:
         """Unbind a browser; True when it was the last one."""
@@ -184,7 +184,7 @@ class DriverRoom:
         return pushes
 
     def broadcast(self, push: Push) -> None:
-        self.broadcast_text(_json(push))
+        self.broadcast_text(dumps(push))
 
     def broadcast_text(self, text: str) -> None:
         for client in list(self.clients):
@@ -411,7 +411,3 @@ class DriverRoom:
                 log.warning("%s; retrying in %.1f s", exc, delay)
                 await asyncio.sleep(delay)
         return False
-
-
-def _json(push: Push) -> str:
-    return json.dumps(push, ensure_ascii=False, separators=(",", ":"))

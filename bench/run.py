@@ -441,11 +441,11 @@ that Central's `/metrics` now gives (the table above). In the order they were ma
 - **LRC** (`shared/framing.py`): the XOR was a Python `reduce` with a lambda per byte, once the
   largest single cost at 10,000 CPs. It now folds the bytes as one integer: 2.7x faster per
   frame, same results.
-- **Heartbeats without a task switch** (`FramedConnection.fast_path`, `Central.heartbeat_fast`):
+- **Heartbeats without a task switch** (`FramedConnection.fast_path`, `CPLinks.heartbeat_fast`):
   a heartbeat that changes nothing but the last-seen time is handled where its bytes arrive,
   never queued to the connection's handler task, and never touches the database. Used only while
   the connection's inbox is empty, so a monitor's messages keep their order.
-- **Telemetry batched per consumer poll** (`Central._stage_telemetry` / `_flush_telemetry`):
+- **Telemetry batched per consumer poll** (`Supplies.stage_telemetry` / `flush_telemetry`):
   one transaction per poll, one balance query per poll, keeping "max kWh, newer seq only" in
   memory and in SQL. Staged telemetry is written before any other event of the poll and before
   offsets are committed.

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import ConsumerStoppedError, KafkaError, TopicAlreadyExistsError
 from pydantic import TypeAdapter
 
 from shared.backoff import Backoff
@@ -83,20 +83,27 @@ Outgoing = Callable[[str, str, bytes], list[bytes]]
 class KafkaBus:
     """One producer for a service, plus factories for its consumers.
 
-    `outgoing`, when set, sees every value before it is published (send, start_batch, post) and
+    `outgoing`, when given, sees every value before it is published (send, start_batch, post) and
     returns what to publish instead: this is where a service seals its messages.
     """
 
-    def __init__(self, bootstrap: str, client_id: str, *, retry_max: float = 5.0) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        client_id: str,
+        *,
+        retry_max: float = 5.0,
+        outgoing: Outgoing | None = None,
+    ) -> None:
         self.bootstrap = bootstrap
         self.client_id = client_id
         self._retry_max = retry_max
         self._producer: AIOKafkaProducer | None = None
         self._consumers: list[AIOKafkaConsumer] = []
-        self.outgoing: Outgoing | None = None
+        self._outgoing = outgoing
 
     def _values(self, topic: str, key: str, value: bytes) -> list[bytes]:
-        return [value] if self.outgoing is None else self.outgoing(topic, key, value)
+        return [value] if self._outgoing is None else self._outgoing(topic, key, value)
 
     async def start(self, *, ensure_topics: bool = True) -> None:
         """Connect, retrying with backoff until the broker answers."""
@@ -290,13 +297,22 @@ class KafkaBus:
         return True
 
     async def stop(self) -> None:
-        """Flush the producer, close every consumer (idempotent)."""
-        consumers, self._consumers = self._consumers, []
-        for consumer in consumers:
+        """Flush the producer, close every consumer (idempotent).
+
+        A cancelled stop stays cancelled; what it had not closed yet is closed by the next call.
+        """
+        while self._consumers:
+            consumer = self._consumers.pop(0)
+            asked = _cancel_requests()
             try:
                 await consumer.stop()
-            except (KafkaError, asyncio.CancelledError):
-                # aiokafka may cancel its own fetcher while stopping a fresh consumer.
+            except KafkaError:
+                log.debug("consumer stop failed", exc_info=True)
+            except asyncio.CancelledError:
+                if _cancel_requests() > asked:
+                    raise  # this stop was cancelled: so be it
+                # aiokafka may cancel its own fetcher while stopping a fresh consumer, and that
+                # cancellation can leak out of stop(): it is not ours, the stop goes on.
                 log.debug("consumer stop failed", exc_info=True)
         producer, self._producer = self._producer, None
         if producer is not None:
@@ -306,5 +322,90 @@ class KafkaBus:
                 log.debug("producer stop failed", exc_info=True)
 
 
+def _cancel_requests() -> int:
+    """How many times the running task has been asked to cancel (and not uncancelled)."""
+    task = asyncio.current_task()
+    return task.cancelling() if task is not None else 0
+
+
 def _bus_error(exc: BaseException) -> BusError:
     return exc if isinstance(exc, BusError) else BusError(f"cannot publish: {type(exc).__name__}")
+
+
+# --- consuming ------------------------------------------------------------------------------
+
+Record: TypeAlias = ConsumerRecord[bytes, bytes]
+Records: TypeAlias = dict[TopicPartition, list[Record]]
+P = TypeVar("P")
+
+
+async def consume(
+    consumer: AIOKafkaConsumer,
+    handle: Callable[[Records], Awaitable[None] | None],
+    *,
+    what: str,
+    backoff: Backoff | None = None,
+    poll_ms: int = 200,
+    max_records: int | None = None,
+    on_failure: Callable[[KafkaError], None] | None = None,
+) -> None:
+    """Poll `consumer` (getmany) and hand each poll's records, by partition, to `handle`.
+
+    `handle` (plain or async) is called after every poll that succeeds, an empty one too (no
+    record within `poll_ms`), so that it can look at positions; what it raises propagates. A poll
+    that fails with KafkaError is logged in one line naming `what`, reported to `on_failure`, and
+    tried again after the backoff's next delay (jitter, cap; 0.5 s up to 5 s by default), which
+    resets once a poll succeeds. Returns when the consumer is stopped.
+    """
+    await _poll(
+        lambda: consumer.getmany(timeout_ms=poll_ms, max_records=max_records),
+        handle,
+        what,
+        backoff,
+        on_failure,
+    )
+
+
+async def consume_each(
+    consumer: AIOKafkaConsumer,
+    handle: Callable[[Record], Awaitable[None] | None],
+    *,
+    what: str,
+    backoff: Backoff | None = None,
+    on_failure: Callable[[KafkaError], None] | None = None,
+) -> None:
+    """`consume` one record at a time (getone): `handle` sees each record as it comes."""
+    await _poll(consumer.getone, handle, what, backoff, on_failure)
+
+
+async def _poll(
+    poll: Callable[[], Awaitable[P]],
+    handle: Callable[[P], Awaitable[None] | None],
+    what: str,
+    backoff: Backoff | None,
+    on_failure: Callable[[KafkaError], None] | None,
+) -> None:
+    backoff = backoff or Backoff(maximum=5.0)
+    while True:
+        try:
+            polled = await poll()
+        except ConsumerStoppedError:
+            return
+        except KafkaError as exc:
+            if on_failure is not None:
+                on_failure(exc)
+            delay = backoff.next_delay()
+            log.warning(
+                "cannot read %s from Kafka (%s); retrying in %.1f s",
+                what,
+                type(exc).__name__,
+                delay,
+            )
+            await asyncio.sleep(delay)
+            continue
+        if backoff.attempt:
+            log.info("reading %s from Kafka again", what)
+            backoff.reset()
+        handled = handle(polled)
+        if handled is not None:
+            await handled

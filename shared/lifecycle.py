@@ -115,3 +115,13 @@ def run_service(
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first real failure inside a task group (cancellations are not failures)."""
+    for failure in group.exceptions:
+        if isinstance(failure, BaseExceptionGroup):
+            return first_error(failure)
+        if not isinstance(failure, asyncio.CancelledError):
+            return failure
+    return group

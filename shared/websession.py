@@ -1,4 +1,4 @@
-"""Browser sessions for the dashboards' `websockets` servers, without I/O.
+"""Browser sessions for the dashboards' web shell (shared/webshell.py), without I/O.
 
 The flow (docs/web-auth.md), the same on Central's admin web and the driver dashboard:
 

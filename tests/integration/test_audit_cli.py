@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from EV_Central import audit, schema
+from EV_Central import audit_cli as audit
+from EV_Central import schema
 from EV_Central.audit import AuditLog
 from EV_Central.db import Database
 from helpers import scaled

@@ -40,7 +40,6 @@ async def relay(tmp_path: Path, bootstrap: str) -> AsyncIterator[OutboxRelay]:
     bus = KafkaBus(bootstrap, "test-relay", retry_max=0.5)
     await bus.start()
     outbox = OutboxRelay(db, bus, in_flight=4)
-    db.on_outbox = outbox.wake  # as Central wires it
     task = asyncio.create_task(outbox.run())
     try:
         yield outbox

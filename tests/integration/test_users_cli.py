@@ -11,8 +11,8 @@ import pytest
 
 import init_db
 from EV_Central import users
-from EV_Central.auth import ensure_schema
 from EV_Central.passwords import verify_password
+from EV_Central.schema import create_schema
 
 
 class Pipe(io.StringIO):
@@ -87,7 +87,7 @@ def test_a_new_password_replaces_the_old_one_and_unlocks(
     old = password_file(tmp_path, "first password")
     assert run(db, "add", "ana", "--role", "driver", "--password-file", old) == 0
     with sqlite3.connect(db) as conn:
-        ensure_schema(conn)
+        create_schema(conn)
         conn.execute(
             "INSERT INTO login_state (user_id, failures, last_failure, locked_until)"
             " VALUES ('ana', 5, ?, ?)",

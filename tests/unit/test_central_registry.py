@@ -7,7 +7,9 @@ import itertools
 import pytest
 
 from EV_Central.pricing import amount_cents
-from EV_Central.registry import ChargingPoint, LiveSession, Registry, SessionPhase
+from EV_Central.registry import ChargingPoint, Registry
+from EV_Central.session import Session as LiveSession
+from EV_Central.session import SessionStatus as SessionPhase
 from shared.messages import CPState, CPStateUpdate, CPSummary
 
 PHASES = [None, SessionPhase.AUTHORISED, SessionPhase.SUPPLYING, SessionPhase.ENDING]
@@ -15,7 +17,7 @@ SESSION_KEYS = {"session_id", "session_phase", "driver_id", "kw", "kwh", "amount
 
 
 def live(
-    phase: str = SessionPhase.SUPPLYING,
+    phase: SessionPhase = SessionPhase.SUPPLYING,
     *,
     session_id: str = "s1",
     price_eur_kwh: float = 0.35,
@@ -24,8 +26,9 @@ def live(
 ) -> LiveSession:
     return LiveSession(
         session_id=session_id,
+        cp_id="CP001",
         driver_id="user1",
-        phase=phase,
+        status=phase,
         price_eur_kwh=price_eur_kwh,
         kw=kw,
         kwh=kwh,
@@ -138,7 +141,7 @@ def test_state_follows_the_cp_as_it_changes() -> None:
     seen.append((cp.state, cp.available))
     cp.session = live(SessionPhase.AUTHORISED)
     seen.append((cp.state, cp.available))
-    cp.session.phase = SessionPhase.SUPPLYING
+    cp.session.status = SessionPhase.SUPPLYING
     seen.append((cp.state, cp.available))
     cp.engine_ok = False
     seen.append((cp.state, cp.available))

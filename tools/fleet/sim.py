@@ -29,11 +29,12 @@ import sqlite3
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
@@ -41,11 +42,11 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from EV_Central.admin_api import RegisterCP, ResetSecret
 from EV_Central.ctl import admin_login
 from EV_Driver.session import DriverSession, LoginRefused, finish_login, start_login
-from shared.bus import Topics
+from shared.bus import Topics, consume_each
+from shared.cp_channel import CPChannel
 from shared.errors import MessageError
 from shared.framing import ACK_BYTE, Ack, Frame, FrameDecoder, Nack, encode_frame
 from shared.messages import (
-    CP_COMMANDS,
     DRIVER_UPDATES,
     AuthorizeSupply,
     CentralIdentity,
@@ -65,15 +66,11 @@ from shared.messages import (
     encode,
 )
 from shared.sealing import (
-    ReplayGuard,
-    Sealer,
     SealError,
     fingerprint,
     identity_public,
     is_sealed,
     load_identity,
-    open_sealed,
-    parse,
     unb64,
 )
 from tools.fleet import procstat, promtext
@@ -81,6 +78,7 @@ from tools.fleet.accounts import Credentials, seed_database
 from tools.fleet.stats import summarise
 
 log = logging.getLogger("fleet")
+Opened = TypeVar("Opened")
 
 TICK_GROUPS = 50  # heartbeats and telemetry are spread over 50 slots a second
 ADMIN_BATCH = 100  # admin commands in flight on the admin WebSocket
@@ -252,9 +250,7 @@ class Fleet:
         # Security: each CP's keys (from its monitor's AUTH) and each driver's login.
         self.credentials = config.credentials
         self.cookie = ""
-        self.cp_keys: dict[str, dict[str, bytes]] = {}  # cp id -> key id -> key
-        self.sealers: dict[str, Sealer] = {}  # cp id -> sealer of its events (current key)
-        self.command_replay = ReplayGuard()
+        self.channels: dict[str, CPChannel] = {}  # cp id -> its keys, as its engine holds them
         self.sessions: dict[str, DriverSession] = {}
         self.answers: dict[str, asyncio.Future[Message]] = {}  # request id -> clear answer
         self.auth_refusals: dict[str, str] = {}  # cp id -> Central's reason
@@ -319,9 +315,10 @@ class Fleet:
 
     def take_key(self, cp_id: str, key_id: str, key_b64: str) -> None:
         """The key Central issued at the monitor's AUTH: the CP's events are sealed with it."""
-        key = unb64(key_b64, "key")
-        self.cp_keys.setdefault(cp_id, {})[key_id] = key
-        self.sealers[cp_id] = Sealer("cp-event", cp_id, key_id, key)
+        channel = self.channels.get(cp_id)
+        if channel is None:
+            channel = self.channels[cp_id] = CPChannel(cp_id)
+        channel.take_key(key_id, key_b64)
 
     async def heartbeats(self) -> None:
         """Every CP sends one heartbeat a second, spread evenly over the second."""
@@ -344,48 +341,39 @@ class Fleet:
 
     async def send_event(self, cp_id: str, event: Message) -> None:
         """A CP event, sealed with the CP's current key (as its engine does)."""
-        sealed = self.sealers[cp_id].seal(event.id, encode(event))
-        await self.send(Topics.CP_EVENTS, cp_id, sealed)
-
-    def open_command(self, cp_id: str, value: bytes) -> Message:
-        """Central's sealed command to `cp_id`, authenticated; SealError/MessageError if not."""
-        envelope = parse(value)
-        if envelope.principal != cp_id or envelope.ch != "cp-command":
-            raise SealError(f"an envelope for {envelope.principal} ({envelope.ch})")
-        key = self.cp_keys.get(cp_id, {}).get(envelope.key_id)
-        if key is None:
-            raise SealError(f"a command sealed with key {envelope.key_id}, not {cp_id}'s")
-        self.command_replay.check(envelope)
-        command = decode(CP_COMMANDS, open_sealed(envelope, key))
-        if command.id != envelope.id or command.cp_id != cp_id:
-            raise SealError("the sealed command does not match its envelope")
-        self.command_replay.accept(envelope)
-        return command
+        await self.send(Topics.CP_EVENTS, cp_id, self.channels[cp_id].seal(event))
 
     async def read_commands(self, consumer: AIOKafkaConsumer) -> None:
         """The simulated engines: answer authorisations with a plug, end supplies on request."""
-        async for record in consumer:
-            if record.value is None or record.key is None:
-                continue
-            cp_id = record.key.decode("utf-8", "replace")
-            if cp_id not in self.busy:
-                continue  # not ours to open: a CP with no request of the fleet
-            try:
-                command = self.open_command(cp_id, record.value)
-            except (SealError, MessageError) as exc:
-                self.unopened += 1
-                log.warning("cannot open a command for %s: %s", cp_id, exc)
-                continue
-            if isinstance(command, AuthorizeSupply) and cp_id not in self.supplies:
-                low, high = self.config.supply_seconds
-                supply = Supply(cp_id, command.session_id)
-                supply.ends_at = time.monotonic() + random.uniform(low, high)
-                self.supplies[cp_id] = supply
-                await self.send_event(cp_id, CPPlugged(cp_id=cp_id, session_id=supply.session_id))
-            elif isinstance(command, EndSupply):
-                ending = self.supplies.get(cp_id)
-                if ending is not None and ending.session_id == command.session_id:
-                    await self.end_supply(ending, command.reason)
+        await consume_each(consumer, self.on_command, what="Central's commands")
+
+    async def on_command(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        if record.value is None or record.key is None:
+            return
+        cp_id = record.key.decode("utf-8", "replace")
+        channel = self.channels.get(cp_id)
+        if cp_id not in self.busy or channel is None:
+            return  # not ours to open: a CP with no request of the fleet
+        command = self.opened(channel.open, record.value, f"a command for {cp_id}")
+        if isinstance(command, AuthorizeSupply) and cp_id not in self.supplies:
+            low, high = self.config.supply_seconds
+            supply = Supply(cp_id, command.session_id)
+            supply.ends_at = time.monotonic() + random.uniform(low, high)
+            self.supplies[cp_id] = supply
+            await self.send_event(cp_id, CPPlugged(cp_id=cp_id, session_id=supply.session_id))
+        elif isinstance(command, EndSupply):
+            ending = self.supplies.get(cp_id)
+            if ending is not None and ending.session_id == command.session_id:
+                await self.end_supply(ending, command.reason)
+
+    def opened(self, open_: Callable[[bytes], Opened], value: bytes, what: str) -> Opened | None:
+        """A sealed value opened, or None (counted and logged) when it cannot be."""
+        try:
+            return open_(value)
+        except (SealError, MessageError) as exc:
+            self.unopened += 1
+            log.warning("cannot open %s: %s", what, exc)
+            return None
 
     async def end_supply(self, supply: Supply, reason: EndReason) -> None:
         self.supplies.pop(supply.cp_id, None)
@@ -446,26 +434,23 @@ class Fleet:
 
     async def read_updates(self, consumer: AIOKafkaConsumer) -> None:
         """Central's answers to the drivers: clear ones (identity, logins), then sealed ones."""
-        async for record in consumer:
-            if record.value is None or record.key is None:
-                continue
-            if not is_sealed(record.value):
-                if self.answers:
-                    self.on_clear_update(record.value)
-                continue
-            driver_id = record.key.decode("utf-8", "replace")
-            waiter = self.driver_waiters.get(driver_id)
-            session = self.sessions.get(driver_id)
-            if waiter is None or waiter.done() or session is None:
-                continue  # nobody waits: not worth decrypting
-            try:
-                update = session.open(record.value)
-            except (SealError, MessageError) as exc:
-                self.unopened += 1
-                log.warning("cannot open an update for %s: %s", driver_id, exc)
-                continue
-            if isinstance(update, SupplyAuthorized | RequestDenied):
-                waiter.set_result(update)
+        await consume_each(consumer, self.on_update, what="driver updates")
+
+    def on_update(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        if record.value is None or record.key is None:
+            return
+        if not is_sealed(record.value):
+            if self.answers:
+                self.on_clear_update(record.value)
+            return
+        driver_id = record.key.decode("utf-8", "replace")
+        waiter = self.driver_waiters.get(driver_id)
+        session = self.sessions.get(driver_id)
+        if waiter is None or waiter.done() or session is None:
+            return  # nobody waits: not worth decrypting
+        update = self.opened(session.open, record.value, f"an update for {driver_id}")
+        if isinstance(update, SupplyAuthorized | RequestDenied):
+            waiter.set_result(update)
 
     def on_clear_update(self, value: bytes) -> None:
         try:

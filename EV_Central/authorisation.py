@@ -1,0 +1,124 @@
+"""The rule for a supply request: authorise it (reserving the CP) or deny it, with the reason.
+
+Pure, like EV_Central/session.py: the caller passes what it knows of the driver and the CP and
+the time, and gets the new session and the messages to publish.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from EV_Central.pricing import decide_request, max_kwh_for
+from EV_Central.session import Effects, Note, Session, SessionStatus, Timers
+from shared.messages import (
+    AuthorizeSupply,
+    DenialReason,
+    RequestAccepted,
+    RequestDenied,
+    SupplyAuthorized,
+)
+
+
+@dataclass(frozen=True)
+class SupplyAsk:
+    """A request for a supply, from a driver or a CP's own menu."""
+
+    request_id: str
+    sent_at: float
+    driver_id: str
+    cp_id: str
+    origin: str
+
+
+@dataclass(frozen=True)
+class CPOffer:
+    """What the request needs to know of the CP it names."""
+
+    cp_id: str
+    price_eur_kwh: float
+    max_kw: float
+    available: bool
+    unavailable_detail: str = ""
+
+
+def decide_supply(
+    ask: SupplyAsk,
+    cp: CPOffer | None,
+    *,
+    driver_known: bool,
+    driver_busy: bool,
+    balance_cents: int,
+    session_id: str,
+    now: float,
+    timers: Timers,
+) -> tuple[Session, Effects]:
+    """Authorise a request (the CP is then reserved for it) or deny it, with the reason."""
+    price = cp.price_eur_kwh if cp else 0.0
+    reason = decide_request(
+        driver_known=driver_known,
+        cp_known=cp is not None,
+        cp_available=cp is not None and cp.available,
+        driver_busy=driver_busy,
+        balance_cents=balance_cents,
+        price_eur_kwh=price,
+        age_s=now - ask.sent_at,
+        max_age_s=timers.request_ttl,
+    )
+    session = Session(
+        session_id=session_id,
+        cp_id=ask.cp_id,
+        driver_id=ask.driver_id,
+        status=SessionStatus.AUTHORISED,
+        price_eur_kwh=price,
+        max_kw=cp.max_kw if cp else 0.0,
+        origin=ask.origin,
+        request_id=ask.request_id,
+        requested_at=ask.sent_at,
+    )
+    if reason is not None or cp is None:
+        session.status = SessionStatus.DENIED
+        session.reason = (reason or DenialReason.UNKNOWN_CP).value
+        detail = cp.unavailable_detail if cp and reason == DenialReason.CP_UNAVAILABLE else ""
+        denied = RequestDenied(
+            driver_id=ask.driver_id,
+            cp_id=ask.cp_id,
+            request_id=ask.request_id,
+            reason=reason or DenialReason.UNKNOWN_CP,
+            detail=detail,
+        )
+        note = Note("denied", f"{ask.cp_id}: request from {ask.driver_id} denied ({reason})")
+        return session, Effects(publish=[session.to_driver(denied)], save=True, notes=[note])
+    session.authorized_at = now
+    session.expires_at = now + timers.authorization_ttl
+    accepted = RequestAccepted(
+        driver_id=ask.driver_id, cp_id=ask.cp_id, request_id=ask.request_id, session_id=session_id
+    )
+    authorise = AuthorizeSupply(
+        cp_id=ask.cp_id,
+        session_id=session_id,
+        driver_id=ask.driver_id,
+        price_eur_kwh=price,
+        max_kw=cp.max_kw,
+        max_kwh=max_kwh_for(balance_cents, price),
+        expires_at=session.expires_at,
+    )
+    authorised = SupplyAuthorized(
+        driver_id=ask.driver_id,
+        cp_id=ask.cp_id,
+        session_id=session_id,
+        price_eur_kwh=price,
+        expires_at=session.expires_at,
+    )
+    text = (
+        f"{ask.cp_id}: supply authorised for {ask.driver_id} "
+        f"({ask.origin} request, session {session_id})"
+    )
+    return session, Effects(
+        publish=[
+            session.to_driver(accepted),
+            session.to_engine(authorise),
+            session.to_driver(authorised),
+        ],
+        save=True,
+        notes=[Note("authorised", text)],
+    )

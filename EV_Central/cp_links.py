@@ -1,0 +1,243 @@
+"""Central's side of each charging point's link: who it is, whether its monitor and engine are
+alive, and whether it is in service.
+
+The monitor server (EV_Central/monitor_server.py) reports connections, heartbeats, faults and
+losses here; the admin panel, `ctl` and the console register CPs, stop and resume them, and
+revoke or reset their credentials. Whatever ends a supply goes through `Supplies.end`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Protocol
+
+from EV_Central.audit import AuditLog
+from EV_Central.context import Context
+from EV_Central.keys import ChannelKey, KeyStore
+from EV_Central.passwords import hash_secret, new_secret, verify_secret
+from EV_Central.registry import ChargingPoint
+from EV_Central.store import RegisteredCP
+from EV_Central.supplies import Supplies
+from shared.bus import Topics
+from shared.messages import EndReason, SetService
+
+log = logging.getLogger(__name__)
+
+# A monitor that presents a wrong secret waits this long for its answer.
+CP_AUTH_FAILURE_DELAY = 0.5
+
+
+class MonitorLink(Protocol):
+    """An authenticated monitor connection, as the monitor server keeps it."""
+
+    async def close(self) -> None: ...
+
+
+class CPLinks:
+    def __init__(
+        self,
+        context: Context,
+        keys: KeyStore,
+        audit: AuditLog,
+        supplies: Supplies,
+        *,
+        heartbeat_timeout: float,
+    ) -> None:
+        self._store = context.store
+        self._registry = context.registry
+        self._bus = context.bus
+        self._feed = context.feed
+        self._stats = context.stats
+        self._keys = keys
+        self._audit = audit
+        self._supplies = supplies
+        self._heartbeat_timeout = heartbeat_timeout
+        self._links: dict[str, MonitorLink] = {}  # the current monitor link of each CP
+
+    async def load(self) -> int:
+        """Every registered CP, DESCONECTADO until its monitor authenticates."""
+        for row in await self._store.registered_cps():
+            self._registry.add(
+                ChargingPoint(
+                    id=row.id,
+                    location=row.location,
+                    price_eur_kwh=row.price_eur_kwh,
+                    max_kw=row.max_kw,
+                    in_service=row.in_service,
+                )
+            )
+        return len(self._registry.cps)
+
+    def cp(self, cp_id: str) -> ChargingPoint | None:
+        return self._registry.get(cp_id)
+
+    def link_of(self, cp_id: str) -> MonitorLink | None:
+        return self._links.get(cp_id)
+
+    # --- the monitor's link --------------------------------------------------------------------
+
+    async def authenticate(self, cp_id: str, secret: str, source: str) -> ChannelKey | str:
+        """Check a monitor's credentials; on success issue the CP's fresh key (rotation)."""
+        cp = self._registry.get(cp_id)
+        stored = await self._store.secret_hash(cp_id)
+        if cp is None or not verify_secret(secret, stored):
+            why = "unknown CP or wrong secret" if stored or cp is None else "CP has no secret"
+            await self._audit.record("cp_auth", "failed", actor=cp_id, source=source, detail=why)
+            await asyncio.sleep(CP_AUTH_FAILURE_DELAY)
+            return why
+        async with self._store.transaction() as tx:
+            key = await self._keys.issue_cp_key(tx, cp_id)
+        await self._audit.record("cp_auth", "ok", actor=cp_id, source=source)
+        await self._audit.record("key_issued", "ok", actor=cp_id, source=source, detail=key.key_id)
+        return key
+
+    async def connected(self, cp: ChargingPoint, link: MonitorLink) -> None:
+        """A monitor authenticated (a previous link of the CP's is closed first)."""
+        previous = self._links.get(cp.id)
+        self._links[cp.id] = link
+        if previous is not None and previous is not link:
+            await previous.close()  # a monitor that reconnects replaces its stale connection
+        cp.connected = True
+        cp.last_heartbeat = time.time()
+        self._feed.changed(cp)
+        self._feed.note("connected", f"{cp.id}: monitor authenticated", cp.id)
+        if not cp.in_service:
+            # A restarted engine reads commands from the end: tell it again that it is stopped.
+            await self._bus.post(
+                Topics.CP_COMMANDS, cp.id, SetService(cp_id=cp.id, in_service=False)
+            )
+
+    def is_current(self, cp: ChargingPoint, link: MonitorLink) -> bool:
+        return self._links.get(cp.id) is link
+
+    async def lost(self, cp: ChargingPoint, why: str, link: MonitorLink | None = None) -> None:
+        """The monitor's link ended (or went silent): DESCONECTADO."""
+        if link is not None and not self.is_current(cp, link):
+            return  # a stale connection that another monitor login replaced
+        self._links.pop(cp.id, None)
+        if not cp.connected:
+            return
+        cp.connected = False
+        self._feed.changed(cp)
+        self._feed.note("disconnected", f"{cp.id}: DESCONECTADO ({why})", cp.id)
+        await self._supplies.end(cp, EndReason.MONITOR_LOST)
+
+    def heartbeat_fast(self, cp: ChargingPoint, engine_ok: bool, link: MonitorLink) -> bool:
+        """The common heartbeat, handled without awaiting: True when nothing else changes."""
+        if self._links.get(cp.id) is not link or cp.engine_ok != engine_ok:
+            return False  # reconnection, stale link or a health change: the full path
+        cp.last_heartbeat = time.time()
+        self._stats.counters["heartbeat"] += 1
+        return True
+
+    async def heartbeat(self, cp: ChargingPoint, engine_ok: bool, link: MonitorLink) -> None:
+        current = self._links.get(cp.id)
+        if current is None:
+            # Heartbeats resumed on a connection that had gone silent: connected again.
+            await self.connected(cp, link)
+        elif current is not link:
+            return  # a stale connection that another monitor login replaced
+        cp.last_heartbeat = time.time()
+        self._stats.counters["heartbeat"] += 1
+        if cp.engine_ok != engine_ok:
+            await self.engine_health(cp, engine_ok, "")
+
+    async def engine_health(self, cp: ChargingPoint, ok: bool, detail: str) -> None:
+        if cp.engine_ok == ok:
+            return
+        cp.engine_ok = ok
+        self._feed.changed(cp)
+        if ok:
+            self._feed.note("recovered", f"{cp.id}: engine recovered", cp.id)
+            return
+        self._feed.note("fault", f"{cp.id}: AVERIADO ({detail or 'engine KO'})", cp.id)
+        await self._supplies.end(cp, EndReason.ENGINE_FAULT)
+
+    async def check_heartbeats(self, now: float) -> None:
+        """Connected CPs silent for longer than the heartbeat timeout are DESCONECTADO."""
+        for cp in self._registry.stale(now, self._heartbeat_timeout):
+            await self.lost(cp, f"no heartbeat for {self._heartbeat_timeout:g} s")
+
+    # --- administration --------------------------------------------------------------------------
+
+    async def set_service(self, target: str, in_service: bool) -> list[str]:
+        """Stop (PARADO) or resume one CP or all; returns the CP ids affected."""
+        if target.lower() == "all":
+            cps = self._registry.sorted()
+        else:
+            cp = self._registry.get(target)
+            if cp is None:
+                raise LookupError(f"unknown CP {target!r}")
+            cps = [cp]
+        async with self._store.transaction() as tx:
+            await tx.set_in_service([cp.id for cp in cps], in_service)
+        for cp in cps:
+            cp.in_service = in_service
+            self._feed.changed(cp)
+            await self._bus.post(
+                Topics.CP_COMMANDS, cp.id, SetService(cp_id=cp.id, in_service=in_service)
+            )
+            if not in_service:
+                await self._supplies.end(cp, EndReason.STOPPED_BY_ADMIN)
+        verb = "resumed" if in_service else "stopped"
+        self._feed.note(
+            verb, f"{verb} {', '.join(c.id for c in cps) if len(cps) < 4 else 'all CPs'}"
+        )
+        return [cp.id for cp in cps]
+
+    async def register(
+        self, cp_id: str, location: str, price_eur_kwh: float, max_kw: float
+    ) -> tuple[ChargingPoint, str]:
+        """Register a new CP and issue its secret (returned once, stored only as a hash).
+
+        The CP shows DESCONECTADO until its monitor authenticates with that secret.
+        """
+        if self._registry.get(cp_id) is not None:
+            raise ValueError(f"CP {cp_id} is already registered")
+        secret = new_secret()
+        async with self._store.transaction() as tx:
+            await tx.insert_cp(
+                RegisteredCP(cp_id, location, price_eur_kwh, max_kw, in_service=True),
+                hash_secret(secret),
+                time.time(),
+            )
+        cp = ChargingPoint(id=cp_id, location=location, price_eur_kwh=price_eur_kwh, max_kw=max_kw)
+        self._registry.add(cp)
+        self._feed.changed(cp)
+        self._feed.note("registered", f"{cp_id}: registered at {location}", cp_id)
+        return cp, secret
+
+    async def revoke_key(self, cp_id: str) -> None:
+        """Revoke a CP's keys: it is out of service until its monitor authenticates again."""
+        self._known(cp_id)
+        async with self._store.transaction() as tx:
+            revoked = await self._keys.revoke_principal(tx, "cp", cp_id)
+        # The admin interface audits the command, with who gave it.
+        self._feed.note(
+            "revoked", f"{cp_id}: key revoked ({', '.join(revoked) or 'none live'})", cp_id
+        )
+        await self._disconnect(cp_id)
+
+    async def reset_secret(self, cp_id: str) -> str:
+        """Issue a CP a new secret (returned once); the old one and its keys stop working."""
+        self._known(cp_id)
+        secret = new_secret()
+        async with self._store.transaction() as tx:
+            await tx.set_secret_hash(cp_id, hash_secret(secret))
+            await self._keys.revoke_principal(tx, "cp", cp_id)
+        self._feed.note("secret", f"{cp_id}: new secret issued, keys revoked", cp_id)
+        await self._disconnect(cp_id)
+        return secret
+
+    def _known(self, cp_id: str) -> ChargingPoint:
+        cp = self._registry.get(cp_id)
+        if cp is None:
+            raise LookupError(f"unknown CP {cp_id!r}")
+        return cp
+
+    async def _disconnect(self, cp_id: str) -> None:
+        link = self._links.get(cp_id)
+        if link is not None:
+            await link.close()

@@ -1,0 +1,168 @@
+"""Central's Kafka inbox: consume, open the sealed messages, dispatch them, commit offsets.
+
+One consumer in the group `ev-central` reads driver requests and CP events. Each record is
+opened at the gate (EV_Central/gate.py) and handed to the part it is for; every handler that
+changes state does so in a transaction of its own, and offsets are committed only once what
+they cover is durable (telemetry is flushed first). A record that is refused, invalid or makes
+a handler fail is counted and logged, and the next one is read: one bad message never stops
+Central.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord
+from aiokafka.errors import KafkaError
+
+from EV_Central.authorisation import SupplyAsk
+from EV_Central.context import Context
+from EV_Central.drivers import Drivers
+from EV_Central.gate import SealedGate
+from EV_Central.outbox import OutboxRelay
+from EV_Central.supplies import Supplies
+from shared.bus import Records, Topics, consume
+from shared.errors import MessageError
+from shared.messages import CPPlugged, CPRequest, CPSupplyEnded, CPTelemetry, SupplyRequest
+from shared.sealing import SealError
+
+log = logging.getLogger(__name__)
+
+CONSUMER_GROUP = "ev-central"
+# Consumer offsets are committed at most this often (and whenever the topics go quiet), not
+# after every poll: a commit is a round trip to the broker during which nothing is read. What a
+# crash can redeliver is at most this much more, and every handler is idempotent.
+COMMIT_INTERVAL = 0.2
+
+
+class Inbox:
+    def __init__(
+        self,
+        context: Context,
+        gate: SealedGate,
+        supplies: Supplies,
+        drivers: Drivers,
+        outbox: OutboxRelay,
+    ) -> None:
+        self._bus = context.bus
+        self._stats = context.stats
+        self._gate = gate
+        self._supplies = supplies
+        self._drivers = drivers
+        self._outbox = outbox
+        self._committed_at = 0.0  # when offsets were last committed (monotonic)
+        self._uncommitted = False  # records were handled since
+
+    async def run(self) -> None:
+        """Read, handle and commit until cancelled."""
+        consumer = await self._bus.group_consumer(
+            [Topics.DRIVER_REQUESTS, Topics.CP_EVENTS], CONSUMER_GROUP
+        )
+        self._committed_at = 0.0
+        self._uncommitted = False
+
+        def failed(_exc: KafkaError) -> None:
+            self._stats.broker_ok = False
+
+        await consume(
+            consumer,
+            lambda batches: self._poll(consumer, batches),
+            what="driver requests and CP events",
+            poll_ms=500,
+            max_records=500,
+            on_failure=failed,
+        )
+
+    async def _poll(self, consumer: AIOKafkaConsumer, batches: Records) -> None:
+        """One poll's records: handle them, make them durable, commit now and then."""
+        self._stats.broker_ok = True
+        if not batches and not self._uncommitted:
+            return
+        # Driver requests first: they wait for an answer, telemetry does not. Different
+        # topics have no order between them, so this reorders nothing that has one.
+        for tp, records in sorted(
+            batches.items(), key=lambda item: item[0].topic != Topics.DRIVER_REQUESTS
+        ):
+            for record in records:
+                await self.dispatch(tp.topic, record)
+            highwater = consumer.highwater(tp)
+            if highwater is not None:
+                lag = highwater - (records[-1].offset + 1)
+                self._stats.consumer_lag[f"{tp.topic}/{tp.partition}"] = max(0, lag)
+        try:
+            await self._supplies.flush_telemetry()
+        except Exception:
+            self._stats.counters["handler_errors"] += 1
+            log.exception("writing a batch of telemetry failed")
+        # Everything read so far is durable now: its offsets may be committed.
+        self._uncommitted = True
+        now = time.monotonic()
+        if batches and now - self._committed_at < COMMIT_INTERVAL:
+            return
+        try:
+            await consumer.commit()
+            self._committed_at, self._uncommitted = now, False
+        except KafkaError as exc:
+            # Not fatal: handlers are idempotent, a redelivery changes nothing.
+            log.warning("cannot commit offsets (%s); will retry", type(exc).__name__)
+
+    async def dispatch(self, topic: str, record: ConsumerRecord[bytes, bytes]) -> None:
+        """Open one record and hand it to the part it is for."""
+        key = record.key.decode("utf-8", "replace") if record.key else ""
+        started = time.perf_counter()
+        counters = self._stats.counters
+        try:
+            if topic == Topics.DRIVER_REQUESTS:
+                kind = await self._driver_request(record.value or b"", key)
+            else:
+                kind = await self._cp_event(record.value or b"", key)
+            self._stats.handler_seconds[kind].observe(time.perf_counter() - started)
+        except SealError as exc:
+            counters["rejected"] += 1
+            log.warning(
+                "rejected a message on %s (offset %d, key %r): %s", topic, record.offset, key, exc
+            )
+            await self._gate.rejected(topic, key, str(exc))
+        except MessageError as exc:
+            counters["invalid"] += 1
+            log.warning(
+                "skipped an invalid message on %s (offset %d): %s", topic, record.offset, exc
+            )
+        except Exception:
+            # A bug must not stop Central from serving everyone else; the log has the details.
+            counters["handler_errors"] += 1
+            log.exception("handler failed for %s offset %d", topic, record.offset)
+        await self._outbox.hand_over_new()  # the reply leaves now, not on the relay's next turn
+
+    async def _driver_request(self, value: bytes, key: str) -> str:
+        request = self._gate.open_driver_request(value, key)
+        self._stats.counters[request.type] += 1
+        # Telemetry staged so far is written before anything else is handled.
+        await self._supplies.flush_telemetry()
+        if isinstance(request, SupplyRequest):
+            self._stats.stage_seconds["arrival"].observe(max(0.0, time.time() - request.ts))
+            await self._supplies.request(
+                SupplyAsk(request.id, request.ts, request.driver_id, request.cp_id, request.origin)
+            )
+        else:
+            await self._drivers.handle(request)
+        return str(request.type)
+
+    async def _cp_event(self, value: bytes, key: str) -> str:
+        event = self._gate.open_cp_event(value, key)
+        self._stats.counters[event.type] += 1
+        if isinstance(event, CPTelemetry):
+            self._supplies.stage_telemetry(event)
+            return str(event.type)
+        # Keep the order of one CP's events: its earlier telemetry is written first.
+        await self._supplies.flush_telemetry()
+        match event:
+            case CPRequest():
+                ask = SupplyAsk(event.id, event.ts, event.driver_id, event.cp_id, "cp")
+                await self._supplies.request(ask)
+            case CPPlugged():
+                await self._supplies.plugged(event)
+            case CPSupplyEnded():
+                await self._supplies.engine_ended(event)
+        return str(event.type)

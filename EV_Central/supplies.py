@@ -1,0 +1,224 @@
+"""The supply lifecycle at Central: requests, plug-in, telemetry, ending and settling.
+
+The rules are in EV_Central/session.py; this module gives them what they need (the session,
+the driver's balance, the CP), then writes what they decided in one transaction: the session,
+the debit, the handled message id and the messages to publish (the outbox). Live figures and
+notices that the next one replaces are posted after the commit, without waiting.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from EV_Central.authorisation import CPOffer, SupplyAsk, decide_supply
+from EV_Central.context import Context
+from EV_Central.registry import ChargingPoint
+from EV_Central.session import Effects, EngineReport, Session, SessionStatus, Timers, stray_plug
+from EV_Central.store import StoreTx
+from shared.messages import CPPlugged, CPSupplyEnded, CPTelemetry, EndReason, new_id
+
+log = logging.getLogger(__name__)
+
+
+class Supplies:
+    def __init__(self, context: Context, timers: Timers) -> None:
+        self._store = context.store
+        self._registry = context.registry
+        self._bus = context.bus
+        self._feed = context.feed
+        self._stats = context.stats
+        self._timers = timers
+        # Telemetry of one consumer poll, written in one transaction (latest per session).
+        self._telemetry: dict[str, tuple[ChargingPoint, Session]] = {}
+
+    async def load(self) -> int:
+        """Give each CP the session it was busy with when Central stopped; returns how many."""
+        now = time.time()
+        active = await self._store.active_sessions()
+        for session in active:
+            cp = self._registry.get(session.cp_id)
+            if cp is None:
+                continue
+            # Restarted: give engines time to report what happened while we were away.
+            session.last_telemetry_at = now
+            if session.status == SessionStatus.ENDING:
+                session.settle_deadline = now + self._timers.monitor_grace
+            cp.session = session
+        return len(active)
+
+    # --- requests ------------------------------------------------------------------------------
+
+    async def request(self, ask: SupplyAsk) -> None:
+        """A driver (or a CP's own menu) asks for a supply: authorise it or deny it."""
+        now = time.time()
+        cp = self._registry.get(ask.cp_id)
+        async with self._store.transaction() as tx:
+            if await tx.seen(ask.request_id):
+                return
+            account = await tx.account(ask.driver_id)
+            offer = None
+            if cp is not None:
+                offer = CPOffer(
+                    cp.id, cp.price_eur_kwh, cp.max_kw, cp.available, cp.unavailable_detail()
+                )
+            session, effects = decide_supply(
+                ask,
+                offer,
+                driver_known=account is not None and account[0] == "driver",
+                driver_busy=await tx.driver_busy(ask.driver_id),
+                balance_cents=account[1] if account else 0,
+                session_id=new_id()[:16],
+                now=now,
+                timers=self._timers,
+            )
+            await tx.insert_session(session)
+            await tx.publish(effects.publish)
+            if cp is not None and session.status.active:
+                # Reserve the CP before the commit yields, so no other request can take it.
+                cp.session = session
+            await tx.mark_processed(ask.request_id)
+        await self._after(cp, session, effects)
+
+    # --- the engine's events -----------------------------------------------------------------
+
+    async def plugged(self, event: CPPlugged) -> None:
+        cp = self._registry.get(event.cp_id)
+        async with self._store.transaction() as tx:
+            if await tx.seen(event.id):
+                return
+            session = await self._find(tx, cp, event.session_id)
+            if session is None:
+                effects = stray_plug(event.cp_id, event.session_id)
+            else:
+                effects = session.plugged(event.cp_id, event.ts, time.time())
+            await self._write(tx, session, effects)
+            await tx.mark_processed(event.id)
+        await self._after(cp, session, effects)
+
+    def stage_telemetry(self, event: CPTelemetry) -> None:
+        """Take a telemetry sample into memory; `flush_telemetry` makes it durable."""
+        cp = self._registry.get(event.cp_id)
+        session = cp.session if cp is not None else None
+        if cp is None or session is None or session.session_id != event.session_id:
+            return  # late figures of a settled session: its final event carries the total
+        if session.telemetry(event, time.time()):
+            self._telemetry[session.session_id] = (cp, session)
+
+    async def flush_telemetry(self) -> None:
+        """Write the staged telemetry in one transaction, then tell drivers and check balances.
+
+        Runs before any other event is handled and at the end of every consumer poll, before
+        the offsets are committed: a sample is durable before its offset is.
+        """
+        if not self._telemetry:
+            return
+        staged, self._telemetry = self._telemetry, {}
+        started = time.perf_counter()
+        drivers = sorted({session.driver_id for _, session in staged.values()})
+        async with self._store.transaction() as tx:
+            await tx.save_telemetry(session for _, session in staged.values())
+            balances = await tx.balances(drivers)
+        self._stats.handler_seconds["telemetry_batch"].observe(time.perf_counter() - started)
+        for cp, session in staged.values():
+            self._feed.changed(cp)
+            progress = session.progress()
+            await self._bus.post(progress.topic, progress.key, progress.message)
+            if cp.session is session and session.balance_exhausted(
+                balances.get(session.driver_id, 0)
+            ):
+                await self.end(cp, EndReason.BALANCE_EXHAUSTED)
+
+    async def engine_ended(self, event: CPSupplyEnded) -> None:
+        """The engine's final figures: the session is settled, or its ticket corrected."""
+        cp = self._registry.get(event.cp_id)
+        async with self._store.transaction() as tx:
+            if await tx.seen(event.id):
+                return
+            session = await self._find(tx, cp, event.session_id)
+            effects = Effects()
+            if session is not None:
+                report = EngineReport(event.cp_id, event.kwh, event.reason, event.started_at)
+                balance = await tx.balance(session.driver_id)
+                effects = session.engine_ended(report, balance, time.time())
+                await self._write(tx, session, effects)
+            await tx.mark_processed(event.id)
+        await self._after(cp, session, effects)
+
+    # --- ending and settling -----------------------------------------------------------------
+
+    async def end(self, cp: ChargingPoint, reason: EndReason) -> None:
+        """Start ending a CP's session (no-op when it has none or it is ending already)."""
+        session = cp.session
+        if session is None:
+            return
+        effects = session.end(reason, time.time(), self._timers)
+        if not effects.save:
+            return
+        async with self._store.transaction() as tx:
+            await self._write(tx, session, effects)
+        await self._after(cp, session, effects)
+
+    async def settle_now(self, cp: ChargingPoint) -> None:
+        """Settle an ending session with the energy of its last telemetry."""
+        session = cp.session
+        if session is None:
+            return
+        async with self._store.transaction() as tx:
+            balance = await tx.balance(session.driver_id)
+            effects = session.settle_now(balance, time.time())
+            await self._write(tx, session, effects)
+        await self._after(cp, session, effects)
+
+    async def check_timers(self, now: float) -> None:
+        """Authorisation expiry, settle deadlines and lost engines, for every live session."""
+        for cp in list(self._registry.cps.values()):
+            session = cp.session
+            if session is None:
+                continue
+            try:
+                if session.settle_due(now):
+                    await self.settle_now(cp)
+                elif (reason := session.end_due(now, self._timers)) is not None:
+                    await self.end(cp, reason)
+            except Exception:
+                log.exception("timer handling failed for %s", cp.id)
+
+    # --- applying what the rules decided ---------------------------------------------------------
+
+    @staticmethod
+    async def _find(tx: StoreTx, cp: ChargingPoint | None, session_id: str) -> Session | None:
+        """The session, live on its CP or as the database has it."""
+        if cp is not None and cp.session is not None and cp.session.session_id == session_id:
+            return cp.session
+        return await tx.session(session_id)
+
+    @staticmethod
+    async def _write(tx: StoreTx, session: Session | None, effects: Effects) -> None:
+        if session is not None and effects.save:
+            await tx.save_session(session)
+            await tx.debit(session.driver_id, effects.debit_cents)
+        await tx.publish(effects.publish)
+
+    async def _after(
+        self, cp: ChargingPoint | None, session: Session | None, effects: Effects
+    ) -> None:
+        """After the commit: post live messages, log, release the CP, tell who shows it."""
+        for send in effects.post:
+            await self._bus.post(send.topic, send.key, send.message)
+        for note in effects.notes:
+            driver_id = session.driver_id if session else None
+            cp_id = session.cp_id if session else None
+            self._feed.note(note.kind, note.text, cp_id, driver_id)
+        if effects.save:
+            self._feed.sessions_changed()
+        if cp is None or session is None:
+            return
+        if (
+            effects.release
+            and cp.session is not None
+            and cp.session.session_id == session.session_id
+        ):
+            cp.session = None
+        if cp.session is session or effects.release:
+            self._feed.changed(cp)
