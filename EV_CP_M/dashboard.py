@@ -25,7 +25,7 @@ from websockets.http11 import Response
 
 from EV_CP_M.site import SILENCE_S, Site
 from shared.backoff import Backoff
-from shared.bus import KafkaBus, Topics, decode_record
+from shared.bus import KafkaBus, Records, Topics, consume, decode_record
 from shared.errors import ConfigError, MessageError
 from shared.lifecycle import Shutdown, run_service
 from shared.logs import setup_logging
@@ -244,20 +244,12 @@ class SiteDashboard(WebApp):
         loop = asyncio.get_running_loop()
         replay_until = loop.time() + CATCH_UP_LIMIT
         self.ready = self.ready or not catch_up
-        backoff = Backoff(maximum=5.0)
-        while True:
-            try:
-                batches = await consumer.getmany(timeout_ms=200, max_records=2000)
-            except KafkaError as exc:
-                self.consuming = False
-                delay = backoff.next_delay()
-                log.warning(
-                    "cannot read from Kafka (%s); retrying in %.1f s", type(exc).__name__, delay
-                )
-                await asyncio.sleep(delay)
-                continue
+
+        def failed(_exc: KafkaError) -> None:
+            self.consuming = False
+
+        async def handle(batches: Records) -> None:
             self.consuming = True
-            backoff.reset()
             for tp, records in batches.items():
                 for record in records:
                     self._handle(record)
@@ -271,6 +263,14 @@ class SiteDashboard(WebApp):
             if not self.ready and (not catch_up or loop.time() > replay_until):
                 self.ready = True
                 log.info("history replayed: %d CPs known", len(self.site.cps))
+
+        await consume(
+            consumer,
+            handle,
+            what="CP states and health samples",
+            max_records=2000,
+            on_failure=failed,
+        )
 
     def _handle(self, record: ConsumerRecord[bytes, bytes]) -> None:
         """Validate one record into the Site; an invalid one is logged, counted, skipped."""

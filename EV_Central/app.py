@@ -75,7 +75,7 @@ class Central:
         self.registry = Registry()
         self.audit = AuditLog(db)
         self.people = PeopleAuth(
-            db,
+            self.store,
             max_failures=settings.lockout_after,
             lock_seconds=settings.lockout_seconds,
             audit=self.audit,

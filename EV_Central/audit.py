@@ -310,6 +310,10 @@ class AuditLog:
         self._key: bytes | None = None
         self._key_loaded = False
 
+    def on_record(self, listener: Callable[[dict[str, Any]], None]) -> None:
+        """Call `listener` with each new row (its as_api dict) once it is committed."""
+        self.listeners.append(listener)
+
     async def record(
         self,
         action: str,

@@ -22,8 +22,8 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from EV_Central.db import Database
 from EV_Central.passwords import hash_password, verify_password
+from EV_Central.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def failure_delay(failures: int, base: float = BASE_DELAY, cap: float = MAX_DELA
 class PeopleAuth:
     def __init__(
         self,
-        db: Database,
+        store: Store,
         *,
         max_failures: int = 5,
         lock_seconds: float = 300.0,
@@ -71,7 +71,7 @@ class PeopleAuth:
     ) -> None:
         if max_failures < 1:
             raise ValueError("max_failures must be at least 1")
-        self.db = db
+        self.store = store
         self.max_failures = max_failures
         self.lock_seconds = lock_seconds
         self.audit = audit
@@ -104,7 +104,7 @@ class PeopleAuth:
         self, user_id: str, password: str, source: str, channel: str, role: str | None
     ) -> LoginOutcome:
         now = time.time()
-        failures, last_failure, locked_until = await self._state(user_id)
+        failures, last_failure, locked_until = await self.store.login_state(user_id)
         counted = bool(failures or locked_until)
         if locked_until > now:
             retry = locked_until - now
@@ -120,20 +120,23 @@ class PeopleAuth:
         if locked_until or now - last_failure > self.lock_seconds:
             failures = 0  # a lock that ran out, or failures long ago, start the count afresh
 
-        rows = await self.db.read("SELECT role, password_hash FROM users WHERE id = ?", (user_id,))
-        stored = rows[0]["password_hash"] if rows else self._dummy_hash
+        account = await self.store.credentials(user_id)
+        stored = account[1] if account else self._dummy_hash
         matches = await asyncio.to_thread(verify_password, password, stored)
-        account_role = rows[0]["role"] if rows else None
+        account_role = account[0] if account else None
         if matches and account_role is not None and role in (None, account_role):
             if counted:
-                await self._clear(user_id)
+                await self.store.clear_login_state(user_id)
             await self._record("login", "ok", user_id, source, channel)
             return LoginOutcome(True, user_id, account_role, "")
 
         failures += 1
         locked = failures >= self.max_failures
         until = now + self.lock_seconds if locked else 0.0
-        await self._store(user_id, failures, now, until)
+        # Counters of attempts long past (unknown ids included) are of no use any more.
+        await self.store.save_login_state(
+            user_id, failures, now, until, forget_before=now - self.lock_seconds
+        )
         await self._record("login", "failed", user_id, source, channel)
         if locked:
             log.warning(
@@ -175,36 +178,6 @@ class PeopleAuth:
             del self._queues[user_id]
         else:
             self._queues[user_id] = (lock, users - 1)
-
-    # --- storage --------------------------------------------------------------------------
-
-    async def _state(self, user_id: str) -> tuple[int, float, float]:
-        rows = await self.db.read(
-            "SELECT failures, last_failure, locked_until FROM login_state WHERE user_id = ?",
-            (user_id,),
-        )
-        if not rows:
-            return 0, 0.0, 0.0
-        return int(rows[0]["failures"]), float(rows[0]["last_failure"]), rows[0]["locked_until"]
-
-    async def _store(self, user_id: str, failures: int, at: float, locked_until: float) -> None:
-        async with self.db.transaction() as tx:
-            await tx.execute(
-                "INSERT INTO login_state (user_id, failures, last_failure, locked_until)"
-                " VALUES (?, ?, ?, ?) ON CONFLICT (user_id) DO UPDATE SET"
-                " failures = excluded.failures, last_failure = excluded.last_failure,"
-                " locked_until = excluded.locked_until",
-                (user_id, failures, at, locked_until),
-            )
-            # Counters of attempts long past (unknown ids included) are of no use any more.
-            await tx.execute(
-                "DELETE FROM login_state WHERE locked_until < ? AND last_failure < ?",
-                (at, at - self.lock_seconds),
-            )
-
-    async def _clear(self, user_id: str) -> None:
-        async with self.db.transaction() as tx:
-            await tx.execute("DELETE FROM login_state WHERE user_id = ?", (user_id,))
 
     async def _record(
         self, action: str, outcome: str, user_id: str, source: str, detail: str

@@ -18,3 +18,14 @@ class Context:
     bus: KafkaBus  # what is posted without waiting (live figures, answers)
     feed: Feed  # changes, for whoever shows them
     stats: CentralStats  # counters and timings for /metrics
+
+
+class Part:
+    """A part of Central that handles input, with the context's collaborators at hand."""
+
+    def __init__(self, context: Context) -> None:
+        self._store = context.store
+        self._registry = context.registry
+        self._bus = context.bus
+        self._feed = context.feed
+        self._stats = context.stats

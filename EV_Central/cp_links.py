@@ -14,7 +14,7 @@ import time
 from typing import Protocol
 
 from EV_Central.audit import AuditLog
-from EV_Central.context import Context
+from EV_Central.context import Context, Part
 from EV_Central.keys import ChannelKey, KeyStore
 from EV_Central.passwords import hash_secret, new_secret, verify_secret
 from EV_Central.registry import ChargingPoint
@@ -35,7 +35,7 @@ class MonitorLink(Protocol):
     async def close(self) -> None: ...
 
 
-class CPLinks:
+class CPLinks(Part):
     def __init__(
         self,
         context: Context,
@@ -45,16 +45,13 @@ class CPLinks:
         *,
         heartbeat_timeout: float,
     ) -> None:
-        self._store = context.store
-        self._registry = context.registry
-        self._bus = context.bus
-        self._feed = context.feed
-        self._stats = context.stats
+        super().__init__(context)
         self._keys = keys
         self._audit = audit
         self._supplies = supplies
         self._heartbeat_timeout = heartbeat_timeout
         self._links: dict[str, MonitorLink] = {}  # the current monitor link of each CP
+        self._counters = context.stats.counters  # at hand: every heartbeat counts itself
 
     async def load(self) -> int:
         """Every registered CP, DESCONECTADO until its monitor authenticates."""
@@ -126,10 +123,10 @@ class CPLinks:
 
     def heartbeat_fast(self, cp: ChargingPoint, engine_ok: bool, link: MonitorLink) -> bool:
         """The common heartbeat, handled without awaiting: True when nothing else changes."""
-        if self._links.get(cp.id) is not link or cp.engine_ok != engine_ok:
-            return False  # reconnection, stale link or a health change: the full path
+        if cp.engine_ok != engine_ok or self._links.get(cp.id) is not link:
+            return False  # a health change, reconnection or stale link: the full path
         cp.last_heartbeat = time.time()
-        self._stats.counters["heartbeat"] += 1
+        self._counters["heartbeat"] += 1
         return True
 
     async def heartbeat(self, cp: ChargingPoint, engine_ok: bool, link: MonitorLink) -> None:

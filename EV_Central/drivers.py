@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from EV_Central.auth import PeopleAuth
-from EV_Central.context import Context
+from EV_Central.context import Context, Part
 from EV_Central.gate import SealedGate
 from EV_Central.keys import KeyStore
 from EV_Central.supplies import Supplies
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 LOGIN_CONCURRENCY = 4
 
 
-class Drivers:
+class Drivers(Part):
     def __init__(
         self,
         context: Context,
@@ -56,11 +56,7 @@ class Drivers:
         request_ttl: float,
         session_ttl: float,
     ) -> None:
-        self._store = context.store
-        self._registry = context.registry
-        self._bus = context.bus
-        self._feed = context.feed
-        self._stats = context.stats
+        super().__init__(context)
         self._keys = keys
         self._people = people
         self._gate = gate

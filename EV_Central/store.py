@@ -3,15 +3,20 @@
 `Store.transaction()` opens one database transaction (EV_Central/db.py) and hands back a
 `StoreTx` whose methods read and write sessions, balances, CPs and keys, record handled
 message ids and queue messages in the outbox. When a transaction that queued messages commits,
-the store tells the outbox relay (`on_outbox`) so the messages leave at once. Reads that need
-no transaction are methods of `Store` itself.
+the database wakes the outbox relay so the messages leave at once. Reads that need no
+transaction are methods of `Store` itself.
+
+Two kinds of statement live elsewhere, each beside what it serves: the audit chain's
+(EV_Central/audit.py: a row's hash covers the previous row, read and written in one
+transaction) and the transaction plumbing of EV_Central/db.py (handled message ids, the outbox
+table the relay drains).
 """
 
 from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,10 +103,6 @@ class StoreTx:
     def __init__(self, tx: Transaction) -> None:
         self._tx = tx
 
-    @property
-    def outgoing(self) -> int:
-        return self._tx.outgoing
-
     # --- idempotency and the outbox -----------------------------------------------------------
 
     async def seen(self, message_id: str) -> bool:
@@ -151,6 +152,24 @@ class StoreTx:
             f"SELECT 1 FROM sessions WHERE driver_id = ? AND status IN ({_ACTIVE})", (driver_id,)
         )
         return row is not None
+
+    async def save_login_state(
+        self, user_id: str, failures: int, at: float, locked_until: float, forget_before: float
+    ) -> None:
+        await self._tx.execute(
+            "INSERT INTO login_state (user_id, failures, last_failure, locked_until)"
+            " VALUES (?, ?, ?, ?) ON CONFLICT (user_id) DO UPDATE SET"
+            " failures = excluded.failures, last_failure = excluded.last_failure,"
+            " locked_until = excluded.locked_until",
+            (user_id, failures, at, locked_until),
+        )
+        await self._tx.execute(
+            "DELETE FROM login_state WHERE locked_until < ? AND last_failure < ?",
+            (at, forget_before),
+        )
+
+    async def clear_login_state(self, user_id: str) -> None:
+        await self._tx.execute("DELETE FROM login_state WHERE user_id = ?", (user_id,))
 
     async def ack_ticket(self, session_id: str, driver_id: str) -> None:
         await self._tx.execute(
@@ -264,17 +283,14 @@ class StoreTx:
 
 
 class Store:
-    def __init__(self, db: Database, *, on_outbox: Callable[[], None] | None = None) -> None:
+    def __init__(self, db: Database) -> None:
         self.db = db
-        self._on_outbox = on_outbox  # the outbox relay's wake
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[StoreTx]:
+        """One transaction (BEGIN IMMEDIATE ... COMMIT, rolled back on any error)."""
         async with self.db.transaction() as tx:
-            handle = StoreTx(tx)
-            yield handle
-        if handle.outgoing and self._on_outbox is not None:
-            self._on_outbox()
+            yield StoreTx(tx)
 
     async def ping(self) -> bool:
         return await self.db.ping()
@@ -317,6 +333,34 @@ class Store:
     async def secret_hash(self, cp_id: str) -> str | None:
         rows = await self.db.read("SELECT secret_hash FROM charging_points WHERE id = ?", (cp_id,))
         return rows[0]["secret_hash"] if rows else None
+
+    async def credentials(self, user_id: str) -> tuple[str, str] | None:
+        """A user's role and password hash, or None when no user has that id."""
+        rows = await self.db.read("SELECT role, password_hash FROM users WHERE id = ?", (user_id,))
+        return (rows[0]["role"], rows[0]["password_hash"]) if rows else None
+
+    async def login_state(self, user_id: str) -> tuple[int, float, float]:
+        """Failed logins in a row, when the last was, and until when the account is locked."""
+        rows = await self.db.read(
+            "SELECT failures, last_failure, locked_until FROM login_state WHERE user_id = ?",
+            (user_id,),
+        )
+        if not rows:
+            return 0, 0.0, 0.0
+        row = rows[0]
+        return int(row["failures"]), float(row["last_failure"]), float(row["locked_until"])
+
+    async def save_login_state(
+        self, user_id: str, failures: int, at: float, locked_until: float, *, forget_before: float
+    ) -> None:
+        """Record a failed login; forget counters whose last failure is older than
+        `forget_before` and that lock nothing any more."""
+        async with self.transaction() as tx:
+            await tx.save_login_state(user_id, failures, at, locked_until, forget_before)
+
+    async def clear_login_state(self, user_id: str) -> None:
+        async with self.transaction() as tx:
+            await tx.clear_login_state(user_id)
 
     async def driver_balance(self, driver_id: str) -> int | None:
         """A driver's balance in cents, or None when no driver has that id."""

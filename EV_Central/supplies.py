@@ -12,7 +12,7 @@ import logging
 import time
 
 from EV_Central.authorisation import CPOffer, SupplyAsk, decide_supply
-from EV_Central.context import Context
+from EV_Central.context import Context, Part
 from EV_Central.registry import ChargingPoint
 from EV_Central.session import Effects, EngineReport, Session, SessionStatus, Timers, stray_plug
 from EV_Central.store import StoreTx
@@ -21,13 +21,9 @@ from shared.messages import CPPlugged, CPSupplyEnded, CPTelemetry, EndReason, ne
 log = logging.getLogger(__name__)
 
 
-class Supplies:
+class Supplies(Part):
     def __init__(self, context: Context, timers: Timers) -> None:
-        self._store = context.store
-        self._registry = context.registry
-        self._bus = context.bus
-        self._feed = context.feed
-        self._stats = context.stats
+        super().__init__(context)
         self._timers = timers
         # Telemetry of one consumer poll, written in one transaction (latest per session).
         self._telemetry: dict[str, tuple[ChargingPoint, Session]] = {}

@@ -37,7 +37,7 @@ from EV_Central.admin_api import (
 )
 from EV_Central.audit import AuditLog
 from EV_Central.auth import LoginOutcome, PeopleAuth
-from EV_Central.context import Context
+from EV_Central.context import Context, Part
 from EV_Central.cp_links import CPLinks
 from EV_Central.feed import CentralEvent
 from EV_Central.metrics import render
@@ -58,7 +58,7 @@ ADMIN = frozenset({"admin"})
 ANYONE = frozenset({"admin", "driver"})  # a driver reads its own sessions (and whoami)
 
 
-class AdminWeb(WebApp):
+class AdminWeb(WebApp, Part):
     web_name = "admin web"
     static_package = "EV_Central"
     server_header = "EV_Central"
@@ -74,11 +74,7 @@ class AdminWeb(WebApp):
         session_ttl: float,
         allowed_origins: list[str],
     ) -> None:
-        self._store = context.store
-        self._registry = context.registry
-        self._bus = context.bus
-        self._feed = context.feed
-        self._stats = context.stats
+        Part.__init__(self, context)
         self._cp_links = cp_links
         self._people = people
         self._audit_log = audit
@@ -110,7 +106,7 @@ class AdminWeb(WebApp):
         self._feed.on_cps(self._on_cps_changed)
         self._feed.on_event(self._on_event)
         self._feed.on_sessions(self._sessions_dirty.set)
-        audit.listeners.append(self._on_audit)
+        audit.on_record(self._on_audit)
 
     async def start(self) -> None:
         await self.shell.start(self._refresh)

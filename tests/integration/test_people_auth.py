@@ -11,6 +11,7 @@ import pytest
 
 from EV_Central.auth import WRONG, LoginOutcome, PeopleAuth, failure_delay
 from EV_Central.db import Database
+from EV_Central.store import Store
 
 BASE = 0.05  # a faster slow-down than Central's (0.2 s) keeps these tests short
 
@@ -41,7 +42,12 @@ def people(
     db: Database, audit: AuditRecorder | None = None, lock_seconds: float = 60.0
 ) -> PeopleAuth:
     return PeopleAuth(
-        db, max_failures=3, lock_seconds=lock_seconds, audit=audit, base_delay=BASE, max_delay=1.0
+        Store(db),
+        max_failures=3,
+        lock_seconds=lock_seconds,
+        audit=audit,
+        base_delay=BASE,
+        max_delay=1.0,
     )
 
 
