@@ -183,8 +183,9 @@ async def run_central(settings: CentralSettings, shutdown: Shutdown) -> None:
         session_ttl=settings.session_ttl,
         allowed_origins=settings.allowed_origin,
     )
-    console = Console(central.registry, central.feed, central.cp_links, central.audit,
-                      settings.console)  # fmt: skip
+    console = Console(
+        central.registry, central.feed, central.cp_links, central.audit, settings.console
+    )
     try:
         await central.load()
         tune_garbage_collector()

@@ -245,9 +245,14 @@ class StoreTx:
     # --- channel keys ---------------------------------------------------------------------------
 
     async def insert_key(
-        self, key_id: str, kind: str, principal: str, key: bytes, issued_at: float,
+        self,
+        key_id: str,
+        kind: str,
+        principal: str,
+        key: bytes,
+        issued_at: float,
         expires_at: float | None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         await self._tx.execute(
             "INSERT INTO channel_keys (key_id, kind, principal, key, issued_at, expires_at)"
             " VALUES (?, ?, ?, ?, ?, ?)",
