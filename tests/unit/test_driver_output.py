@@ -199,12 +199,20 @@ def test_human_output_goes_a_line_at_a_time() -> None:
 
 def test_output_survives_a_closed_pipe() -> None:
     class Closed(io.StringIO):
+        attempts = 0
+
         def write(self, s: str) -> int:
+            self.attempts += 1
             raise BrokenPipeError
 
-    output = Output(stream=Closed())
+    stream = Closed()
+    output = Output(stream=stream)
+    output.emit(Started(D, "CP001", "s"))  # the reader has gone: no error
+    assert stream.attempts == 1
     output.emit(Started(D, "CP001", "s"))
-    output.emit(Started(D, "CP001", "s"))  # no error, nothing written
+    output.emit(Started(D, "CP001", "s"))
+    assert stream.attempts == 1  # nothing more is written to a closed pipe
+    assert stream.getvalue() == ""
 
 
 # --- the entry point (no broker needed for these) ---------------------------------------
