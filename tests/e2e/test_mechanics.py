@@ -118,6 +118,22 @@ async def test_stop_one_during_supply_then_stop_all_and_resume_all(system: Deplo
     await system.wait_state("CP002", "ACTIVADO", timeout=5)
 
 
+async def test_console_stop_and_resume_change_the_cp(system: Deployment) -> None:
+    central = await system.start_central()
+    await system.start_cp("CP001")
+    await system.wait_state("CP001", "ACTIVADO", timeout=30)
+
+    central.send("stop CP001")
+    await central.wait_output(r"stop: CP001")
+    await system.wait_state("CP001", "PARADO", timeout=5)
+    assert system.query("SELECT in_service FROM charging_points WHERE id = ?", "CP001") == [(0,)]
+
+    central.send("resume CP001")
+    await central.wait_output(r"resume: CP001")
+    await system.wait_state("CP001", "ACTIVADO", timeout=5)
+    assert system.query("SELECT in_service FROM charging_points WHERE id = ?", "CP001") == [(1,)]
+
+
 async def test_engine_ko_during_supply_then_ok(system: Deployment) -> None:
     await system.start_central()
     await system.start_cp("CP001", "--auto-plug", "1")
