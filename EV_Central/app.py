@@ -88,7 +88,6 @@ class Central:
             db,
             self.bus,
             in_flight=OUTBOX_IN_FLIGHT,
-            on_broker=self.stats.broker_answers,
             stage_seconds=self.stats.stage_seconds,
         )
         self.feed = Feed(self.registry, self.bus)

@@ -59,24 +59,16 @@ class Inbox:
         consumer = await self._bus.group_consumer(
             [Topics.DRIVER_REQUESTS, Topics.CP_EVENTS], CONSUMER_GROUP
         )
-        self._committed_at = 0.0
-        self._uncommitted = False
-
-        def failed(_exc: KafkaError) -> None:
-            self._stats.broker_ok = False
-
         await consume(
             consumer,
             lambda batches: self._poll(consumer, batches),
             what="driver requests and CP events",
             poll_ms=500,
             max_records=500,
-            on_failure=failed,
         )
 
     async def _poll(self, consumer: AIOKafkaConsumer, batches: Records) -> None:
         """One poll's records: handle them, make them durable, commit now and then."""
-        self._stats.broker_ok = True
         if not batches and not self._uncommitted:
             return
         # Driver requests first: they wait for an answer, telemetry does not. Different

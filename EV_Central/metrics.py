@@ -102,12 +102,7 @@ class CentralStats:
     stage_seconds: collections.defaultdict[str, Histogram] = field(default_factory=_histograms)
     consumer_lag: dict[str, int] = field(default_factory=dict)
     loop_lag: Histogram = field(default_factory=Histogram)  # how late the 0.25 s timer fires
-    gc_pauses: GcPauses = field(default_factory=lambda: GcPauses())
-    broker_ok: bool = False
-
-    def broker_answers(self, ok: bool) -> None:
-        """Whether the broker takes Central's messages (the outbox relay's last answer)."""
-        self.broker_ok = ok
+    gc_pauses: GcPauses = field(default_factory=GcPauses)
 
 
 def _number(value: float) -> str:

@@ -24,7 +24,6 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 from EV_Central.db import Database
@@ -44,13 +43,11 @@ class OutboxRelay:
         bus: KafkaBus,
         *,
         in_flight: int = 4,
-        on_broker: Callable[[bool], None] = lambda ok: None,
         stage_seconds: collections.defaultdict[str, Histogram] | None = None,
     ) -> None:
         self.db = db
         self.bus = bus
         self.max_in_flight = in_flight
-        self.on_broker = on_broker  # told whether the broker takes our messages
         # "outbox" (committed -> handed over) and "publish" (-> acknowledged), in /metrics
         self.stage_seconds = (
             stage_seconds if stage_seconds is not None else collections.defaultdict(Histogram)
@@ -129,12 +126,10 @@ class OutboxRelay:
         if acked:
             await self.db.outbox_done(acked)
             self._backoff.reset()
-            self.on_broker(True)
         return failure
 
     async def _start_again(self, failure: BaseException) -> None:
         """After a failed batch: let the rest finish, pause, then resend from the oldest row."""
-        self.on_broker(False)
         delay = self._backoff.next_delay()
         log.warning("cannot publish to Kafka (%s); retrying in %.1f s", failure, delay)
         async with self._lock:

@@ -205,8 +205,7 @@ class StoreTx:
         )
 
     async def save_session(self, s: Session) -> None:
-        values = [getattr(s, name) for name in _SESSION_FIELDS]
-        values[0] = s.status.value
+        values = [getattr(s, name) for name in _SESSION_FIELDS]  # status is a str enum
         await self._tx.execute(
             f"UPDATE sessions SET {', '.join(f'{name} = ?' for name in _SESSION_FIELDS)},"
             " last_telemetry_seq = ? WHERE id = ?",

@@ -55,9 +55,9 @@ class Supplies(Part):
             account = await tx.account(ask.driver_id)
             offer = None
             if cp is not None:
-                offer = CPOffer(
-                    cp.id, cp.price_eur_kwh, cp.max_kw, cp.available, cp.unavailable_detail()
-                )
+                available = cp.available
+                detail = "" if available else cp.unavailable_detail()
+                offer = CPOffer(cp.id, cp.price_eur_kwh, cp.max_kw, available, detail)
             session, effects = decide_supply(
                 ask,
                 offer,
