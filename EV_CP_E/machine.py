@@ -17,8 +17,10 @@ from enum import StrEnum
 
 from shared.messages import (
     AuthorizeSupply,
+    CPAuthorisation,
     CPPlugged,
     CPRequest,
+    CPRequestDenied,
     CPSupplyEnded,
     CPTelemetry,
     EndReason,
@@ -84,11 +86,15 @@ class EngineMachine:
         health_timeout: float = 3.0,
         auto_plug: float | None = None,
         auto_unplug: float | None = None,
+        speed: float = 1.0,
         now: Callable[[], float] = time.time,
     ) -> None:
         self.health_timeout = health_timeout
         self.auto_plug = auto_plug
         self.auto_unplug = auto_unplug
+        # Simulated seconds per real second: scales the energy of each tick, nothing else
+        # (health, authorisation and plug timers are about real time).
+        self.speed = speed
         self._now = now
         self.cp_id: str | None = None
         self.state = EngineState.IDLE
@@ -148,19 +154,14 @@ class EngineMachine:
     # --- inputs from Central ---------------------------------------------------------------
 
     def authorize(self, cmd: AuthorizeSupply) -> Outcome:
+        """Central asks this CP to authorise a supply: accept it or refuse it, and say so."""
         out = Outcome()
         if self.auth is not None and self.auth.session_id == cmd.session_id:
-            return out  # a redelivery of the current authorisation
-        blocker = self._new_supply_blocker()
-        if blocker is None and self.state is not EngineState.IDLE:
-            # No end reason says "busy"; Central should never ask a busy CP.
-            blocker = f"busy with session {self._session_id()}", EndReason.ENGINE_FAULT
-        if blocker is None and cmd.expires_at <= self._now():
-            blocker = "authorisation already expired", EndReason.AUTHORIZATION_EXPIRED
-        if blocker is not None:
-            text, reason = blocker
-            out.refused = f"authorisation for session {cmd.session_id} refused: {text}"
-            out.events.append(self._ended(cmd.session_id, 0.0, 0.0, reason, None))
+            return out  # a redelivery of the current authorisation, answered already
+        refusal = self._refusal_of(cmd)
+        if refusal is not None:
+            out.refused = f"authorisation for session {cmd.session_id} refused: {refusal}"
+            out.events.append(self._answer(cmd, refusal))
             return out
         self.auth = Authorisation(
             session_id=cmd.session_id,
@@ -172,8 +173,36 @@ class EngineMachine:
             authorised_at=self._now(),
         )
         self.state = EngineState.AUTHORISED
+        out.events.append(self._answer(cmd, None))
         out.notes.append(f"authorised session {cmd.session_id} for driver {cmd.driver_id}")
         return out
+
+    def _refusal_of(self, cmd: AuthorizeSupply) -> str | None:
+        """Why this CP cannot take an authorisation now, or None."""
+        blocker = self._new_supply_blocker()
+        if blocker is not None:
+            return blocker[0]
+        if self.state is not EngineState.IDLE:
+            return f"busy with session {self._session_id()}"
+        if cmd.expires_at <= self._now():
+            return "authorisation already expired"
+        return None
+
+    def _answer(self, cmd: AuthorizeSupply, refusal: str | None) -> CPAuthorisation:
+        assert self.cp_id is not None
+        return CPAuthorisation(
+            cp_id=self.cp_id,
+            session_id=cmd.session_id,
+            accepted=refusal is None,
+            reason=refusal or "",
+        )
+
+    def request_denied(self, cmd: CPRequestDenied) -> Outcome:
+        """Central denied a request made at this CP's menu: show why."""
+        text = f"Central denied the supply for driver {cmd.driver_id}: {cmd.reason.value}"
+        if cmd.detail:
+            text += f" ({cmd.detail})"
+        return Outcome(notes=[text])
 
     def end_supply(self, cmd: EndSupply) -> Outcome:
         if self.auth is None or self.auth.session_id != cmd.session_id:
@@ -279,14 +308,15 @@ class EngineMachine:
         return out
 
     def tick(self, seconds: float) -> Outcome:
-        """Deliver `seconds` worth of energy at the authorised power; telemetry out."""
+        """Deliver `seconds` (real) worth of energy at the authorised power, times the time
+        scale; telemetry out."""
         out = Outcome()
         auth, supply = self.auth, self.supply
         if self.state is not EngineState.SUPPLYING or auth is None or supply is None:
             return out
         assert self.cp_id is not None
         kw = auth.max_kw
-        kwh = supply.kwh + kw * seconds / 3600.0
+        kwh = supply.kwh + kw * seconds * self.speed / 3600.0
         capped = auth.max_kwh is not None and kwh >= auth.max_kwh
         if auth.max_kwh is not None and capped:
             kwh = auth.max_kwh
@@ -358,7 +388,14 @@ class EngineMachine:
     # --- screen -------------------------------------------------------------------------------
 
     def status_line(self) -> str:
-        """One line describing the engine now, e.g. for the CP's screen."""
+        """One line describing the engine now, e.g. for the CP's screen; a simulated clock is
+        named on it, so that nobody takes its figures for real time."""
+        line = self._state_text()
+        if self.speed != 1.0:
+            line += f"  [×{self.speed:g} simulated time]"
+        return line
+
+    def _state_text(self) -> str:
         who = f"[{self.cp_id or '?'}]"
         auth, supply = self.auth, self.supply
         if self.state is EngineState.SUPPLYING and auth is not None and supply is not None:

@@ -27,6 +27,7 @@ from shared.messages import (
     MONITOR_TO_ENGINE,
     AuthorizeSupply,
     CPPlugged,
+    CPRequestDenied,
     CPTelemetry,
     EndSupply,
     EngineHello,
@@ -72,6 +73,7 @@ class EngineService:
             health_timeout=settings.health_timeout,
             auto_plug=settings.auto_plug,
             auto_unplug=settings.auto_unplug,
+            speed=settings.speed,
         )
         self.bus = KafkaBus(settings.broker, client_id="ev-cp-engine")
         # (key, message, reliable); the head is the one being sent.
@@ -104,6 +106,8 @@ class EngineService:
         except OSError as exc:
             raise EngineError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         log.info("listening for the monitor on %s:%d", host, port)
+        if self.settings.speed != 1.0:
+            log.info("simulated time runs %g times faster than real time", self.settings.speed)
         self._show()
         try:
             async with asyncio.TaskGroup() as group:
@@ -303,6 +307,8 @@ class EngineService:
             self._apply(self.machine.end_supply(command))
         elif isinstance(command, SetService):
             self._apply(self.machine.set_service(command))
+        elif isinstance(command, CPRequestDenied):
+            self._apply(self.machine.request_denied(command))
 
     def _channel_of(self, cp_id: str) -> CPChannel:
         """This CP's channel (the CP id, once known, never changes)."""
@@ -400,6 +406,8 @@ class EngineService:
                     engine_state=self.machine.state.value
                     if self._commands_ready.is_set()
                     else "STARTING (not listening to Central yet)",
+                    starting=not self._commands_ready.is_set(),
+                    speed=self.settings.speed,
                 )
             )
 

@@ -49,6 +49,11 @@ SAMPLE_BACKLOG = 30
 # starting are no fault worth showing on the site dashboard. Samples start with the first
 # good check, or after this many seconds of trying.
 SAMPLE_GRACE = 3.0
+# For the same reason the monitor first logs in to Central once its engine has answered a
+# health check as started (ready, or KO), so the CP goes from DESCONECTADO straight to ACTIVADO.
+# An engine still starting or unreachable after this many seconds is reported as the fault it
+# then is.
+START_GRACE = 10.0
 BUS_STOP_TIMEOUT = 2.0
 
 
@@ -59,6 +64,7 @@ class LinkState:
     engine_ok: bool | None = None  # None until the first check
     engine_detail: str = "not checked yet"
     rtt_ms: float | None = None
+    speed: float = 1.0  # the engine's time scale, as its last health report said
     central_up: bool = False  # connected and authenticated
     cp_state: CPState | None = None
     # The key Central issued at the last authentication, for the engine: (key id, base64 key).
@@ -84,6 +90,8 @@ class MonitorService:
         self._sample_seq = 0
         self._sampling = False
         self._sampling_from: float | None = None
+        self._engine_started = asyncio.Event()  # a health report from a started engine
+        self._started_at: float | None = None  # loop time the monitor started
 
     async def run(self) -> None:
         bus = (
@@ -185,11 +193,7 @@ class MonitorService:
             except (TimeoutError, DeliveryFailed):
                 self._set_engine(False, f"no health report within {settings.check_timeout:g} s")
             else:
-                rtt_ms = (loop.time() - started) * 1000
-                if report.ok:
-                    self._set_engine(True, "", rtt_ms)
-                else:
-                    self._set_engine(False, f"engine reports KO ({report.engine_state})")
+                self._on_report(report, (loop.time() - started) * 1000)
             next_at += settings.interval
             now = loop.time()
             if next_at < now:
@@ -202,6 +206,33 @@ class MonitorService:
             except TimeoutError:
                 pass
             self._central_changed.clear()
+
+    def _on_report(self, report: HealthReport, rtt_ms: float) -> None:
+        self.state.speed = report.speed
+        if report.starting and not self._engine_started.is_set() and not self._start_grace_over():
+            # Answering but still starting: no fault yet, unless it takes too long.
+            if self.state.engine_detail != "engine starting":
+                self.state.engine_detail = "engine starting"
+                self._say("engine starting: waiting for it to listen to Central")
+            return
+        self._engine_started.set()
+        if report.ok:
+            self._set_engine(True, "", rtt_ms)
+        else:
+            self._set_engine(False, f"engine reports KO ({report.engine_state})")
+
+    def _start_grace_over(self) -> bool:
+        now = asyncio.get_running_loop().time()
+        if self._started_at is None:
+            self._started_at = now
+        return now - self._started_at >= START_GRACE
+
+    async def _engine_known(self) -> None:
+        """Wait until the engine has answered as started, or the start-up grace is over."""
+        self._start_grace_over()  # the grace starts now
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._engine_started.wait(), START_GRACE)
+        self._engine_started.set()
 
     async def _wait_sampling(self, delay: float) -> None:
         """Sleep `delay` s, still sampling every interval: a monitor waiting to reconnect to its
@@ -245,6 +276,7 @@ class MonitorService:
                 cp_state=self.state.cp_state if central_ok else None,
                 seq=self._sample_seq,
                 interval_s=self.settings.interval,
+                speed=self.state.speed,
             )
         )
         self._sample_seq += 1
@@ -278,6 +310,7 @@ class MonitorService:
     # --- Central link -------------------------------------------------------------------------
 
     async def _central_link(self) -> None:
+        await self._engine_known()
         host, port = self.settings.central
         # TLS verifies Central's certificate and that it is valid for `host` (docs/tls.md).
         tls = client_context(self.settings.tls_ca) if self.settings.central_tls else None
@@ -384,7 +417,12 @@ class MonitorService:
         next_at = loop.time()
         while True:
             await connection.send(
-                Heartbeat(cp_id=cp_id, engine_ok=self.state.engine_ok is True, seq=seq)
+                Heartbeat(
+                    cp_id=cp_id,
+                    engine_ok=self.state.engine_ok is True,
+                    seq=seq,
+                    speed=self.state.speed,
+                )
             )
             seq += 1
             next_at = max(next_at + self.settings.interval, loop.time())

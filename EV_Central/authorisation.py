@@ -1,4 +1,8 @@
-"""The rule for a supply request: authorise it (reserving the CP) or deny it, with the reason.
+"""The rule for a supply request: ask the CP to authorise it (reserving the CP) or deny it.
+
+Central's checks come first (the driver, the CP, the balance); a request that passes them is
+not yet authorised: the CP's engine is asked, and the driver hears "authorised" only when it
+accepts (EV_Central/session.py, `Session.engine_answered`).
 
 Pure, like EV_Central/session.py: the caller passes what it knows of the driver and the CP and
 the time, and gets the new session and the messages to publish.
@@ -14,8 +18,6 @@ from shared.messages import (
     AuthorizeSupply,
     DenialReason,
     RequestAccepted,
-    RequestDenied,
-    SupplyAuthorized,
 )
 
 
@@ -52,7 +54,7 @@ def decide_supply(
     now: float,
     timers: Timers,
 ) -> tuple[Session, Effects]:
-    """Authorise a request (the CP is then reserved for it) or deny it, with the reason."""
+    """Ask the CP to authorise a request (the CP is then reserved for it) or deny it."""
     price = cp.price_eur_kwh if cp else 0.0
     reason = decide_request(
         driver_known=driver_known,
@@ -68,7 +70,7 @@ def decide_supply(
         session_id=session_id,
         cp_id=ask.cp_id,
         driver_id=ask.driver_id,
-        status=SessionStatus.AUTHORISED,
+        status=SessionStatus.ASKED,
         price_eur_kwh=price,
         max_kw=cp.max_kw if cp else 0.0,
         origin=ask.origin,
@@ -78,18 +80,15 @@ def decide_supply(
     if reason is not None or cp is None:
         session.status = SessionStatus.DENIED
         session.reason = (reason or DenialReason.UNKNOWN_CP).value
+        denial = reason or DenialReason.UNKNOWN_CP
         detail = cp.unavailable_detail if cp and reason == DenialReason.CP_UNAVAILABLE else ""
-        denied = RequestDenied(
-            driver_id=ask.driver_id,
-            cp_id=ask.cp_id,
-            request_id=ask.request_id,
-            reason=reason or DenialReason.UNKNOWN_CP,
-            detail=detail,
-        )
-        note = Note("denied", f"{ask.cp_id}: request from {ask.driver_id} denied ({reason})")
-        return session, Effects(publish=[session.to_driver(denied)], save=True, notes=[note])
-    session.authorized_at = now
+        publish = [session.to_driver(session.denial(denial, detail))]
+        if ask.origin == "cp" and cp is not None:
+            publish.append(session.to_engine(session.cp_denial(denial, detail)))
+        note = Note("denied", f"{ask.cp_id}: request from {ask.driver_id} denied ({denial})")
+        return session, Effects(publish=publish, save=True, notes=[note])
     session.expires_at = now + timers.authorization_ttl
+    session.answer_deadline = now + timers.cp_answer_timeout
     accepted = RequestAccepted(
         driver_id=ask.driver_id, cp_id=ask.cp_id, request_id=ask.request_id, session_id=session_id
     )
@@ -102,23 +101,12 @@ def decide_supply(
         max_kwh=max_kwh_for(balance_cents, price),
         expires_at=session.expires_at,
     )
-    authorised = SupplyAuthorized(
-        driver_id=ask.driver_id,
-        cp_id=ask.cp_id,
-        session_id=session_id,
-        price_eur_kwh=price,
-        expires_at=session.expires_at,
-    )
     text = (
-        f"{ask.cp_id}: supply authorised for {ask.driver_id} "
+        f"{ask.cp_id}: asking the CP to authorise a supply for {ask.driver_id} "
         f"({ask.origin} request, session {session_id})"
     )
     return session, Effects(
-        publish=[
-            session.to_driver(accepted),
-            session.to_engine(authorise),
-            session.to_driver(authorised),
-        ],
+        publish=[session.to_driver(accepted), session.to_engine(authorise)],
         save=True,
-        notes=[Note("authorised", text)],
+        notes=[Note("asked", text)],
     )

@@ -39,6 +39,7 @@ class CentralSettings:
     lockout_seconds: float = 300.0
     session_ttl: float = 8 * 3600.0
     allowed_origin: list[str] = field(default_factory=list)
+    cp_answer_timeout: float = 5.0
     # TLS on :5000 and the admin web (docs/tls.md): both files, or neither.
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -99,6 +100,13 @@ def build_parser() -> EnvArgumentParser:
         type=positive_float,
         default=30.0,
         help="requests older than this (e.g. sent while Central was down) are denied",
+    )
+    parser.add_option(
+        "--cp-answer-timeout",
+        type=positive_float,
+        default=5.0,
+        help="seconds to wait for a CP's engine to accept an authorisation before the "
+        "request is denied (cp_no_answer)",
     )
     parser.add_option(
         "--console",

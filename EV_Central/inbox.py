@@ -24,7 +24,14 @@ from EV_Central.outbox import OutboxRelay
 from EV_Central.supplies import Supplies
 from shared.bus import Records, Topics, consume
 from shared.errors import MessageError
-from shared.messages import CPPlugged, CPRequest, CPSupplyEnded, CPTelemetry, SupplyRequest
+from shared.messages import (
+    CPAuthorisation,
+    CPPlugged,
+    CPRequest,
+    CPSupplyEnded,
+    CPTelemetry,
+    SupplyRequest,
+)
 from shared.sealing import SealError
 
 log = logging.getLogger(__name__)
@@ -153,6 +160,8 @@ class Inbox:
             case CPRequest():
                 ask = SupplyAsk(event.id, event.ts, event.driver_id, event.cp_id, "cp")
                 await self._supplies.request(ask)
+            case CPAuthorisation():
+                await self._supplies.answered(event)
             case CPPlugged():
                 await self._supplies.plugged(event)
             case CPSupplyEnded():

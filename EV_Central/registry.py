@@ -23,6 +23,9 @@ class ChargingPoint:
     engine_ok: bool = True
     last_heartbeat: float = 0.0
     session: Session | None = None
+    # The engine's time scale (its --speed), from the monitor's heartbeats: the screens mark a
+    # CP whose figures run faster than real time.
+    speed: float = 1.0
 
     @property
     def state(self) -> CPState:
@@ -41,9 +44,22 @@ class ChargingPoint:
     def available(self) -> bool:
         return self.state == CPState.ACTIVADO and self.session is None
 
+    @property
+    def reserved(self) -> bool:
+        """Held for a driver who has not plugged in yet (the CP itself is ACTIVADO)."""
+        return self.session is not None and self.session.status in (
+            SessionStatus.ASKED,
+            SessionStatus.AUTHORISED,
+        )
+
     def unavailable_detail(self) -> str:
-        """Why a request for this CP finds it unavailable, for the driver."""
-        return f"{self.id} is {self.state.value}" + (" and busy" if self.session else "")
+        """Why a request for this CP finds it unavailable, for the driver (never naming
+        the driver who holds it)."""
+        if self.state == CPState.ACTIVADO and self.reserved:
+            return f"{self.id} is reserved for another driver"
+        if self.state == CPState.ACTIVADO and self.session is not None:
+            return f"{self.id} is finishing another supply"
+        return f"{self.id} is {self.state.value}"
 
     def as_api(self) -> dict[str, object]:
         entry: dict[str, object] = {
@@ -55,6 +71,8 @@ class ChargingPoint:
             "connected": self.connected,
             "engine_ok": self.engine_ok,
             "in_service": self.in_service,
+            "reserved": self.reserved,
+            "speed": self.speed,
         }
         if self.session is not None:
             entry["session_id"] = self.session.session_id
@@ -71,6 +89,7 @@ class ChargingPoint:
         return CPStateUpdate(
             cp_id=self.id,
             state=self.state,
+            reserved=self.reserved,
             location=self.location,
             price_eur_kwh=self.price_eur_kwh,
             max_kw=self.max_kw,
@@ -78,6 +97,7 @@ class ChargingPoint:
             # they pay stay out of it (drivers get their own figures, sealed).
             kw=s.kw if s else 0.0,
             kwh=round(s.kwh, 4) if s else 0.0,
+            speed=self.speed,
         )
 
     def summary(self) -> CPSummary:

@@ -1,7 +1,9 @@
 """Central's supply sessions as pure rules: no database, no bus, no clock.
 
-A session goes DENIED, or AUTHORISED -> SUPPLYING -> ENDING -> COMPLETED | ABORTED | EXPIRED
-(AUTHORISED and SUPPLYING may go to ENDING directly, and ENDING settles). Every input is a
+A session goes DENIED, or ASKED -> AUTHORISED -> SUPPLYING -> ENDING -> COMPLETED | ABORTED |
+EXPIRED. ASKED waits for the engine's answer: it accepts (AUTHORISED, and only then is the driver
+told), or it refuses or says nothing in time (DENIED, no ticket). AUTHORISED and SUPPLYING may go
+to ENDING directly, and ENDING settles. Every input is a
 function or method call that takes the current time as an argument and returns `Effects`: the
 messages to publish, the cents to debit, whether the session must be saved or its CP released,
 and the lines for the event log. The layer around it (EV_Central/supplies.py) loads and saves
@@ -14,15 +16,19 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
-from EV_Central.pricing import amount_cents, cap_to_balance
+from EV_Central.pricing import amount_cents, cap_to_balance, max_kwh_for
 from shared.bus import Topics
 from shared.messages import (
+    CPRequestDenied,
     CPTelemetry,
+    DenialReason,
     DriverNotice,
     EndReason,
     EndSupply,
     Message,
+    RequestDenied,
     SessionInfo,
+    SupplyAuthorized,
     SupplyProgress,
     SupplyStarted,
     Ticket,
@@ -38,6 +44,7 @@ KWH_EPSILON = 1e-4
 
 class SessionStatus(StrEnum):
     DENIED = "DENIED"
+    ASKED = "ASKED"  # the CP is reserved; waiting for its engine to accept or refuse
     AUTHORISED = "AUTHORISED"
     SUPPLYING = "SUPPLYING"
     ENDING = "ENDING"  # asked to end; waiting for the engine's final figures
@@ -54,7 +61,12 @@ class SessionStatus(StrEnum):
         return self in SETTLED_STATUSES
 
 
-ACTIVE_STATUSES = (SessionStatus.AUTHORISED, SessionStatus.SUPPLYING, SessionStatus.ENDING)
+ACTIVE_STATUSES = (
+    SessionStatus.ASKED,
+    SessionStatus.AUTHORISED,
+    SessionStatus.SUPPLYING,
+    SessionStatus.ENDING,
+)
 SETTLED_STATUSES = (SessionStatus.COMPLETED, SessionStatus.ABORTED, SessionStatus.EXPIRED)
 
 
@@ -67,6 +79,7 @@ class Timers:
     monitor_grace: float = 6.0
     telemetry_timeout: float = 15.0
     request_ttl: float = 30.0
+    cp_answer_timeout: float = 5.0
 
     @classmethod
     def from_settings(cls, settings: CentralSettings) -> Timers:
@@ -76,6 +89,7 @@ class Timers:
             monitor_grace=settings.monitor_grace,
             telemetry_timeout=settings.telemetry_timeout,
             request_ttl=settings.request_ttl,
+            cp_answer_timeout=settings.cp_answer_timeout,
         )
 
     def end_rule(self, reason: EndReason, status: SessionStatus) -> tuple[float, bool]:
@@ -146,10 +160,12 @@ class Session:
     amount_cents: int = 0
     reason: str | None = None  # why it was denied, is ending or ended
     ticket_revision: int = 0
-    # Live only: the last telemetry taken, and when an ENDING session settles regardless.
+    # Live only: the last telemetry taken, when an ENDING session settles regardless, and
+    # when an ASKED session stops waiting for the engine's answer.
     last_seq: int = -1
     last_telemetry_at: float | None = None
     settle_deadline: float | None = None
+    answer_deadline: float | None = None
 
     @property
     def amount_eur(self) -> float:
@@ -188,6 +204,98 @@ class Session:
         return Send(Topics.CP_COMMANDS, self.cp_id, message)
 
     # --- the engine's events ---------------------------------------------------------------
+
+    def engine_answered(self, cp_id: str, accepted: bool, why: str, now: float) -> Effects:
+        """The engine accepted the authorisation (the driver is told now) or refused it."""
+        if cp_id != self.cp_id:
+            return Effects()
+        if self.status != SessionStatus.ASKED:
+            if accepted and not self.status.active:
+                # Accepted after Central gave up waiting: the engine must not stay reserved.
+                stop = EndSupply(
+                    cp_id=cp_id,
+                    session_id=self.session_id,
+                    reason=EndReason.AUTHORIZATION_EXPIRED,
+                )
+                return Effects(publish=[self.to_engine(stop)])
+            return Effects()  # a redelivered answer
+        if not accepted:
+            detail = f"{self.cp_id} refused the authorisation: {why or 'no reason given'}"
+            return self._deny(DenialReason.CP_REFUSED, detail, tell_cp=False)
+        self.status = SessionStatus.AUTHORISED
+        self.authorized_at = now
+        self.answer_deadline = None
+        authorised = SupplyAuthorized(
+            driver_id=self.driver_id,
+            cp_id=self.cp_id,
+            session_id=self.session_id,
+            price_eur_kwh=self.price_eur_kwh,
+            expires_at=self.expires_at or now,
+        )
+        text = (
+            f"{self.cp_id}: supply authorised for {self.driver_id} "
+            f"({self.origin} request, session {self.session_id})"
+        )
+        return Effects(
+            publish=[self.to_driver(authorised)], save=True, notes=[Note("authorised", text)]
+        )
+
+    def answer_due(self, now: float) -> bool:
+        """True when an ASKED session has waited long enough for the engine's answer."""
+        return (
+            self.status == SessionStatus.ASKED
+            and self.answer_deadline is not None
+            and now >= self.answer_deadline
+        )
+
+    def no_answer(self, timers: Timers) -> Effects:
+        """The engine did not answer in time: a denial, and the engine told to forget it."""
+        if self.status != SessionStatus.ASKED:
+            return Effects()
+        detail = f"{self.cp_id} did not answer within {timers.cp_answer_timeout:g} s"
+        effects = self._deny(DenialReason.CP_NO_ANSWER, detail)
+        # It may still have accepted, and its answer been lost: it must not stay reserved.
+        stop = EndSupply(
+            cp_id=self.cp_id, session_id=self.session_id, reason=EndReason.AUTHORIZATION_EXPIRED
+        )
+        effects.publish.append(self.to_engine(stop))
+        return effects
+
+    def _deny(self, reason: DenialReason, detail: str, *, tell_cp: bool = True) -> Effects:
+        """An ASKED session that will not go ahead: DENIED, no ticket, the CP free again."""
+        self.status = SessionStatus.DENIED
+        self.reason = reason.value
+        self.answer_deadline = None
+        effects = Effects(
+            publish=[self.to_driver(self.denial(reason, detail))],
+            save=True,
+            release=True,
+            notes=[
+                Note("denied", f"{self.cp_id}: request from {self.driver_id} denied ({detail})")
+            ],
+        )
+        if tell_cp and self.origin == "cp":
+            effects.publish.append(self.to_engine(self.cp_denial(reason, detail)))
+        return effects
+
+    def denial(self, reason: DenialReason, detail: str) -> RequestDenied:
+        return RequestDenied(
+            driver_id=self.driver_id,
+            cp_id=self.cp_id,
+            request_id=self.request_id,
+            reason=reason,
+            detail=detail,
+        )
+
+    def cp_denial(self, reason: DenialReason, detail: str) -> CPRequestDenied:
+        """The denial of a request made at the CP's own menu, for its screen."""
+        return CPRequestDenied(
+            cp_id=self.cp_id,
+            driver_id=self.driver_id,
+            request_id=self.request_id,
+            reason=reason,
+            detail=detail,
+        )
 
     def plugged(self, cp_id: str, at: float, now: float) -> Effects:
         """The engine says a vehicle was plugged in for this session at `at`."""
@@ -228,8 +336,15 @@ class Session:
         )
 
     def balance_exhausted(self, balance_cents: int) -> bool:
-        """True when a supply has used up what the driver can pay."""
-        return self.status == SessionStatus.SUPPLYING and self.amount_eur * 100 >= balance_cents
+        """True when a supply has delivered all the energy the driver's balance pays for.
+
+        Judged on the energy, not the rounded amount: 2 cents at 0.42 €/kWh buy 0.0476 kWh,
+        although 0.036 kWh already rounds to 2 cents.
+        """
+        if self.status != SessionStatus.SUPPLYING:
+            return False
+        limit = max_kwh_for(balance_cents, self.price_eur_kwh)
+        return limit is not None and self.kwh >= limit
 
     def engine_ended(self, report: EngineReport, balance_cents: int, now: float) -> Effects:
         """The engine's final figures: settle, or correct a ticket already settled.
@@ -239,6 +354,10 @@ class Session:
         effects = Effects()
         if report.cp_id != self.cp_id:
             pass
+        elif self.status == SessionStatus.ASKED:
+            # Ended before it was ever accepted: the engine refused it.
+            detail = f"{self.cp_id} refused the authorisation: {report.reason.value}"
+            effects = self._deny(DenialReason.CP_REFUSED, detail, tell_cp=False)
         elif self.status.active:
             # The engine knows why it stopped (it also reports Central's own reasons).
             kwh = max(report.kwh, self.kwh)
@@ -251,7 +370,17 @@ class Session:
     # --- ending ----------------------------------------------------------------------------
 
     def end(self, reason: EndReason, now: float, timers: Timers) -> Effects:
-        """Start ending: settled when the engine reports, or when the grace runs out."""
+        """Start ending: settled when the engine reports, or when the grace runs out.
+
+        A session still waiting for the engine's answer is denied instead: nothing was
+        authorised, so there is nothing to settle.
+        """
+        if self.status == SessionStatus.ASKED:
+            detail = f"{self.cp_id} cannot supply now ({reason.value})"
+            effects = self._deny(DenialReason.CP_UNAVAILABLE, detail)
+            stop = EndSupply(cp_id=self.cp_id, session_id=self.session_id, reason=reason)
+            effects.publish.append(self.to_engine(stop))
+            return effects
         if self.status not in (SessionStatus.AUTHORISED, SessionStatus.SUPPLYING):
             return Effects()
         grace, tell_engine = timers.end_rule(reason, self.status)

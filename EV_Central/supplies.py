@@ -16,7 +16,14 @@ from EV_Central.context import Context, Part
 from EV_Central.registry import ChargingPoint
 from EV_Central.session import Effects, EngineReport, Session, SessionStatus, Timers, stray_plug
 from EV_Central.store import StoreTx
-from shared.messages import CPPlugged, CPSupplyEnded, CPTelemetry, EndReason, new_id
+from shared.messages import (
+    CPAuthorisation,
+    CPPlugged,
+    CPSupplyEnded,
+    CPTelemetry,
+    EndReason,
+    new_id,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +47,8 @@ class Supplies(Part):
             session.last_telemetry_at = now
             if session.status == SessionStatus.ENDING:
                 session.settle_deadline = now + self._timers.monitor_grace
+            elif session.status == SessionStatus.ASKED:
+                session.answer_deadline = now + self._timers.cp_answer_timeout
             cp.session = session
         return len(active)
 
@@ -77,6 +86,22 @@ class Supplies(Part):
         await self._after(cp, session, effects)
 
     # --- the engine's events -----------------------------------------------------------------
+
+    async def answered(self, event: CPAuthorisation) -> None:
+        """The engine accepted or refused an authorisation Central asked it for."""
+        cp = self._registry.get(event.cp_id)
+        async with self._store.transaction() as tx:
+            if await tx.seen(event.id):
+                return
+            session = await self._find(tx, cp, event.session_id)
+            effects = Effects()
+            if session is not None:
+                effects = session.engine_answered(
+                    event.cp_id, event.accepted, event.reason, time.time()
+                )
+                await self._write(tx, session, effects)
+            await tx.mark_processed(event.id)
+        await self._after(cp, session, effects)
 
     async def plugged(self, event: CPPlugged) -> None:
         cp = self._registry.get(event.cp_id)
@@ -166,14 +191,26 @@ class Supplies(Part):
             await self._write(tx, session, effects)
         await self._after(cp, session, effects)
 
+    async def no_answer(self, cp: ChargingPoint) -> None:
+        """The CP's engine did not answer an authorisation in time: the request is denied."""
+        session = cp.session
+        if session is None:
+            return
+        effects = session.no_answer(self._timers)
+        async with self._store.transaction() as tx:
+            await self._write(tx, session, effects)
+        await self._after(cp, session, effects)
+
     async def check_timers(self, now: float) -> None:
-        """Authorisation expiry, settle deadlines and lost engines, for every live session."""
+        """Answers not given, authorisation expiry, settle deadlines and lost engines."""
         for cp in list(self._registry.cps.values()):
             session = cp.session
             if session is None:
                 continue
             try:
-                if session.settle_due(now):
+                if session.answer_due(now):
+                    await self.no_answer(cp)
+                elif session.settle_due(now):
                     await self.settle_now(cp)
                 elif (reason := session.end_due(now, self._timers)) is not None:
                     await self.end(cp, reason)

@@ -25,6 +25,10 @@ Money = Annotated[float, Field(ge=0, le=1_000_000)]
 Energy = Annotated[float, Field(ge=0, le=1_000_000)]
 Power = Annotated[float, Field(ge=0, le=10_000)]
 Text = Annotated[str, Field(max_length=500)]
+# How many times faster than real time an engine's simulated clock runs (1: real time). A demo
+# engine with --speed 60 supplies a minute's energy every second; the screens say so.
+MAX_SPEED = 3600.0
+TimeScale = Annotated[float, Field(gt=0, le=MAX_SPEED)]
 
 
 def new_id() -> str:
@@ -57,6 +61,8 @@ class DenialReason(StrEnum):
     INSUFFICIENT_BALANCE = "insufficient_balance"
     DRIVER_BUSY = "driver_busy"
     REQUEST_EXPIRED = "request_expired"
+    CP_REFUSED = "cp_refused"  # the engine refused Central's authorisation
+    CP_NO_ANSWER = "cp_no_answer"  # the engine did not answer it in time
 
 
 class EndReason(StrEnum):
@@ -113,6 +119,7 @@ class Heartbeat(Message):
     cp_id: Identifier
     engine_ok: bool
     seq: Annotated[int, Field(ge=0)] = 0
+    speed: TimeScale = 1.0  # the engine's time scale, as its last health report said
 
 
 class FaultReport(Message):
@@ -164,6 +171,9 @@ class HealthReport(Message):
     seq: Annotated[int, Field(ge=0)]
     ok: bool
     engine_state: Text = ""
+    # Still starting (not listening to Central's commands yet): not ready, but no fault.
+    starting: bool = False
+    speed: TimeScale = 1.0  # the engine's --speed
 
 
 class EngineKey(Message):
@@ -435,7 +445,20 @@ class SetService(Message):
     in_service: bool
 
 
-CPCommand = Annotated[AuthorizeSupply | EndSupply | SetService, Field(discriminator="type")]
+class CPRequestDenied(Message):
+    """A request made at the CP's own menu that Central denied (so the CP can show why)."""
+
+    type: Literal["cp_request_denied"] = "cp_request_denied"
+    cp_id: Identifier
+    driver_id: Identifier
+    request_id: Identifier
+    reason: DenialReason
+    detail: Text = ""
+
+
+CPCommand = Annotated[
+    AuthorizeSupply | EndSupply | SetService | CPRequestDenied, Field(discriminator="type")
+]
 
 
 # --- Kafka: CP events (Engine -> Central), key = cp id -------------------------------------
@@ -467,6 +490,16 @@ class CPSupplyEnded(Message):
     started_at: float | None = None
 
 
+class CPAuthorisation(Message):
+    """The engine's answer to an authorisation: accepted, or refused with the reason."""
+
+    type: Literal["cp_authorisation"] = "cp_authorisation"
+    cp_id: Identifier
+    session_id: Identifier
+    accepted: bool
+    reason: Text = ""
+
+
 class CPRequest(Message):
     """A supply asked for at the CP's own menu, on behalf of a driver."""
 
@@ -476,7 +509,8 @@ class CPRequest(Message):
 
 
 CPEvent = Annotated[
-    CPPlugged | CPTelemetry | CPSupplyEnded | CPRequest, Field(discriminator="type")
+    CPAuthorisation | CPPlugged | CPTelemetry | CPSupplyEnded | CPRequest,
+    Field(discriminator="type"),
 ]
 
 
@@ -487,6 +521,8 @@ class CPStateUpdate(Message):
     type: Literal["cp_state"] = "cp_state"
     cp_id: Identifier
     state: CPState
+    # ACTIVADO but held for a driver who has not plugged in yet (who is not said).
+    reserved: bool = False
     location: Text
     price_eur_kwh: Money
     max_kw: Power
@@ -495,6 +531,7 @@ class CPStateUpdate(Message):
     kw: Power = 0.0
     kwh: Energy = 0.0
     amount_eur: Money = 0.0
+    speed: TimeScale = 1.0  # the engine's time scale, as its monitor reports it
 
 
 class HealthSample(Message):
@@ -512,6 +549,8 @@ class HealthSample(Message):
     # The monitor's sample counter (restarts at 0 with the monitor) and its check period.
     seq: Annotated[int, Field(ge=0)] = 0
     interval_s: Annotated[float, Field(gt=0, le=3600)] | None = None
+    # The engine's time scale, from its last health report.
+    speed: TimeScale = 1.0
 
 
 CPStateMessage = Annotated[CPStateUpdate, Field(discriminator="type")]

@@ -26,7 +26,7 @@ from EV_Central.session import Timers
 from EV_Central.store import Store
 from EV_Central.supplies import Supplies
 from shared.bus import KafkaBus
-from shared.messages import CPPlugged, CPSupplyEnded, CPTelemetry, EndReason
+from shared.messages import CPAuthorisation, CPPlugged, CPSupplyEnded, CPTelemetry, EndReason
 
 PRICE = 0.35  # CP001's demo price
 BALANCE = 15000  # user1's demo balance, in cents
@@ -66,11 +66,22 @@ async def outbox(store: Store) -> list[dict[str, Any]]:
     return [json.loads(r["payload"]) | {"topic": r["topic"]} for r in rows]
 
 
-async def authorised(supplies: Supplies, registry: Registry) -> str:
-    await supplies.request(SupplyAsk("req-1", time.time(), "user1", "CP001", "driver"))
+async def asked(supplies: Supplies, registry: Registry, request_id: str = "req-1") -> str:
+    """A request Central lets through: CP001's engine is asked to authorise it."""
+    await supplies.request(SupplyAsk(request_id, time.time(), "user1", "CP001", "driver"))
     cp = registry.get("CP001")
     assert cp is not None and cp.session is not None
     return cp.session.session_id
+
+
+def answer(session_id: str, accepted: bool = True, reason: str = "") -> CPAuthorisation:
+    return CPAuthorisation(cp_id="CP001", session_id=session_id, accepted=accepted, reason=reason)
+
+
+async def authorised(supplies: Supplies, registry: Registry) -> str:
+    session_id = await asked(supplies, registry)
+    await supplies.answered(answer(session_id))
+    return session_id
 
 
 def ended(session_id: str, kwh: float, reason: EndReason = EndReason.UNPLUGGED) -> CPSupplyEnded:
@@ -88,7 +99,10 @@ async def test_a_supply_is_authorised_started_settled_and_billed(
     supplies: tuple[Supplies, Store, Registry],
 ) -> None:
     service, store, registry = supplies
-    session_id = await authorised(service, registry)
+    session_id = await asked(service, registry)
+    assert (await row(store, session_id))["status"] == "ASKED"
+    assert [m["type"] for m in await outbox(store)] == ["request_accepted", "authorize_supply"]
+    await service.answered(answer(session_id))
     stored = await row(store, session_id)
     assert (stored["status"], stored["price_eur_kwh"], stored["request_id"]) == (
         "AUTHORISED",
@@ -153,3 +167,43 @@ async def test_a_redelivered_request_creates_no_second_session(
     assert await store.sessions_by_status() == {"AUTHORISED": 1, "DENIED": 1}
     denial = (await outbox(store))[-1]
     assert (denial["type"], denial["reason"]) == ("request_denied", "driver_busy")
+
+
+async def test_an_engine_refusal_is_stored_as_a_denial_and_frees_the_cp(
+    supplies: tuple[Supplies, Store, Registry],
+) -> None:
+    service, store, registry = supplies
+    session_id = await asked(service, registry)
+    await service.answered(answer(session_id, accepted=False, reason="engine KO"))
+    await service.answered(answer(session_id, accepted=False, reason="engine KO"))  # again
+    stored = await row(store, session_id)
+    assert (stored["status"], stored["reason"], stored["amount_cents"]) == (
+        "DENIED",
+        "cp_refused",
+        0,
+    )
+    assert await balance(store) == BALANCE
+    sent = await outbox(store)
+    assert [m["type"] for m in sent] == ["request_accepted", "authorize_supply", "request_denied"]
+    assert sent[-1]["reason"] == "cp_refused" and "engine KO" in sent[-1]["detail"]
+    cp = registry.get("CP001")
+    assert cp is not None and cp.session is None and cp.available
+    # The driver may ask again at once: the denied session does not hold them.
+    assert await asked(service, registry, "req-2") != session_id
+
+
+async def test_an_engine_that_never_answers_gets_the_request_denied_by_the_timer(
+    supplies: tuple[Supplies, Store, Registry],
+) -> None:
+    service, store, registry = supplies
+    session_id = await asked(service, registry)
+    await service.check_timers(time.time() + 1)
+    assert (await row(store, session_id))["status"] == "ASKED"
+    await service.check_timers(time.time() + Timers().cp_answer_timeout + 1)
+    stored = await row(store, session_id)
+    assert (stored["status"], stored["reason"]) == ("DENIED", "cp_no_answer")
+    sent = await outbox(store)
+    assert [m["type"] for m in sent][-2:] == ["request_denied", "end_supply"]
+    cp = registry.get("CP001")
+    assert cp is not None and cp.session is None
+    assert await balance(store) == BALANCE

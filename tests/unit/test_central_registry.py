@@ -12,7 +12,13 @@ from EV_Central.session import Session as LiveSession
 from EV_Central.session import SessionStatus as SessionPhase
 from shared.messages import CPState, CPStateUpdate, CPSummary
 
-PHASES = [None, SessionPhase.AUTHORISED, SessionPhase.SUPPLYING, SessionPhase.ENDING]
+PHASES = [
+    None,
+    SessionPhase.ASKED,
+    SessionPhase.AUTHORISED,
+    SessionPhase.SUPPLYING,
+    SessionPhase.ENDING,
+]
 SESSION_KEYS = {"session_id", "session_phase", "driver_id", "kw", "kwh", "amount_eur"}
 
 
@@ -61,7 +67,7 @@ def make_cp(
 
 
 ANY = None  # a column the row does not look at
-NOT_SUPPLYING = (None, SessionPhase.AUTHORISED, SessionPhase.ENDING)
+NOT_SUPPLYING = (None, SessionPhase.ASKED, SessionPhase.AUTHORISED, SessionPhase.ENDING)
 
 # The brief's table as data: (connected, engine OK, session phase, in service) -> state. Each
 # combination of the four must match exactly one row (checked below), so the rows need no order.
@@ -142,11 +148,27 @@ def test_healthy_idle_cp_is_activado_and_available() -> None:
     assert cp.available
 
 
-@pytest.mark.parametrize("phase", [SessionPhase.AUTHORISED, SessionPhase.ENDING])
-def test_reserved_cp_is_activado_but_not_available(phase: str) -> None:
+@pytest.mark.parametrize("phase", [SessionPhase.ASKED, SessionPhase.AUTHORISED])
+def test_a_cp_held_for_a_driver_is_reserved_and_says_so_without_naming_them(phase: str) -> None:
     cp = make_cp(phase=phase)
     assert cp.state == CPState.ACTIVADO
-    assert not cp.available
+    assert not cp.available and cp.reserved
+    assert cp.unavailable_detail() == "CP001 is reserved for another driver"
+    assert cp.as_api()["reserved"] is True
+    assert cp.state_message().reserved is True
+    assert "user1" not in cp.state_message().model_dump_json()
+
+
+def test_a_cp_finishing_a_supply_is_not_reserved_nor_available() -> None:
+    cp = make_cp(phase=SessionPhase.ENDING)
+    assert cp.state == CPState.ACTIVADO
+    assert not cp.available and not cp.reserved
+    assert cp.unavailable_detail() == "CP001 is finishing another supply"
+
+
+def test_an_unavailable_cp_says_its_state() -> None:
+    assert make_cp(in_service=False).unavailable_detail() == "CP001 is PARADO"
+    assert make_cp(phase=SessionPhase.SUPPLYING).unavailable_detail() == "CP001 is SUMINISTRANDO"
 
 
 def test_state_follows_the_cp_as_it_changes() -> None:
@@ -250,6 +272,8 @@ def test_as_api_without_a_session_has_no_supply_figures() -> None:
         "connected": True,
         "engine_ok": True,
         "in_service": False,
+        "reserved": False,
+        "speed": 1.0,
     }
     assert not SESSION_KEYS & entry.keys()
 
@@ -286,6 +310,14 @@ def test_state_message_while_supplying() -> None:
     # The state topic is public: who charges and what they pay stay out of it.
     assert (msg.driver_id, msg.session_id, msg.amount_eur) == (None, None, 0.0)
     assert (msg.kw, msg.kwh) == (11.0, 2.0)
+
+
+def test_a_cp_on_a_simulated_clock_says_so_in_the_api_and_on_the_state_topic() -> None:
+    cp = make_cp()
+    assert (cp.as_api()["speed"], cp.state_message().speed) == (1.0, 1.0)
+    cp.speed = 60.0  # its monitor's heartbeats relay the engine's --speed
+    assert cp.as_api()["speed"] == 60.0
+    assert cp.state_message().speed == 60.0
 
 
 def test_state_message_without_a_session_is_zeroed() -> None:

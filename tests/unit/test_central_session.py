@@ -9,6 +9,7 @@ from EV_Central.session import EngineReport, Session, SessionStatus, Timers
 from shared.bus import Topics
 from shared.messages import (
     AuthorizeSupply,
+    CPRequestDenied,
     CPTelemetry,
     DenialReason,
     DriverNotice,
@@ -23,18 +24,24 @@ from shared.messages import (
 
 T0 = 1_000_000.0
 TIMERS = Timers(
-    authorization_ttl=60, end_grace=2, monitor_grace=6, telemetry_timeout=15, request_ttl=30
+    authorization_ttl=60,
+    end_grace=2,
+    monitor_grace=6,
+    telemetry_timeout=15,
+    request_ttl=30,
+    cp_answer_timeout=5,
 )
 OFFER = CPOffer("CP001", 0.35, 22.0, available=True)
 
 
-def ask(sent_at: float = T0, driver: str = "user1") -> SupplyAsk:
-    return SupplyAsk("req-1", sent_at, driver, "CP001", "driver")
+def ask(sent_at: float = T0, driver: str = "user1", origin: str = "driver") -> SupplyAsk:
+    return SupplyAsk("req-1", sent_at, driver, "CP001", origin)
 
 
-def authorised(balance: int = 10_000) -> Session:
+def asked(balance: int = 10_000, origin: str = "driver") -> Session:
+    """A request Central let through: the CP's engine is asked to authorise it."""
     session, _ = decide_supply(
-        ask(),
+        ask(origin=origin),
         OFFER,
         driver_known=True,
         driver_busy=False,
@@ -43,6 +50,12 @@ def authorised(balance: int = 10_000) -> Session:
         now=T0,
         timers=TIMERS,
     )
+    return session
+
+
+def authorised(balance: int = 10_000) -> Session:
+    session = asked(balance)
+    session.engine_answered("CP001", True, "", T0 + 0.1)
     return session
 
 
@@ -65,7 +78,7 @@ def report(kwh: float, reason: EndReason = EndReason.UNPLUGGED) -> EngineReport:
 # --- requests ------------------------------------------------------------------------------
 
 
-def test_an_authorised_request_tells_driver_and_engine_in_order() -> None:
+def test_a_request_central_lets_through_asks_the_engine_first() -> None:
     session, effects = decide_supply(
         ask(),
         OFFER,
@@ -76,18 +89,101 @@ def test_an_authorised_request_tells_driver_and_engine_in_order() -> None:
         now=T0 + 2,
         timers=TIMERS,
     )
-    assert session.status == SessionStatus.AUTHORISED
+    assert session.status == SessionStatus.ASKED and session.status.active  # CP reserved
     assert session.expires_at == T0 + 62
+    assert session.answer_deadline == T0 + 7
     kinds = [(send.topic, type(send.message)) for send in effects.publish]
+    # Not "authorised" yet: only the engine can say that.
     assert kinds == [
         (Topics.DRIVER_UPDATES, RequestAccepted),
         (Topics.CP_COMMANDS, AuthorizeSupply),
-        (Topics.DRIVER_UPDATES, SupplyAuthorized),
     ]
     command = effects.publish[1].message
     assert isinstance(command, AuthorizeSupply)
     assert command.max_kwh == 10.0  # 3.50 € at 0.35 €/kWh
     assert effects.save and not effects.release
+
+
+def test_the_driver_hears_authorised_only_when_the_engine_accepts() -> None:
+    session = asked()
+    effects = session.engine_answered("CP001", True, "", T0 + 1)
+    assert (session.status, session.authorized_at) == (SessionStatus.AUTHORISED, T0 + 1)
+    [send] = effects.publish
+    assert isinstance(send.message, SupplyAuthorized)
+    assert (send.topic, send.message.expires_at) == (Topics.DRIVER_UPDATES, T0 + 60)
+    assert effects.save and not effects.release
+    assert session.engine_answered("CP001", True, "", T0 + 2).publish == []  # redelivered
+
+
+def test_an_engine_refusal_is_a_denial_with_its_reason_and_no_ticket() -> None:
+    session = asked()
+    effects = session.engine_answered("CP001", False, "busy with session abc", T0 + 1)
+    assert (session.status, session.reason) == (SessionStatus.DENIED, "cp_refused")
+    [send] = effects.publish
+    assert isinstance(send.message, RequestDenied)
+    assert send.message.reason == DenialReason.CP_REFUSED
+    assert send.message.request_id == "req-1"
+    assert "busy with session abc" in send.message.detail
+    assert effects.release and effects.debit_cents == 0
+
+
+def test_no_answer_in_time_is_a_denial_and_the_engine_is_told_to_forget_it() -> None:
+    session = asked()
+    assert not session.answer_due(T0 + 4.9)
+    assert session.answer_due(T0 + 5)
+    effects = session.no_answer(TIMERS)
+    assert (session.status, session.reason) == (SessionStatus.DENIED, "cp_no_answer")
+    kinds = [(send.topic, type(send.message)) for send in effects.publish]
+    assert kinds == [(Topics.DRIVER_UPDATES, RequestDenied), (Topics.CP_COMMANDS, EndSupply)]
+    denied = effects.publish[0].message
+    assert isinstance(denied, RequestDenied) and denied.reason == DenialReason.CP_NO_ANSWER
+    assert "5 s" in denied.detail
+    assert effects.release and not session.answer_due(T0 + 10)
+    # Its acceptance arrives after all: the engine is told to stop, the driver hears nothing.
+    late = session.engine_answered("CP001", True, "", T0 + 11)
+    assert [(s.topic, type(s.message)) for s in late.publish] == [(Topics.CP_COMMANDS, EndSupply)]
+    assert session.status == SessionStatus.DENIED
+
+
+def test_an_engine_ending_an_asked_session_refused_it() -> None:
+    session = asked()
+    effects = session.engine_ended(report(0.0, EndReason.ENGINE_FAULT), 10_000, T0 + 1)
+    assert (session.status, session.reason) == (SessionStatus.DENIED, "cp_refused")
+    assert [type(s.message) for s in effects.publish] == [RequestDenied]
+    assert effects.release and effects.debit_cents == 0
+
+
+def test_ending_an_asked_session_denies_it() -> None:
+    session = asked()
+    effects = session.end(EndReason.STOPPED_BY_ADMIN, T0 + 1, TIMERS)
+    assert (session.status, session.reason) == (SessionStatus.DENIED, "cp_unavailable")
+    assert [type(s.message) for s in effects.publish] == [RequestDenied, EndSupply]
+    assert effects.release and effects.save
+
+
+def test_a_request_made_at_the_cp_hears_its_denial_at_the_cp() -> None:
+    parado = CPOffer("CP001", 0.35, 22.0, available=False, unavailable_detail="CP001 is PARADO")
+    _, effects = decide_supply(
+        ask(origin="cp"),
+        parado,
+        driver_known=True,
+        driver_busy=False,
+        balance_cents=1000,
+        session_id="s1",
+        now=T0,
+        timers=TIMERS,
+    )
+    kinds = [(send.topic, type(send.message)) for send in effects.publish]
+    assert kinds == [(Topics.DRIVER_UPDATES, RequestDenied), (Topics.CP_COMMANDS, CPRequestDenied)]
+    at_cp = effects.publish[1].message
+    assert isinstance(at_cp, CPRequestDenied)
+    assert (at_cp.driver_id, at_cp.reason, at_cp.detail) == (
+        "user1",
+        DenialReason.CP_UNAVAILABLE,
+        "CP001 is PARADO",
+    )
+    no_answer = asked(origin="cp").no_answer(TIMERS)
+    assert CPRequestDenied in [type(s.message) for s in no_answer.publish]
 
 
 @pytest.mark.parametrize(
@@ -175,11 +271,23 @@ def test_telemetry_takes_newer_samples_and_never_lowers_energy() -> None:
     assert (session.kwh, session.last_seq, session.last_telemetry_at) == (0.5, 3, T0 + 4)
 
 
-def test_the_balance_is_exhausted_when_the_amount_reaches_it() -> None:
+def test_the_balance_is_exhausted_when_the_energy_it_pays_for_is_delivered() -> None:
     session = supplying(balance=100)
-    session.telemetry(sample(1, 2.857), T0 + 2)  # 1.00 €
+    session.telemetry(sample(1, 2.8571), T0 + 2)  # what 1.00 € buys at 0.35 €/kWh
     assert session.balance_exhausted(100)
     assert not session.balance_exhausted(101)
+
+
+def test_a_tiny_balance_buys_its_exact_energy_not_a_rounded_amount() -> None:
+    session = authorised(balance=2)
+    session.price_eur_kwh = 0.42
+    session.plugged("CP001", T0 + 1, T0 + 1)
+    session.telemetry(sample(1, 0.0417), T0 + 2)  # already rounds to 0.02 €
+    assert not session.balance_exhausted(2)
+    session.telemetry(sample(2, 0.0476), T0 + 3)  # 2 cents / 0.42 €/kWh
+    assert session.balance_exhausted(2)
+    session.engine_ended(report(0.0476, EndReason.BALANCE_EXHAUSTED), 2, T0 + 4)
+    assert (session.kwh, session.amount_cents) == (0.0476, 2)
 
 
 # --- ending and settling -----------------------------------------------------------------------
@@ -248,7 +356,7 @@ def test_a_lost_monitor_waits_longer_and_leaves_a_supplying_engine_alone() -> No
     assert [type(s.message) for s in effects.post] == [DriverNotice]
 
 
-def test_an_authorised_session_ending_settles_at_once() -> None:
+def test_an_authorised_session_ending_settles_at_once_with_no_energy() -> None:
     session = authorised()
     effects = session.end(EndReason.MONITOR_LOST, T0 + 5, TIMERS)
     assert [type(s.message) for s in effects.post] == [EndSupply]

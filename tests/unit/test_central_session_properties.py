@@ -1,11 +1,12 @@
 """Properties of Central's session rules (EV_Central.session), whatever the inputs' order.
 
 A driver's two sessions (the second requested while the first may still be open) get random
-sequences of engine events, ends, timer ticks and repetitions of all of them, applied as
-EV_Central/supplies.py applies them. Whatever the sequence: each session is settled once
-(one ticket of revision 1; corrections only revise it), every ticket's amount is its kWh x price
-and within what the driver could pay, the balance never goes negative, live energy never goes
-down, and once the timers have fired every session is settled.
+sequences of engine events (its answer to the authorisation among them), ends, timer ticks and
+repetitions of all of them, applied as EV_Central/supplies.py applies them. Whatever the
+sequence: each session is settled once (one ticket of revision 1; corrections only revise it),
+every ticket's amount is its kWh x price and within what the driver could pay, the balance never
+goes negative, live energy never goes down, and once the timers have fired every session is
+settled or denied (a denial has no ticket).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class Driver:
 
 actions = st.one_of(
     st.tuples(st.just("request"), st.integers(0, 1)),
+    st.tuples(st.just("answer"), st.integers(0, 1), st.booleans()),
     st.tuples(st.just("plug"), st.integers(0, 1), st.sampled_from(CPS)),
     st.tuples(st.just("telemetry"), st.integers(0, 1), st.integers(0, 30), st.floats(0, 80)),
     st.tuples(st.just("ended"), st.integers(0, 1), st.floats(0, 80), REASONS),
@@ -75,7 +77,9 @@ def run(driver: Driver, script: list[tuple], price: float) -> float:
             continue
         session = driver.sessions[index]
         before = session.kwh
-        if kind == "plug":
+        if kind == "answer":
+            driver.apply(session, session.engine_answered(session.cp_id, action[2], "", now))
+        elif kind == "plug":
             driver.apply(session, session.plugged(action[2], now - 0.2, now))
         elif kind == "telemetry":
             sample = CPTelemetry(
@@ -123,7 +127,9 @@ def request(driver: Driver, index: int, now: float, price: float) -> None:
 def tick(driver: Driver, now: float) -> None:
     """Central's timers, as EV_Central/supplies.py runs them."""
     for session in list(driver.live.values()):
-        if session.settle_due(now):
+        if session.answer_due(now):
+            driver.apply(session, session.no_answer(TIMERS))
+        elif session.settle_due(now):
             driver.apply(session, session.settle_now(driver.balance, now))
         elif (reason := session.end_due(now, TIMERS)) is not None:
             driver.apply(session, session.end(reason, now, TIMERS))

@@ -9,10 +9,13 @@ import pytest
 from EV_CP_E.machine import EngineMachine, EngineState
 from shared.messages import (
     AuthorizeSupply,
+    CPAuthorisation,
     CPPlugged,
     CPRequest,
+    CPRequestDenied,
     CPSupplyEnded,
     CPTelemetry,
+    DenialReason,
     EndReason,
     EndSupply,
     Message,
@@ -75,10 +78,21 @@ def only(events: list[Message], kind: type[Message]) -> Message:
     return found[0]
 
 
+def refusal(events: list[Message], session_id: str) -> str:
+    """The engine's refusal of an authorisation among `events`: its reason."""
+    answer = only(events, CPAuthorisation)
+    assert isinstance(answer, CPAuthorisation)
+    assert (answer.session_id, answer.accepted) == (session_id, False)
+    assert not any(isinstance(e, CPSupplyEnded) for e in events)  # nothing was supplied
+    return answer.reason
+
+
 def supplying(clock: Clock, **kwargs: Any) -> EngineMachine:
     machine = make_machine(clock, **kwargs)
     out = machine.authorize(authorise(clock))
-    assert out.refused is None and out.events == []
+    [answer] = out.events
+    assert isinstance(answer, CPAuthorisation) and answer.accepted
+    assert out.refused is None
     assert state_of(machine) is EngineState.AUTHORISED
     plugged = machine.plug()
     assert plugged.refused is None
@@ -131,9 +145,7 @@ def test_ko_during_supply_ends_it_with_engine_fault_and_energy_so_far(clock: Clo
     # KO refuses new authorisations until `o`.
     refused = machine.authorize(authorise(clock, "s2"))
     assert refused.refused and "KO" in refused.refused
-    ended2 = only(refused.events, CPSupplyEnded)
-    assert isinstance(ended2, CPSupplyEnded)
-    assert (ended2.session_id, ended2.kwh, ended2.reason) == ("s2", 0.0, EndReason.ENGINE_FAULT)
+    assert refusal(refused.events, "s2") == "engine KO"
     machine.set_ko(False)
     assert machine.health_ok
     assert machine.authorize(authorise(clock, "s3")).refused is None
@@ -154,9 +166,7 @@ def test_monitor_lost_ends_the_supply_and_refuses_new_ones(clock: Clock) -> None
     assert "monitor lost" in machine.status_line()
 
     refused = machine.authorize(authorise(clock, "s2"))
-    ended2 = only(refused.events, CPSupplyEnded)
-    assert isinstance(ended2, CPSupplyEnded)
-    assert ended2.reason is EndReason.MONITOR_LOST and ended2.kwh == 0
+    assert refusal(refused.events, "s2") == "monitor lost"
     request = machine.request("user1")
     assert request.events == [] and request.refused == "refused: monitor lost"
 
@@ -215,9 +225,7 @@ def test_max_kwh_caps_the_supply_with_balance_exhausted(clock: Clock) -> None:
 def test_expired_authorisation_is_refused(clock: Clock) -> None:
     machine = make_machine(clock)
     out = machine.authorize(authorise(clock, expires_in=-1.0))
-    ended = only(out.events, CPSupplyEnded)
-    assert isinstance(ended, CPSupplyEnded)
-    assert ended.reason is EndReason.AUTHORIZATION_EXPIRED and ended.kwh == 0
+    assert refusal(out.events, "s1") == "authorisation already expired"
     assert state_of(machine) is EngineState.IDLE
 
 
@@ -272,9 +280,7 @@ def test_duplicate_authorisation_is_ignored_and_another_is_refused_while_busy(
     assert machine.authorize(command).events == []
     assert state_of(machine) is EngineState.AUTHORISED
     other = machine.authorize(authorise(clock, "s2"))
-    ended = only(other.events, CPSupplyEnded)
-    assert isinstance(ended, CPSupplyEnded)
-    assert ended.session_id == "s2"
+    assert refusal(other.events, "s2") == "busy with session s1"
     assert machine.auth is not None and machine.auth.session_id == "s1"
 
 
@@ -322,3 +328,95 @@ def test_a_different_cp_id_is_refused(clock: Clock) -> None:
     assert machine.set_cp_id("CP001")
     assert not machine.set_cp_id("CP002")
     assert machine.cp_id == "CP001"
+
+
+def test_an_accepted_authorisation_is_answered_once(clock: Clock) -> None:
+    machine = make_machine(clock)
+    command = authorise(clock)
+    [answer] = machine.authorize(command).events
+    assert isinstance(answer, CPAuthorisation)
+    assert (answer.cp_id, answer.session_id, answer.accepted, answer.reason) == (
+        "CP001",
+        "s1",
+        True,
+        "",
+    )
+    assert machine.authorize(command).events == []  # a redelivery: answered already
+
+
+def test_an_authorisation_out_of_service_is_refused_with_the_reason(clock: Clock) -> None:
+    machine = make_machine(clock)
+    machine.set_service(SetService(cp_id="CP001", in_service=False))
+    out = machine.authorize(authorise(clock))
+    assert refusal(out.events, "s1") == "out of service"
+    assert out.refused == "authorisation for session s1 refused: out of service"
+    assert state_of(machine) is EngineState.IDLE
+
+
+def test_a_denial_of_a_menu_request_is_shown_with_its_reason() -> None:
+    machine = EngineMachine()
+    denied = CPRequestDenied(
+        cp_id="CP001",
+        driver_id="user3",
+        request_id="r1",
+        reason=DenialReason.INSUFFICIENT_BALANCE,
+        detail="",
+    )
+    out = machine.request_denied(denied)
+    assert out.notes == ["Central denied the supply for driver user3: insufficient_balance"]
+    assert out.events == []
+
+
+# --- a simulated clock (--speed) ------------------------------------------------------------
+
+
+def test_speed_scales_the_energy_of_each_tick_and_the_amount_follows(clock: Clock) -> None:
+    machine = supplying(clock, speed=60.0)
+    events = run_ticks(machine, clock, 10)
+    telemetry = [e for e in events if isinstance(e, CPTelemetry)]
+    # Ten real seconds are ten simulated minutes: kW x s x N / 3600 kWh.
+    for n, sample in enumerate(telemetry, start=1):
+        assert sample.kwh == pytest.approx(KW * n * 60 / 3600, rel=1e-12)
+        assert sample.kw == KW  # the power is the power: only time runs faster
+        assert sample.amount_eur == round(sample.kwh * PRICE, 2)
+    assert telemetry[-1].kwh == pytest.approx(1.2333, abs=1e-4)
+
+    ended = only(machine.unplug().events, CPSupplyEnded)
+    assert isinstance(ended, CPSupplyEnded)
+    assert ended.kwh == telemetry[-1].kwh  # the ticket's energy is what was metered
+    assert ended.amount_eur == round(ended.kwh * PRICE, 2) == 0.43
+
+
+def test_speed_keeps_the_energy_cap_exact(clock: Clock) -> None:
+    machine = make_machine(clock, speed=60.0)
+    cap = KW * 2.5 * 60 / 3600  # reached during the third tick, as at real time
+    machine.authorize(authorise(clock, max_kwh=cap))
+    machine.plug()
+    events = run_ticks(machine, clock, 3)
+    ended = only(events, CPSupplyEnded)
+    assert isinstance(ended, CPSupplyEnded)
+    assert ended.reason is EndReason.BALANCE_EXHAUSTED
+    assert ended.kwh == cap
+    assert [e.kwh for e in events if isinstance(e, CPTelemetry)][-1] == cap
+
+
+def test_speed_leaves_real_time_timers_alone(clock: Clock) -> None:
+    # Auto-unplug is about real seconds: three of them, whatever the time scale.
+    machine = make_machine(clock, auto_plug=1.0, auto_unplug=3.0, speed=600.0)
+    machine.authorize(authorise(clock))
+    clock.advance(1.0)
+    machine.poll()
+    run_ticks(machine, clock, 2)
+    assert state_of(machine) is EngineState.SUPPLYING
+    run_ticks(machine, clock, 1)
+    ended = only(machine.poll().events, CPSupplyEnded)
+    assert isinstance(ended, CPSupplyEnded)
+    assert ended.kwh == pytest.approx(KW * 3 * 600 / 3600)
+
+
+def test_the_screen_line_names_a_simulated_clock(clock: Clock) -> None:
+    assert "simulated" not in make_machine(clock).status_line()
+    fast = supplying(clock, speed=60.0)
+    assert fast.status_line().endswith("[×60 simulated time]")
+    slow = make_machine(clock, speed=0.5)
+    assert slow.status_line() == "[CP001] IDLE (ready)  [×0.5 simulated time]"

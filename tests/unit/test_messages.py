@@ -121,6 +121,14 @@ SAMPLES: list[m.Message] = [
     ),
     m.EndSupply(cp_id="CP001", session_id="s1", reason=m.EndReason.STOPPED_BY_ADMIN),
     m.SetService(cp_id="CP001", in_service=False),
+    m.CPRequestDenied(
+        cp_id="CP001",
+        driver_id="D1",
+        request_id="r1",
+        reason=m.DenialReason.CP_UNAVAILABLE,
+        detail="CP001 is PARADO",
+    ),
+    m.CPAuthorisation(cp_id="CP001", session_id="s1", accepted=False, reason="engine KO"),
     m.CPPlugged(cp_id="CP001", session_id="s1"),
     m.CPTelemetry(cp_id="CP001", session_id="s1", seq=4, kw=7.4, kwh=0.5, amount_eur=0.18),
     m.CPSupplyEnded(

@@ -50,6 +50,7 @@ from shared.messages import (
     DRIVER_UPDATES,
     AuthorizeSupply,
     CentralIdentity,
+    CPAuthorisation,
     CPPlugged,
     CPSupplyEnded,
     CPTelemetry,
@@ -344,7 +345,7 @@ class Fleet:
         await self.send(Topics.CP_EVENTS, cp_id, self.channels[cp_id].seal(event))
 
     async def read_commands(self, consumer: AIOKafkaConsumer) -> None:
-        """The simulated engines: answer authorisations with a plug, end supplies on request."""
+        """The simulated engines: accept authorisations and plug in, end supplies on request."""
         await consume_each(consumer, self.on_command, what="Central's commands")
 
     async def on_command(self, record: ConsumerRecord[bytes, bytes]) -> None:
@@ -360,6 +361,8 @@ class Fleet:
             supply = Supply(cp_id, command.session_id)
             supply.ends_at = time.monotonic() + random.uniform(low, high)
             self.supplies[cp_id] = supply
+            accepted = CPAuthorisation(cp_id=cp_id, session_id=supply.session_id, accepted=True)
+            await self.send_event(cp_id, accepted)
             await self.send_event(cp_id, CPPlugged(cp_id=cp_id, session_id=supply.session_id))
         elif isinstance(command, EndSupply):
             ending = self.supplies.get(cp_id)
