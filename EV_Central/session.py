@@ -220,8 +220,7 @@ class Session:
                 return Effects(publish=[self.to_engine(stop)])
             return Effects()  # a redelivered answer
         if not accepted:
-            detail = f"{self.cp_id} refused the authorisation: {why or 'no reason given'}"
-            return self._deny(DenialReason.CP_REFUSED, detail, tell_cp=False)
+            return self._deny(DenialReason.CP_REFUSED, why or "no reason given", tell_cp=False)
         self.status = SessionStatus.AUTHORISED
         self.authorized_at = now
         self.answer_deadline = None
@@ -266,13 +265,12 @@ class Session:
         self.status = SessionStatus.DENIED
         self.reason = reason.value
         self.answer_deadline = None
+        text = f"{self.cp_id}: request from {self.driver_id} denied ({reason}: {detail})"
         effects = Effects(
             publish=[self.to_driver(self.denial(reason, detail))],
             save=True,
             release=True,
-            notes=[
-                Note("denied", f"{self.cp_id}: request from {self.driver_id} denied ({detail})")
-            ],
+            notes=[Note("denied", text)],
         )
         if tell_cp and self.origin == "cp":
             effects.publish.append(self.to_engine(self.cp_denial(reason, detail)))
@@ -356,8 +354,7 @@ class Session:
             pass
         elif self.status == SessionStatus.ASKED:
             # Ended before it was ever accepted: the engine refused it.
-            detail = f"{self.cp_id} refused the authorisation: {report.reason.value}"
-            effects = self._deny(DenialReason.CP_REFUSED, detail, tell_cp=False)
+            effects = self._deny(DenialReason.CP_REFUSED, report.reason.value, tell_cp=False)
         elif self.status.active:
             # The engine knows why it stopped (it also reports Central's own reasons).
             kwh = max(report.kwh, self.kwh)

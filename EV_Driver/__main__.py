@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from EV_Driver.app import DriverApp
-from EV_Driver.config import parse_settings
+from EV_Driver.config import ExitCode, parse_settings
 from EV_Driver.output import Output
 from shared.errors import ConfigError
 from shared.lifecycle import Shutdown, run_service
@@ -19,7 +19,7 @@ from shared.logs import setup_logging
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the driver app; return the exit code (0 done, 2 bad arguments, 1 anything else)."""
+    """Run the driver app; return the exit code (ExitCode, listed in --help)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["dashboard"]:
         from EV_Driver.dashboard import main as dashboard_main
@@ -30,9 +30,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = parse_settings(args[1:] if login_only else args, login_only=login_only)
     except ConfigError as exc:
         print(f"EV_Driver: error: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     except SystemExit as exc:  # argparse: --help (0) or bad flags (2), already printed
-        return exc.code if isinstance(exc.code, int) else 2
+        return exc.code if isinstance(exc.code, int) else ExitCode.USAGE
     setup_logging(settings.log_level, settings.log_json)
     for problem in settings.file_problems:
         print(f"EV_Driver: {settings.source}: skipping {problem}", file=sys.stderr)
@@ -46,9 +46,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         await app.run()
 
     code = run_service(service)
-    if code == 0 and app is not None:
-        return app.exit_code
-    return code
+    if code != 0:
+        return code  # an unexpected error, already printed: ExitCode.FAILED
+    if app is None:
+        return ExitCode.STOPPED  # interrupted before the app started
+    return app.exit_code
 
 
 if __name__ == "__main__":

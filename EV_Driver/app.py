@@ -9,12 +9,13 @@ import asyncio
 import getpass
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeVar
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
 
-from EV_Driver.config import DriverSettings
+from EV_Driver.config import DriverSettings, ExitCode
 from EV_Driver.flow import (
     DriverFlow,
     Failure,
@@ -55,6 +56,21 @@ class LoginFailed(EVError):
     """The driver could not log in (refused, no password, Central unreachable)."""
 
 
+def outcome_exit_code(outcomes: Sequence[Outcome], requests: int) -> ExitCode:
+    """The exit code for the outcomes of `requests` requests: the worst one decides.
+
+    No answer is worse than a missing outcome (stopped before it came), which is worse than
+    a denial: a script learns first whether Central can be relied on at all.
+    """
+    if Outcome.ERROR in outcomes:
+        return ExitCode.FAILED
+    if len(outcomes) < requests:
+        return ExitCode.STOPPED
+    if Outcome.DENIED in outcomes:
+        return ExitCode.DENIED
+    return ExitCode.OK
+
+
 class DriverApp:
     """Runs the driver's requests one at a time; `exit_code` says how it went."""
 
@@ -71,12 +87,22 @@ class DriverApp:
         self.shutdown = shutdown
         self.bus = bus or KafkaBus(settings.broker, client_id=f"ev-driver-{settings.driver_id}")
         self.flow = DriverFlow(settings.driver_id)
-        self.exit_code = 0
+        self._failed = False  # the app gave up by itself: no login, or an unknown driver
+        self._logged_in = False  # `login`: the login is done (and saved)
         self._inbox: asyncio.Queue[DriverUpdate] = asyncio.Queue(maxsize=INBOX_SIZE)
         self._key = settings.driver_id.encode()
         self._group: asyncio.TaskGroup | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.session = session  # a login made beforehand (else _login makes one)
+
+    @property
+    def exit_code(self) -> ExitCode:
+        """How the run went so far; read at the end, it is the process's exit code."""
+        if self._failed:
+            return ExitCode.FAILED
+        if self.settings.login_only:
+            return ExitCode.OK if self._logged_in else ExitCode.STOPPED
+        return outcome_exit_code(self.flow.outcomes, len(self.settings.cp_ids))
 
     async def run(self) -> None:
         """Connect, follow every request to its outcome, stop the bus."""
@@ -107,9 +133,10 @@ class DriverApp:
             await self._login()
         except LoginFailed as exc:
             self.output.emit(Failure(self.settings.driver_id, str(exc)))
-            self.exit_code = 1
+            self._failed = True
             return
         if self.settings.login_only:
+            self._logged_in = True
             where = self.settings.token_file or "memory only"
             self.output.emit(
                 Notice(self.settings.driver_id, f"logged in; token saved ({where})", "info")
@@ -239,8 +266,6 @@ class DriverApp:
             self.output.emit(Requested(self.settings.driver_id, cp_id, request.id))
             await self._send(request)
             await self._follow()
-        if any(outcome is Outcome.ERROR for outcome in self.flow.outcomes):
-            self.exit_code = 1
 
     async def _ask_status(self) -> bool:
         """Ask Central who we are until it answers; False for an unknown driver."""
@@ -266,7 +291,7 @@ class DriverApp:
         if said_unreachable:
             log.info("Central answered")
         if self.flow.unknown_driver:
-            self.exit_code = 1
+            self._failed = True
             return False
         return True
 

@@ -5,10 +5,17 @@ from __future__ import annotations
 import argparse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
-from EV_Driver.requests_file import LineProblem, identifier_problem, load_requests
+from EV_Driver.requests_file import (
+    MAX_BYTES,
+    MAX_LINES,
+    LineProblem,
+    identifier_problem,
+    load_requests,
+)
 from shared.errors import ConfigError
 from shared.settings import (
     EnvArgumentParser,
@@ -17,6 +24,39 @@ from shared.settings import (
     positive_float,
     seconds,
 )
+
+
+class ExitCode(IntEnum):
+    """How a run of the driver app ended, for scripts (listed in --help and the README)."""
+
+    OK = 0  # every request ended with a ticket; `login`: logged in
+    FAILED = 1  # no answer from Central in time, login failed, unknown driver, unexpected error
+    USAGE = 2  # bad arguments or an unusable requests file (argparse's own code)
+    DENIED = 3  # Central denied a request (with --file: at least one, and none failed)
+    STOPPED = 4  # stopped (Ctrl-C, SIGTERM) before every request had its outcome
+
+
+DESCRIPTION = """\
+The driver app: asks Central for a supply at one CP (--cp) or at each CP of a
+file (--file), shows the progress and the ticket. `EV_Driver dashboard --help`
+describes the browser dashboard (:8001)."""
+
+EPILOG = """\
+exit codes:
+  0  every request ended with a ticket (whatever ended the supply: the ticket
+     says why); `login`: logged in
+  1  a request got no answer from Central in time, the login failed (refused or
+     unanswered), the driver is unknown, or an unexpected error
+  2  bad arguments, or a requests file that cannot be used
+  3  Central denied a request
+  4  stopped (Ctrl-C, SIGTERM) before every request had its outcome, e.g. while
+     Central cannot be reached; a supply already started goes on without the app
+With --file: 1 if any request failed, else 4 if the app was stopped before the
+last outcome, else 3 if any request was denied, else 0."""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown, and the description and exit codes laid out as written."""
 
 
 @dataclass(frozen=True)
@@ -62,11 +102,9 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvArgumentParser:
     """The command line; raises ConfigError when an EV_ variable is malformed."""
     parser = EnvArgumentParser(
         prog="EV_Driver",
-        description=(
-            "The driver app: asks Central for a supply at one CP (--cp) or at each CP of a "
-            "file (--file), shows the progress and the ticket. "
-            "`EV_Driver dashboard --help` describes the browser dashboard (:8001)."
-        ),
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=_HelpFormatter,
         environ=environ,
         allow_abbrev=False,
     )
@@ -97,7 +135,8 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvArgumentParser:
         action=_StoreGiven,
         default=None,
         metavar="PATH",
-        help="file of requests: one CP id a line, '#' comments",
+        help="file of requests: one CP id a line, '#' comments; a regular UTF-8 file of "
+        f"at most {MAX_BYTES // 1024} KiB and {MAX_LINES} lines",
     )
     parser.add_option("--json", action="store_true", help="print one JSON object a line")
     parser.add_option(

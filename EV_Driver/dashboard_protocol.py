@@ -120,6 +120,7 @@ def cp_view(update: CPStateUpdate, mine_cp: str | None) -> Push:
         "colour": STATE_COLOURS[update.state],
         "available": update.state is CPState.ACTIVADO,
         "mine": update.cp_id == mine_cp,
+        "speed": update.speed,
     }
 
 

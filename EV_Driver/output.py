@@ -27,7 +27,20 @@ from EV_Driver.flow import (
     TicketKind,
     TicketShown,
 )
-from shared.messages import TicketData
+from shared.messages import DenialReason, TicketData
+
+# Why Central denied a request, in words. The reason code follows in parentheses, so that the
+# line can still be searched for; a reason newer than this table is shown as its code alone.
+DENIAL_TEXT: dict[str, str] = {
+    DenialReason.UNKNOWN_DRIVER: "Central does not know this driver",
+    DenialReason.UNKNOWN_CP: "there is no such charging point",
+    DenialReason.CP_UNAVAILABLE: "the charging point is not available",
+    DenialReason.INSUFFICIENT_BALANCE: "the balance is too low",
+    DenialReason.DRIVER_BUSY: "you already have a supply in progress",
+    DenialReason.REQUEST_EXPIRED: "the request was too old when Central read it",
+    DenialReason.CP_REFUSED: "the charging point refused the authorisation",
+    DenialReason.CP_NO_ANSWER: "the charging point did not answer in time",
+}
 
 
 class Symbols:
@@ -70,6 +83,14 @@ def short_id(session_id: str, symbols: Symbols) -> str:
     return session_id if len(session_id) <= 8 else session_id[:8] + symbols.ellipsis
 
 
+def denial_line(reason: str, detail: str) -> str:
+    """`the charging point is not available (cp_unavailable: CP001 is PARADO)`."""
+    text = DENIAL_TEXT.get(reason)
+    if text is None:  # a reason newer than this app: show it as it came
+        return f"{reason} ({detail})" if detail else reason
+    return f"{text} ({reason}: {detail})" if detail else f"{text} ({reason})"
+
+
 def ticket_line(ticket: TicketData, symbols: Symbols) -> str:
     e = symbols.euro
     return (
@@ -94,10 +115,11 @@ def human_lines(event: Event, symbols: Symbols) -> list[str]:
         ]
         return lines
     if isinstance(event, Accepted):
-        return [f"{s.ok} accepted (session {short_id(event.session_id, s)})"]
+        # Central's checks passed; the CP itself has still to authorise.
+        session = short_id(event.session_id, s)
+        return [f"{s.ok} accepted: asking {event.cp_id} to authorise (session {session})"]
     if isinstance(event, Denied):
-        detail = f" ({event.detail})" if event.detail else ""
-        return [f"{s.fail} denied: {event.reason}{detail}"]
+        return [f"{s.fail} denied: {denial_line(event.reason, event.detail)}"]
     if isinstance(event, Authorized):
         return [
             f"authorised at {event.cp_id} ({price(event.price_eur_kwh)} {s.euro}/kWh): plug in now"

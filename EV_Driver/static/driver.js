@@ -146,6 +146,16 @@
     const free = cps.filter((cp) => cp.available).length;
     $("cps-count").textContent = `${free} of ${cps.length} available`;
     state.cps = cps;
+    renderSimulated();
+  }
+
+  // A supply at a CP on a simulated clock says so beside its figures (the CP list knows).
+  function renderSimulated() {
+    const s = state.supply;
+    const cp = s && state.cps ? state.cps.find((c) => c.cp_id === s.cp_id) : null;
+    const text = cp ? EV.simulated(cp.speed) : null;
+    $("supply-speed").textContent = text || "";
+    $("supply-speed").hidden = !text;
   }
 
   function busy() {
@@ -201,6 +211,7 @@
     pill.className = `pill phase-${s.phase}`;
     const price = s.price_eur_kwh != null ? ` · ${Number(s.price_eur_kwh).toFixed(2)} €/kWh` : "";
     EV.replace($("supply-cp"), EV.el("strong", {}, s.cp_id), price);
+    renderSimulated();
     let message = text;
     if (s.phase === "denied") message = `Denied: ${reasonText(s.detail.split(":")[0])}${s.detail.includes(":") ? " (" + s.detail.split(":").slice(1).join(":").trim() + ")" : ""}`;
     else if (s.phase === "failed") message = s.detail;

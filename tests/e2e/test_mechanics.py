@@ -55,7 +55,7 @@ async def test_driver_file_of_ten_requests_over_four_cps(system: Deployment, tmp
     requests.write_text("# ten requests\n" + "\n".join(plan) + "\n")
     started = time.monotonic()
     driver = system.start_driver("user2", "--file", str(requests))
-    assert await driver.wait_exit(240) == 0, driver.output
+    assert await driver.wait_exit(240) == 3, driver.output  # 3: some requests were denied
     elapsed = time.monotonic() - started
 
     events = driver.json_events()
@@ -85,6 +85,40 @@ async def test_driver_file_of_ten_requests_over_four_cps(system: Deployment, tmp
     assert {cp["cp_id"] for cp in available["cps"]} >= {"CP001", "CP002", "CP003", "CP004"}
 
 
+async def test_a_simulated_clock_shows_at_central_and_scales_the_ticket(
+    system: Deployment,
+) -> None:
+    await system.start_central()
+    await system.start_cp("CP001", "--auto-plug", "1", "--auto-unplug", "3", "--speed", "60")
+
+    # The engine's time scale reaches Central through its monitor's heartbeats.
+    async def speeds() -> dict[str, float] | None:
+        found = {cp["id"]: cp["speed"] for cp in await system.api("/api/cps")}
+        return found if found["CP001"] == 60 else None
+
+    shown = await wait_for(speeds, 10, message="CP001's speed never reached Central")
+    assert shown["CP002"] == 1.0  # no engine: real time, the default
+
+    driver = system.start_driver("user1", "--cp", "CP001")
+    assert await driver.wait_exit(60) == 0, driver.output
+    (ticket,) = tickets(driver)
+    assert ticket["reason"] == "unplugged"
+    check_ticket_amount(ticket)
+    # Each 1 s tick at 22 kW is a simulated minute: 22 x 60 / 3600 kWh. Three real seconds
+    # plugged in are two or three ticks, over 0.7 kWh (about 0.018 kWh at real time).
+    per_tick = 22 * 60 / 3600
+    ticks = ticket["kwh"] / per_tick
+    assert round(ticks) in (2, 3, 4) and ticks == pytest.approx(round(ticks), abs=1e-3), ticket
+    # Central billed what the engine metered.
+    ended = await system.engines["CP001"].wait_output(
+        rf"session {ticket['session_id']} ended \(unplugged\): ([0-9.]+) kWh"
+    )
+    assert float(ended.group(1)) == pytest.approx(ticket["kwh"], abs=5e-5)
+    assert system.query("SELECT kwh FROM sessions WHERE id = ?", ticket["session_id"]) == [
+        (pytest.approx(ticket["kwh"]),)
+    ]
+
+
 async def test_stop_one_during_supply_then_stop_all_and_resume_all(system: Deployment) -> None:
     await system.start_central()
     await system.start_cp("CP001", "--auto-plug", "1")
@@ -105,7 +139,7 @@ async def test_stop_one_during_supply_then_stop_all_and_resume_all(system: Deplo
 
     # A stopped CP refuses supplies.
     refused = system.start_driver("user3", "--cp", "CP001", name="driver-refused")
-    assert await refused.wait_exit(30) == 0
+    assert await refused.wait_exit(30) == 3  # denied
     assert [e["reason"] for e in refused.json_events() if e["event"] == "denied"] == [
         "cp_unavailable"
     ]
@@ -182,7 +216,7 @@ async def test_denials_carry_their_reason(system: Deployment) -> None:
     await first_event(supplying, "started")
 
     broke = system.start_driver("user4", "--cp", "CP002", name="driver-broke")
-    assert await broke.wait_exit(30) == 0
+    assert await broke.wait_exit(30) == 3  # denied
     assert [e["reason"] for e in broke.json_events() if e["event"] == "denied"] == [
         "insufficient_balance"
     ]

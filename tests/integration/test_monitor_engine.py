@@ -30,6 +30,7 @@ from shared.messages import (
     MONITOR_TO_CENTRAL,
     AuthorizeSupply,
     AuthResult,
+    CPAuthorisation,
     CPPlugged,
     CPRequest,
     CPState,
@@ -466,10 +467,11 @@ async def test_engine_supplies_over_kafka(
             expires_at=time.time() + 60,
         )
         await bus.send_raw(Topics.CP_COMMANDS, cp_id.encode(), central.seal(command))
-        refused = await wait_for(
-            lambda: [e for e in log.of(CPSupplyEnded, mark) if e.session_id == "sess3"], 10
+        answers = await wait_for(
+            lambda: [e for e in log.of(CPAuthorisation, mark) if e.session_id == "sess3"], 10
         )
-        assert refused[0].reason is EndReason.ENGINE_FAULT and refused[0].kwh == 0
+        assert (answers[0].accepted, answers[0].reason) == (False, "engine KO")
+        assert not [e for e in log.of(CPSupplyEnded, mark) if e.session_id == "sess3"]
 
         # Quitting mid-supply ends it as unplugged and flushes the event first.
         await engine.type("o")

@@ -9,14 +9,17 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from EV_Driver.app import DriverApp
-from EV_Driver.config import DriverSettings
+from EV_Driver import __main__ as cli
+from EV_Driver.app import DriverApp, outcome_exit_code
+from EV_Driver.config import DriverSettings, ExitCode
+from EV_Driver.flow import Outcome
 from EV_Driver.output import Output
 from EV_Driver.session import DriverSession
 from shared import messages as m
@@ -95,8 +98,10 @@ def central(
     known: bool = True,
     deny: frozenset[str] | set[str] = frozenset(),
     silent: frozenset[str] | set[str] = frozenset(),
+    refuse: frozenset[str] | set[str] = frozenset(),
     ignore_queries: int = 0,
 ) -> Responder:
+    """Central: supplies at every CP except those it denies, ignores, or whose engine refuses."""
     state = {"queries": 0, "sessions": 0}
 
     def respond(bus: FakeBus, message: m.Message) -> None:
@@ -126,6 +131,18 @@ def central(
             bus.update(
                 m.RequestAccepted(driver_id=D, cp_id=cp, request_id=message.id, session_id=sid)
             )
+            if cp in refuse:
+                # Accepted by Central, then refused by the CP's engine.
+                bus.update(
+                    m.RequestDenied(
+                        driver_id=D,
+                        cp_id=cp,
+                        request_id=message.id,
+                        reason=m.DenialReason.CP_REFUSED,
+                        detail="engine is KO",
+                    )
+                )
+                return
             bus.update(
                 m.SupplyAuthorized(
                     driver_id=D, cp_id=cp, session_id=sid, price_eur_kwh=0.35, expires_at=0
@@ -190,7 +207,7 @@ async def test_requests_run_one_after_another(monkeypatch: pytest.MonkeyPatch) -
     driver, bus, events = await run_app(
         monkeypatch, central(deny={"CP002"}), ("CP001", "CP002", "CP003")
     )
-    assert driver.exit_code == 0
+    assert driver.exit_code == ExitCode.DENIED  # one of the three was denied
     assert [e["event"] for e in events] == [
         "available",
         "accepted", "authorized", "started", "telemetry", "ticket",
@@ -232,7 +249,7 @@ async def test_status_query_is_repeated_until_central_answers(
     driver, bus, events = await run_app(
         monkeypatch, central(ignore_queries=3, deny={"CP001"}), ("CP001",), reply_timeout=0.05
     )
-    assert driver.exit_code == 0
+    assert driver.exit_code == ExitCode.DENIED
     assert sum(isinstance(msg, m.StatusQuery) for msg in bus.sent) == 4
     assert events[0]["event"] == "error" and "cannot reach Central" in events[0]["message"]
     assert sum(e["event"] == "error" for e in events) == 1  # said once, not at every retry
@@ -259,5 +276,88 @@ async def test_shutdown_stops_a_waiting_app(monkeypatch: pytest.MonkeyPatch) -> 
     driver, bus, events = await run_app(
         monkeypatch, central(silent={"CP001"}), ("CP001",), reply_timeout=60, shutdown=shutdown
     )
-    assert driver.exit_code == 0
+    assert driver.exit_code == ExitCode.STOPPED  # no outcome: a script must not read success
     assert [e["event"] for e in events] == ["available"]
+
+
+# --- exit codes ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("respond", "code"),
+    [
+        (central(), ExitCode.OK),
+        (central(deny={"CP001"}), ExitCode.DENIED),
+        (central(refuse={"CP001"}), ExitCode.DENIED),
+        (central(silent={"CP001"}), ExitCode.FAILED),
+    ],
+    ids=["ticket", "denied", "refused-by-the-cp", "no-answer"],
+)
+async def test_exit_code_of_a_single_request(
+    monkeypatch: pytest.MonkeyPatch, respond: Responder, code: ExitCode
+) -> None:
+    driver, _, _ = await run_app(monkeypatch, respond, ("CP001",), reply_timeout=0.05)
+    assert driver.exit_code == code
+
+
+async def test_a_refusal_by_the_cp_after_acceptance_ends_the_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    driver, _, events = await run_app(
+        monkeypatch, central(refuse={"CP001"}), ("CP001", "CP002"), reply_timeout=0.05
+    )
+    assert [e["event"] for e in events] == [
+        "available", "accepted", "denied",
+        "accepted", "authorized", "started", "telemetry", "ticket",
+    ]  # fmt: skip
+    assert (events[2]["reason"], events[2]["detail"]) == ("cp_refused", "engine is KO")
+    assert driver.exit_code == ExitCode.DENIED
+
+
+@pytest.mark.parametrize(
+    ("outcomes", "requests", "code"),
+    [
+        ([Outcome.TICKET, Outcome.TICKET], 2, ExitCode.OK),
+        ([Outcome.TICKET, Outcome.DENIED], 2, ExitCode.DENIED),
+        ([Outcome.DENIED, Outcome.ERROR, Outcome.TICKET], 3, ExitCode.FAILED),
+        ([Outcome.DENIED], 2, ExitCode.STOPPED),
+        ([Outcome.ERROR], 2, ExitCode.FAILED),
+        ([], 1, ExitCode.STOPPED),
+    ],
+)
+def test_the_worst_outcome_of_a_file_decides(
+    outcomes: list[Outcome], requests: int, code: ExitCode
+) -> None:
+    assert outcome_exit_code(outcomes, requests) == code
+
+
+@pytest.mark.parametrize(
+    ("respond", "code", "shown"),
+    [
+        (central(), 0, "ticket: CP001"),
+        (central(deny={"CP001"}), 3, "denied: the charging point is not available"),
+        (central(refuse={"CP001"}), 3, "denied: the charging point refused the authorisation"),
+    ],
+    ids=["ticket", "denied", "refused-by-the-cp"],
+)
+def test_the_process_exit_code(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    respond: Responder,
+    code: int,
+    shown: str,
+) -> None:
+    """The whole command line (python -m EV_Driver --cp CP001) with Kafka and a login faked."""
+
+    def app_on_a_fake_bus(settings: DriverSettings, output: Output, shutdown: Shutdown) -> Any:
+        session = DriverSession(D, KEY_ID, KEY, expires_at=time.time() + 3600)
+        bus = FakeBus(FakeConsumer(), respond)
+        return DriverApp(settings, output, shutdown, bus, session)  # type: ignore[arg-type]
+
+    for name in [name for name in os.environ if name.startswith("EV_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(cli, "DriverApp", app_on_a_fake_bus)
+    monkeypatch.setattr(cli, "setup_logging", lambda *args: None)  # keep pytest's log capture
+    argv = ["--broker", "fake:1", "--driver-id", D, "--cp", "CP001", "--reply-timeout", "0.2"]
+    assert cli.main(argv) == code
+    assert shown in capsys.readouterr().out

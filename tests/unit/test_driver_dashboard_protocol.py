@@ -132,6 +132,12 @@ def test_cp_view_never_shows_another_drivers_supply() -> None:
     assert cp_view(state("CP003", m.CPState.PARADO), D)["colour"] == "orange"
 
 
+def test_cp_view_carries_the_cps_time_scale_for_the_supply_panel() -> None:
+    assert cp_view(state("CP001", m.CPState.ACTIVADO), None)["speed"] == 1.0
+    fast = state("CP002", m.CPState.SUMINISTRANDO).model_copy(update={"speed": 60.0})
+    assert cp_view(fast, "CP002")["speed"] == 60.0
+
+
 def test_cps_push_is_sorted_by_id() -> None:
     states = {c: state(c, m.CPState.ACTIVADO) for c in ("CP010", "CP002", "CP001")}
     assert [c["cp_id"] for c in cps_push(states, D)["cps"]] == ["CP001", "CP002", "CP010"]

@@ -70,12 +70,28 @@ UNI = Symbols(unicode=True)
     ("event", "line"),
     [
         (Requested(D, "CP001", "r1"), "→ request CP001"),
-        (Accepted(D, "CP001", "ab12cd34ef56", "r1"), "✓ accepted (session ab12cd34…)"),
-        (Denied(D, "CP001", "r1", "cp_unavailable", ""), "✗ denied: cp_unavailable"),
+        (
+            Accepted(D, "CP001", "ab12cd34ef56", "r1"),
+            "✓ accepted: asking CP001 to authorise (session ab12cd34…)",
+        ),
+        (
+            Denied(D, "CP001", "r1", "cp_unavailable", ""),
+            "✗ denied: the charging point is not available (cp_unavailable)",
+        ),
         (
             Denied(D, "CP001", "r1", "cp_unavailable", "CP001 is PARADO"),
-            "✗ denied: cp_unavailable (CP001 is PARADO)",
+            "✗ denied: the charging point is not available (cp_unavailable: CP001 is PARADO)",
         ),
+        (
+            Denied(D, "CP001", "r1", "cp_refused", "engine is KO"),
+            "✗ denied: the charging point refused the authorisation (cp_refused: engine is KO)",
+        ),
+        (
+            Denied(D, "CP001", "r1", "cp_no_answer", ""),
+            "✗ denied: the charging point did not answer in time (cp_no_answer)",
+        ),
+        # A reason this version does not know yet is shown as it came.
+        (Denied(D, "CP001", "r1", "cp_on_fire", "smoke"), "✗ denied: cp_on_fire (smoke)"),
         (
             Authorized(D, "CP001", "s", 0.35, 0.0),
             "authorised at CP001 (0.35 €/kWh): plug in now",
@@ -92,6 +108,14 @@ UNI = Symbols(unicode=True)
 )
 def test_human_lines(event: Event, line: str) -> None:
     assert human_lines(event, UNI) == [line]
+
+
+@pytest.mark.parametrize("reason", list(m.DenialReason))
+def test_every_denial_reason_reads_as_words(reason: m.DenialReason) -> None:
+    (line,) = human_lines(Denied(D, "CP001", "r1", reason.value, ""), UNI)
+    assert line.endswith(f" ({reason.value})")
+    words = line.removeprefix("✗ denied: ").removesuffix(f" ({reason.value})")
+    assert words and "_" not in words, line
 
 
 def test_human_available_list() -> None:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from EV_Driver.config import parse_settings
+from EV_Driver.config import ExitCode, parse_settings
 from EV_Driver.requests_file import (
     MAX_BYTES,
     MAX_LINES,
@@ -52,11 +56,27 @@ def test_line_limit() -> None:
 
 
 def test_size_limit_and_encoding() -> None:
-    with pytest.raises(RequestsFileError, match="larger than 64 KiB"):
+    with pytest.raises(RequestsFileError, match="larger than the 64 KiB limit"):
         decode_requests(b"#" * (MAX_BYTES + 1))
     with pytest.raises(RequestsFileError, match="not UTF-8"):
         decode_requests(b"CP001\n\xff\n")
     assert decode_requests("\ufeffCP001\r\nCP002\r\n".encode()).cp_ids == ("CP001", "CP002")
+
+
+@pytest.mark.parametrize(
+    ("data", "where"),
+    [
+        (b"CP001\nCP002\nCP\xff03\n", r"line 3: not UTF-8 \(byte 0xff at column 3\)"),
+        (b"\xff", r"line 1: not UTF-8 \(byte 0xff at column 1\)"),
+        # The byte order mark is not a column; "é" is one column, though two bytes.
+        ("\ufeffCP001\n# café\xa0".encode() + b"\xc3(", r"line 2: .*byte 0xc3 at column 8\)"),
+        (b"CP001\r\nCP002\r\n\x80", r"line 3: .*byte 0x80 at column 1\)"),
+        (b"CP001\n# ends mid-character \xe2\x82", r"line 2: .*byte 0xe2 at column 22\)"),
+    ],
+)
+def test_bad_encoding_names_the_line_and_column(data: bytes, where: str) -> None:
+    with pytest.raises(RequestsFileError, match=rf"^requests.txt {where}$"):
+        decode_requests(data, "requests.txt")
 
 
 def test_load_reads_a_file(tmp_path: Path) -> None:
@@ -65,17 +85,96 @@ def test_load_reads_a_file(tmp_path: Path) -> None:
     assert load_requests(path).cp_ids == ("CP001", "CP002")
 
 
+def test_load_names_the_line_that_is_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "requests.txt"
+    path.write_bytes(b"CP001\n# Lat\xedn-1 comment\nCP002\n")
+    with pytest.raises(RequestsFileError, match=r"requests.txt line 2: not UTF-8 \(byte 0xed"):
+        load_requests(path)
+
+
 def test_load_reports_unreadable_files(tmp_path: Path) -> None:
     with pytest.raises(RequestsFileError, match="cannot read .*missing.txt"):
         load_requests(tmp_path / "missing.txt")
-    with pytest.raises(RequestsFileError, match="cannot read"):
-        load_requests(tmp_path)  # a directory
 
 
-def test_load_refuses_a_huge_file_without_reading_it_all(tmp_path: Path) -> None:
+def test_load_refuses_a_directory(tmp_path: Path) -> None:
+    with pytest.raises(RequestsFileError, match="a directory, not a regular file"):
+        load_requests(tmp_path)
+
+
+@pytest.mark.skipif(not os.path.exists(os.devnull), reason="no null device")
+def test_load_refuses_a_device() -> None:
+    with pytest.raises(RequestsFileError, match="a character device, not a regular file"):
+        load_requests(os.devnull)
+
+
+@pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="no Unix sockets")
+def test_load_refuses_a_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # a relative name: socket paths are limited to about 100 bytes
+    with socket.socket(socket.AF_UNIX) as listening:
+        listening.bind("s.sock")
+        with pytest.raises(RequestsFileError, match="a socket, not a regular file"):
+            load_requests("s.sock")
+
+
+def load_in_a_thread(path: Path, fifo: Path, seconds: float = 3.0) -> str:
+    """load_requests(path)'s error; fails the test if it blocks on `fifo` for `seconds`."""
+    result: dict[str, Any] = {}
+
+    def load() -> None:
+        try:
+            load_requests(path)
+        except RequestsFileError as exc:
+            result["error"] = str(exc)
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        # Open the writing end so that the blocked reader returns and the test run goes on.
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+        thread.join(seconds)
+        pytest.fail(f"load_requests({path.name}) waited for a writer on a named pipe")
+    assert "error" in result, "a named pipe was accepted"
+    return str(result["error"])
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes")
+def test_load_refuses_a_named_pipe_without_waiting_for_a_writer(tmp_path: Path) -> None:
+    fifo = tmp_path / "requests.fifo"
+    os.mkfifo(fifo)
+    error = load_in_a_thread(fifo, fifo)
+    assert error == f"cannot read {fifo}: a named pipe (FIFO), not a regular file"
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes")
+def test_load_checks_again_after_opening(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The path is a regular file when checked and a named pipe when opened (swapped between
+    # the two): the open must not block, and the opened file is checked again.
+    fifo = tmp_path / "requests.fifo"
+    os.mkfifo(fifo)
+    regular = tmp_path / "regular.txt"
+    regular.write_text("CP001\n")
+    real_stat = os.stat
+
+    def stat_before_the_swap(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        return real_stat(regular if str(path) == str(fifo) else path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat_before_the_swap)
+    error = load_in_a_thread(fifo, fifo)
+    assert "a named pipe (FIFO), not a regular file" in error
+
+
+def test_load_refuses_a_huge_file_without_reading_it(tmp_path: Path) -> None:
     path = tmp_path / "huge.txt"
-    path.write_bytes(b"CP001\n" * 100_000)
-    with pytest.raises(RequestsFileError, match="larger than"):
+    with path.open("wb") as stream:
+        stream.truncate(10 * 1024 * 1024)  # sparse: nothing is written
+    with pytest.raises(
+        RequestsFileError, match=r"huge.txt: larger than the 64 KiB limit \(10485760 bytes\)"
+    ):
         load_requests(path)
 
 
@@ -162,3 +261,14 @@ def test_bad_environment_or_file_raise_config_error(tmp_path: Path) -> None:
         parse_settings([*BASE, "--cp", "A"], environ={"EV_REPLY_TIMEOUT": "soon"})
     with pytest.raises(ConfigError, match="cannot read"):
         parse_settings([*BASE, "--file", str(tmp_path / "none.txt")], environ={})
+    with pytest.raises(ConfigError, match="a directory, not a regular file"):
+        parse_settings([*BASE, "--file", str(tmp_path)], environ={})
+
+
+def test_help_lists_the_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        parse_settings(["--help"], environ={})
+    assert caught.value.code == 0
+    epilog = capsys.readouterr().out.split("exit codes:", 1)[1]
+    for code in ExitCode:
+        assert f"\n  {code.value}  " in epilog, code
