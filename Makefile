@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 KAFKA_PORT ?= 9092
 
-.PHONY: help install kafka-jars lint typecheck test test-fast run stop clean
+.PHONY: help install kafka-jars lint typecheck test test-fast run stop clean prereqs-test prereqs-run
 
 help:
 	@echo "make run        start Kafka, Central and three CPs on this machine"
@@ -13,6 +13,11 @@ help:
 	@echo "make test       install, lint, type-check and run every test"
 	@echo "make test-fast  unit tests only"
 	@echo "make bench      fleet benchmark of Central (BENCH_ARGS='--sizes 100,1000 --duration 20')"
+
+# What the machine must have (scripts/prereqs.sh): as root it installs what is missing, otherwise
+# it stops the goal at once, before the venv, with one line naming what to install.
+prereqs-test prereqs-run:
+	@PYTHON=$(PYTHON) scripts/prereqs.sh $(@:prereqs-%=%)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,13 +37,13 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy shared EV_Central EV_CP_E EV_CP_M EV_Driver init_db.py network_config.py
 
-test: $(STAMP) kafka-jars lint typecheck
+test: prereqs-test $(STAMP) kafka-jars lint typecheck
 	$(PY) -m pytest
 
 test-fast: $(STAMP)
 	$(PY) -m pytest tests/unit
 
-run: $(STAMP) kafka-jars
+run: prereqs-run $(STAMP) kafka-jars
 	KAFKA_PORT=$(KAFKA_PORT) PYTHON=$(PY) scripts/run-local.sh start
 
 stop:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from helpers import free_port, scaled
+from helpers import free_port, need_tool, scaled
 from procs import Deployment
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -19,6 +19,9 @@ KAFKA_SH = REPO_ROOT / "scripts" / "kafka.sh"
 
 
 def _kafka_sh(action: str, port: int, env: dict[str, str], timeout: float) -> None:
+    if action == "start":
+        # The broker runs on the machine's Java: without it the test is skipped, not failed.
+        need_tool(env.get("JAVA", "java"), "Kafka tests", "openjdk-17-jre-headless")
     proc = subprocess.run(
         [str(KAFKA_SH), action, str(port)],
         env=env,

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from playwright.async_api import Browser, Page, async_playwright
 
+from helpers import cannot_run, need_tool
 from procs import REPO_ROOT
 
 SCREENSHOTS = REPO_ROOT / "docs" / "screenshots"
@@ -28,10 +28,19 @@ CHROMIUM_ARGS = [
 
 
 def chromium_path() -> str:
-    path = os.environ.get("EV_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    """EV_CHROMIUM, or Debian's chromium on the PATH; without it the test is skipped."""
+    path = os.environ.get("EV_CHROMIUM")
+    if path is None:
+        return need_tool("chromium", "browser tests", "chromium")
     if not Path(path).exists():
-        pytest.fail("chromium not found: install Debian's chromium (see .ci/run)", pytrace=False)
+        cannot_run(f"browser tests need chromium, but EV_CHROMIUM={path} does not exist")
     return path
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # Before the test's fixtures start a broker and services that it could not use.
+    if "browser" in item.fixturenames:
+        chromium_path()
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ from EV_CP_E import config as engine_config
 from EV_CP_M import config as monitor_config
 from EV_CP_M import dashboard as site_config
 from EV_Driver import dashboard_config as driver_config
-from helpers import scaled
+from helpers import missing_tool, scaled
 from shared.bus import TOPICS
 from shared.settings import env_name
 
@@ -317,6 +317,7 @@ def test_container_settings_are_accepted_by_the_service(name: str, svc_name: str
         n = int(svc_name.removeprefix("engine-cp"))
         assert settings.listen == ("0.0.0.0", int(CONFIG[f"CP{n}_ENGINE_PORT"]))
         assert svc["stdin_open"] is True and svc["tty"] is True, "its menu needs a terminal"
+        assert settings.speed == float(CONFIG["CP_SPEED"]), "the demo's time scale (CP_SPEED)"
     elif target == "monitor":
         n = int(svc_name.removeprefix("monitor-cp"))
         assert settings.cp_id == CONFIG[f"CP{n}_ID"]
@@ -454,10 +455,8 @@ def compose_command() -> list[str]:
     legacy = shutil.which("docker-compose")
     if legacy:
         return [legacy]
-    pytest.fail(
-        "no Compose implementation: install Debian's docker-compose package "
-        "(apt-get install docker-compose) or the docker compose plugin",
-        pytrace=False,
+    missing_tool(
+        "docker-compose (or the docker compose plugin)", "compose file checks", "docker-compose"
     )
 
 
