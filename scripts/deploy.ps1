@@ -11,10 +11,32 @@
       scripts\deploy.ps1 -Pc pc3 logs [-Service S]   follow the logs
       scripts\deploy.ps1 -Pc pc3 attach -Service engine-cp1   an engine's menu (Ctrl-P Ctrl-Q detaches)
       scripts\deploy.ps1 -Pc pc2 config              the compose file with .env applied
+      scripts\deploy.ps1 -Pc pc2 up -Build           build the images on a freshly pulled base first
+      scripts\deploy.ps1 -Pc pc2 up -Follow          once healthy, follow the logs (Ctrl-C stops following)
 
     pc1: driver dashboard; pc2: Kafka, Kafka UI, Central (start it first); pc3: charging
     points and site dashboard; all: everything on this one host. Addresses and ports come
     from network_config.py, overridden by environment variables ($env:PC2_IP = "192.168.1.20").
+
+.PARAMETER Pc
+    pc1, pc2, pc3 or all: which PC's compose file (all: docker-compose.yml).
+
+.PARAMETER Action
+    up, down, status, logs, attach or config (status when omitted).
+
+.PARAMETER Service
+    The service for logs and attach (e.g. engine-cp1), and for up -Follow; all when omitted.
+
+.PARAMETER WaitSeconds
+    How long up waits for every container to be healthy (180; EV_DEPLOY_WAIT in deploy.sh).
+
+.PARAMETER Build
+    With up: build the images first, on a freshly pulled base image (docker compose build
+    --pull), then start. deploy.sh: --build.
+
+.PARAMETER Follow
+    With up: once healthy, follow the logs (of -Service, or all) until Ctrl-C; the containers
+    keep running. logs always follows, with or without it. deploy.sh: --follow.
 #>
 [CmdletBinding()]
 param(
@@ -28,7 +50,11 @@ param(
 
     [string]$Service = "",
 
-    [int]$WaitSeconds = 180
+    [int]$WaitSeconds = 180,
+
+    [switch]$Build,
+
+    [switch]$Follow
 )
 
 $ErrorActionPreference = "Stop"
@@ -38,6 +64,14 @@ function Fail([string]$Message) {
     Write-Host "deploy: $Message" -ForegroundColor Red
     exit 1
 }
+
+function Exit-Usage([string]$Message) {
+    Write-Host "deploy: $Message (Get-Help scripts\deploy.ps1 -Detailed)" -ForegroundColor Red
+    exit 2
+}
+
+if ($Build -and $Action -ne "up") { Exit-Usage "-Build goes with up" }
+if ($Follow -and $Action -notin @("up", "logs")) { Exit-Usage "-Follow goes with up (logs always follows)" }
 
 $File = if ($Pc -eq "all") { "docker-compose.yml" } else { "docker-compose.$Pc.yml" }
 $Project = "ev-$Pc"
@@ -106,6 +140,7 @@ switch ($Action) {
         Write-EnvFile
         & docker info *> $null
         if ($LASTEXITCODE -ne 0) { Fail "the Docker engine does not answer: start Docker Desktop first" }
+        if ($Build) { Invoke-Compose build --pull }
         Invoke-Compose up -d --build --remove-orphans
         $deadline = (Get-Date).AddSeconds($WaitSeconds)
         while (($pending = Get-Unhealthy).Count -gt 0) {
@@ -117,6 +152,10 @@ switch ($Action) {
         }
         Invoke-Compose ps
         Write-Host "deploy: $Pc is up and healthy. Check it from every PC: python scripts\preflight.py --pc $Pc" -ForegroundColor Green
+        if ($Follow) {
+            Write-Host "deploy: following the logs; Ctrl-C stops following, the containers keep running"
+            if ($Service) { Invoke-Compose logs -f --tail 200 $Service } else { Invoke-Compose logs -f --tail 200 }
+        }
     }
     "down" { Invoke-Compose down --remove-orphans }
     "status" {

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Bring one PC's part of the EV charging network up or down with Docker Compose.
 #
-#   scripts/deploy.sh PC ACTION [SERVICE]
+#   scripts/deploy.sh PC ACTION [SERVICE] [--build] [--follow]
 #
 #   PC       pc1 (driver dashboard), pc2 (Kafka, Kafka UI, Central: start it first),
 #            pc3 (charging points, site dashboard), all (everything on this one host)
@@ -11,6 +11,11 @@
 #            logs     follow the logs (of SERVICE, or all)
 #            attach   attach to SERVICE's terminal, e.g. an engine's menu (Ctrl-P Ctrl-Q detaches)
 #            config   print the compose file with .env applied (what `up` would run)
+#   --build  with up: build the images first, on a freshly pulled base image
+#            (docker compose build --pull), then start
+#   --follow with up: once healthy, follow the logs (of SERVICE, or all) until Ctrl-C; the
+#            containers keep running. logs always follows, with or without it
+#   --help   this text
 #
 # Addresses and ports come from network_config.py, overridden by environment variables
 # (PC2_IP=192.168.1.20 scripts/deploy.sh pc3 up). Environment: PYTHON (python3),
@@ -19,11 +24,25 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 die() { echo "deploy: $*" >&2; exit 1; }
-usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; }
+help_text() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
+usage() { [[ $# -eq 0 ]] || echo "deploy: $*" >&2; help_text >&2; exit 2; }
 
-PC="${1:-}"; ACTION="${2:-}"; SERVICE="${3:-}"
+BUILD=0; FOLLOW=0; POSITIONAL=()
+for arg in "$@"; do
+    case "$arg" in
+        --build) BUILD=1 ;;
+        --follow) FOLLOW=1 ;;
+        -h|--help) help_text; exit 0 ;;
+        -*) usage "unknown option $arg" ;;
+        *) POSITIONAL+=("$arg") ;;
+    esac
+done
+(( ${#POSITIONAL[@]} <= 3 )) || usage "too many arguments: ${POSITIONAL[*]}"
+PC="${POSITIONAL[0]:-}"; ACTION="${POSITIONAL[1]:-}"; SERVICE="${POSITIONAL[2]:-}"
 case "$PC" in pc1|pc2|pc3) FILE="docker-compose.$PC.yml" ;; all) FILE=docker-compose.yml ;; *) usage ;; esac
 case "$ACTION" in up|down|status|logs|attach|config) ;; *) usage ;; esac
+(( BUILD == 0 )) || [[ "$ACTION" == up ]] || usage "--build goes with up"
+(( FOLLOW == 0 )) || [[ "$ACTION" == up || "$ACTION" == logs ]] || usage "--follow goes with up (logs always follows)"
 PROJECT="ev-$PC"
 PYTHON="${PYTHON:-python3}"
 
@@ -70,6 +89,7 @@ case "$ACTION" in
 up)
     write_env
     docker info >/dev/null 2>&1 || die "the Docker engine does not answer: start Docker (Desktop) first"
+    if (( BUILD )); then compose build --pull; fi
     compose up -d --build --remove-orphans
     deadline=$(( $(date +%s) + ${EV_DEPLOY_WAIT:-180} ))
     while pending="$(unhealthy)"; [[ -n "$pending" ]]; do
@@ -81,6 +101,10 @@ up)
     done
     compose ps
     echo "deploy: $PC is up and healthy. Check it from every PC: python scripts/preflight.py --pc $PC"
+    if (( FOLLOW )); then
+        echo "deploy: following the logs; Ctrl-C stops following, the containers keep running" >&2
+        compose logs -f --tail 200 ${SERVICE:+"$SERVICE"}
+    fi
     ;;
 down)   compose down --remove-orphans ;;
 status) compose ps; pending="$(unhealthy)"; [[ -z "$pending" ]] || { echo "not healthy: $pending"; exit 1; } ;;

@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -35,15 +34,6 @@ AUTO_PLUG, AUTO_UNPLUG = "1", "3"
 ADMIN = ("admin", "admin")
 # (what was measured, seconds, the bound it must stay under), printed at the end of the run.
 TIMINGS: list[tuple[str, float, float]] = []
-
-
-def skip_reason() -> str | None:
-    """Why this machine cannot simulate hosts, or None when it can."""
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        return "multi-host tests create network namespaces: run them as root"
-    if shutil.which("ip") is None:
-        return "multi-host tests need `ip` (iproute2)"
-    return None
 
 
 def _run(args: list[str], timeout: float, env: dict[str, str] | None = None) -> str:

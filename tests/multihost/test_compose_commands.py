@@ -54,6 +54,9 @@ RULES: dict[str, dict[str, str | tuple[str, str]]] = {
         # Compose engines are driven by hand (docker attach); the tests add automatic plugging.
         "--auto-plug": ANY,
         "--auto-unplug": ANY,
+        # The demo's time scale (CP_SPEED) makes supplies bigger for people to watch; the tests
+        # keep real time, so that their energy bounds (kW x seconds) hold.
+        "--speed": ANY,
         "--secret": EQUAL,  # the demo seed's, from CPn_SECRET
         "--log-json": ANY,
     },
