@@ -42,6 +42,10 @@ DEFAULTS: dict[str, str] = {
     # 1: Central seeds a new database with the demo CPs and accounts (public passwords, demos
     # only); 0 for a real deployment (create accounts with `python -m EV_Central user add`).
     "DEMO": "1",
+    # The engines' time scale (EV_CP_E --speed): 60 makes a 10 s demo supply 10 simulated
+    # minutes, a ticket of kWh rather than Wh; the dashboards mark such CPs. Empty: 60 with
+    # the demo data (DEMO=1), real time (1) without it.
+    "CP_SPEED": "",
     # TLS (docs/tls.md), off while empty: paths INSIDE the containers of the certificates the
     # operator mounts (e.g. /certs/central.crt). Central's pair turns on TLS for :5000 and the
     # admin web; the monitors then verify Central with CENTRAL_TLS_CA. Each dashboard has its
@@ -65,6 +69,10 @@ TLS_PAIRS = (
 )
 
 PC3_SLOTS = 3
+
+# CP_SPEED when left empty on a demo deployment, and the highest accepted (as EV_CP_E's).
+DEMO_SPEED = "60"
+MAX_SPEED = 3600.0
 
 # What each PC serves to the others: its firewall opens these, preflight checks them.
 PC_PORTS: dict[str, tuple[str, ...]] = {
@@ -127,6 +135,22 @@ def cp_ids(value: str) -> list[str]:
     return ids
 
 
+def cp_speed(value: str, demo: str) -> str:
+    """The engines' time scale: a number above 0 and at most MAX_SPEED; empty picks it from
+    DEMO (a demo runs fast, a real deployment in real time)."""
+    if not value:
+        return DEMO_SPEED if demo == "1" else "1"
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not 0 < number <= MAX_SPEED:  # NaN fails too
+        raise ValueError(
+            f"CP_SPEED={value!r} is not a time scale (a number above 0, at most {MAX_SPEED:g})"
+        )
+    return value
+
+
 def load(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The settings: defaults overridden by the environment, validated, plus derived values.
 
@@ -150,6 +174,7 @@ def load(environ: Mapping[str, str] | None = None) -> dict[str, str]:
             raise ValueError(f"{given} is set but {missing} is not: TLS needs both, or neither")
     if config["DEMO"] not in ("0", "1"):
         raise ValueError(f"DEMO={config['DEMO']!r}: 1 seeds the demo data, 0 does not")
+    config["CP_SPEED"] = cp_speed(config["CP_SPEED"], config["DEMO"])
     ids = cp_ids(config["PC3_CPS"])
     config["PC3_CPS"] = ",".join(ids)
     for n, cp in enumerate(ids, start=1):

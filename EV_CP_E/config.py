@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from shared.messages import MAX_SPEED
 from shared.settings import (
     EnvArgumentParser,
     add_common_options,
@@ -23,10 +26,25 @@ class EngineSettings:
     auto_plug: float | None = None
     auto_unplug: float | None = None
     tick: float = 1.0
+    speed: float = 1.0  # simulated seconds per real second (energy only; timers stay real)
     health_timeout: float = 3.0
     secret: str | None = field(default=None, repr=False)  # the CP's secret: checks the monitor
     log_level: str = "INFO"
     log_json: bool = False
+
+
+def time_scale(value: str) -> float:
+    """A positive time scale, at most MAX_SPEED (one simulated hour a second)."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not 0 < number <= MAX_SPEED:  # NaN fails too
+        raise argparse.ArgumentTypeError(
+            f"expected how many times faster than real time, a number above 0 and at most "
+            f"{MAX_SPEED:g} (1: real time), got {value!r}"
+        )
+    return number
 
 
 def build_parser(environ: Mapping[str, str] | None = None) -> EnvArgumentParser:
@@ -51,6 +69,13 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvArgumentParser:
         "--auto-unplug", type=positive_float, default=None, help="unplug S seconds after plugging"
     )
     parser.add_option("--tick", type=seconds, default=1.0, help="telemetry period in seconds")
+    parser.add_option(
+        "--speed",
+        type=time_scale,
+        default=1.0,
+        help="simulated time runs N times faster: each tick delivers N ticks' worth of energy "
+        "(demos); telemetry, plug and unplug timers stay in real seconds",
+    )
     parser.add_option(
         "--health-timeout",
         type=seconds,
@@ -86,6 +111,7 @@ def parse_settings(
         auto_plug=args.auto_plug,
         auto_unplug=args.auto_unplug,
         tick=args.tick,
+        speed=args.speed,
         health_timeout=args.health_timeout,
         secret=read_secret(parser, args.secret, args.secret_file, required=False),
         log_level=args.log_level,

@@ -47,7 +47,7 @@ LINK_ERRORS = (ConnectionLost, DeliveryFailed, OSError, TimeoutError)
 SAMPLE_BACKLOG = 30
 # An engine and its monitor usually start together: failed checks while the engine is still
 # starting are no fault worth showing on the site dashboard. Samples start with the first
-# good check, or after this many seconds of trying.
+# good check with the link to Central up, or after this many seconds of trying.
 SAMPLE_GRACE = 3.0
 # For the same reason the monitor first logs in to Central once its engine has answered a
 # health check as started (ready, or KO), so the CP goes from DESCONECTADO straight to ACTIVADO.
@@ -262,7 +262,10 @@ class MonitorService:
             now = asyncio.get_running_loop().time()
             if self._sampling_from is None:
                 self._sampling_from = now
-            if not self.state.engine_ok and now - self._sampling_from < SAMPLE_GRACE:
+            # The link to Central comes up only once the engine has answered (START_GRACE), a
+            # moment after the first good check: that moment is no fault either.
+            healthy = self.state.engine_ok and self.state.central_up
+            if not healthy and now - self._sampling_from < SAMPLE_GRACE:
                 return
             self._sampling = True
         central_ok = self.state.central_up

@@ -278,6 +278,7 @@ class Site:
             "kw": central.kw if central is not None else 0.0,
             "kwh": central.kwh if central is not None else 0.0,
             "amount_eur": central.amount_eur if central is not None else 0.0,
+            "speed": self._speed(cp),
             "monitored": cp.monitored,
             "monitor": "none" if last is None else ("lost" if cp.lost else "live"),
             "engine": cp.engine,
@@ -296,6 +297,14 @@ class Site:
             "fault": cp.fault.as_json(now) if cp.fault is not None else None,
             "faults_last_hour": len(recent),
         }
+
+    @staticmethod
+    def _speed(cp: CPHealth) -> float:
+        """The engine's time scale: its monitor's word first (it asks the engine), Central's
+        (relayed from the same monitor) for a CP no monitor of this site reports."""
+        if cp.last is not None:
+            return cp.last.speed
+        return cp.central.speed if cp.central is not None else 1.0
 
     def sorted_ids(self) -> list[str]:
         return sorted(self.cps)

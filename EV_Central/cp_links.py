@@ -121,15 +121,19 @@ class CPLinks(Part):
         self._feed.note("disconnected", f"{cp.id}: DESCONECTADO ({why})", cp.id)
         await self._supplies.end(cp, EndReason.MONITOR_LOST)
 
-    def heartbeat_fast(self, cp: ChargingPoint, engine_ok: bool, link: MonitorLink) -> bool:
+    def heartbeat_fast(
+        self, cp: ChargingPoint, engine_ok: bool, link: MonitorLink, speed: float = 1.0
+    ) -> bool:
         """The common heartbeat, handled without awaiting: True when nothing else changes."""
-        if cp.engine_ok != engine_ok or self._links.get(cp.id) is not link:
-            return False  # a health change, reconnection or stale link: the full path
+        if cp.engine_ok != engine_ok or cp.speed != speed or self._links.get(cp.id) is not link:
+            return False  # a health or time-scale change, reconnection or stale link: full path
         cp.last_heartbeat = time.time()
         self._counters["heartbeat"] += 1
         return True
 
-    async def heartbeat(self, cp: ChargingPoint, engine_ok: bool, link: MonitorLink) -> None:
+    async def heartbeat(
+        self, cp: ChargingPoint, engine_ok: bool, link: MonitorLink, speed: float = 1.0
+    ) -> None:
         current = self._links.get(cp.id)
         if current is None:
             # Heartbeats resumed on a connection that had gone silent: connected again.
@@ -138,6 +142,9 @@ class CPLinks(Part):
             return  # a stale connection that another monitor login replaced
         cp.last_heartbeat = time.time()
         self._stats.counters["heartbeat"] += 1
+        if cp.speed != speed:
+            cp.speed = speed
+            self._feed.changed(cp)
         if cp.engine_ok != engine_ok:
             await self.engine_health(cp, engine_ok, "")
 

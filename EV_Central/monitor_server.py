@@ -174,7 +174,7 @@ class MonitorServer:
         def heartbeat_fast(message: MonitorToCentral) -> bool:
             # No task switch, no queue: a heartbeat only moves the CP's last-seen time.
             if type(message) is Heartbeat and message.cp_id == cp.id:
-                return links.heartbeat_fast(cp, message.engine_ok, link)
+                return links.heartbeat_fast(cp, message.engine_ok, link, message.speed)
             return False
 
         conn.fast_path = heartbeat_fast
@@ -194,7 +194,7 @@ class MonitorServer:
                 continue
             match message:
                 case Heartbeat():
-                    await self.links.heartbeat(cp, message.engine_ok, link)
+                    await self.links.heartbeat(cp, message.engine_ok, link, message.speed)
                 case FaultReport():
                     cp.last_heartbeat = time.time()
                     await self.links.engine_health(cp, False, message.detail)

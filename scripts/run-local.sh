@@ -6,7 +6,9 @@
 #   scripts/run-local.sh stop    stop all of them
 #
 # Environment: KAFKA_PORT (9092), CENTRAL_PORT (5000), HTTP_PORT (8002), CPS ("CP001 CP002
-# CP003"), PYTHON (.venv/bin/python). Logs and pids go to .run/.
+# CP003"), SPEED (60: the engines' simulated time runs 60 times faster, so the 10 s demo supply
+# is 10 simulated minutes and a ticket of kWh; 1 for real time), PYTHON (.venv/bin/python).
+# Logs and pids go to .run/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +18,7 @@ HTTP_PORT="${HTTP_PORT:-8002}"
 DRIVER_PORT="${DRIVER_PORT:-8001}"
 SITE_PORT="${SITE_PORT:-8003}"
 CPS="${CPS:-CP001 CP002 CP003}"
+SPEED="${SPEED:-60}"
 PY="${PYTHON:-.venv/bin/python}"
 RUN=.run
 BROKER="127.0.0.1:$KAFKA_PORT"
@@ -55,7 +58,7 @@ start() {
         local engine_port=$((6100 + n))
         launch "engine-$cp" "$PY" -m EV_CP_E --broker "$BROKER" \
             --listen "127.0.0.1:$engine_port" --auto-plug 2 --auto-unplug 10 \
-            --secret "demo-secret-$cp"
+            --speed "$SPEED" --secret "demo-secret-$cp"
         launch "monitor-$cp" "$PY" -m EV_CP_M --engine "127.0.0.1:$engine_port" \
             --central "127.0.0.1:$CENTRAL_PORT" --cp-id "$cp" --broker "$BROKER" \
             --secret "demo-secret-$cp"
@@ -73,6 +76,8 @@ The EV charging network is running on this machine:
   driver app      http://127.0.0.1:$DRIVER_PORT/    (log in with a demo account below)
   site monitor    http://127.0.0.1:$SITE_PORT/
   charging points $CPS (they plug in 2 s after authorisation and unplug after 10 s)
+  simulated time  $SPEED times faster than real time, marked ×$SPEED on the dashboards
+                  (SPEED=1 make run for real time)
 Logs are in $RUN/ (tail -f $RUN/central.log).
 
 Drive a supply from another terminal (it asks for user1's password, pass1):

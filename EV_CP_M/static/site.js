@@ -94,6 +94,7 @@
       : null;
     const price = cp.price_eur_kwh !== null && cp.price_eur_kwh !== undefined
       ? `${Number(cp.price_eur_kwh).toFixed(2)} €/kWh · ${Number(cp.max_kw || 0).toFixed(1)} kW` : "";
+    const simulated = EV.simulated(cp.speed);
     return el("article", {
       class: `cp cp-${cp.monitor} engine-${cp.engine}`,
       dataset: { cp: cp.id, state: cp.state || "UNKNOWN", engine: cp.engine, monitor: cp.monitor },
@@ -102,7 +103,8 @@
         el("div", { class: "cp-title" },
           el("span", { class: "cp-id" }, cp.id),
           el("span", { class: "cp-loc" }, cp.location || "location unknown"),
-          price ? el("span", { class: "cp-price" }, price) : null),
+          price ? el("span", { class: "cp-price" }, price) : null,
+          simulated ? el("span", { class: "sim-time", dataset: { field: "speed" } }, simulated) : null),
         statePill(cp.state)),
       el("div", { class: "cp-health" },
         metric("Engine", engineValue, engineSub, `engine ${engineCls}`),

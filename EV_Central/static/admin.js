@@ -52,6 +52,8 @@
     t.state = el("span", { class: "state" });
     t.loc = el("div", { class: "loc" });
     t.meta = el("div", { class: "meta" });
+    t.speed = el("span", { class: "sim-time", dataset: { field: "speed" }, hidden: true,
+      title: "This CP's engine runs a simulated clock: its energy and cost grow that much faster" });
     t.note = el("div", { class: "note" });
     t.driver = el("span", { dataset: { field: "driver" } });
     t.kw = el("b", { dataset: { field: "kw" } });
@@ -69,7 +71,7 @@
     t.reset = el("button", { type: "button", dataset: { action: "reset_secret", target: id },
       title: "Issue a new secret (shown once); the old one stops working" }, "Reset secret");
     t.root = el("article", { class: "tile", dataset: { cp: id } },
-      el("div", { class: "tile-head" }, t.id, t.state), t.loc, t.meta, t.note, t.live,
+      el("div", { class: "tile-head" }, t.id, t.state), t.loc, t.meta, t.speed, t.note, t.live,
       el("div", { class: "actions" }, t.stop, t.resume),
       el("div", { class: "actions keys" }, t.revoke, t.reset));
     return t;
@@ -91,6 +93,9 @@
     t.state.textContent = state;
     t.loc.textContent = cp.location;
     t.meta.textContent = `${price(cp.price_eur_kwh)} · ${num(cp.max_kw)} kW max`;
+    const simulated = EV.simulated(cp.speed);
+    t.speed.textContent = simulated || "";
+    t.speed.hidden = !simulated;
     const busy = Boolean(cp.driver_id);
     t.live.hidden = !busy;
     if (busy) {

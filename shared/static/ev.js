@@ -35,6 +35,13 @@ const EV = (() => {
     const m = Math.floor(s / 60);
     return m ? `${m} min ${s % 60} s` : `${s} s`;
   };
+  // A CP whose engine runs a simulated clock (--speed N) is marked wherever its figures show,
+  // so that nobody takes them for real time: "×60 simulated time"; null at real time.
+  const simulated = (speed) => {
+    const n = Number(speed);
+    if (!Number.isFinite(n) || n <= 0 || n === 1) return null;
+    return `×${Number(n.toPrecision(4))} simulated time`;
+  };
 
   // A WebSocket to this page's own server at `path`, reconnecting with backoff. The element
   // #connection shows online/offline; #reconnecting is shown while the link is down.
@@ -128,5 +135,5 @@ const EV = (() => {
     });
   }
 
-  return { el, replace, euro, kwh, kw, time, duration, connect, drawChart };
+  return { el, replace, euro, kwh, kw, time, duration, simulated, connect, drawChart };
 })();

@@ -100,8 +100,9 @@ async def test_supply_figures_count_up_and_the_ticket_shows_in_sessions(
     page: Page, system: Deployment
 ) -> None:
     await system.start_central()
+    # As `make run` does: simulated time 60 times faster, so the README's picture shows kWh.
     for cp_id in ("CP001", "CP002", "CP003", "CP004"):
-        system.start_engine(cp_id, "--auto-plug", "1")
+        system.start_engine(cp_id, "--auto-plug", "1", "--speed", "60")
         system.start_monitor(cp_id)
     for cp_id in ("CP001", "CP002", "CP003", "CP004"):
         await system.wait_state(cp_id, "ACTIVADO", timeout=30)
@@ -118,6 +119,12 @@ async def test_supply_figures_count_up_and_the_ticket_shows_in_sessions(
     await expect_state(page, "CP004", "AVERIADO")
     cp001 = tile(page, "CP001")
     await expect(cp001.locator('[data-field="driver"]')).to_have_text("user1")
+    # Every CP on a simulated clock is marked so; one without an engine is not.
+    for cp_id in ("CP001", "CP002", "CP003", "CP004"):
+        marker = tile(page, cp_id).locator('[data-field="speed"]')
+        await expect(marker).to_have_text("×60 simulated time", timeout=ms(5))
+        await expect(marker).to_be_visible()
+    await expect(tile(page, "CP005").locator('[data-field="speed"]')).to_be_hidden()
     await expect(cp001.locator('[data-field="kw"]')).to_have_text(re.compile(r"^\d+\.\d\d kW$"))
     await expect(cp001.locator('[data-field="eur"]')).to_have_text(re.compile(r"^\d+\.\d\d €$"))
     # The first telemetry (a second after the plug) brings the power.

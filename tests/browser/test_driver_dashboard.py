@@ -96,9 +96,9 @@ async def wait_value_above(page: Page, selector: str, floor: float, timeout: flo
 async def test_wrong_password_then_supply_stop_ticket_balance_history(
     system: Deployment, page: Page
 ) -> None:
-    system.prepare_db(f"UPDATE charging_points SET location='{XSS}' WHERE id='CP002'")
     await system.start_central()
-    await system.start_cp("CP001", "--auto-plug", "1")
+    # As `make run` does: simulated time 60 times faster, so the README's picture shows kWh.
+    await system.start_cp("CP001", "--auto-plug", "1", "--speed", "60")
     dashboard = await Dashboard(system).start()
     balance_before = system.balance("user1")
 
@@ -111,16 +111,15 @@ async def test_wrong_password_then_supply_stop_ticket_balance_history(
     await expect(page.locator("#app")).to_be_visible(timeout=scaled(15_000))
     await expect(page.locator("#balance")).to_have_attribute("data-cents", str(balance_before))
 
-    # The CP list: CP001 available (clickable); CP002's location is shown as text, and the
-    # tile follows CP002's state live (its monitor dies: DESCONECTADO, not clickable).
+    # The CP list: CP001 available (clickable); the tile follows CP002's state live (its
+    # monitor dies: DESCONECTADO, not clickable).
     cp001 = page.locator('[data-cp="CP001"]')
     await expect(cp001).to_have_attribute("data-state", "ACTIVADO", timeout=scaled(10_000))
     await expect(cp001).to_be_enabled()
     await expect(cp001).to_contain_text("tap to charge")
     await system.start_cp("CP002")
     cp002 = page.locator('[data-cp="CP002"]')
-    await expect(cp002.locator(".loc")).to_have_text(XSS, timeout=scaled(10_000))
-    assert await page.locator("#cps img").count() == 0
+    await expect(cp002).to_have_attribute("data-state", "ACTIVADO", timeout=scaled(10_000))
     system.monitors["CP002"].kill()
     await expect(cp002).to_have_attribute("data-state", "DESCONECTADO", timeout=scaled(10_000))
     await expect(cp002).to_be_disabled()
@@ -133,6 +132,10 @@ async def test_wrong_password_then_supply_stop_ticket_balance_history(
     await wait_value_above(page, "#supply-kwh", kwh)
     await wait_value_above(page, "#supply-eur", eur)
     await expect(page.locator("#supply-elapsed")).not_to_have_text("–")
+    # CP001 runs a simulated clock: the supply says so beside its figures.
+    await expect(page.locator("#supply-speed")).to_have_text("×60 simulated time")
+    await expect(page.locator("#supply-speed")).to_be_visible()
+    await wait_value_above(page, "#supply-kwh", 1.0)  # kWh, not Wh, in the README's picture
     await expect(page.locator('[data-cp="CP001"]')).to_have_attribute("data-state", "SUMINISTRANDO")
     await screenshot(page, "driver-dashboard")
     await page.set_viewport_size({"width": 390, "height": 844})  # a phone
@@ -259,11 +262,15 @@ async def test_uploaded_file_runs_each_request_four_seconds_apart(
 async def test_restarting_the_dashboard_shows_reconnecting_then_recovers(
     system: Deployment, page: Page
 ) -> None:
+    # A hostile location (kept out of the screenshots' scenario) is shown as text.
+    system.prepare_db(f"UPDATE charging_points SET location='{XSS}' WHERE id='CP002'")
     await system.start_central()
     await system.start_cp("CP001")
     dashboard = await Dashboard(system).start()
     await logged_in(page, dashboard.url, "user4", "pass4")
     await expect(page.locator('[data-cp="CP001"]')).to_have_attribute("data-state", "ACTIVADO")
+    await expect(page.locator('[data-cp="CP002"] .loc')).to_have_text(XSS)
+    assert await page.locator("#cps img").count() == 0
 
     assert dashboard.proc is not None
     dashboard.proc.stop()

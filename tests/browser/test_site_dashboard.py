@@ -75,9 +75,10 @@ async def open_dashboard(system: procs.Deployment, page: Page) -> tuple[procs.Se
 
 async def test_health_faults_recoveries_and_a_supply(system: procs.Deployment, page: Page) -> None:
     await system.start_central()
-    await start_cp(system, "CP001", "--auto-plug", "1")
-    await start_cp(system, "CP002")
-    await start_cp(system, "CP003")
+    # As `make run` does: simulated time 60 times faster (the README's picture shows it).
+    await start_cp(system, "CP001", "--auto-plug", "1", "--speed", "60")
+    await start_cp(system, "CP002", "--speed", "60")
+    await start_cp(system, "CP003", "--speed", "60")
     for cp_id in ("CP001", "CP002", "CP003"):
         await system.wait_state(cp_id, "ACTIVADO", timeout=30)
     await open_dashboard(system, page)
@@ -90,6 +91,7 @@ async def test_health_faults_recoveries_and_a_supply(system: procs.Deployment, p
     await expect(cp1.locator(".metric.link .value")).to_have_text("OK")
     await expect(cp1.locator(".cp-loc")).to_have_text("Alicante - Campus, Aulario III")
     await expect(cp1.locator("[data-availability]")).to_have_attribute("data-availability", "1")
+    await expect(cp1.locator('[data-field="speed"]')).to_have_text("×60 simulated time")
 
     # `k` on CP002's engine: a fault within ~2 s, on the card and in the timeline.
     cp2 = page.locator('[data-cp="CP002"]')

@@ -106,6 +106,15 @@ def test_bad_cluster_id_is_rejected() -> None:
         network_config.load({"KAFKA_CLUSTER_ID": "not-an-id"})
 
 
+def test_the_engines_time_scale_follows_the_demo_unless_set() -> None:
+    assert network_config.load({})["CP_SPEED"] == "60"  # the demo: kWh in a 10 s supply
+    assert network_config.load({"DEMO": "0"})["CP_SPEED"] == "1"  # real time for real CPs
+    assert network_config.load({"DEMO": "0", "CP_SPEED": "10"})["CP_SPEED"] == "10"
+    for bad in ("0", "-1", "3601", "fast", "nan"):
+        with pytest.raises(ValueError, match="CP_SPEED=.* is not a time scale"):
+            network_config.load({"CP_SPEED": bad})
+
+
 def test_each_pc_serves_its_own_ports() -> None:
     config = network_config.load({"KAFKA_PORT": "19092"})
     assert network_config.pc_ports(config, "pc1") == [8001]

@@ -234,6 +234,16 @@ def _state(cp_id: str, state: CPState, **kwargs: object) -> CPStateUpdate:
     )
 
 
+def test_view_shows_each_cps_time_scale(site: Site, clock: FakeClock) -> None:
+    # CP001's monitor reports its engine's speed; CP002 has no monitor here, Central relays it.
+    site.on_state(_state("CP001", CPState.ACTIVADO))
+    site.on_sample(sample(clock).model_copy(update={"speed": 60.0}))
+    site.on_state(_state("CP002", CPState.ACTIVADO, speed=30.0))
+    site.on_state(_state("CP003", CPState.DESCONECTADO))
+    speeds = {cp["id"]: cp["speed"] for cp in site.view()["cps"]}
+    assert speeds == {"CP001": 60.0, "CP002": 30.0, "CP003": 1.0}
+
+
 def test_view_joins_central_state_and_monitor_health(site: Site, clock: FakeClock) -> None:
     site.on_state(_state("CP001", CPState.ACTIVADO))
     site.on_state(_state("CP001", CPState.SUMINISTRANDO, driver_id="user1", kw=22.0, kwh=0.5))
