@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from decimal import ROUND_HALF_UP, Decimal
 from enum import StrEnum
 
 from shared.messages import (
@@ -74,7 +75,10 @@ class Outcome:
 
 
 def amount(kwh: float, price: float) -> float:
-    return round(kwh * price, 2)
+    """kWh × €/kWh in euros, rounded half up to the cent as Central rounds tickets (Python's
+    round() rounds half to even, and binary floats sit just below many halves)."""
+    cents = Decimal(str(round(kwh, 6))) * Decimal(str(price)) * 100
+    return int(cents.quantize(Decimal(1), rounding=ROUND_HALF_UP)) / 100
 
 
 class EngineMachine:

@@ -273,6 +273,7 @@ class Site:
             "price_eur_kwh": central.price_eur_kwh if central is not None else None,
             "max_kw": central.max_kw if central is not None else None,
             "state": state.value if state is not None else None,
+            "reserved": central.reserved if central is not None else False,
             "colour": STATE_COLOURS[state] if state is not None else None,
             "driver_id": central.driver_id if central is not None else None,
             "kw": central.kw if central is not None else 0.0,

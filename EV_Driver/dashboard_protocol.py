@@ -118,7 +118,8 @@ def cp_view(update: CPStateUpdate, mine_cp: str | None) -> Push:
         "max_kw": update.max_kw,
         "state": update.state.value,
         "colour": STATE_COLOURS[update.state],
-        "available": update.state is CPState.ACTIVADO,
+        "available": update.state is CPState.ACTIVADO and not update.reserved,
+        "reserved": update.reserved,
         "mine": update.cp_id == mine_cp,
         "speed": update.speed,
     }

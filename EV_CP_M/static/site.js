@@ -91,7 +91,11 @@
           el("span", { class: "supply-tag" }, "Supplying"),
           el("span", { class: "num" }, EV.kw(cp.kw)),
           el("span", { class: "num" }, EV.kwh(cp.kwh)))
-      : null;
+      : cp.reserved && cp.state === "ACTIVADO"
+        ? el("div", { class: "cp-supply", dataset: { field: "reserved" } },
+            el("span", { class: "supply-tag" }, "Reserved"),
+            el("span", {}, "for a driver who has not plugged in yet"))
+        : null;
     const price = cp.price_eur_kwh !== null && cp.price_eur_kwh !== undefined
       ? `${Number(cp.price_eur_kwh).toFixed(2)} €/kWh · ${Number(cp.max_kw || 0).toFixed(1)} kW` : "";
     const simulated = EV.simulated(cp.speed);

@@ -13,6 +13,12 @@
     AVERIADO: "engine fault",
     DESCONECTADO: "no monitor",
   };
+  // What a tile adds after the driver's id while the session is not supplying.
+  const PHASE_NOTE = {
+    ASKED: " (reserved: waiting for the CP to accept)",
+    AUTHORISED: " (reserved: waiting for the plug)",
+    ENDING: " (ending)",
+  };
   const TILE_NOTE = {
     ACTIVADO: "Ready for a supply",
     PARADO: "Out of service (stopped by Central)",
@@ -99,8 +105,7 @@
     const busy = Boolean(cp.driver_id);
     t.live.hidden = !busy;
     if (busy) {
-      t.driver.textContent = cp.driver_id + (cp.session_phase && cp.session_phase !== "SUPPLYING"
-        ? ` (${cp.session_phase.toLowerCase()})` : "");
+      t.driver.textContent = cp.driver_id + (PHASE_NOTE[cp.session_phase] || "");
       t.kw.textContent = EV.kw(cp.kw);
       t.kwh.textContent = EV.kwh(cp.kwh);
       t.eur.textContent = EV.euro(cp.amount_eur);

@@ -30,6 +30,8 @@
     insufficient_balance: "balance too low",
     driver_busy: "you already have a supply in progress",
     request_expired: "request expired",
+    cp_refused: "the charging point refused the authorisation",
+    cp_no_answer: "the charging point did not answer",
   };
   const RUN_STATUS = {
     pending: "waiting", requested: "requested", accepted: "accepted",
@@ -124,13 +126,17 @@
   function renderCps(cps) {
     const tiles = cps.map((cp) => {
       const clickable = cp.available && !busy();
-      const cta = cp.mine ? "your supply" : cp.available ? "tap to charge" : "not available";
+      const cta = cp.mine ? "your supply"
+        : cp.available ? "tap to charge"
+        : cp.reserved ? "reserved for another driver" : "not available";
       return EV.el("button", {
         type: "button",
         class: `tile cp state-${cp.state}${cp.available ? " available" : ""}${cp.mine ? " mine" : ""}`,
         dataset: { cp: cp.cp_id, state: cp.state },
         disabled: !clickable,
-        title: cp.available ? `Ask for a supply at ${cp.cp_id}` : `${cp.cp_id} is ${cp.state}`,
+        title: cp.available ? `Ask for a supply at ${cp.cp_id}`
+          : cp.reserved && !cp.mine ? `${cp.cp_id} is reserved for another driver`
+          : `${cp.cp_id} is ${cp.state}`,
         onclick: () => requestSupply(cp.cp_id),
       },
       EV.el("div", { class: "tile-top" },

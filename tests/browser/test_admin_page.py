@@ -94,6 +94,11 @@ async def test_tiles_show_every_cp_and_turn_green_when_a_cp_connects(
     await expect(page.locator("#monitors-count")).to_have_text("1/10", timeout=ms(5))
     await expect(page.locator("#status-broker")).to_have_attribute("data-ok", "true")
     await expect(page.locator("#events")).to_contain_text("CP001: monitor authenticated")
+    # A supply asked for at the CP's menu, not plugged in yet: the CP is reserved, and says so.
+    system.engines["CP001"].send("r user3")
+    driver = tile(page, "CP001").locator('[data-field="driver"]')
+    await expect(driver).to_have_text("user3 (reserved: waiting for the plug)", timeout=ms(10))
+    await expect_state(page, "CP001", "ACTIVADO")
 
 
 async def test_supply_figures_count_up_and_the_ticket_shows_in_sessions(

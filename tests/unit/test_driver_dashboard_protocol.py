@@ -132,6 +132,12 @@ def test_cp_view_never_shows_another_drivers_supply() -> None:
     assert cp_view(state("CP003", m.CPState.PARADO), D)["colour"] == "orange"
 
 
+def test_a_reserved_cp_is_shown_as_such_and_not_offered() -> None:
+    held = state("CP001", m.CPState.ACTIVADO).model_copy(update={"reserved": True})
+    view = cp_view(held, None)
+    assert (view["state"], view["reserved"], view["available"]) == ("ACTIVADO", True, False)
+
+
 def test_cp_view_carries_the_cps_time_scale_for_the_supply_panel() -> None:
     assert cp_view(state("CP001", m.CPState.ACTIVADO), None)["speed"] == 1.0
     fast = state("CP002", m.CPState.SUMINISTRANDO).model_copy(update={"speed": 60.0})

@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from EV_CP_E.machine import EngineMachine, EngineState
+from EV_Central.pricing import amount_cents
+from EV_CP_E.machine import EngineMachine, EngineState, amount
 from shared.messages import (
     AuthorizeSupply,
     CPAuthorisation,
@@ -420,3 +421,11 @@ def test_the_screen_line_names_a_simulated_clock(clock: Clock) -> None:
     assert fast.status_line().endswith("[×60 simulated time]")
     slow = make_machine(clock, speed=0.5)
     assert slow.status_line() == "[CP001] IDLE (ready)  [×0.5 simulated time]"
+
+
+@pytest.mark.parametrize(("kwh", "price", "euros"), [(3.3, 0.35, 1.16), (0.0417, 0.42, 0.02)])
+def test_the_engine_rounds_amounts_as_central_bills_them(
+    kwh: float, price: float, euros: float
+) -> None:
+    assert amount(kwh, price) == euros
+    assert round(amount_cents(kwh, price) / 100, 2) == euros

@@ -244,6 +244,13 @@ def test_view_shows_each_cps_time_scale(site: Site, clock: FakeClock) -> None:
     assert speeds == {"CP001": 60.0, "CP002": 30.0, "CP003": 1.0}
 
 
+def test_view_shows_a_reserved_cp(site: Site, clock: FakeClock) -> None:
+    site.on_state(_state("CP001", CPState.ACTIVADO, reserved=True))
+    site.on_state(_state("CP002", CPState.ACTIVADO))
+    reserved = {cp["id"]: cp["reserved"] for cp in site.view()["cps"]}
+    assert reserved == {"CP001": True, "CP002": False}
+
+
 def test_view_joins_central_state_and_monitor_health(site: Site, clock: FakeClock) -> None:
     site.on_state(_state("CP001", CPState.ACTIVADO))
     site.on_state(_state("CP001", CPState.SUMINISTRANDO, driver_id="user1", kw=22.0, kwh=0.5))
