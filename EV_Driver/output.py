@@ -116,8 +116,8 @@ def human_lines(event: Event, symbols: Symbols) -> list[str]:
         return lines
     if isinstance(event, Accepted):
         # Central's checks passed; the CP itself has still to authorise.
-        session = short_id(event.session_id, s)
-        return [f"{s.ok} accepted: asking {event.cp_id} to authorise (session {session})"]
+        short = short_id(event.session_id, s)
+        return [f"{s.ok} accepted: asking {event.cp_id} to authorise (session {short})"]
     if isinstance(event, Denied):
         return [f"{s.fail} denied: {denial_line(event.reason, event.detail)}"]
     if isinstance(event, Authorized):
