@@ -102,7 +102,9 @@ async def kafka_floor(bootstrap: str, samples: int = 300) -> dict[str, Any]:
         await admin.create_topics([NewTopic(topic, 1, 1)])
     finally:
         await admin.close()
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0, acks="all")
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, linger_ms=0, acks="all", enable_idempotence=True
+    )
     await producer.start()
     await producer.send_and_wait(topic, b"warm-up")
     consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="latest")

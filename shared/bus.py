@@ -7,6 +7,7 @@ config (cp state is log-compacted); nothing relies on the broker auto-creating t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -14,7 +15,12 @@ from typing import Any, TypeAlias, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import ConsumerStoppedError, KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import (
+    ConsumerStoppedError,
+    KafkaError,
+    OutOfOrderSequenceNumber,
+    TopicAlreadyExistsError,
+)
 from pydantic import TypeAdapter
 
 from shared.backoff import Backoff
@@ -63,6 +69,11 @@ TOPICS: tuple[TopicSpec, ...] = (
 )
 
 
+def replication_for(brokers: int) -> tuple[int, int]:
+    """(replication factor, min.insync.replicas) for topics on a cluster of `brokers`."""
+    return (3, 2) if brokers >= 3 else (1, 1)
+
+
 def decode_record(adapter: TypeAdapter[T], record: ConsumerRecord[bytes, bytes]) -> T:
     """Validate a consumed record's value; raise MessageError when it is not a known message."""
     if record.value is None:
@@ -99,6 +110,7 @@ class KafkaBus:
         self.client_id = client_id
         self._retry_max = retry_max
         self._producer: AIOKafkaProducer | None = None
+        self._renewing = asyncio.Lock()
         self._consumers: list[AIOKafkaConsumer] = []
         self._outgoing = outgoing
 
@@ -109,20 +121,41 @@ class KafkaBus:
         """Connect, retrying with backoff until the broker answers."""
         if self._producer is not None:
             return
-        producer = await self._retry(
-            "connect the producer",
-            lambda: AIOKafkaProducer(
-                bootstrap_servers=self.bootstrap,
-                client_id=self.client_id,
-                acks="all",
-                linger_ms=0,  # send at once; records queue up while a request is in flight
-                max_request_size=MAX_MESSAGE_BYTES * 4,
-                request_timeout_ms=10_000,
-            ),
-        )
-        self._producer = producer
+        self._producer = await self._retry("connect the producer", self._new_producer)
         if ensure_topics:
             await self.ensure_topics()
+
+    def _new_producer(self) -> AIOKafkaProducer:
+        return AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap,
+            client_id=self.client_id,
+            acks="all",
+            # Retries never duplicate or reorder a key's records (the broker deduplicates by
+            # producer id and sequence number), also across a broker failover.
+            enable_idempotence=True,
+            linger_ms=0,  # send at once; records queue up while a request is in flight
+            max_request_size=MAX_MESSAGE_BYTES * 4,
+            request_timeout_ms=10_000,
+        )
+
+    async def _renew_after(self, failed: AIOKafkaProducer | None, exc: BaseException) -> None:
+        """Replace a producer that can no longer send.
+
+        An idempotent producer whose numbering a broker refuses (OutOfOrderSequenceNumber,
+        seen after some failovers) stops for good: aiokafka then fails every later send with
+        the same error. A new producer gets a new producer id and starts its numbering afresh;
+        what failed is sent again by the caller, as after any failure.
+        """
+        if not isinstance(exc, OutOfOrderSequenceNumber):
+            return
+        async with self._renewing:
+            if self._producer is not failed or failed is None:
+                return  # another failed send renewed it already
+            log.warning("the Kafka producer lost its numbering with a broker; starting a new one")
+            self._producer = None
+            with contextlib.suppress(KafkaError):  # it is replaced because it failed
+                await failed.stop()
+            self._producer = await self._retry("connect the producer", self._new_producer)
 
     async def _retry(self, what: str, make: Any) -> Any:
         backoff = Backoff(maximum=self._retry_max)
@@ -146,7 +179,12 @@ class KafkaBus:
                 await asyncio.sleep(delay)
 
     async def ensure_topics(self, specs: Iterable[TopicSpec] = TOPICS) -> None:
-        """Create the topics that do not exist yet (idempotent)."""
+        """Create the topics that do not exist yet (idempotent).
+
+        On a cluster of three or more brokers each partition has three copies, and a write
+        counts once two of them have it (`min.insync.replicas`): any one broker may fail
+        without losing or refusing anything. On one or two brokers, one copy.
+        """
         admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, client_id=self.client_id)
         await admin.start()
         try:
@@ -154,36 +192,52 @@ class KafkaBus:
             missing = [s for s in specs if s.name not in existing]
             if not missing:
                 return
+            brokers = len((await admin.describe_cluster())["brokers"])
+            replicas, in_sync = replication_for(brokers)
             try:
                 await admin.create_topics(
                     [
-                        NewTopic(s.name, s.partitions, 1, topic_configs=dict(s.config))
+                        NewTopic(
+                            s.name,
+                            s.partitions,
+                            replicas,
+                            topic_configs={**s.config, "min.insync.replicas": str(in_sync)},
+                        )
                         for s in missing
                     ]
                 )
             except TopicAlreadyExistsError:
                 pass  # another service created them first
-            log.info("created topics %s", ", ".join(s.name for s in missing))
+            log.info(
+                "created topics %s (%d copies, %d in sync)",
+                ", ".join(s.name for s in missing),
+                replicas,
+                in_sync,
+            )
         finally:
             await admin.close()
 
     async def send(self, topic: str, key: str, message: Message) -> None:
         """Publish one message and wait until the broker has it."""
-        if self._producer is None:
+        producer = self._producer
+        if producer is None:
             raise BusError("bus not started")
         try:
             for value in self._values(topic, key, encode(message)):
-                await self._producer.send_and_wait(topic, value, key=key.encode())
+                await producer.send_and_wait(topic, value, key=key.encode())
         except KafkaError as exc:
+            await self._renew_after(producer, exc)
             raise BusError(f"cannot publish to {topic}: {type(exc).__name__}") from exc
 
     async def send_raw(self, topic: str, key: bytes | None, value: bytes) -> None:
         """Publish bytes as they are (the outbox relay and tests use it)."""
-        if self._producer is None:
+        producer = self._producer
+        if producer is None:
             raise BusError("bus not started")
         try:
-            await self._producer.send_and_wait(topic, value, key=key)
+            await producer.send_and_wait(topic, value, key=key)
         except KafkaError as exc:
+            await self._renew_after(producer, exc)
             raise BusError(f"cannot publish to {topic}: {type(exc).__name__}") from exc
 
     async def start_batch(
@@ -193,15 +247,17 @@ class KafkaBus:
 
         Returns a future that completes when the broker has them all, or fails with BusError.
         """
+        producer = self._producer
         try:
-            if self._producer is None:
+            if producer is None:
                 raise BusError("bus not started")
             deliveries = [
-                await self._producer.send(topic, sealed, key=key)
+                await producer.send(topic, sealed, key=key)
                 for topic, key, value in records
                 for sealed in self._values(topic, (key or b"").decode("utf-8", "replace"), value)
             ]
         except (KafkaError, BusError) as exc:
+            await self._renew_after(producer, exc)
             refused: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             refused.set_exception(_bus_error(exc))
             return refused
@@ -210,6 +266,7 @@ class KafkaBus:
             try:
                 await asyncio.gather(*deliveries)
             except KafkaError as exc:
+                await self._renew_after(producer, exc)
                 raise _bus_error(exc) from exc
 
         return asyncio.ensure_future(delivered())

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
+from cluster import Cluster, consecutive_free_ports
 
 from helpers import free_port, need_tool, scaled
 from procs import Deployment
@@ -128,3 +129,14 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield f"127.0.0.1:{port}"
     finally:
         _kafka_sh("stop", port, env, timeout=scaled(60))
+
+
+@pytest.fixture(scope="module")
+def kafka_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A three-node Kafka cluster (replication factor 3, two in sync) for one test module."""
+    cluster = Cluster(consecutive_free_ports(3), tmp_path_factory.mktemp("cluster"))
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

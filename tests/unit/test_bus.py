@@ -11,10 +11,15 @@ import logging
 from typing import Any
 
 import pytest
-from aiokafka.errors import ConsumerStoppedError, KafkaConnectionError, KafkaError
+from aiokafka.errors import (
+    ConsumerStoppedError,
+    KafkaConnectionError,
+    KafkaError,
+    OutOfOrderSequenceNumber,
+)
 
 from shared.backoff import Backoff
-from shared.bus import KafkaBus, consume, consume_each
+from shared.bus import BusError, KafkaBus, consume, consume_each
 
 
 class FlakyConsumer:
@@ -129,3 +134,55 @@ async def test_a_cancellation_leaked_by_a_consumer_does_not_end_the_stop() -> No
     bus._consumers += [leaky, other]
     await bus.stop()
     assert leaky.stopped and other.stopped
+
+
+class BrokenProducer:
+    """An idempotent producer whose numbering a broker refused: every send fails the same."""
+
+    def __init__(self) -> None:
+        self.stopped = 0
+
+    async def send_and_wait(self, *args: Any, **kwargs: Any) -> None:
+        await asyncio.sleep(0)  # on the wire: the other sends start before it fails
+        raise OutOfOrderSequenceNumber()
+
+    async def stop(self) -> None:
+        self.stopped += 1
+
+
+class WorkingProducer:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes]] = []
+
+    async def start(self) -> None:
+        pass
+
+    async def send_and_wait(self, topic: str, value: bytes, key: bytes | None = None) -> None:
+        self.sent.append((topic, value))
+
+
+async def test_a_producer_that_lost_its_numbering_is_replaced_once() -> None:
+    bus = KafkaBus("127.0.0.1:9", "test-renew")
+    broken, fresh = BrokenProducer(), WorkingProducer()
+    bus._producer = broken
+    bus._new_producer = lambda: fresh  # type: ignore[method-assign]
+    failures = await asyncio.gather(
+        *(bus.send_raw("t", b"k", b"v") for _ in range(3)), return_exceptions=True
+    )
+    assert all(isinstance(f, BusError) for f in failures)  # the callers send again
+    assert broken.stopped == 1 and bus._producer is fresh  # one renewal for the three
+    await bus.send_raw("t", b"k", b"again")
+    assert fresh.sent == [("t", b"again")]
+
+
+async def test_other_failures_keep_the_producer() -> None:
+    class Unreachable(BrokenProducer):
+        async def send_and_wait(self, *args: Any, **kwargs: Any) -> None:
+            raise KafkaConnectionError()
+
+    bus = KafkaBus("127.0.0.1:9", "test-renew")
+    producer = Unreachable()
+    bus._producer = producer
+    with pytest.raises(BusError):
+        await bus.send_raw("t", b"k", b"v")
+    assert bus._producer is producer and not producer.stopped

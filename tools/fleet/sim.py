@@ -757,7 +757,10 @@ class Fleet:
         if config.credentials_path is not None:
             self.credentials.save(config.credentials_path)
         provision_s = time.monotonic() - t0
-        self.producer = AIOKafkaProducer(bootstrap_servers=config.broker, linger_ms=0, acks=1)
+        # As the real engines and driver apps publish: every in-sync copy, no duplicates.
+        self.producer = AIOKafkaProducer(
+            bootstrap_servers=config.broker, linger_ms=0, acks="all", enable_idempotence=True
+        )
         commands = AIOKafkaConsumer(
             Topics.CP_COMMANDS, bootstrap_servers=config.broker, auto_offset_reset="latest"
         )
