@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 from EV_Central.authorisation import CPOffer, SupplyAsk, decide_supply
 from EV_Central.context import Context, Part
@@ -89,33 +90,23 @@ class Supplies(Part):
 
     async def answered(self, event: CPAuthorisation) -> None:
         """The engine accepted or refused an authorisation Central asked it for."""
-        cp = self._registry.get(event.cp_id)
-        async with self._store.transaction() as tx:
-            if await tx.seen(event.id):
-                return
-            session = await self._find(tx, cp, event.session_id)
-            effects = Effects()
-            if session is not None:
-                effects = session.engine_answered(
-                    event.cp_id, event.accepted, event.reason, time.time()
-                )
-                await self._write(tx, session, effects)
-            await tx.mark_processed(event.id)
-        await self._after(cp, session, effects)
+
+        async def decide(tx: StoreTx, session: Session | None) -> Effects:
+            if session is None:
+                return Effects()
+            return session.engine_answered(event.cp_id, event.accepted, event.reason, time.time())
+
+        await self._engine_event(event, decide)
 
     async def plugged(self, event: CPPlugged) -> None:
-        cp = self._registry.get(event.cp_id)
-        async with self._store.transaction() as tx:
-            if await tx.seen(event.id):
-                return
-            session = await self._find(tx, cp, event.session_id)
+        """A vehicle was plugged in: the supply starts (or a stray plug is stopped)."""
+
+        async def decide(tx: StoreTx, session: Session | None) -> Effects:
             if session is None:
-                effects = stray_plug(event.cp_id, event.session_id)
-            else:
-                effects = session.plugged(event.cp_id, event.ts, time.time())
-            await self._write(tx, session, effects)
-            await tx.mark_processed(event.id)
-        await self._after(cp, session, effects)
+                return stray_plug(event.cp_id, event.session_id)
+            return session.plugged(event.cp_id, event.ts, time.time())
+
+        await self._engine_event(event, decide)
 
     def stage_telemetry(self, event: CPTelemetry) -> None:
         """Take a telemetry sample into memory; `flush_telemetry` makes it durable."""
@@ -152,17 +143,30 @@ class Supplies(Part):
 
     async def engine_ended(self, event: CPSupplyEnded) -> None:
         """The engine's final figures: the session is settled, or its ticket corrected."""
+
+        async def decide(tx: StoreTx, session: Session | None) -> Effects:
+            if session is None:
+                return Effects()
+            report = EngineReport(event.cp_id, event.kwh, event.reason, event.started_at)
+            balance = await tx.balance(session.driver_id)
+            return session.engine_ended(report, balance, time.time())
+
+        await self._engine_event(event, decide)
+
+    async def _engine_event(
+        self,
+        event: CPAuthorisation | CPPlugged | CPSupplyEnded,
+        decide: Callable[[StoreTx, Session | None], Awaitable[Effects]],
+    ) -> None:
+        """Handle an engine's event about a session once: what `decide` returns is written in
+        one transaction with the event's id, then carried out."""
         cp = self._registry.get(event.cp_id)
         async with self._store.transaction() as tx:
             if await tx.seen(event.id):
                 return
             session = await self._find(tx, cp, event.session_id)
-            effects = Effects()
-            if session is not None:
-                report = EngineReport(event.cp_id, event.kwh, event.reason, event.started_at)
-                balance = await tx.balance(session.driver_id)
-                effects = session.engine_ended(report, balance, time.time())
-                await self._write(tx, session, effects)
+            effects = await decide(tx, session)
+            await self._write(tx, session, effects)
             await tx.mark_processed(event.id)
         await self._after(cp, session, effects)
 

@@ -15,6 +15,19 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 KAFKA_SH = REPO_ROOT / "scripts" / "kafka.sh"
 
 
+def kafka_sh(args: list[str], env: dict[str, str], timeout: float) -> None:
+    """Run scripts/kafka.sh; a failure fails the test with the script's output."""
+    proc = subprocess.run(
+        [str(KAFKA_SH), *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if proc.returncode != 0:
+        pytest.fail(
+            f"scripts/kafka.sh {' '.join(args)} failed (exit {proc.returncode}):\n"
+            f"{proc.stdout}\n{proc.stderr}",
+            pytrace=False,
+        )
+
+
 class Cluster:
     """Three Kafka nodes started with `scripts/kafka.sh cluster`; a test may stop one."""
 
@@ -26,19 +39,7 @@ class Cluster:
         self.bootstrap = ",".join(f"127.0.0.1:{port}" for port in self.ports)
 
     def _run(self, *args: str, timeout: float) -> None:
-        proc = subprocess.run(
-            [str(KAFKA_SH), "cluster", *args, str(self.base_port)],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        if proc.returncode != 0:
-            pytest.fail(
-                f"scripts/kafka.sh cluster {' '.join(args)} failed (exit {proc.returncode}):\n"
-                f"{proc.stdout}\n{proc.stderr}",
-                pytrace=False,
-            )
+        kafka_sh(["cluster", *args, str(self.base_port)], self.env, timeout)
 
     def start(self) -> None:
         need_tool(self.env.get("JAVA", "java"), "Kafka tests", "openjdk-17-jre-headless")

@@ -4,38 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
-from cluster import Cluster, consecutive_free_ports
 
+from cluster import Cluster, consecutive_free_ports, kafka_sh
 from helpers import free_port, need_tool, scaled
 from procs import Deployment
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-KAFKA_SH = REPO_ROOT / "scripts" / "kafka.sh"
 
 
 def _kafka_sh(action: str, port: int, env: dict[str, str], timeout: float) -> None:
     if action == "start":
         # The broker runs on the machine's Java: without it the test is skipped, not failed.
         need_tool(env.get("JAVA", "java"), "Kafka tests", "openjdk-17-jre-headless")
-    proc = subprocess.run(
-        [str(KAFKA_SH), action, str(port)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if proc.returncode != 0:
-        pytest.fail(
-            f"scripts/kafka.sh {action} {port} failed (exit {proc.returncode}):\n"
-            f"{proc.stdout}\n{proc.stderr}",
-            pytrace=False,
-        )
+    kafka_sh([action, str(port)], env, timeout)
 
 
 class Broker:

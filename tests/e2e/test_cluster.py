@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.partitioner import DefaultPartitioner
-from cluster import Cluster
 
+from cluster import Cluster
 from helpers import free_port
 from procs import Deployment
 from shared.bus import Topics
