@@ -11,6 +11,7 @@ from shared.settings import (
     add_common_options,
     broker_address,
     host_port,
+    host_ports,
     identifier,
     read_secret,
     seconds,
@@ -21,7 +22,7 @@ from shared.tls import client_context
 @dataclass(frozen=True)
 class MonitorSettings:
     engine: tuple[str, int]
-    central: tuple[str, int]
+    central: tuple[tuple[str, int], ...]  # one Central, or several tried in turn
     cp_id: str
     secret: str = field(default="", repr=False)  # the CP's credentials at Central
     interval: float = 1.0
@@ -42,7 +43,13 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvArgumentParser:
         environ=environ,
     )
     parser.add_option("--engine", required=True, type=host_port, help="the engine's HOST:PORT")
-    parser.add_option("--central", required=True, type=host_port, help="Central's HOST:PORT")
+    parser.add_option(
+        "--central",
+        required=True,
+        type=host_ports,
+        help="Central's HOST:PORT, or several separated by commas: when one cannot be reached "
+        "or refuses the CP, the next is tried at once",
+    )
     parser.add_option("--cp-id", required=True, type=identifier, help="this CP's id")
     parser.add_option(
         "--secret",

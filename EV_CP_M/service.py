@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import ssl
 import sys
 from collections import deque
 from dataclasses import dataclass
@@ -69,6 +71,16 @@ class LinkState:
     cp_state: CPState | None = None
     # The key Central issued at the last authentication, for the engine: (key id, base64 key).
     key: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class LinkFailure:
+    """How a link to Central ended: refused by Central, or what broke (shown on the screen
+    when it is worth reading there, as a certificate problem is)."""
+
+    problem: str
+    refused: bool = False
+    shown: bool = False
 
 
 class MonitorService:
@@ -313,52 +325,60 @@ class MonitorService:
     # --- Central link -------------------------------------------------------------------------
 
     async def _central_link(self) -> None:
+        """Keep a link to Central: its addresses in turn, a pause after each whole round."""
         await self._engine_known()
-        host, port = self.settings.central
-        # TLS verifies Central's certificate and that it is valid for `host` (docs/tls.md).
+        addresses = self.settings.central
+        # TLS verifies Central's certificate and that it is valid for its host (docs/tls.md).
         tls = client_context(self.settings.tls_ca) if self.settings.central_tls else None
         backoff = Backoff(maximum=RETRY_MAX)
-        while True:
-            pause: float | None = None
-            problem = ""
-            tls_problem: str | None = None
-            try:
-                connection = await open_framed(
-                    host, port, CENTRAL_TO_MONITOR, name="central", ssl_context=tls
-                )
-            except (OSError, TimeoutError) as exc:
-                log.debug("Central connect failed: %s", exc)
-                tls_problem = describe_failure(exc)
-                problem = tls_problem or "connection refused or timed out"
+        for attempt in itertools.count():
+            host, port = addresses[attempt % len(addresses)]
+            failure = await self._try_central(host, port, tls, backoff)
+            if (attempt + 1) % len(addresses):
+                then = "trying the next Central"  # at once: it may be the one that serves
+                pause = 0.0
             else:
-                try:
-                    async with connection:
-                        result = await self._authenticate(connection)
-                        if result.accepted:
-                            backoff.reset()
-                            await self._serve_central(connection, result)
-                        else:
-                            self._say(
-                                f"Central rejected {self.settings.cp_id}: "
-                                f"{result.reason or 'no reason given'}; "
-                                f"retrying in {REJECTED_PAUSE:.0f} s"
-                            )
-                            pause = REJECTED_PAUSE
-                except TimeoutError:
-                    problem = f"no answer to authentication within {AUTH_TIMEOUT:.0f} s"
-                except LINK_ERRORS as exc:
-                    problem = str(exc)
-                finally:
-                    if self.state.central_up:
-                        self.state.central_up = False
-                        self._central_changed.set()
-                        self._say("Central link down")
-            if pause is None:
-                pause = backoff.next_delay()
-                log.info("Central link: %s", problem)
-                why = f" ({tls_problem})" if tls_problem else ""
-                self._say(f"cannot reach Central at {host}:{port}{why}; retrying in {pause:.1f} s")
+                pause = REJECTED_PAUSE if failure.refused else backoff.next_delay()
+                then = f"retrying in {pause:.{0 if failure.refused else 1}f} s"
+            if failure.refused:
+                self._say(f"Central rejected {self.settings.cp_id}: {failure.problem}; {then}")
+            else:
+                log.info("Central link: %s", failure.problem)
+                why = f" ({failure.problem})" if failure.shown else ""
+                self._say(f"cannot reach Central at {host}:{port}{why}; {then}")
             await asyncio.sleep(pause)
+
+    async def _try_central(
+        self, host: str, port: int, tls: ssl.SSLContext | None, backoff: Backoff
+    ) -> LinkFailure:
+        """One link to the Central at host:port, served until it fails; how it failed."""
+        try:
+            connection = await open_framed(
+                host, port, CENTRAL_TO_MONITOR, name="central", ssl_context=tls
+            )
+        except (OSError, TimeoutError) as exc:
+            log.debug("Central connect failed: %s", exc)
+            tls_problem = describe_failure(exc)
+            if tls_problem:
+                return LinkFailure(tls_problem, shown=True)
+            return LinkFailure("connection refused or timed out")
+        try:
+            async with connection:
+                result = await self._authenticate(connection)
+                if not result.accepted:
+                    return LinkFailure(result.reason or "no reason given", refused=True)
+                backoff.reset()
+                await self._serve_central(connection, result)
+        except TimeoutError:
+            return LinkFailure(f"no answer to authentication within {AUTH_TIMEOUT:.0f} s")
+        except LINK_ERRORS as exc:
+            return LinkFailure(str(exc) or "link ended")
+        finally:
+            if self.state.central_up:
+                self.state.central_up = False
+                self._central_changed.set()
+                self._say("Central link down")
+        return LinkFailure("link ended")
 
     async def _authenticate(self, connection: FramedConnection[CentralToMonitor]) -> AuthResult:
         async with asyncio.timeout(AUTH_TIMEOUT):

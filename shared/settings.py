@@ -70,6 +70,11 @@ def host_port(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def host_ports(value: str) -> tuple[tuple[str, int], ...]:
+    """Parse HOST:PORT, or several separated by commas, into a tuple of (host, port)."""
+    return tuple(host_port(item.strip()) for item in value.split(","))
+
+
 def broker_address(value: str) -> str:
     """Kafka bootstrap servers: HOST:PORT, or several separated by commas (kept as given)."""
     for server in value.split(","):

@@ -39,12 +39,17 @@ async def leader_of(bootstrap: str, topic: str, key: bytes) -> int:
 async def test_a_supply_carries_on_when_a_broker_fails(
     kafka_cluster: Cluster, tmp_path: Path
 ) -> None:
-    # The first address of every service's broker list is dead: the others are used.
+    # The first address of every service's broker list is dead: the others are used. So is
+    # the first Central the monitor is given.
     brokers = f"127.0.0.1:{free_port()},{kafka_cluster.bootstrap}"
     system = Deployment(brokers, tmp_path)
     try:
         await system.start_central()
-        await system.start_cp("CP001", "--auto-plug", "1", "--auto-unplug", "12")
+        system.start_engine("CP001", "--auto-plug", "1", "--auto-unplug", "12")
+        centrals = f"127.0.0.1:{free_port()},127.0.0.1:{system.central_port}"
+        monitor = system.start_monitor("CP001", "--central", centrals)
+        await system.wait_state("CP001", "ACTIVADO", timeout=30)
+        assert "cannot reach Central at" in monitor.output  # the dead one, said once
         driver = system.start_driver("user1", "--cp", "CP001")
         await driver.wait_output('"event":"started"', 30)
 

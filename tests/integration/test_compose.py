@@ -323,7 +323,7 @@ def test_container_settings_are_accepted_by_the_service(name: str, svc_name: str
         assert settings.cp_id == CONFIG[f"CP{n}_ID"]
         assert settings.engine == (f"engine-cp{n}", int(CONFIG[f"CP{n}_ENGINE_PORT"]))
         central_host = "central" if same_host else CONFIG["PC2_IP"]
-        assert settings.central == (central_host, int(CONFIG["CENTRAL_PORT"]))
+        assert settings.central == ((central_host, int(CONFIG["CENTRAL_PORT"])),)
         assert settings.broker == broker, "health samples for the site dashboard"
 
 

@@ -12,6 +12,7 @@ from shared.settings import (
     add_common_options,
     env_name,
     host_port,
+    host_ports,
     port_number,
     positive_float,
 )
@@ -133,3 +134,9 @@ def test_port_number_and_positive_float() -> None:
     for bad in ("-0.1", "soon"):
         with pytest.raises(argparse.ArgumentTypeError):
             positive_float(bad)
+
+
+def test_several_host_ports_are_parsed_in_order() -> None:
+    assert host_ports("a:1, b:2,[::1]:3") == (("a", 1), ("b", 2), ("::1", 3))
+    with pytest.raises(argparse.ArgumentTypeError):
+        host_ports("a:1,b")
