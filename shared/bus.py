@@ -29,6 +29,9 @@ from shared.messages import MAX_MESSAGE_BYTES, Message, decode, encode
 
 log = logging.getLogger(__name__)
 
+# A send that waits longer than this for the broker is reported (once, until one gets through).
+STALL_SECONDS = 10.0
+
 T = TypeVar("T")
 
 
@@ -111,6 +114,7 @@ class KafkaBus:
         self._retry_max = retry_max
         self._producer: AIOKafkaProducer | None = None
         self._renewing = asyncio.Lock()
+        self._stalled = False  # a send has waited longer than STALL_SECONDS (said once)
         self._consumers: list[AIOKafkaConsumer] = []
         self._outgoing = outgoing
 
@@ -122,8 +126,49 @@ class KafkaBus:
         if self._producer is not None:
             return
         self._producer = await self._retry("connect the producer", self._new_producer)
-        if ensure_topics:
-            await self.ensure_topics()
+        if not ensure_topics:
+            return
+        backoff = Backoff(maximum=self._retry_max)
+        while True:
+            try:
+                await self._watched(self.ensure_topics(), "not answered (to set up the topics)")
+                return
+            except KafkaError as exc:
+                # A node in the cluster's list that is down, or no majority of them up.
+                delay = backoff.next_delay()
+                log.warning(
+                    "cannot set up the topics on Kafka at %s (%s: is it, or most of a "
+                    "cluster's nodes, up?); retrying in %.1f s",
+                    self.bootstrap,
+                    type(exc).__name__,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+
+    async def _watched(self, request: Awaitable[T], what: str = "taken no message") -> T:
+        """Await a request to Kafka; say once, in one line, when Kafka keeps it waiting (an
+        idempotent producer retries until a broker takes a message, which may be never without
+        a majority of the cluster's nodes), and say when Kafka answers again."""
+        task = asyncio.ensure_future(request)
+        done, _ = await asyncio.wait({task}, timeout=STALL_SECONDS)
+        if not done and not self._stalled:
+            self._stalled = True
+            log.warning(
+                "Kafka at %s has %s for %g s: are its brokers (most of a cluster's nodes) "
+                "up? Waiting for them",
+                self.bootstrap,
+                what,
+                STALL_SECONDS,
+            )
+        try:
+            result = await task
+        except BaseException:
+            task.cancel()
+            raise
+        if self._stalled:
+            self._stalled = False
+            log.info("Kafka at %s answers again", self.bootstrap)
+        return result
 
     def _new_producer(self) -> AIOKafkaProducer:
         return AIOKafkaProducer(
@@ -162,7 +207,7 @@ class KafkaBus:
         while True:
             client = make()
             try:
-                await client.start()
+                await self._watched(client.start(), f"not answered (to {what})")
                 if backoff.attempt:
                     log.info("Kafka at %s reachable again", self.bootstrap)
                 return client
@@ -224,7 +269,7 @@ class KafkaBus:
             raise BusError("bus not started")
         try:
             for value in self._values(topic, key, encode(message)):
-                await producer.send_and_wait(topic, value, key=key.encode())
+                await self._watched(producer.send_and_wait(topic, value, key=key.encode()))
         except KafkaError as exc:
             await self._renew_after(producer, exc)
             raise BusError(f"cannot publish to {topic}: {type(exc).__name__}") from exc
@@ -235,7 +280,7 @@ class KafkaBus:
         if producer is None:
             raise BusError("bus not started")
         try:
-            await producer.send_and_wait(topic, value, key=key)
+            await self._watched(producer.send_and_wait(topic, value, key=key))
         except KafkaError as exc:
             await self._renew_after(producer, exc)
             raise BusError(f"cannot publish to {topic}: {type(exc).__name__}") from exc
@@ -264,7 +309,7 @@ class KafkaBus:
 
         async def delivered() -> None:
             try:
-                await asyncio.gather(*deliveries)
+                await self._watched(asyncio.gather(*deliveries))
             except KafkaError as exc:
                 await self._renew_after(producer, exc)
                 raise _bus_error(exc) from exc
@@ -334,12 +379,17 @@ class KafkaBus:
                 raise BusError(f"topics {', '.join(names)} have no partitions (do they exist?)")
             await asyncio.sleep(0.05)
         partitions = sorted(consumer.assignment())
-        if from_start:
-            await consumer.seek_to_beginning(*partitions)
-        else:
-            await consumer.seek_to_end(*partitions)
-        for tp in partitions:
-            await consumer.position(tp)
+
+        async def positions() -> None:
+            if from_start:
+                await consumer.seek_to_beginning(*partitions)
+            else:
+                await consumer.seek_to_end(*partitions)
+            for tp in partitions:
+                await consumer.position(tp)
+
+        # Each partition's leader answers: without one (a cluster without a majority) it waits.
+        await self._watched(positions(), "not answered (to find where the topics end)")
         return consumer
 
     async def ping(self, within: float = 2.0) -> bool:

@@ -75,3 +75,24 @@ async def test_a_supply_carries_on_when_a_broker_fails(
         system.stop_all()
         for node in range(1, kafka_cluster.nodes + 1):
             kafka_cluster.start_node(node)  # whole again for the next test (a no-op if up)
+
+
+async def test_a_cluster_without_a_majority_is_reported_in_one_line(
+    kafka_cluster: Cluster, tmp_path: Path
+) -> None:
+    system = Deployment(kafka_cluster.bootstrap, tmp_path)
+    try:
+        kafka_cluster.kill_node(2)
+        kafka_cluster.kill_node(3)
+        driver = system.start_driver("user1", "--cp", "CP001")
+        said = await driver.wait_output(r"Kafka at \S+ has .* for 10 s: are its brokers", 60)
+        assert "Traceback" not in driver.output
+        assert driver.output.count("for 10 s: are its brokers") == 1  # once, not per retry
+        kafka_cluster.start_node(2)
+        kafka_cluster.start_node(3)
+        await driver.wait_output(r"Kafka at \S+ answers again", 60, said.end())
+        assert driver.running
+    finally:
+        system.stop_all()
+        for node in range(1, kafka_cluster.nodes + 1):
+            kafka_cluster.start_node(node)

@@ -186,3 +186,21 @@ async def test_other_failures_keep_the_producer() -> None:
     with pytest.raises(BusError):
         await bus.send_raw("t", b"k", b"v")
     assert bus._producer is producer and not producer.stopped
+
+
+async def test_a_send_kafka_keeps_waiting_is_said_once_and_its_end_too(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    class SlowProducer(WorkingProducer):
+        async def send_and_wait(self, topic: str, value: bytes, key: bytes | None = None) -> None:
+            await asyncio.sleep(0.2)  # no broker takes it for a while
+            self.sent.append((topic, value))
+
+    monkeypatch.setattr("shared.bus.STALL_SECONDS", 0.05)
+    bus = KafkaBus("127.0.0.1:9", "test-stall")
+    bus._producer = SlowProducer()
+    with caplog.at_level(logging.INFO, logger="shared.bus"):
+        await asyncio.gather(*(bus.send_raw("t", b"k", b"v") for _ in range(3)))
+    said = [r.getMessage() for r in caplog.records]
+    assert len([m for m in said if "has taken no message for 0.05 s" in m]) == 1
+    assert len([m for m in said if "answers again" in m]) == 1
