@@ -201,9 +201,19 @@ class DriverApp:
 
     async def _answer(self, kind: type[AnswerT], request_id: str, what: str) -> AnswerT:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + ANSWER_TIMEOUT_FACTOR * self.settings.reply_timeout
+        reply_timeout = self.settings.reply_timeout
+        deadline = loop.time() + ANSWER_TIMEOUT_FACTOR * reply_timeout
+        note_at: float | None = loop.time() + reply_timeout  # say once that it takes long
         while True:
-            update = await self._next_update(deadline - loop.time())
+            update = await self._next_update(min(deadline, note_at or deadline) - loop.time())
+            if update is None and note_at is not None and loop.time() < deadline:
+                note_at = None
+                text = (
+                    f"no answer from Central to {what} after {reply_timeout:g} s; "
+                    f"waiting up to {deadline - loop.time():.0f} s more (is Central running?)"
+                )
+                self.output.emit(Notice(self.settings.driver_id, text, "info"))
+                continue
             if update is None:
                 raise LoginFailed(f"cannot reach Central: no answer to {what}")
             if isinstance(update, kind) and getattr(update, "request_id", None) == request_id:

@@ -195,3 +195,12 @@ async def test_every_message_delivered_twice_changes_nothing(system: Deployment)
     (ticket,) = events_of(driver, "ticket")
     assert system.query("SELECT COUNT(*) FROM sessions WHERE driver_id = 'user1'") == [(1,)]
     assert system.balance("user1") == 15000 - round(ticket["amount_eur"] * 100)
+
+
+async def test_a_driver_whose_central_is_down_says_so_then_gives_up(system: Deployment) -> None:
+    # Kafka answers, Central does not run: the driver tells why it waits, then stops (1).
+    driver = system.start_driver("user1", "--cp", "CP001", "--reply-timeout", "1")
+    assert await driver.wait_exit(30) == 1
+    out = driver.output
+    waited = out.find("no answer from Central to Central's key after 1 s")
+    assert 0 <= waited < out.find("cannot reach Central: no answer to Central's key"), out
