@@ -61,5 +61,5 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	touch $(BENCH_STAMP)
 
-bench: $(BENCH_STAMP) kafka-jars
+bench: prereqs-run $(BENCH_STAMP) kafka-jars
 	$(PY) -m bench.run $(BENCH_ARGS)

@@ -20,20 +20,19 @@ import os
 import re
 import socket
 import sqlite3
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import pytest
 from hypothesis import HealthCheck, settings
 from pydantic import TypeAdapter
 from websockets.sync.client import connect
 
-from helpers import free_port, scaled, wait_for
-from procs import REPO_ROOT, Deployment, ServiceProcess
+from cluster import kafka_sh
+from helpers import free_port, need_tool, scaled, wait_for
+from procs import Deployment, ServiceProcess
 from shared.errors import MessageError
 from shared.framing import (
     ACK_BYTE,
@@ -64,7 +63,6 @@ PROPERTY = settings(
 
 CONNECTED_CP = "CP001"  # engine + monitor: ACTIVADO for the whole run
 SPARE_CP = "CP002"  # an engine alone; the tests play its monitor
-KAFKA_SH = REPO_ROOT / "scripts" / "kafka.sh"
 
 
 # --- the stack ------------------------------------------------------------------------------
@@ -242,16 +240,10 @@ def web_login(port: int, user: str, password: str) -> str:
 
 
 def _kafka(action: str, port: int, run_dir: Path) -> None:
-    env = {**os.environ, "EV_KAFKA_RUN_DIR": str(run_dir)}
-    proc = subprocess.run(
-        [str(KAFKA_SH), action, str(port)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=scaled(300),
-    )
-    if proc.returncode != 0:
-        pytest.fail(f"kafka.sh {action} failed:\n{proc.stdout}\n{proc.stderr}", pytrace=False)
+    if action == "start":
+        # Without Java the stack cannot run: skipped with the reason (failed in CI).
+        need_tool(os.environ.get("JAVA", "java"), "Kafka tests", "openjdk-17-jre-headless")
+    kafka_sh([action, str(port)], {**os.environ, "EV_KAFKA_RUN_DIR": str(run_dir)}, scaled(300))
 
 
 @contextlib.contextmanager
