@@ -399,14 +399,15 @@ class EngineService:
                     self._take_key(message)
                 continue
             self._apply(self.machine.health_check(message.central_ok))
+            listening = self._commands_ready.is_set()
             await connection.send(
                 HealthReport(
                     seq=message.seq,
-                    ok=self.machine.health_ok and self._commands_ready.is_set(),
+                    ok=self.machine.health_ok and listening,
                     engine_state=self.machine.state.value
-                    if self._commands_ready.is_set()
+                    if listening
                     else "STARTING (not listening to Central yet)",
-                    starting=not self._commands_ready.is_set(),
+                    starting=not listening,
                     speed=self.settings.speed,
                 )
             )

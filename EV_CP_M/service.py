@@ -103,9 +103,10 @@ class MonitorService:
         self._sampling = False
         self._sampling_from: float | None = None
         self._engine_started = asyncio.Event()  # a health report from a started engine
-        self._started_at: float | None = None  # loop time the monitor started
+        self._started_at = 0.0  # loop time the monitor started (set by run)
 
     async def run(self) -> None:
+        self._started_at = asyncio.get_running_loop().time()  # the start-up grace counts from now
         bus = (
             KafkaBus(self.settings.broker, f"monitor-{self.settings.cp_id}")
             if self.settings.broker
@@ -234,14 +235,10 @@ class MonitorService:
             self._set_engine(False, f"engine reports KO ({report.engine_state})")
 
     def _start_grace_over(self) -> bool:
-        now = asyncio.get_running_loop().time()
-        if self._started_at is None:
-            self._started_at = now
-        return now - self._started_at >= START_GRACE
+        return asyncio.get_running_loop().time() - self._started_at >= START_GRACE
 
     async def _engine_known(self) -> None:
         """Wait until the engine has answered as started, or the start-up grace is over."""
-        self._start_grace_over()  # the grace starts now
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._engine_started.wait(), START_GRACE)
         self._engine_started.set()

@@ -203,6 +203,12 @@ class Session:
     def to_engine(self, message: Message) -> Send:
         return Send(Topics.CP_COMMANDS, self.cp_id, message)
 
+    def stop_engine(self, reason: EndReason) -> Send:
+        """`end_supply` for this session, to its CP's engine."""
+        return self.to_engine(
+            EndSupply(cp_id=self.cp_id, session_id=self.session_id, reason=reason)
+        )
+
     # --- the engine's events ---------------------------------------------------------------
 
     def engine_answered(self, cp_id: str, accepted: bool, why: str, now: float) -> Effects:
@@ -212,12 +218,7 @@ class Session:
         if self.status != SessionStatus.ASKED:
             if accepted and not self.status.active:
                 # Accepted after Central gave up waiting: the engine must not stay reserved.
-                stop = EndSupply(
-                    cp_id=cp_id,
-                    session_id=self.session_id,
-                    reason=EndReason.AUTHORIZATION_EXPIRED,
-                )
-                return Effects(publish=[self.to_engine(stop)])
+                return Effects(publish=[self.stop_engine(EndReason.AUTHORIZATION_EXPIRED)])
             return Effects()  # a redelivered answer
         if not accepted:
             return self._deny(DenialReason.CP_REFUSED, why or "no reason given", tell_cp=False)
@@ -254,10 +255,7 @@ class Session:
         detail = f"{self.cp_id} did not answer within {timers.cp_answer_timeout:g} s"
         effects = self._deny(DenialReason.CP_NO_ANSWER, detail)
         # It may still have accepted, and its answer been lost: it must not stay reserved.
-        stop = EndSupply(
-            cp_id=self.cp_id, session_id=self.session_id, reason=EndReason.AUTHORIZATION_EXPIRED
-        )
-        effects.publish.append(self.to_engine(stop))
+        effects.publish.append(self.stop_engine(EndReason.AUTHORIZATION_EXPIRED))
         return effects
 
     def _deny(self, reason: DenialReason, detail: str, *, tell_cp: bool = True) -> Effects:
@@ -375,8 +373,7 @@ class Session:
         if self.status == SessionStatus.ASKED:
             detail = f"{self.cp_id} cannot supply now ({reason.value})"
             effects = self._deny(DenialReason.CP_UNAVAILABLE, detail)
-            stop = EndSupply(cp_id=self.cp_id, session_id=self.session_id, reason=reason)
-            effects.publish.append(self.to_engine(stop))
+            effects.publish.append(self.stop_engine(reason))
             return effects
         if self.status not in (SessionStatus.AUTHORISED, SessionStatus.SUPPLYING):
             return Effects()
@@ -392,8 +389,7 @@ class Session:
             ],
         )
         if tell_engine:
-            stop = EndSupply(cp_id=self.cp_id, session_id=self.session_id, reason=reason)
-            effects.post.append(self.to_engine(stop))
+            effects.post.append(self.stop_engine(reason))
         if was_supplying:
             notice = DriverNotice(
                 driver_id=self.driver_id,
