@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import ssl
 import sys
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TextIO
 
@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 AUTH_TIMEOUT = 5.0
 REJECTED_PAUSE = 10.0
+# A standby Central refused the link (docs/high-availability.md): the active one may be
+# another address of the list, or the standby may be about to take over.
+STANDBY_PAUSE = 1.0
 RETRY_MAX = 5.0
 LINK_ERRORS = (ConnectionLost, DeliveryFailed, OSError, TimeoutError)
 # Health samples waiting for Kafka: the newest count, older ones are dropped beyond this.
@@ -73,6 +76,16 @@ class LinkState:
     key: tuple[str, str] | None = None
 
 
+def _index_of(addresses: Sequence[tuple[str, int]], address: str | None) -> int | None:
+    """The position of HOST:PORT in the list of Centrals, or None."""
+    if not address:
+        return None
+    for index, (host, port) in enumerate(addresses):
+        if f"{host}:{port}" == address:
+            return index
+    return None
+
+
 @dataclass(frozen=True)
 class LinkFailure:
     """How a link to Central ended: refused by Central, or what broke (shown on the screen
@@ -81,6 +94,8 @@ class LinkFailure:
     problem: str
     refused: bool = False
     shown: bool = False
+    active: str | None = None  # a standby's refusal: where it says the active Central is
+    served: bool = False  # the link had been up
 
 
 class MonitorService:
@@ -328,15 +343,35 @@ class MonitorService:
         # TLS verifies Central's certificate and that it is valid for its host (docs/tls.md).
         tls = client_context(self.settings.tls_ca) if self.settings.central_tls else None
         backoff = Backoff(maximum=RETRY_MAX)
-        for attempt in itertools.count():
-            host, port = addresses[attempt % len(addresses)]
+        failed: set[int] = set()  # the addresses that failed in this round
+        standby = False  # a standby refused in this round
+        index = 0
+        while True:
+            host, port = addresses[index]
             failure = await self._try_central(host, port, tls, backoff)
-            if (attempt + 1) % len(addresses):
+            if failure.served:
+                failed.clear()
+                standby = False
+            failed.add(index)
+            standby = standby or failure.active is not None
+            named = _index_of(addresses, failure.active)
+            untried = [i for i in range(len(addresses)) if i not in failed]
+            if named is not None and named not in failed:
+                then = f"trying the active Central at {failure.active}"
+                pause, index = 0.0, named
+            elif untried:
                 then = "trying the next Central"  # at once: it may be the one that serves
-                pause = 0.0
+                pause, index = 0.0, min(untried, key=lambda i: (i - index) % len(addresses))
             else:
-                pause = REJECTED_PAUSE if failure.refused else backoff.next_delay()
-                then = f"retrying in {pause:.{0 if failure.refused else 1}f} s"
+                if standby:  # a standby may be taking over: look again soon
+                    pause = STANDBY_PAUSE
+                    then = f"retrying in {pause:.0f} s"
+                else:
+                    pause = REJECTED_PAUSE if failure.refused else backoff.next_delay()
+                    then = f"retrying in {pause:.{0 if failure.refused else 1}f} s"
+                failed.clear()
+                standby = False
+                index = (index + 1) % len(addresses)
             if failure.refused:
                 self._say(f"Central rejected {self.settings.cp_id}: {failure.problem}; {then}")
             else:
@@ -359,23 +394,31 @@ class MonitorService:
             if tls_problem:
                 return LinkFailure(tls_problem, shown=True)
             return LinkFailure("connection refused or timed out")
+        served = False  # authenticated: the round of addresses starts again
         try:
             async with connection:
                 result = await self._authenticate(connection)
                 if not result.accepted:
-                    return LinkFailure(result.reason or "no reason given", refused=True)
+                    return LinkFailure(
+                        result.reason or "no reason given",
+                        refused=True,
+                        active=result.active_central,
+                    )
                 backoff.reset()
+                served = True
                 await self._serve_central(connection, result)
         except TimeoutError:
-            return LinkFailure(f"no answer to authentication within {AUTH_TIMEOUT:.0f} s")
+            if not served:
+                return LinkFailure(f"no answer to authentication within {AUTH_TIMEOUT:.0f} s")
+            return LinkFailure("link timed out", served=True)
         except LINK_ERRORS as exc:
-            return LinkFailure(str(exc) or "link ended")
+            return LinkFailure(str(exc) or "link ended", served=served)
         finally:
             if self.state.central_up:
                 self.state.central_up = False
                 self._central_changed.set()
                 self._say("Central link down")
-        return LinkFailure("link ended")
+        return LinkFailure("link ended", served=True)
 
     async def _authenticate(self, connection: FramedConnection[CentralToMonitor]) -> AuthResult:
         async with asyncio.timeout(AUTH_TIMEOUT):

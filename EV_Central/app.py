@@ -12,6 +12,9 @@ import contextlib
 import gc
 import logging
 import time
+from collections.abc import Awaitable
+
+from aiokafka import AIOKafkaProducer
 
 from EV_Central.audit import AuditLog
 from EV_Central.auth import PeopleAuth
@@ -68,9 +71,17 @@ def tune_garbage_collector() -> None:
 class Central:
     """Central's parts, each given what it works with; `run()` owns their tasks."""
 
-    def __init__(self, settings: CentralSettings, db: Database) -> None:
+    def __init__(
+        self,
+        settings: CentralSettings,
+        db: Database,
+        *,
+        transactions: AIOKafkaProducer | None = None,
+    ) -> None:
+        """`transactions`: the active Central's fencing producer (high-availability mode)."""
         self.settings = settings
         self.stats = CentralStats()
+        self.stats.role = "single" if transactions is None else "active"
         self.store = Store(db)
         self.registry = Registry()
         self.audit = AuditLog(db)
@@ -89,6 +100,7 @@ class Central:
             self.bus,
             in_flight=OUTBOX_IN_FLIGHT,
             stage_seconds=self.stats.stage_seconds,
+            transactions=transactions,
         )
         self.feed = Feed(self.registry, self.bus)
         self.context = context = Context(self.store, self.registry, self.bus, self.feed, self.stats)
@@ -109,7 +121,14 @@ class Central:
             request_ttl=settings.request_ttl,
             session_ttl=settings.session_ttl,
         )
-        self.inbox = Inbox(context, self.gate, self.supplies, self.drivers, self.outbox)
+        self.inbox = Inbox(
+            context,
+            self.gate,
+            self.supplies,
+            self.drivers,
+            self.outbox,
+            saved_positions=transactions is not None,
+        )
 
     async def load(self) -> None:
         """Keys, every registered CP (DESCONECTADO until its monitor connects), live sessions."""
@@ -165,13 +184,33 @@ class Central:
 
 
 async def run_central(settings: CentralSettings, shutdown: Shutdown) -> None:
-    # One TLS context (or none) for both servers: :5000 and the admin web.
-    tls = optional_server_context(settings.tls_cert, settings.tls_key)
+    if settings.ha:
+        from EV_Central.ha import run_ha  # two or more Centrals (docs/high-availability.md)
+
+        await run_ha(settings, shutdown)
+        return
     db = Database(settings.db, demo=settings.demo)
     await db.start()
     central = Central(settings, db)
+    try:
+        await central.load()
+        await serve(central, settings, shutdown.wait())
+    finally:
+        await central.bus.stop()
+        await db.stop()
+
+
+async def serve(central: Central, settings: CentralSettings, until: Awaitable[object]) -> None:
+    """Central's servers and tasks, until `until` is done (or a task fails)."""
+    # One TLS context (or none) for both servers: :5000 and the admin web.
+    tls = optional_server_context(settings.tls_cert, settings.tls_key)
     monitors = MonitorServer(
-        central.cp_links, central.feed, settings.listen_host, settings.port, tls
+        central.cp_links,
+        central.feed,
+        settings.listen_host,
+        settings.port,
+        tls,
+        durable=central.outbox.durable,
     )
     web = AdminWeb(
         central.context,
@@ -186,7 +225,6 @@ async def run_central(settings: CentralSettings, shutdown: Shutdown) -> None:
         central.registry, central.feed, central.cp_links, central.audit, settings.console
     )
     try:
-        await central.load()
         tune_garbage_collector()
         # Serve monitors and the admin page at once; Kafka may still be coming up.
         await monitors.start()
@@ -201,7 +239,7 @@ async def run_central(settings: CentralSettings, shutdown: Shutdown) -> None:
         async with asyncio.TaskGroup() as tasks:
             work = tasks.create_task(central.run(), name="central")
             panel = tasks.create_task(console.run(), name="console")
-            await shutdown.wait()
+            await until
             work.cancel()
             panel.cancel()
     finally:
@@ -210,5 +248,3 @@ async def run_central(settings: CentralSettings, shutdown: Shutdown) -> None:
             await monitors.stop()
         with contextlib.suppress(Exception):
             await web.stop()
-        await central.bus.stop()
-        await db.stop()

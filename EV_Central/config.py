@@ -44,6 +44,10 @@ class CentralSettings:
     tls_cert: str | None = None
     tls_key: str | None = None
     demo: bool = False
+    # High availability (docs/high-availability.md): two or more Centrals, one active.
+    ha: bool = False
+    advertise: str = ""
+    lease_timeout: float = 3.0
 
 
 def build_parser() -> EnvArgumentParser:
@@ -55,7 +59,9 @@ def build_parser() -> EnvArgumentParser:
         "'ctl --help' and 'user --help' for details.",
     )
     parser.add_option("--port", type=port_number, default=5000, help="TCP port for monitors")
-    parser.add_option("--broker", required=True, help="Kafka bootstrap HOST:PORT")
+    parser.add_option(
+        "--broker", required=True, help="Kafka bootstrap HOST:PORT (a comma-separated list)"
+    )
     parser.add_option("--db", default=DEFAULT_DB, help="SQLite database file (created if absent)")
     parser.add_option(
         "--demo",
@@ -125,6 +131,26 @@ def build_parser() -> EnvArgumentParser:
         type=seconds,
         default=300.0,
         help="how long a locked account stays locked",
+    )
+    parser.add_option(
+        "--ha",
+        action="store_true",
+        help="high availability: this Central is active or the hot standby of another one "
+        "started the same way, decided through Kafka (docs/high-availability.md); its "
+        "database is rebuilt from the Kafka changelog at every start",
+    )
+    parser.add_option(
+        "--advertise",
+        default="",
+        help="with --ha: the host name monitors and browsers reach this Central at, named by "
+        "a standby when it refuses them (default: this machine's host name)",
+    )
+    parser.add_option(
+        "--lease-timeout",
+        type=positive_float,
+        default=3.0,
+        help="with --ha: seconds without a sign of life from the active Central before a "
+        "standby takes over (Kafka's group session timeout)",
     )
     add_session_options(parser, "the admin panel (and ctl)")
     add_server_options(parser, "the monitor port and the admin web")

@@ -83,6 +83,9 @@ class Database:
         self._stopping = asyncio.Event()
         # Set when a transaction that queued messages commits; the outbox relay waits for it.
         self.outbox_waiting = asyncio.Event()
+        # High-availability mode: triggers queue every change (EV_Central/changelog.py), so
+        # any transaction that changed a row may have queued something.
+        self.capturing = False
 
     async def start(self) -> None:
         if self._conn is not None:
@@ -148,6 +151,7 @@ class Database:
         async with self._lock:
             self.conn.execute("BEGIN IMMEDIATE")
             tx = Transaction(self.conn)
+            changes = self.conn.total_changes
             try:
                 yield tx
             except BaseException:
@@ -155,7 +159,7 @@ class Database:
                 raise
             else:
                 self.conn.execute("COMMIT")
-                if tx.outgoing:
+                if tx.outgoing or (self.capturing and self.conn.total_changes != changes):
                     self.outbox_waiting.set()
 
     async def read(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
@@ -178,6 +182,18 @@ class Database:
             " ORDER BY seq LIMIT ?",
             (after, limit),
         )
+
+    async def outbox_all(self, after: int = 0) -> list[sqlite3.Row]:
+        """Every row waiting in the outbox from sequence AFTER + 1 on (whole transactions)."""
+        return await self.read(
+            "SELECT seq, topic, key, payload, created_at FROM outbox WHERE seq > ? ORDER BY seq",
+            (after,),
+        )
+
+    async def outbox_last(self) -> int:
+        """The newest outbox sequence number still waiting (0 when the outbox is empty)."""
+        rows = await self.read("SELECT COALESCE(MAX(seq), 0) AS seq FROM outbox")
+        return int(rows[0]["seq"])
 
     async def outbox_done(self, seqs: list[int]) -> None:
         if not seqs:

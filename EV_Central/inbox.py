@@ -6,6 +6,11 @@ changes state does so in a transaction of its own, and offsets are committed onl
 they cover is durable (telemetry is flushed first). A record that is refused, invalid or makes
 a handler fail is counted and logged, and the next one is read: one bad message never stops
 Central.
+
+In high-availability mode (docs/high-availability.md) the consumer is not in a group: the
+active Central reads every partition itself, from the positions saved in its database with
+what the records changed (`consumer_positions`, replicated like every other table), so the
+Central that takes over reads on exactly from where the changes it has stop.
 """
 
 from __future__ import annotations
@@ -51,8 +56,12 @@ class Inbox:
         supplies: Supplies,
         drivers: Drivers,
         outbox: OutboxRelay,
+        *,
+        saved_positions: bool = False,
     ) -> None:
         self._bus = context.bus
+        self._store = context.store
+        self._saved_positions = saved_positions
         self._stats = context.stats
         self._gate = gate
         self._supplies = supplies
@@ -63,9 +72,11 @@ class Inbox:
 
     async def run(self) -> None:
         """Read, handle and commit until cancelled."""
-        consumer = await self._bus.group_consumer(
-            [Topics.DRIVER_REQUESTS, Topics.CP_EVENTS], CONSUMER_GROUP
-        )
+        topics = [Topics.DRIVER_REQUESTS, Topics.CP_EVENTS]
+        if self._saved_positions:
+            consumer = await self._positioned_consumer(topics)
+        else:
+            consumer = await self._bus.group_consumer(topics, CONSUMER_GROUP)
         await consume(
             consumer,
             lambda batches: self._poll(consumer, batches),
@@ -73,6 +84,18 @@ class Inbox:
             poll_ms=500,
             max_records=500,
         )
+
+    async def _positioned_consumer(self, topics: list[str]) -> AIOKafkaConsumer:
+        """Every partition, at the positions saved with the database (else the group's)."""
+        partitions = await self._bus.partitions_of(topics)
+        consumer = await self._bus.assigned_consumer(partitions, CONSUMER_GROUP)
+        saved = await self._store.positions()
+        for tp in partitions:
+            offset = saved.get((tp.topic, tp.partition))
+            if offset is not None:
+                consumer.seek(tp, offset)
+        log.info("reading %s from %d saved positions", " and ".join(topics), len(saved))
+        return consumer
 
     async def _poll(self, consumer: AIOKafkaConsumer, batches: Records) -> None:
         """One poll's records: handle them, make them durable, commit now and then."""
@@ -94,6 +117,10 @@ class Inbox:
         except Exception:
             self._stats.counters["handler_errors"] += 1
             log.exception("writing a batch of telemetry failed")
+        if self._saved_positions and batches:
+            read = {(tp.topic, tp.partition): rs[-1].offset + 1 for tp, rs in batches.items() if rs}
+            async with self._store.transaction() as tx:
+                await tx.save_positions(read)
         # Everything read so far is durable now: its offsets may be committed.
         self._uncommitted = True
         now = time.monotonic()

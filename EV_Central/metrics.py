@@ -103,6 +103,8 @@ class CentralStats:
     consumer_lag: dict[str, int] = field(default_factory=dict)
     loop_lag: Histogram = field(default_factory=Histogram)  # how late the 0.25 s timer fires
     gc_pauses: GcPauses = field(default_factory=GcPauses)
+    # "single", or with --ha "active" (a standby serves its own small status page)
+    role: str = "single"
 
 
 def _number(value: float) -> str:
@@ -161,9 +163,13 @@ def render(
     loop_lag: Histogram | None = None,
     stage_seconds: Mapping[str, Histogram] | None = None,
     gc_pauses: Mapping[str, Histogram] | None = None,
+    role: str = "single",
 ) -> str:
     """The whole /metrics page."""
     out = Exposition()
+    out.family("ev_central_role", "gauge", "This Central's role (1 for the one it has).")
+    for name in ("single", "active", "standby"):
+        out.sample("ev_central_role", 1 if name == role else 0, {"role": name})
     out.family("ev_central_cps", "gauge", "Charging points by state.")
     for state, n in sorted(cps_by_state.items()):
         out.sample("ev_central_cps", n, {"state": state})

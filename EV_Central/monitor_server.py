@@ -12,6 +12,7 @@ import contextlib
 import logging
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 
 from EV_Central.cp_links import CPLinks
 from EV_Central.feed import Feed
@@ -64,8 +65,12 @@ class MonitorServer:
         host: str,
         port: int,
         ssl_context: ssl.SSLContext | None = None,
+        *,
+        durable: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         self.links = links
+        # High-availability mode: a new key is sent only once Kafka has it (a standby too).
+        self._durable = durable
         self.feed = feed
         self.host = host
         self.port = port
@@ -153,6 +158,14 @@ class MonitorServer:
             # One reason for every failure: a prober learns nothing about which CPs exist.
             await conn.send(
                 AuthResult(cp_id=first.cp_id, accepted=False, reason="unknown CP or wrong secret")
+            )
+            return None
+        if self._durable is not None and not await self._durable():
+            log.warning("%s: %s's new key is not in Kafka yet; refused for now", conn.name, cp.id)
+            await conn.send(
+                AuthResult(
+                    cp_id=cp.id, accepted=False, reason="Central cannot reach Kafka; try again"
+                )
             )
             return None
         link = MonitorLink(cp, conn)

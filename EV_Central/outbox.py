@@ -16,24 +16,39 @@ Rows are deleted in outbox order as their batches are acknowledged. After a fail
 waits for whatever is still in flight, pauses (backoff), and sends everything not yet
 acknowledged again from the oldest row: a message may arrive twice (consumers drop duplicates
 by id), never not at all.
+
+**In high-availability mode** (docs/high-availability.md) each batch is one Kafka transaction
+of a transactional producer: every row waiting (whole SQLite transactions: the changelog rows
+the triggers queued and the messages), plus what `KafkaBus.post` handed over meanwhile. One
+transaction is open at a time. When another Central has started the same transactional
+producer, the commit fails with ProducerFenced, and `run` raises `Fenced`: this Central is not
+the active one any more, and nothing it queued since has reached anyone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 from typing import Any
 
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError, ProducerFenced
+
 from EV_Central.db import Database
 from EV_Central.metrics import Histogram
 from shared.backoff import Backoff
-from shared.bus import KafkaBus
+from shared.bus import BusError, KafkaBus, Topics
 
 log = logging.getLogger(__name__)
 
 BATCH_ROWS = 200
+
+
+class Fenced(Exception):
+    """Another Central started the same transactional producer: this one is not active."""
 
 
 class OutboxRelay:
@@ -44,10 +59,18 @@ class OutboxRelay:
         *,
         in_flight: int = 4,
         stage_seconds: collections.defaultdict[str, Histogram] | None = None,
+        transactions: AIOKafkaProducer | None = None,
     ) -> None:
         self.db = db
         self.bus = bus
-        self.max_in_flight = in_flight
+        self._txn = transactions
+        self.max_in_flight = in_flight if transactions is None else 1
+        # Posts handed over by the bus (high-availability mode), sent with the next transaction.
+        self._posts: list[tuple[str, bytes, bytes]] = []
+        if transactions is not None:
+            bus.divert = self._queue_post
+        self.acked_up_to = 0  # the newest outbox seq the broker has acknowledged
+        self._acked = asyncio.Event()
         # "outbox" (committed -> handed over) and "publish" (-> acknowledged), in /metrics
         self.stage_seconds = (
             stage_seconds if stage_seconds is not None else collections.defaultdict(Histogram)
@@ -62,6 +85,32 @@ class OutboxRelay:
         self._wake = asyncio.Event()  # a batch was handed over: its answer is awaited
         self._new_rows = db.outbox_waiting  # set by the database when rows are committed
         self._backoff = Backoff()
+
+    def _queue_post(self, topic: str, key: bytes, value: bytes) -> None:
+        self._posts.append((topic, key, value))
+        self._new_rows.set()
+
+    async def durable(self, within: float = 5.0) -> bool:
+        """True once everything committed so far has been acknowledged by Kafka.
+
+        What Central answers directly (a CP's new key over :5000) waits for this in
+        high-availability mode, so that a standby has it before anyone relies on it; with one
+        Central the SQLite commit is enough, and this is true at once.
+        """
+        if self._txn is None:
+            return True
+        target = await self.db.outbox_last()
+        self.wake()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while self.acked_up_to < target:
+            self._acked.clear()
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._acked.wait(), left)
+        return True
 
     def wake(self) -> None:
         """Look at the outbox again (committed transactions do this by themselves)."""
@@ -90,22 +139,65 @@ class OutboxRelay:
                 return  # a failure came while this waited for the lock
             self._new_rows.clear()
             while len(self._in_flight) < self.max_in_flight:
-                rows = await self.db.outbox_batch(BATCH_ROWS, after=self._sent_up_to)
-                if not rows:
+                posts: list[tuple[str, bytes, bytes]] = []
+                if self._txn is None:
+                    rows = await self.db.outbox_batch(BATCH_ROWS, after=self._sent_up_to)
+                else:
+                    # Everything waiting: a Kafka transaction never splits a SQLite one.
+                    rows = await self.db.outbox_all(after=self._sent_up_to)
+                    posts, self._posts = self._posts, []
+                if not rows and not posts:
                     return
-                oldest = time.time() - min(r["created_at"] for r in rows)
-                self.stage_seconds["outbox"].observe(max(0.0, oldest))
-                answer = await self.bus.start_batch(
-                    [(r["topic"], r["key"].encode(), bytes(r["payload"])) for r in rows]
-                )
+                if rows:
+                    oldest = time.time() - min(r["created_at"] for r in rows)
+                    self.stage_seconds["outbox"].observe(max(0.0, oldest))
+                if self._txn is None:
+                    answer = await self.bus.start_batch(
+                        [(r["topic"], r["key"].encode(), bytes(r["payload"])) for r in rows]
+                    )
+                else:
+                    answer = asyncio.ensure_future(self._transaction(self._txn, rows, posts))
                 self._in_flight.append(([r["seq"] for r in rows], time.perf_counter(), answer))
-                self._sent_up_to = rows[-1]["seq"]
+                if rows:
+                    self._sent_up_to = rows[-1]["seq"]
                 self._wake.set()  # the relay's task waits for this batch's answer
+
+    async def _transaction(
+        self,
+        producer: AIOKafkaProducer,
+        rows: list[Any],
+        posts: list[tuple[str, bytes, bytes]],
+    ) -> None:
+        """Send rows and posts in one Kafka transaction; raise Fenced or BusError."""
+        try:
+            await producer.begin_transaction()
+            deliveries = []
+            for row in rows:
+                topic, key, payload = row["topic"], row["key"], row["payload"]
+                if topic == Topics.CENTRAL_CHANGELOG:
+                    # A row as JSON text, or nothing for a deleted row (a tombstone).
+                    values: list[bytes | None] = [payload.encode() if payload else None]
+                else:
+                    values = list(self.bus.values(topic, key, bytes(payload)))
+                for value in values:
+                    deliveries.append(await producer.send(topic, value, key=key.encode()))
+            for topic, raw_key, value in posts:
+                deliveries.append(await producer.send(topic, value, key=raw_key))
+            await asyncio.gather(*deliveries)
+            await producer.commit_transaction()
+        except ProducerFenced as exc:
+            raise Fenced("another Central has taken over (this one's producer is fenced)") from exc
+        except KafkaError as exc:
+            with contextlib.suppress(KafkaError):
+                await producer.abort_transaction()
+            raise BusError(f"a Kafka transaction failed: {type(exc).__name__}") from exc
 
     async def run(self) -> None:
         """Confirm, delete, retry; runs until cancelled."""
         while True:
             failure = await self._confirm()
+            if isinstance(failure, Fenced):
+                raise failure
             if failure is not None:
                 await self._start_again(failure)
                 continue
@@ -125,6 +217,8 @@ class OutboxRelay:
             acked.extend(seqs)
         if acked:
             await self.db.outbox_done(acked)
+            self.acked_up_to = max(self.acked_up_to, max(acked))
+            self._acked.set()
             self._backoff.reset()
         return failure
 

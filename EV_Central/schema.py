@@ -86,6 +86,14 @@ CREATE TABLE IF NOT EXISTS replay_guard (
     last_seq INTEGER NOT NULL,
     PRIMARY KEY (key_id, stream)
 );
+-- Where Central has read its Kafka topics up to, in high-availability mode: saved with what
+-- the records changed, so that a Central taking over starts exactly there.
+CREATE TABLE IF NOT EXISTS consumer_positions (
+    topic       TEXT NOT NULL,
+    partition   INTEGER NOT NULL,
+    next_offset INTEGER NOT NULL,
+    PRIMARY KEY (topic, partition)
+);
 CREATE TABLE IF NOT EXISTS outbox (
     seq        INTEGER PRIMARY KEY AUTOINCREMENT,
     topic      TEXT NOT NULL,

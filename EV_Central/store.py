@@ -285,6 +285,21 @@ class StoreTx:
     async def set_meta(self, key: str, value: str) -> None:
         await self._tx.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, value))
 
+    async def put_meta(self, key: str, value: str) -> None:
+        await self._tx.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    async def save_positions(self, positions: dict[tuple[str, int], int]) -> None:
+        """Where the consumer has read up to (high-availability mode): the next offsets."""
+        await self._tx.executemany(
+            "INSERT INTO consumer_positions (topic, partition, next_offset) VALUES (?, ?, ?)"
+            " ON CONFLICT (topic, partition) DO UPDATE SET next_offset = excluded.next_offset",
+            [(topic, partition, offset) for (topic, partition), offset in positions.items()],
+        )
+
 
 class Store:
     def __init__(self, db: Database) -> None:
@@ -327,6 +342,10 @@ class Store:
 
     async def replay_guard(self) -> list[sqlite3.Row]:
         return await self.db.read("SELECT key_id, stream, last_seq FROM replay_guard")
+
+    async def positions(self) -> dict[tuple[str, int], int]:
+        rows = await self.db.read("SELECT topic, partition, next_offset FROM consumer_positions")
+        return {(r["topic"], r["partition"]): r["next_offset"] for r in rows}
 
     async def meta(self, key: str) -> str | None:
         rows = await self.db.read("SELECT value FROM meta WHERE key = ?", (key,))

@@ -236,6 +236,7 @@ class AdminWeb(WebApp, Part):
         monitors = sum(1 for cp in self._registry.cps.values() if cp.connected)
         return {
             "status": "ok" if ok else "degraded",
+            "role": self._stats.role,
             "broker": broker,
             "database": database,
             "monitors_connected": monitors,
@@ -263,6 +264,7 @@ class AdminWeb(WebApp, Part):
             loop_lag=stats.loop_lag,
             stage_seconds=dict(stats.stage_seconds),
             gc_pauses=stats.gc_pauses.by_generation,
+            role=stats.role,
         )
         return response(200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
 

@@ -111,6 +111,9 @@ transaction.state.log.min.isr=$isr
 share.coordinator.state.topic.replication.factor=$replicas
 share.coordinator.state.topic.min.isr=$isr
 group.initial.rebalance.delay.ms=0
+# Central's lease group (docs/high-availability.md) notices a dead member after 3 s; the
+# broker's default floor for a consumer's session timeout is 6 s.
+group.min.session.timeout.ms=1000
 auto.create.topics.enable=false
 # A node that stops heartbeating to the controller loses its partitions' leadership after 4 s
 # (9 s by default): the time a failed broker's partitions are unwritable.

@@ -46,6 +46,10 @@ class Topics:
     CP_EVENTS = "ev.cp.events"
     CP_STATE = "ev.cp.state"
     CP_HEALTH = "ev.cp.health"
+    # Central's high availability (docs/high-availability.md): its replicated state, and the
+    # one-partition topic whose consumer group decides which Central is active.
+    CENTRAL_CHANGELOG = "ev.central.changelog"
+    CENTRAL_LEASE = "ev.central.lease"
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,21 @@ TOPICS: tuple[TopicSpec, ...] = (
     ),
     TopicSpec(Topics.CP_HEALTH, config={"retention.ms": str(24 * 3600 * 1000)}),
 )
+
+
+# Only Centrals in high-availability mode create and use these.
+HA_TOPICS: tuple[TopicSpec, ...] = (
+    TopicSpec(
+        Topics.CENTRAL_CHANGELOG,
+        partitions=1,  # one order for every change, as the database made them
+        config={"cleanup.policy": "compact", "min.cleanable.dirty.ratio": "0.1"},
+    ),
+    TopicSpec(Topics.CENTRAL_LEASE, partitions=1),
+)
+
+# Readers never see what a transaction that was aborted, or is still open, wrote: a Central
+# that another one has fenced publishes nothing anyone reads (docs/high-availability.md).
+ISOLATION = "read_committed"
 
 
 def replication_for(brokers: int) -> tuple[int, int]:
@@ -117,8 +136,12 @@ class KafkaBus:
         self._stalled = False  # a send has waited longer than STALL_SECONDS (said once)
         self._consumers: list[AIOKafkaConsumer] = []
         self._outgoing = outgoing
+        # When set, post() hands its records to this instead of the producer (a Central in
+        # high-availability mode sends them in its next transaction: EV_Central/outbox.py).
+        self.divert: Callable[[str, bytes, bytes], None] | None = None
 
-    def _values(self, topic: str, key: str, value: bytes) -> list[bytes]:
+    def values(self, topic: str, key: str, value: bytes) -> list[bytes]:
+        """What to publish for one outgoing value (sealed copies, the value, or nothing)."""
         return [value] if self._outgoing is None else self._outgoing(topic, key, value)
 
     async def start(self, *, ensure_topics: bool = True) -> None:
@@ -170,10 +193,11 @@ class KafkaBus:
             log.info("Kafka at %s answers again", self.bootstrap)
         return result
 
-    def _new_producer(self) -> AIOKafkaProducer:
+    def _new_producer(self, **options: Any) -> AIOKafkaProducer:
         return AIOKafkaProducer(
             bootstrap_servers=self.bootstrap,
             client_id=self.client_id,
+            **options,
             acks="all",
             # Retries never duplicate or reorder a key's records (the broker deduplicates by
             # producer id and sequence number), also across a broker failover.
@@ -201,6 +225,19 @@ class KafkaBus:
             with contextlib.suppress(KafkaError):  # it is replaced because it failed
                 await failed.stop()
             self._producer = await self._retry("connect the producer", self._new_producer)
+
+    async def transactional_producer(self, transactional_id: str) -> AIOKafkaProducer:
+        """A started producer that sends in transactions under `transactional_id`.
+
+        Starting it fences every earlier producer with the same id: what that one had open is
+        aborted, and whatever it tries later fails with ProducerFenced.
+        """
+        return await self._retry(
+            f"start the transactional producer {transactional_id}",
+            lambda: self._new_producer(
+                transactional_id=transactional_id, transaction_timeout_ms=15_000
+            ),
+        )
 
     async def _retry(self, what: str, make: Any) -> Any:
         backoff = Backoff(maximum=self._retry_max)
@@ -268,7 +305,7 @@ class KafkaBus:
         if producer is None:
             raise BusError("bus not started")
         try:
-            for value in self._values(topic, key, encode(message)):
+            for value in self.values(topic, key, encode(message)):
                 await self._watched(producer.send_and_wait(topic, value, key=key.encode()))
         except KafkaError as exc:
             await self._renew_after(producer, exc)
@@ -299,7 +336,7 @@ class KafkaBus:
             deliveries = [
                 await producer.send(topic, sealed, key=key)
                 for topic, key, value in records
-                for sealed in self._values(topic, (key or b"").decode("utf-8", "replace"), value)
+                for sealed in self.values(topic, (key or b"").decode("utf-8", "replace"), value)
             ]
         except (KafkaError, BusError) as exc:
             await self._renew_after(producer, exc)
@@ -321,10 +358,14 @@ class KafkaBus:
 
         A failure is logged, not raised: the caller has already moved on.
         """
+        if self.divert is not None:
+            for value in self.values(topic, key, encode(message)):
+                self.divert(topic, key.encode(), value)
+            return
         if self._producer is None:
             return
         try:
-            for value in self._values(topic, key, encode(message)):
+            for value in self.values(topic, key, encode(message)):
                 future = await self._producer.send(topic, value, key=key.encode())
                 future.add_done_callback(_log_failed_post)
         except KafkaError as exc:
@@ -343,6 +384,7 @@ class KafkaBus:
                 group_id=group_id,
                 enable_auto_commit=False,
                 auto_offset_reset="earliest" if from_start else "latest",
+                isolation_level=ISOLATION,
                 max_partition_fetch_bytes=MAX_MESSAGE_BYTES * 4,
                 session_timeout_ms=10_000,
                 heartbeat_interval_ms=1_000,
@@ -367,6 +409,7 @@ class KafkaBus:
                 client_id=self.client_id,
                 enable_auto_commit=False,
                 auto_offset_reset="earliest" if from_start else "latest",
+                isolation_level=ISOLATION,
                 max_partition_fetch_bytes=MAX_MESSAGE_BYTES * 4,
             ),
         )
@@ -391,6 +434,39 @@ class KafkaBus:
         # Each partition's leader answers: without one (a cluster without a majority) it waits.
         await self._watched(positions(), "not answered (to find where the topics end)")
         return consumer
+
+    async def assigned_consumer(
+        self, partitions: Iterable[TopicPartition], group_id: str | None
+    ) -> AIOKafkaConsumer:
+        """A consumer of exactly these partitions (no rebalancing), at their committed offsets
+        in `group_id` (or the start); the caller may seek elsewhere before reading."""
+        wanted = list(partitions)
+        consumer: AIOKafkaConsumer = await self._retry(
+            "start a consumer",
+            lambda: AIOKafkaConsumer(
+                bootstrap_servers=self.bootstrap,
+                client_id=self.client_id,
+                group_id=group_id,
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+                isolation_level=ISOLATION,
+                max_partition_fetch_bytes=MAX_MESSAGE_BYTES * 4,
+            ),
+        )
+        self._consumers.append(consumer)
+        consumer.assign(wanted)
+        return consumer
+
+    async def partitions_of(self, topics: Iterable[str]) -> list[TopicPartition]:
+        """Every partition of these topics, as the cluster's metadata knows them."""
+        producer = self._producer
+        if producer is None:
+            raise BusError("bus not started")
+        found: list[TopicPartition] = []
+        for name in topics:
+            numbers = await self._watched(producer.partitions_for(name), "not answered")
+            found.extend(TopicPartition(name, number) for number in sorted(numbers))
+        return found
 
     async def ping(self, within: float = 2.0) -> bool:
         """True when the broker answers a metadata request within `within` seconds."""

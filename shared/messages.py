@@ -112,6 +112,8 @@ class AuthResult(Message):
     max_kw: Power | None = None
     key_id: KeyId | None = None
     key: KeyText | None = None
+    # A standby Central's refusal names the active one (HOST:PORT), when it knows it.
+    active_central: Text | None = None
 
 
 class Heartbeat(Message):

@@ -1,0 +1,393 @@
+"""High availability: two or more Centrals, exactly one active, decided and fenced by Kafka.
+
+docs/high-availability.md explains the design; in short:
+
+- **Election.** Every Central started with `--ha` joins the consumer group `ev-central-lease`
+  on the one-partition topic `ev.central.lease` (`Lease`). The member that is assigned the
+  partition is the active Central; Kafka's group coordinator decides, and reassigns it when
+  the holder stops heartbeating for `--lease-timeout`. The sticky assignor keeps it where it
+  is when a standby joins or leaves.
+- **Fencing.** The active Central sends everything in transactions of one transactional id
+  (`TRANSACTIONAL_ID`). Starting that producer aborts whatever the previous holder had open and
+  makes all it tries later fail: a deposed Central that has not noticed yet reaches nobody.
+- **Replication.** What the active Central changes in SQLite goes to `ev.central.changelog`
+  in the same Kafka transactions as the messages that acknowledge it (EV_Central/changelog.py).
+  A standby applies it to its own database as it comes (`Replica`).
+- **Take-over.** Given the lease, a standby fences, reads the changelog to its end, and starts
+  as an ordinary Central on the database it has (`Term`). A Central that loses the lease, or
+  finds itself fenced, stops serving, and starts again as a standby from an empty database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitionAssignor
+from aiokafka.errors import KafkaError
+
+from EV_Central import changelog, schema
+from EV_Central.changelog import Replica
+from EV_Central.config import CentralSettings
+from EV_Central.db import Database
+from EV_Central.outbox import Fenced
+from shared.backoff import Backoff
+from shared.bus import HA_TOPICS, KafkaBus, Topics
+from shared.framed import FramedConnection, FramedServer, serve_framed
+from shared.framing import DEFAULT_MAX_FRAME
+from shared.lifecycle import Shutdown
+from shared.messages import MONITOR_TO_CENTRAL, AuthResult, MonitorToCentral
+from shared.tls import HANDSHAKE_TIMEOUT, optional_server_context
+from shared.web import bound_port, json_response, response, split_path
+
+log = logging.getLogger(__name__)
+
+LEASE_GROUP = "ev-central-lease"
+LEASE = TopicPartition(Topics.CENTRAL_LEASE, 0)
+TRANSACTIONAL_ID = "ev-central"
+# Replicated: who the active Central is and where (JSON); local: this Central's role.
+ACTIVE_KEY = "active_central"
+ROLE_KEY = "local.role"
+AUTH_TIMEOUT = 5.0
+
+
+class _TermOver(Exception):
+    """Shutdown, or the lease went elsewhere: this term ends."""
+
+
+class Lease:
+    """Membership of the lease group: `held` while this Central is assigned the partition."""
+
+    def __init__(self, bootstrap: str, client_id: str, timeout: float) -> None:
+        self.bootstrap = bootstrap
+        self.client_id = client_id
+        self.timeout = timeout
+        self.held = asyncio.Event()
+        self.lost = asyncio.Event()  # set when the lease, once held, went to another Central
+        self.members = 0
+
+    async def run(self) -> None:
+        """Stay in the group until cancelled (leaving it hands the lease on at once)."""
+        # The sticky assignor remembers (per process) what it held; a new term starts clean.
+        StickyPartitionAssignor.member_assignment = None
+        StickyPartitionAssignor.generation = StickyPartitionAssignor.DEFAULT_GENERATION_ID
+        timeout_ms = int(self.timeout * 1000)
+        backoff = Backoff(maximum=5.0)
+        while True:
+            consumer = AIOKafkaConsumer(
+                bootstrap_servers=self.bootstrap,
+                client_id=self.client_id,
+                group_id=LEASE_GROUP,
+                enable_auto_commit=False,
+                session_timeout_ms=timeout_ms,
+                heartbeat_interval_ms=max(100, timeout_ms // 6),
+                max_poll_interval_ms=max(10_000, timeout_ms * 3),
+                partition_assignment_strategy=(StickyPartitionAssignor,),
+                # A lease topic created a moment ago may have no partitions in the first
+                # metadata; the group is joined again when a later one has them.
+                metadata_max_age_ms=5_000,
+            )
+            try:
+                await consumer.start()
+            except KafkaError as exc:
+                await consumer.stop()
+                delay = backoff.next_delay()
+                log.warning("cannot join the lease group (%s); retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            break
+        consumer.subscribe([Topics.CENTRAL_LEASE], listener=_LeaseListener(self))
+        try:
+            while True:
+                await consumer.getmany(timeout_ms=1000)  # nothing is written: keeps membership
+        finally:
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+
+    def assigned(self, partitions: set[TopicPartition]) -> None:
+        if LEASE in partitions:
+            if not self.held.is_set():
+                log.info("this Central holds the lease: it becomes the active Central")
+            self.held.set()
+        elif self.held.is_set():
+            log.warning("the lease went to another Central")
+            self.held.clear()
+            self.lost.set()
+
+
+class _LeaseListener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, lease: Lease) -> None:
+        self._lease = lease
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        """Nothing yet: the sticky assignor usually gives the lease straight back."""
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        self._lease.assigned(set(assigned))
+
+
+def advertised(settings: CentralSettings) -> dict[str, Any]:
+    """Where this Central is reached, as a standby names it to monitors and browsers."""
+    host = settings.advertise or socket.gethostname()
+    return {
+        "name": f"{host}:{settings.port}",
+        "monitors": f"{host}:{settings.port}",
+        "admin": f"{host}:{settings.http_port}",
+    }
+
+
+def fresh_database(path: str) -> Database:
+    """Delete this Central's database: a standby rebuilds it from the changelog."""
+    for suffix in ("", "-wal", "-shm"):
+        Path(path + suffix).unlink(missing_ok=True)
+    schema.initialise(path, seed=False)
+    return Database(path, demo=False)
+
+
+class Standby:
+    """What a standby serves: refusals on the monitor port, its status on the admin port."""
+
+    def __init__(self, settings: CentralSettings, db: Database, replica: Replica) -> None:
+        self.settings = settings
+        self.db = db
+        self.replica = replica
+        self.tls = optional_server_context(settings.tls_cert, settings.tls_key)
+        self._monitors: FramedServer[MonitorToCentral] | None = None
+        self._web: Any = None
+        self.since = time.time()
+
+    async def active(self) -> dict[str, Any] | None:
+        """The active Central as the changelog last said (None before the first one)."""
+        rows = await self.db.read("SELECT value FROM meta WHERE key = ?", (ACTIVE_KEY,))
+        if not rows:
+            return None
+        with contextlib.suppress(ValueError):
+            found: dict[str, Any] = json.loads(rows[0]["value"])
+            return found
+        return None
+
+    async def start(self) -> None:
+        self._monitors = await serve_framed(
+            self._refuse,
+            self.settings.listen_host,
+            self.settings.port,
+            MONITOR_TO_CENTRAL,
+            name="monitor",
+            max_frame=DEFAULT_MAX_FRAME,
+            ssl_context=self.tls,
+            ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
+        )
+        from websockets.asyncio.server import serve
+
+        self._web = await serve(
+            self._ws_refused,
+            self.settings.listen_host,
+            self.settings.http_port,
+            process_request=self._http,
+            ssl=self.tls,
+        )
+        web_port = bound_port(self._web.sockets, self.settings.http_port)
+        log.info(
+            "standby Central: monitors refused on :%d, status on :%d",
+            bound_port(self._monitors.sockets, self.settings.port),
+            web_port,
+        )
+
+    async def stop(self) -> None:
+        if self._monitors is not None:
+            await self._monitors.close()
+            self._monitors = None
+        if self._web is not None:
+            self._web.close()
+            with contextlib.suppress(Exception):
+                await self._web.wait_closed()
+            self._web = None
+
+    async def status(self) -> dict[str, Any]:
+        active = await self.active()
+        return {
+            "status": "ok",
+            "role": "standby",
+            "active_central": active,
+            "changelog_applied": self.replica.applied,
+            "changelog_position": self.replica.position,
+            "changelog_lag": await self.replica.lag(),
+            "standby_since": self.since,
+        }
+
+    async def _refuse(self, conn: FramedConnection[MonitorToCentral]) -> None:
+        """Any monitor gets one refusal naming the active Central, then the link closes."""
+        try:
+            first = await asyncio.wait_for(conn.receive(), AUTH_TIMEOUT)
+            active = await self.active()
+            where = active["monitors"] if active else None
+            reason = "this Central is the standby; " + (
+                f"the active Central is at {where}" if where else "no Central is active yet"
+            )
+            await conn.send(
+                AuthResult(
+                    cp_id=getattr(first, "cp_id", "unknown"),
+                    accepted=False,
+                    reason=reason,
+                    active_central=where,
+                )
+            )
+        except Exception as exc:  # a bad or silent peer ends its own connection only
+            log.debug("standby: monitor connection ended: %s", exc)
+        finally:
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+    async def _ws_refused(self, connection: Any) -> None:
+        await connection.close(1013, "standby Central: use the active one")
+
+    async def _http(self, connection: Any, request: Any) -> Any:
+        path, _ = split_path(request.path)
+        status = await self.status()
+        if path == "/healthz":
+            return json_response(status)
+        if path == "/metrics":
+            body = (
+                "# HELP ev_central_role This Central's role (1 for the one it has).\n"
+                "# TYPE ev_central_role gauge\n"
+                'ev_central_role{role="standby"} 1\n'
+                'ev_central_role{role="active"} 0\n'
+                "# HELP ev_central_changelog_lag Changelog records not applied yet.\n"
+                "# TYPE ev_central_changelog_lag gauge\n"
+                f"ev_central_changelog_lag {status['changelog_lag']}\n"
+            ).encode()
+            return response(200, body, "text/plain; version=0.0.4; charset=utf-8")
+        if path.startswith("/api/"):
+            return json_response({"error": "standby Central: read-only", **status}, 503)
+        active = status["active_central"]
+        where = (
+            f'the active Central\'s panel is at <a href="//{active["admin"]}/">'
+            f"{active['admin']}</a>"
+            if active
+            else "no Central is active yet"
+        )
+        page = (
+            "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+            "<title>EV Central (standby)</title></head><body>"
+            "<h1>EV Central: standby</h1>"
+            f"<p id='role'>This Central is the hot standby; {where}.</p>"
+            f"<p>Changelog records applied: {status['changelog_applied']} "
+            f"(behind by {status['changelog_lag']}).</p></body></html>"
+        ).encode()
+        return response(200, page, "text/html; charset=utf-8")
+
+
+async def run_ha(settings: CentralSettings, shutdown: Shutdown) -> None:
+    """Standby until the lease comes, active until it goes; again, until shut down."""
+    stopping = asyncio.ensure_future(shutdown.wait())
+    try:
+        while not shutdown.requested:
+            await _term(settings, stopping)
+    finally:
+        stopping.cancel()
+
+
+async def _term(settings: CentralSettings, stopping: asyncio.Future[None]) -> None:
+    """One term: standby on an empty database, then (given the lease) active."""
+    from EV_Central.app import Central, serve
+
+    db = fresh_database(settings.db)
+    await db.start()
+    changelog.stop_capture(db.conn)
+    await _set_local(db, ROLE_KEY, "standby")
+    identity = advertised(settings)
+    bus = KafkaBus(settings.broker, f"ev-central-{identity['name']}")
+    replica = Replica(bus, db)
+    lease = Lease(settings.broker, f"ev-central-lease-{identity['name']}", settings.lease_timeout)
+    standby = Standby(settings, db, replica)
+    central: Central | None = None
+    producers: list[AIOKafkaProducer] = []
+    try:
+        await standby.start()
+        await bus.start(ensure_topics=False)
+        await bus.ensure_topics()
+        await bus.ensure_topics(HA_TOPICS)
+        await bus.partitions_of(spec.name for spec in HA_TOPICS)  # known to the cluster
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(lease.run(), name="lease")
+            applying = tasks.create_task(replica.run(), name="changelog-replica")
+            granted = asyncio.ensure_future(lease.held.wait())
+            first: set[asyncio.Future[Any]] = {granted, stopping}
+            await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
+            if stopping.done():
+                granted.cancel()
+                raise _TermOver  # leaves the task group, cancelling its tasks
+            # Active from here: fence the previous holder, then read what it committed.
+            started = time.monotonic()
+            producer = await bus.transactional_producer(TRANSACTIONAL_ID)
+            producers.append(producer)
+            end = await replica.catch_up()
+            applying.cancel()
+            await standby.stop()
+            changelog.start_capture(db.conn)
+            db.capturing = True
+            if end == 0 and settings.demo:
+                await _seed_demo(db)
+            await _set_local(db, ROLE_KEY, "active")
+            async with db.transaction() as tx:
+                since = dict(identity, since=time.time())
+                await tx.execute(
+                    "INSERT INTO meta (key, value) VALUES (?, ?)"
+                    " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (ACTIVE_KEY, json.dumps(since)),
+                )
+            central = Central(settings, db, transactions=producer)
+            await central.load()
+            log.info(
+                "active Central after %.2f s (changelog read to offset %d, %d records applied)",
+                time.monotonic() - started,
+                end,
+                replica.applied,
+            )
+            deposed = asyncio.ensure_future(lease.lost.wait())
+            ends: set[asyncio.Future[Any]] = {deposed, stopping}
+            until = asyncio.ensure_future(asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED))
+            await serve(central, settings, until)
+            if deposed.done():
+                log.warning("another Central holds the lease now: this one becomes standby")
+            raise _TermOver
+    except* Fenced:
+        log.warning("another Central has fenced this one: it becomes standby")
+    except* _TermOver:
+        pass
+    finally:
+        if central is not None:
+            with contextlib.suppress(Exception):
+                await central.bus.stop()
+        for producer in producers:
+            with contextlib.suppress(Exception):
+                await producer.stop()
+        with contextlib.suppress(Exception):
+            await standby.stop()
+        with contextlib.suppress(Exception):
+            await bus.stop()
+        await db.stop()
+
+
+async def _set_local(db: Database, key: str, value: str) -> None:
+    async with db.transaction() as tx:
+        await tx.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+
+async def _seed_demo(db: Database) -> None:
+    """The first active Central of a new network seeds the demo CPs and accounts."""
+    async with db.transaction() as tx:
+        cps, users = schema.seed_demo(tx.conn)
+    log.info("seeded the demo data (%d CPs, %d accounts): the changelog was empty", cps, users)
