@@ -176,7 +176,8 @@ class Deployment:
     async def start_central(self) -> ServiceProcess:
         flags = []
         for key, value in self.central_flags.items():
-            flags += [f"--{key.replace('_', '-')}", str(value)]
+            flag = f"--{key.replace('_', '-')}"
+            flags += [flag] if value is True else [flag, str(value)]
         self.central = self._add(
             ServiceProcess(
                 "central",
