@@ -41,6 +41,12 @@ def pair(kafka_cluster: Cluster, tmp_path: Path) -> tuple[Deployment, Deployment
     return centrals[0], centrals[1]
 
 
+def wipe(db_path: Path) -> None:
+    """An empty disk: the database and its write-ahead log are gone (the audit key stays)."""
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db_path}{suffix}").unlink(missing_ok=True)
+
+
 def read_page(url: str) -> str:
     with urllib.request.urlopen(url, timeout=5) as answer:
         return str(answer.read().decode())
@@ -92,7 +98,7 @@ async def test_the_standby_takes_over_mid_supply_and_both_rebuild_from_empty_dis
         # A supply on CP001, whose monitor knows both Centrals.
         a.start_engine("CP001", "--auto-plug", "1", "--auto-unplug", "14")
         both = f"127.0.0.1:{a.central_port},127.0.0.1:{b.central_port}"
-        monitor = a.start_monitor("CP001", "--central", both)
+        a.start_monitor("CP001", "--central", both)
         await a.wait_state("CP001", "ACTIVADO", timeout=30)
         driver = a.start_driver("user1", "--cp", "CP001")
         await driver.wait_output('"event":"started"', 30)
@@ -123,8 +129,7 @@ async def test_the_standby_takes_over_mid_supply_and_both_rebuild_from_empty_dis
         b.central.kill()
         await wait_for(lambda: not b.central.running, 10)  # type: ignore[union-attr]
         for central in (a, b):
-            for suffix in ("", "-wal", "-shm"):
-                Path(f"{central.db_path}{suffix}").unlink(missing_ok=True)
+            wipe(central.db_path)
         await b.start_central()
         await wait_role(b, "active", 30)
         await a.start_central()
@@ -137,7 +142,8 @@ async def test_the_standby_takes_over_mid_supply_and_both_rebuild_from_empty_dis
         assert after["audit"][: len(before["audit"])] == before["audit"]
         await wait_for(lambda: ledger(a) == ledger(b), 10, message="the standby is behind")
         for central in (a, b):
-            verified = subprocess.run(
+            verified = await asyncio.to_thread(
+                subprocess.run,
                 [sys.executable, "-m", "EV_Central", "audit", "verify", "--db", central.db_path],
                 capture_output=True,
                 text=True,
@@ -162,9 +168,7 @@ async def test_a_standby_refuses_a_monitor_naming_the_active_and_answers_no_requ
         active, standby = a, b
         assert await role(standby) == "standby"
         standby.start_engine("CP002")
-        monitor = standby.start_monitor(
-            "CP002", "--central", f"127.0.0.1:{standby.central_port}"
-        )
+        monitor = standby.start_monitor("CP002", "--central", f"127.0.0.1:{standby.central_port}")
         where = f"127.0.0.1:{active.central_port}"
         await monitor.wait_output(
             re.escape(f"this Central is the standby; the active Central is at {where}"), 30
