@@ -25,6 +25,7 @@ import contextlib
 import json
 import logging
 import socket
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ TRANSACTIONAL_ID = "ev-central"
 # Replicated: who the active Central is and where (JSON); local: this Central's role.
 ACTIVE_KEY = "active_central"
 ROLE_KEY = "local.role"
+PREVIOUS_SUFFIX = ".previous"
 AUTH_TIMEOUT = 5.0
 
 
@@ -144,12 +146,61 @@ def advertised(settings: CentralSettings) -> dict[str, Any]:
     }
 
 
-def fresh_database(path: str) -> Database:
-    """Delete this Central's database: a standby rebuilds it from the changelog."""
+def previous_path(path: str) -> Path:
+    return Path(path + PREVIOUS_SUFFIX)
+
+
+def fresh_database(path: str) -> tuple[Database, Path | None]:
+    """Keep a copy of this Central's database (`<db>.previous`) and start an empty one.
+
+    A standby rebuilds its database from the changelog; the copy is what an operator looks at
+    afterwards, and what a first active Central adopts when the changelog is empty (a network
+    that ran with one Central moving to two). Returns the new database and the copy, if any.
+    """
+    previous: Path | None = None
+    if Path(path).exists():
+        previous = previous_path(path)
+        partial = Path(f"{previous}.partial")
+        with contextlib.closing(sqlite3.connect(path)) as source:
+            with contextlib.closing(sqlite3.connect(partial)) as copy:
+                source.backup(copy)  # with what is still in the write-ahead log
+        partial.chmod(0o600)
+        partial.replace(previous)
+    elif previous_path(path).exists():
+        previous = previous_path(path)  # kept from an earlier start
     for suffix in ("", "-wal", "-shm"):
         Path(path + suffix).unlink(missing_ok=True)
     schema.initialise(path, seed=False)
-    return Database(path, demo=False)
+    return Database(path, demo=False), previous
+
+
+async def adopt(db: Database, previous: Path | None) -> int:
+    """Copy the replicated tables of an earlier database in (the triggers queue every row).
+
+    Returns how many rows were copied. Only the first active Central of a changelog does this.
+    """
+    if previous is None:
+        return 0
+    conn = db.conn
+    conn.execute("ATTACH DATABASE ? AS previous", (str(previous),))
+    try:
+        copied = 0
+        async with db.transaction() as tx:
+            for table in changelog.REPLICATED:
+                old = {row[1] for row in conn.execute(f"PRAGMA previous.table_info({table})")}
+                new = [row[1] for row in conn.execute(f"PRAGMA main.table_info({table})")]
+                columns = ", ".join(name for name in new if name in old)
+                if not columns:
+                    continue  # a table the earlier database did not have
+                only = " WHERE key NOT LIKE 'local.%'" if table == "meta" else ""
+                cursor = await tx.execute(
+                    f"INSERT OR REPLACE INTO main.{table} ({columns})"
+                    f" SELECT {columns} FROM previous.{table}{only}"
+                )
+                copied += max(0, cursor.rowcount)
+    finally:
+        conn.execute("DETACH DATABASE previous")
+    return copied
 
 
 class Standby:
@@ -299,7 +350,7 @@ async def _term(settings: CentralSettings, stopping: asyncio.Future[None]) -> No
     """One term: standby on an empty database, then (given the lease) active."""
     from EV_Central.app import Central, serve
 
-    db = fresh_database(settings.db)
+    db, previous = fresh_database(settings.db)
     await db.start()
     changelog.stop_capture(db.conn)
     await _set_local(db, ROLE_KEY, "standby")
@@ -334,8 +385,16 @@ async def _term(settings: CentralSettings, stopping: asyncio.Future[None]) -> No
             await standby.stop()
             changelog.start_capture(db.conn)
             db.capturing = True
-            if end == 0 and settings.demo:
-                await _seed_demo(db)
+            if end == 0:
+                # The first active Central of this Kafka cluster: its earlier database (one
+                # Central before), or the demo data, is where the changelog starts.
+                adopted = await adopt(db, previous)
+                if adopted:
+                    log.info(
+                        "adopted %d rows of the earlier database: the changelog was empty", adopted
+                    )
+                elif settings.demo:
+                    await _seed_demo(db)
             await _set_local(db, ROLE_KEY, "active")
             async with db.transaction() as tx:
                 since = dict(identity, since=time.time())
