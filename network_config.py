@@ -3,7 +3,9 @@
 Each value can be overridden by an environment variable of the same name (for example
 `PC2_IP=192.168.1.20`). `python network_config.py` prints the settings; with `--env FILE` it
 writes them as a .env file for the Docker Compose files; `--ports pc2` prints the TCP ports
-that PC serves to the others (what its firewall must let in).
+that PC serves to the others (what its firewall must let in); `--three-pcs` refuses settings
+the three-PC deployment cannot run on; `--audit-key FILE` creates the audit key the two
+Centrals share, unless FILE exists.
 
 Standard library only: it runs on any PC with Python 3.11, without the project installed.
 """
@@ -14,11 +16,13 @@ import argparse
 import ipaddress
 import os
 import re
+import secrets
 import sys
 from collections.abc import Mapping
 
 DEFAULTS: dict[str, str] = {
-    # PC1: driver dashboard. PC2: Kafka, Kafka UI, Central. PC3: charging points.
+    # PC1: driver dashboard, the standby Central. PC2: Kafka UI, the active Central. PC3:
+    # charging points. Each PC runs one node of the three-node Kafka cluster.
     "PC1_IP": "127.0.0.1",
     "PC2_IP": "127.0.0.1",
     "PC3_IP": "127.0.0.1",
@@ -30,10 +34,14 @@ DEFAULTS: dict[str, str] = {
     "MONITOR_HTTP_PORT": "8003",
     # CP n of PC3 (1-based) has its engine listen on ENGINE_BASE_PORT + n - 1.
     "ENGINE_BASE_PORT": "6101",
-    # Kafka's listeners inside PC2's Docker network: containers there (Central, Kafka UI, the
-    # topic set-up) use kafka:KAFKA_INTERNAL_PORT; the controller quorum uses its own port.
+    # Kafka's listeners inside the one-host Docker network (docker-compose.yml): containers
+    # there use kafka:KAFKA_INTERNAL_PORT. The controller quorum uses its own port: on three
+    # PCs each node's controllers talk to the others' on PCn_IP:KAFKA_CONTROLLER_PORT.
     "KAFKA_INTERNAL_PORT": "29092",
     "KAFKA_CONTROLLER_PORT": "29093",
+    # The brokers clients bootstrap from, HOST:PORT,...; empty: the three PCs' nodes,
+    # PC1_IP:KAFKA_PORT,PC2_IP:KAFKA_PORT,PC3_IP:KAFKA_PORT (each node advertises its own).
+    "KAFKA_BROKERS": "",
     # KRaft cluster id (16 bytes, URL-safe base64): formats the broker's volume on first start.
     "KAFKA_CLUSTER_ID": "XR8MOpt-TC2KYeL0t8nQEw",
     # The charging points PC3 runs, one engine + monitor pair each (docker-compose.pc3.yml
@@ -59,7 +67,8 @@ DEFAULTS: dict[str, str] = {
     "SITE_TLS_KEY": "",
 }
 
-# Settings that may stay empty (TLS off); every other one needs a value.
+# Settings that may stay empty (TLS off); every other one needs a value (KAFKA_BROKERS gets
+# one from the addresses when empty).
 OPTIONAL = frozenset(key for key in DEFAULTS if "_TLS_" in key)
 # A certificate and its key: both set or both empty.
 TLS_PAIRS = (
@@ -74,13 +83,21 @@ PC3_SLOTS = 3
 DEMO_SPEED = "60"
 MAX_SPEED = 3600.0
 
-# What each PC serves to the others: its firewall opens these, preflight checks them.
+# What each PC serves to the others: its firewall opens these, preflight checks them. Every
+# PC runs a Kafka node (clients and the other nodes dial KAFKA_PORT, the other controllers
+# KAFKA_CONTROLLER_PORT); PC2 the active Central and PC1 its standby.
+KAFKA_NODE_PORTS = ("KAFKA_PORT", "KAFKA_CONTROLLER_PORT")
+CENTRAL_PORTS = ("CENTRAL_PORT", "CENTRAL_HTTP_PORT")
 PC_PORTS: dict[str, tuple[str, ...]] = {
-    "pc1": ("DRIVER_HTTP_PORT",),
-    "pc2": ("KAFKA_PORT", "KAFKA_UI_PORT", "CENTRAL_PORT", "CENTRAL_HTTP_PORT"),
-    "pc3": ("MONITOR_HTTP_PORT",),
+    "pc1": ("DRIVER_HTTP_PORT", *CENTRAL_PORTS, *KAFKA_NODE_PORTS),
+    "pc2": ("KAFKA_PORT", "KAFKA_UI_PORT", *CENTRAL_PORTS, "KAFKA_CONTROLLER_PORT"),
+    "pc3": ("MONITOR_HTTP_PORT", *KAFKA_NODE_PORTS),
 }
 PCS = tuple(PC_PORTS)
+# The Kafka node id of each PC's node (docker-compose.pcN.yml), and the Centrals in the order
+# monitors try them: the active one's PC first, then the standby's.
+KAFKA_NODE_IDS = {"pc1": 1, "pc2": 2, "pc3": 3}
+CENTRAL_PCS = ("pc2", "pc1")
 
 _CP_ID = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
 _HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
@@ -101,6 +118,20 @@ def check_host(key: str, value: str) -> str:
     if not value or len(value) > 253 or not all(_HOST_LABEL.match(label) for label in labels):
         raise ValueError(f"{key}={value!r} is not an IPv4 address or a host name")
     return value
+
+
+def check_host_list(key: str, value: str) -> str:
+    """HOST:PORT,HOST:PORT,... (at least one; spaces around the commas dropped)."""
+    entries = [part.strip() for part in value.split(",") if part.strip()]
+    if not entries:
+        raise ValueError(f"{key} is empty: give HOST:PORT,HOST:PORT,...")
+    for entry in entries:
+        host, sep, port = entry.rpartition(":")
+        if not sep:
+            raise ValueError(f"{key}: {entry!r} is not HOST:PORT")
+        check_host(key, host)
+        check_port(key, port)
+    return ",".join(entries)
 
 
 def check_container_path(key: str, value: str) -> str:
@@ -195,13 +226,65 @@ def load(environ: Mapping[str, str] | None = None) -> dict[str, str]:
         seen[port] = key
     config["KAFKA_BOOTSTRAP"] = f"{config['PC2_IP']}:{config['KAFKA_PORT']}"
     config["CENTRAL_ADDRESS"] = f"{config['PC2_IP']}:{config['CENTRAL_PORT']}"
+    # The three-PC deployment: a Kafka node on every PC, Centrals on PC2 and PC1.
+    nodes = {pc: config[f"{pc.upper()}_IP"] for pc in KAFKA_NODE_IDS}
+    nodes_list = ",".join(f"{ip}:{config['KAFKA_PORT']}" for ip in nodes.values())
+    config["KAFKA_BROKERS"] = check_host_list(
+        "KAFKA_BROKERS", config["KAFKA_BROKERS"] or nodes_list
+    )
+    config["KAFKA_VOTERS"] = ",".join(
+        f"{KAFKA_NODE_IDS[pc]}@{ip}:{config['KAFKA_CONTROLLER_PORT']}" for pc, ip in nodes.items()
+    )
+    config["CENTRAL_ADDRESSES"] = ",".join(
+        f"{config[f'{pc.upper()}_IP']}:{config['CENTRAL_PORT']}" for pc in CENTRAL_PCS
+    )
     return config
 
 
+def three_pc_problem(config: Mapping[str, str]) -> str | None:
+    """Why these settings cannot run the three-PC deployment (None when they can).
+
+    Every PC's Kafka node is dialled by the others at its PCn_IP, on the same ports as the
+    other nodes: each address must be reachable from elsewhere and belong to one PC only.
+    """
+    owners: dict[str, str] = {}
+    for pc in PCS:
+        key = f"{pc.upper()}_IP"
+        address = config[key]
+        if address.startswith("127.") or address == "localhost":
+            return (
+                f"{key} is {address}: the other PCs cannot reach that. Set PC1_IP, PC2_IP and "
+                f"PC3_IP to the PCs' LAN addresses (edit network_config.py or export {key}=...)"
+            )
+        if address in owners:
+            return (
+                f"{key} and {owners[address]} are both {address}: each PC runs a Kafka node on "
+                "the same ports, so each needs its own address"
+            )
+        owners[address] = key
+    return None
+
+
 def pc_ports(config: Mapping[str, str], pc: str) -> list[int]:
-    """The TCP ports `pc` (pc1, pc2, pc3 or all) serves to the other PCs."""
+    """The TCP ports `pc` (pc1, pc2, pc3 or all) serves to the other PCs, each once."""
     pcs = PCS if pc == "all" else (pc,)
-    return [int(config[key]) for name in pcs for key in PC_PORTS[name]]
+    keys = dict.fromkeys(key for name in pcs for key in PC_PORTS[name])
+    return [int(config[key]) for key in keys]
+
+
+def ensure_audit_key(path: str) -> bool:
+    """Create the audit key both Centrals share (32 random bytes in hex, mode 0600) unless
+    `path` exists already; True when it was created now."""
+    directory = os.path.dirname(path)
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w", encoding="ascii") as out:
+        out.write(secrets.token_hex(32) + "\n")
+    return True
 
 
 def env_file(config: Mapping[str, str]) -> str:
@@ -211,6 +294,16 @@ def env_file(config: Mapping[str, str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--env", metavar="FILE", help="write the settings as a .env file")
+    parser.add_argument(
+        "--three-pcs",
+        action="store_true",
+        help="refuse settings the three-PC deployment cannot run on (loopback or shared addresses)",
+    )
+    parser.add_argument(
+        "--audit-key",
+        metavar="FILE",
+        help="create the audit key the two Centrals share in FILE unless it exists",
+    )
     parser.add_argument(
         "--ports",
         metavar="PC",
@@ -223,13 +316,20 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    problem = three_pc_problem(config) if args.three_pcs else None
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    if args.audit_key:
+        created = ensure_audit_key(args.audit_key)
+        print(f"{'created' if created else 'kept'} {args.audit_key}")
     if args.ports:
         print(" ".join(str(port) for port in pc_ports(config, args.ports)))
     elif args.env:
         with open(args.env, "w", encoding="utf-8") as out:
             out.write(env_file(config))
         print(f"wrote {args.env}")
-    else:
+    elif not args.audit_key:
         sys.stdout.write(env_file(config))
     return 0
 

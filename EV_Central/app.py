@@ -220,6 +220,8 @@ async def serve(central: Central, settings: CentralSettings, until: Awaitable[ob
         Listen(settings.listen_host, settings.http_port, tls),
         session_ttl=settings.session_ttl,
         allowed_origins=settings.allowed_origin,
+        keep_sessions=central.stats.role == "active",
+        durable=central.outbox.durable,
     )
     console = Console(
         central.registry, central.feed, central.cp_links, central.audit, settings.console

@@ -45,6 +45,7 @@ REPLICATED: dict[str, tuple[str, ...]] = {
     "replay_guard": ("key_id", "stream"),
     "audit_log": ("id",),
     "consumer_positions": ("topic", "partition"),
+    "web_sessions": ("key",),
 }
 LOCAL_META = "local.%"
 

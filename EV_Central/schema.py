@@ -94,6 +94,14 @@ CREATE TABLE IF NOT EXISTS consumer_positions (
     next_offset INTEGER NOT NULL,
     PRIMARY KEY (topic, partition)
 );
+-- Logins to the admin web and ctl, with --ha only (the standby takes them over): the SHA-256
+-- of each session's token, never the token; times are seconds since the epoch.
+CREATE TABLE IF NOT EXISTS web_sessions (
+    key        TEXT PRIMARY KEY,
+    user_id    TEXT NOT NULL,
+    role       TEXT NOT NULL,
+    expires_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS outbox (
     seq        INTEGER PRIMARY KEY AUTOINCREMENT,
     topic      TEXT NOT NULL,

@@ -292,6 +292,16 @@ class StoreTx:
             (key, value),
         )
 
+    async def put_web_session(self, key: str, user_id: str, role: str, expires_at: float) -> None:
+        await self._tx.execute(
+            "INSERT OR REPLACE INTO web_sessions (key, user_id, role, expires_at)"
+            " VALUES (?, ?, ?, ?)",
+            (key, user_id, role, expires_at),
+        )
+
+    async def end_web_session(self, key: str) -> None:
+        await self._tx.execute("DELETE FROM web_sessions WHERE key = ?", (key,))
+
     async def save_positions(self, positions: dict[tuple[str, int], int]) -> None:
         """Where the consumer has read up to (high-availability mode): the next offsets."""
         await self._tx.executemany(
@@ -342,6 +352,19 @@ class Store:
 
     async def replay_guard(self) -> list[sqlite3.Row]:
         return await self.db.read("SELECT key_id, stream, last_seq FROM replay_guard")
+
+    async def save_web_session(self, key: str, user_id: str, role: str, expires_at: float) -> None:
+        async with self.transaction() as tx:
+            await tx.put_web_session(key, user_id, role, expires_at)
+
+    async def end_web_session(self, key: str) -> None:
+        async with self.transaction() as tx:
+            await tx.end_web_session(key)
+
+    async def web_sessions(self, now: float) -> list[sqlite3.Row]:
+        return await self.db.read(
+            "SELECT key, user_id, role, expires_at FROM web_sessions WHERE expires_at > ?", (now,)
+        )
 
     async def positions(self) -> dict[tuple[str, int], int]:
         rows = await self.db.read("SELECT topic, partition, next_offset FROM consumer_positions")

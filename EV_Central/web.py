@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pydantic import ValidationError
@@ -73,8 +74,14 @@ class AdminWeb(WebApp, Part):
         *,
         session_ttl: float,
         allowed_origins: list[str],
+        keep_sessions: bool = False,
+        durable: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
+        """`keep_sessions` (with --ha): logins are kept in the database, which the standby
+        has too, so that a take-over does not log the admins out."""
         Part.__init__(self, context)
+        self._keep_sessions = keep_sessions
+        self._durable = durable
         self._cp_links = cp_links
         self._people = people
         self._audit_log = audit
@@ -107,9 +114,30 @@ class AdminWeb(WebApp, Part):
         self._feed.on_event(self._on_event)
         self._feed.on_sessions(self._sessions_dirty.set)
         audit.on_record(self._on_audit)
+        if keep_sessions:
+            self.shell.sessions.changed = self._session_changed
 
     async def start(self) -> None:
+        if self._keep_sessions:
+            for row in await self._store.web_sessions(time.time()):
+                self.shell.sessions.restore(
+                    row["key"], row["user_id"], row["role"], row["expires_at"]
+                )
         await self.shell.start(self._refresh)
+
+    async def session_made(self, session: WebSession) -> None:
+        """With --ha the cookie goes out once Kafka has the session (the standby too)."""
+        if not self._keep_sessions:
+            return
+        expires_at = self.shell.sessions.wall_time(session.expires_at)
+        await self._store.save_web_session(session.key, session.user_id, session.role, expires_at)
+        if self._durable is not None and not await self._durable():
+            log.warning("a new admin session is not in Kafka yet: a take-over now would end it")
+
+    def _session_changed(self, key: str, session: WebSession | None) -> None:
+        """Keep the database in step with the logins (in order: one writer at a time)."""
+        if session is None:  # a new one is saved by session_made, before its cookie leaves
+            self.shell.spawn(self._store.end_web_session(key), "web-session-end")
 
     async def stop(self) -> None:
         await self.shell.stop()

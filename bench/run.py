@@ -7,6 +7,11 @@ process of its own, which authenticates like the real parts (docs/performance.md
 measured: the raw Kafka floor (aiokafka produce -> consume round trip) and a baseline charger
 server (`ocpp` over `websockets`). Writes bench/results.json, bench/results.png and
 docs/performance.md.
+
+With --failover (`make bench-failover`) it measures the failover section instead
+(bench/failover.py): kills of the active Central of an HA pair under a fleet, and the cost of
+high availability against one broker and one Central; the figures are added to results.json
+beside those of the last fleet run, and the report is written again.
 """
 
 from __future__ import annotations
@@ -396,8 +401,171 @@ def report(results: dict[str, Any], command: str, plot_name: str) -> str:
         )
     lines += ["", "## Targets", ""]
     lines += [f"- {t}" for t in results.get("targets", [])]
+    lines += failover_report(results)
     lines += ["", ANALYSIS]
     return "\n".join(lines)
+
+
+def failover_report(results: dict[str, Any]) -> list[str]:
+    """The failover section of the report: kills of the active Central, and the cost of HA."""
+    f = results.get("failover")
+    cost = results.get("ha_cost")
+    if not f and not cost:
+        return []
+    lines = [
+        "",
+        "## Failover and the cost of high availability",
+        "",
+        "A three-node Kafka cluster and two Centrals started with `--ha`"
+        " ([high-availability.md](high-availability.md)); every simulated monitor knows both"
+        " (`--central A,B`): when its link breaks or a standby refuses it, it tries the next"
+        " address (the active one at once when a standby names it), with a 1 s pause after a"
+        " whole round, as the real monitor does. Measured with",
+        "",
+        "```",
+        results.get("failover_command", "make bench-failover"),
+        "```",
+        "",
+    ]
+    if f:
+        k = f["per_kill"]
+        lines += [
+            f"### {f['kills']} kills (-9) of the active Central at {f['cps']} CPs",
+            "",
+            "Each kill: the time until the other Central's `/healthz` says `active` (polled"
+            " every 50 ms; the lease timeout is 3 s), the time until every CP is connected"
+            " again (authenticated at the new active Central; the fleet reports the moment"
+            " the last one is back), and the supply requests in flight during that window"
+            " (sent before every CP was back, answered after the kill). Then the killed"
+            " Central is started again and the next kill waits until it is the standby and"
+            " the fleet has settled.",
+            "",
+            "| | p50 | p99 | max |",
+            "|---|---|---|---|",
+        ]
+        for label, key in (
+            ("kill → new active, s", "to_new_active_s"),
+            ("kill → every CP connected again, s", "all_connected_s"),
+            ("one CP: link lost → connected again, s", "reconnection_per_cp_s"),
+            ("request→authorisation in the windows, ms", "request_to_authorisation_in_windows_ms"),
+        ):
+            v = f[key]
+            lines.append(f"| {label} | {fmt(v['p50'])} | {fmt(v['p99'])} | {fmt(v['max'])} |")
+        lines += [
+            "",
+            "| kill | killed | → active s | → all CPs back s | CPs back | req→auth p50/p99/max ms"
+            " (n) | denied | timeouts |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for i, w in enumerate(k, 1):
+            r = w["request_to_authorisation_ms"]
+            lines.append(
+                f"| {i} | {w['killed']} | {fmt(w['to_new_active_s'])} |"
+                f" {fmt(w['all_connected_s'])} | {w['cps_reconnected']} |"
+                f" {fmt(r['p50'])} / {fmt(r['p99'])} / {fmt(r['max'])} ({r['count']}) |"
+                f" {w['denied']} | {w['timeouts']} |"
+            )
+        whole = f["request_to_authorisation_whole_run_ms"]
+        lines += [
+            "",
+            f"Over the whole run (kills included): request→authorisation p50/p99/max"
+            f" {fmt(whole['p50'])} / {fmt(whole['p99'])} / {fmt(whole['max'])} ms"
+            f" ({whole['count']} requests); {f['denied']} denied, {f['request_timeouts']}"
+            f" unanswered; monitors refused by a standby (and sent on) {f['standby_refusals']},"
+            f" refused outright {f['monitors_refused']}, not back at the end"
+            f" {f['monitors_down_at_end']}.",
+        ]
+    if cost:
+        single, ha = cost["single"], cost["ha"]
+        base = cost.get("ocpp_heartbeats_per_cpu_s")
+        lines += [
+            "",
+            f"### The cost of high availability at {cost['cps']} CPs",
+            "",
+            f"The same fleet ({cost['cps']} CPs, {single['supplying_target']} supplying,"
+            f" {fmt(single['duration_s'])} s measured) against one broker and one Central, then"
+            " against the three-node cluster and the HA pair (Central A active, B the standby"
+            " applying the changelog), one after the other in the same run. Heartbeats per"
+            " CPU-second count the active Central's CPU only.",
+            "",
+            "| | single broker, one Central | 3-node cluster, HA pair |",
+            "|---|---|---|",
+        ]
+        rows = (
+            ("request→authorisation p50 ms", "request_to_authorisation_ms", "p50"),
+            ("request→authorisation p99 ms", "request_to_authorisation_ms", "p99"),
+            ("request→authorisation max ms", "request_to_authorisation_ms", "max"),
+            ("telemetry→dashboard p99 ms", "telemetry_to_dashboard_ms", "p99"),
+            ("heartbeat RTT p99 ms", "heartbeat_rtt_ms", "p99"),
+        )
+        for label, key, q in rows:
+            lines.append(f"| {label} | {fmt(single[key][q])} | {fmt(ha[key][q])} |")
+        for label, key in (
+            ("heartbeats per CPU-second", "central_heartbeats_per_cpu_s"),
+            ("Central CPU %", "central_cpu_percent"),
+            ("Central RSS max MiB", "central_rss_max_mib"),
+        ):
+            lines.append(f"| {label} | {fmt(single.get(key))} | {fmt(ha.get(key))} |")
+        for label, key in (("publish", "publish"), ("outbox", "outbox"), ("arrival", "arrival")):
+            s_st = (single.get("central_stage_mean_ms") or {}).get(key)
+            h_st = (ha.get("central_stage_mean_ms") or {}).get(key)
+            lines.append(f"| stage `{label}` mean ms | {fmt(s_st)} | {fmt(h_st)} |")
+        lines.append(
+            f"| disconnects, timeouts, denied | {single['unexpected_disconnects']},"
+            f" {single['request_timeouts']}, {single['denied']} |"
+            f" {ha['unexpected_disconnects']}, {ha['request_timeouts']}, {ha['denied']} |"
+        )
+        if base:
+            lines += [
+                "",
+                f"`ocpp` baseline at {cost.get('ocpp_chargers')} chargers:"
+                f" {fmt(base)} heartbeats per CPU-second ({cost.get('ocpp_source')}).",
+            ]
+    lines += ["", "Failover targets:", ""]
+    lines += [f"- {t}" for t in failover_targets(results)]
+    if results.get("failover_notes"):
+        lines += ["", results["failover_notes"]]
+    return lines
+
+
+def failover_targets(results: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    cost = results.get("ha_cost")
+    f = results.get("failover")
+
+    def verdict(ok: bool) -> str:
+        return "**met**" if ok else "**missed**"
+
+    if f:
+        p99 = f["request_to_authorisation_in_windows_ms"]["p99"]
+        back = f["all_connected_s"]["max"]
+        out.append(
+            f"{f['cps']} CPs, {f['kills']} kills: every CP connected again after each"
+            f" (slowest {fmt(back)} s), {f['monitors_down_at_end']} not back at the end:"
+            f" {verdict(f['monitors_down_at_end'] == 0 and len(f['per_kill']) == f['kills'])}"
+        )
+        out.append(
+            f"request→authorisation p99 across the failover windows: {fmt(p99)} ms (no target;"
+            " it includes the take-over)"
+        )
+    if cost:
+        ha = cost["ha"]
+        p99 = ha["request_to_authorisation_ms"]["p99"]
+        if p99 is not None:
+            over = "" if p99 < 100 else f", {p99 - 100:.1f} ms over"
+            out.append(
+                f"HA pair on the cluster, {cost['cps']} CPs: request→authorisation p99"
+                f" {p99:g} ms < 100 ms{over}: {verdict(p99 < 100)}"
+            )
+        ours = ha.get("central_heartbeats_per_cpu_s")
+        base = cost.get("ocpp_heartbeats_per_cpu_s")
+        if ours and base:
+            ratio = ours / base
+            out.append(
+                f"HA pair, {cost['cps']} CPs: heartbeats per CPU-second {ours:g} vs ocpp"
+                f" {base:g} = {ratio:.2f}x (target >= 3x): {verdict(ratio >= 3)}"
+            )
+    return out
 
 
 AUTHENTICATION = """\
@@ -508,7 +676,9 @@ What still costs, per the profile at 10,000 CPs:
 
 
 def targets(results: dict[str, Any]) -> list[str]:
-    out = []
+    out: list[str] = []
+    if not results["fleets"]:
+        return out
     big = max(results["fleets"], key=lambda r: r["cps"])
     floor = results.get("kafka_floor") or {}
 
@@ -581,15 +751,32 @@ def main(argv: list[str] | None = None) -> int:
         "--profile", type=Path, help="run Central under cProfile, writing DIR/central-N.prof"
     )
     p.add_argument(
+        "--failover",
+        action="store_true",
+        help="measure the failover section only (bench/failover.py) and add it to --out",
+    )
+    p.add_argument("--failover-cps", type=int, default=1000, help="fleet size for the kills")
+    p.add_argument("--kills", type=int, default=10, help="kills of the active Central")
+    p.add_argument(
+        "--settle", type=float, default=5.0, help="seconds between a failover and the next kill"
+    )
+    p.add_argument(
+        "--ha-cps",
+        type=int,
+        default=5000,
+        help="fleet size of the HA-vs-single comparison (0: no comparison)",
+    )
+    p.add_argument(
         "--report-only",
         action="store_true",
         help="measure nothing: write the plot and --doc again from the figures in --out",
     )
     a = p.parse_args(argv)
     if a.report_only:
-        results = json.loads(a.out.read_text())
-        write_report(results, a.plot, a.doc)
+        write_report(json.loads(a.out.read_text()), a.plot, a.doc)
         return 0
+    if a.failover:
+        return main_failover(a, argv if argv is not None else sys.argv[1:])
     sizes = [int(s) for s in a.sizes.split(",")]
     command = "make bench  # = .venv/bin/python -m bench.run " + " ".join(
         argv if argv is not None else sys.argv[1:]
@@ -625,10 +812,62 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def main_failover(a: argparse.Namespace, argv: list[str]) -> int:
+    """The failover section; its figures join those of the last fleet run in --out."""
+    from bench.failover import run_failover, run_ha_fleet
+
+    results: dict[str, Any] = (
+        json.loads(a.out.read_text())
+        if a.out.exists()
+        else {"machine": machine(), "command": "make bench", "fleets": [], "baseline": []}
+    )
+    results["failover_command"] = "make bench-failover  # = .venv/bin/python -m bench.run " + (
+        " ".join(argv)
+    )
+    for key in ("failover", "ha_cost", "failover_notes"):
+        results.pop(key, None)
+    with tempfile.TemporaryDirectory(prefix="ev-bench-failover-") as tmp:
+        root = Path(tmp)
+        if a.kills > 0:
+            results["failover"] = run_failover(
+                root, a.failover_cps, a.kills, 15.0, a.supplying, SUPPLY_SECONDS, a.settle
+            )
+            print(json.dumps({k: v for k, v in results["failover"].items() if k != "per_kill"}))
+        if a.ha_cps > 0:
+            single = run_fleet(a.ha_cps, a.duration, a.warmup, a.supplying, root)
+            print("single:", json.dumps(single), flush=True)
+            ha = run_ha_fleet(
+                root,
+                a.ha_cps,
+                a.duration,
+                a.warmup,
+                a.supplying,
+                SUPPLY_SECONDS,
+                DEMO_ADMIN_PASSWORD,
+            )
+            print("ha:", json.dumps(ha), flush=True)
+            cost: dict[str, Any] = {"cps": a.ha_cps, "single": single, "ha": ha}
+            base = next((b for b in results.get("baseline", []) if b["chargers"] == a.ha_cps), None)
+            source = "measured by the last `make bench`"
+            if base is None and not a.no_baseline:
+                base = run_baseline(a.ha_cps, a.baseline_duration, a.supplying, root)
+                source = "measured in this run"
+            if base is not None:
+                cost["ocpp_chargers"] = base["chargers"]
+                cost["ocpp_heartbeats_per_cpu_s"] = base["heartbeats_per_cpu_s"]
+                cost["ocpp_source"] = source
+            results["ha_cost"] = cost
+    a.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_report(results, a.plot, a.doc)
+    print("\n".join(failover_targets(results)))
+    return 0
+
+
 def write_report(results: dict[str, Any], plot_path: Path, doc: Path) -> None:
     """The plot and the Markdown report of RESULTS (the targets are judged again)."""
     results["targets"] = targets(results)
-    plot(results, plot_path)
+    if results["fleets"]:
+        plot(results, plot_path)
     rel = os.path.relpath(plot_path, doc.parent)
     doc.write_text(report(results, results.get("command", "make bench"), rel))
 

@@ -176,6 +176,10 @@ class WebApp(ABC):
         """Check one login (only asked when the shell has Logins)."""
         return LoginOutcome(False, form.user, reason="no logins here")
 
+    async def session_made(self, session: WebSession) -> None:
+        """A login became a session; its cookie goes out when this returns."""
+        return None  # kept in memory only, by default
+
     def session_backed(self, session: WebSession) -> bool:
         """False when what backs a user's sessions is gone (they are then ended)."""
         return True

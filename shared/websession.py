@@ -80,7 +80,10 @@ class _Grant:
 class SessionStore:
     """Sessions and one-time grants, in memory (a restart logs everybody out).
 
-    `clock` is monotonic time; tests pass their own.
+    `clock` is monotonic time; tests pass their own. A service that keeps sessions elsewhere
+    too (Central with --ha: its database, replicated to the standby) sets `changed`, which is
+    told of every session made (the session) and ended (None, with its key), and gives them
+    back with `restore`.
     """
 
     def __init__(
@@ -103,6 +106,22 @@ class SessionStore:
         self._clock = clock
         self._sessions: dict[str, WebSession] = {}
         self._grants: dict[str, _Grant] = {}
+        self.changed: Callable[[str, WebSession | None], None] | None = None
+
+    def wall_time(self, at: float) -> float:
+        """A time of this store's clock as seconds since the epoch."""
+        return at - self._clock() + time.time()
+
+    def restore(self, key: str, user_id: str, role: str, expires_at_wall: float) -> None:
+        """Take back a session kept elsewhere (its token's digest, its absolute end)."""
+        now = self._clock()
+        expires_at = expires_at_wall - time.time() + now
+        if expires_at > now and len(self._sessions) < self.max_sessions:
+            self._sessions[key] = WebSession(key, user_id, role, now, expires_at, now)
+
+    def _ended(self, key: str) -> None:
+        if self.changed is not None:
+            self.changed(key, None)
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -143,6 +162,7 @@ class SessionStore:
             if len(self._sessions) >= self.max_sessions:
                 idlest = min(self._sessions.values(), key=lambda s: s.last_seen)
                 del self._sessions[idlest.key]
+                self._ended(idlest.key)
         token = secrets.token_urlsafe(32)
         session = WebSession(
             key=digest(token),
@@ -153,6 +173,8 @@ class SessionStore:
             last_seen=now,
         )
         self._sessions[session.key] = session
+        if self.changed is not None:
+            self.changed(session.key, session)
         return token, session
 
     def get(self, token: str | None) -> WebSession | None:
@@ -172,6 +194,7 @@ class SessionStore:
             return False
         if now >= session.expires_at or now - session.last_seen >= self.idle:
             del self._sessions[session.key]
+            self._ended(session.key)
             return False
         return True
 
@@ -184,26 +207,32 @@ class SessionStore:
         """Log out: forget the session of `token`; return it when there was one."""
         if not token or not TOKEN_PATTERN.match(token):
             return None
-        return self._sessions.pop(digest(token), None)
+        ended = self._sessions.pop(digest(token), None)
+        if ended is not None:
+            self._ended(ended.key)
+        return ended
 
     def end_user(self, user_id: str) -> int:
         """Forget every session of `user_id`; return how many there were."""
         keys = [k for k, s in self._sessions.items() if s.user_id == user_id]
         for key in keys:
             del self._sessions[key]
+            self._ended(key)
         return len(keys)
 
     def prune(self) -> int:
         """Forget expired sessions and grants; return how many sessions went."""
         now = self._clock()
         self._grants = {k: g for k, g in self._grants.items() if g.expires_at > now}
-        before = len(self._sessions)
-        self._sessions = {
-            k: s
+        gone = [
+            k
             for k, s in self._sessions.items()
-            if now < s.expires_at and now - s.last_seen < self.idle
-        }
-        return before - len(self._sessions)
+            if now >= s.expires_at or now - s.last_seen >= self.idle
+        ]
+        for key in gone:
+            del self._sessions[key]
+            self._ended(key)
+        return len(gone)
 
 
 # --- cookies -----------------------------------------------------------------------------

@@ -192,7 +192,7 @@ class WebShell:
             return self._check_upgrade(conn, request, path)
         if self.logins is not None:
             if path == "/session":
-                return self._redeem(conn, query)
+                return await self._redeem(conn, query)
             if path == "/logout":
                 return self._logout(conn, request)
             if path == "/api/whoami":
@@ -276,12 +276,13 @@ class WebShell:
         self._refusals_reported[host] = now
         self.spawn(self.app.on_refusal(Refusal(source, path, why, actor)), "web-audit")
 
-    def _redeem(self, conn: ServerConnection, query: dict[str, str]) -> Response:
+    async def _redeem(self, conn: ServerConnection, query: dict[str, str]) -> Response:
         """GET /session?grant=CODE: a grant from /login becomes the session cookie."""
         assert self.logins is not None
         grant = query.get("grant", "")
         answer, session = redeem_response(self.sessions, grant, self.logins.cookie, self.tls)
         if session is not None:
+            await self.app.session_made(session)  # kept before the cookie leaves, where kept
             log.info(
                 "session started for %s (%s) from %s", session.user_id, session.role, peer_of(conn)
             )

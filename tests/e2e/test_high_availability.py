@@ -102,12 +102,15 @@ async def test_the_standby_takes_over_mid_supply_and_both_rebuild_from_empty_dis
         await a.wait_state("CP001", "ACTIVADO", timeout=30)
         driver = a.start_driver("user1", "--cp", "CP001")
         await driver.wait_output('"event":"started"', 30)
+        admin = {"Cookie": await a.admin_cookie()}  # the admin's login, made at A
 
         # The active Central dies; the standby is active and has the CP back within seconds.
         assert a.central is not None
         a.central.kill()
         took_over = await wait_role(b, "active", 5)
         await b.wait_state("CP001", "SUMINISTRANDO", timeout=10)
+        status, _ = await asyncio.to_thread(http_get, b.url("/api/cps"), 5, admin)
+        assert status == 200  # still logged in at the Central that took over
 
         # The supply ends with one ticket, the engine's energy, billed once.
         assert await driver.wait_exit(60) == 0, driver.output[-3000:]

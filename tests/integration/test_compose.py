@@ -30,7 +30,7 @@ from EV_CP_M import config as monitor_config
 from EV_CP_M import dashboard as site_config
 from EV_Driver import dashboard_config as driver_config
 from helpers import missing_tool, scaled
-from shared.bus import TOPICS
+from shared.bus import HA_TOPICS, TOPICS
 from shared.settings import env_name
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -43,8 +43,11 @@ COMPOSE_FILES = {
 }
 CONFIG = network_config.load({})
 VARIABLE = re.compile(r"\$\{([^}]*)\}")
-ONE_SHOT = {"kafka-init"}
+ONE_SHOT = {"kafka-init", "central-key"}
 INTERNAL_BROKER = "kafka:${KAFKA_INTERNAL_PORT}"
+# The three-PC files: a Kafka node on every PC, two Centrals (PC2's and its standby on PC1).
+PC_FILES = ("pc1", "pc2", "pc3")
+CENTRAL_PCS = ("pc1", "pc2")
 
 # Which host port variable each service publishes (the firewall and preflight use the same).
 PUBLISHED = {
@@ -54,6 +57,15 @@ PUBLISHED = {
     "driver-dashboard": {"DRIVER_HTTP_PORT"},
     "site-dashboard": {"MONITOR_HTTP_PORT"},
 }
+
+
+def published_by(name: str, svc_name: str) -> set[str]:
+    """The port variables `svc_name` of compose file `name` publishes: on three PCs each Kafka
+    node's controller is dialled by the other nodes too."""
+    if name in PC_FILES and svc_name == "kafka":
+        return {"KAFKA_PORT", "KAFKA_CONTROLLER_PORT"}
+    return PUBLISHED.get(svc_name, set())
+
 
 # Dockerfile target -> the module it runs and the settings parser of that command line.
 Parse = Callable[[Mapping[str, str]], Any]
@@ -202,7 +214,7 @@ def test_every_variable_is_one_of_network_config(name: str) -> None:
 def test_published_ports_are_network_config_ports(name: str) -> None:
     published: set[str] = set()
     for svc_name, svc in services(name).items():
-        wanted = PUBLISHED.get(svc_name, set())
+        wanted = published_by(name, svc_name)
         ports = svc.get("ports", [])
         got = set()
         for entry in ports:
@@ -218,6 +230,8 @@ def test_published_ports_are_network_config_ports(name: str) -> None:
         published |= got
     pcs = network_config.PCS if name == "all" else (name,)
     expected = {key for pc in pcs for key in network_config.PC_PORTS[pc]}
+    if name == "all":
+        expected.discard("KAFKA_CONTROLLER_PORT")  # one node: its quorum is itself
     assert published == expected, "what compose publishes is what the firewall script opens"
 
 
@@ -262,9 +276,19 @@ def test_every_dependency_has_a_condition(name: str) -> None:
 
 def test_the_right_services_wait_for_each_other() -> None:
     pc2 = services("pc2")
-    assert set(pc2["central"]["depends_on"]) == {"kafka", "kafka-init"}
-    assert set(pc2["kafka-init"]["depends_on"]) == {"kafka"}
     assert set(pc2["kafka-ui"]["depends_on"]) == {"kafka"}
+    assert set(services("all")["central"]["depends_on"]) == {"kafka", "kafka-init"}
+    for name in PC_FILES:
+        svcs = services(name)
+        assert set(svcs["kafka-init"]["depends_on"]) == {"kafka"}, name
+        # Nothing of ours starts before the topics exist with three copies: every service
+        # creates the ones it misses, with one copy while a node is missing.
+        for svc_name, svc in svcs.items():
+            if build_target(svc) is not None and not svc_name.startswith("monitor-"):
+                assert "kafka-init" in svc.get("depends_on", {}), (name, svc_name)
+    for name in CENTRAL_PCS:
+        central = services(name)["central"]
+        assert set(central["depends_on"]) == {"kafka", "kafka-init", "central-key"}, name
     for n in range(1, network_config.PC3_SLOTS + 1):
         assert set(services("pc3")[f"monitor-cp{n}"]["depends_on"]) == {f"engine-cp{n}"}
         assert set(services("all")[f"monitor-cp{n}"]["depends_on"]) == {f"engine-cp{n}", "central"}
@@ -301,14 +325,19 @@ def test_container_settings_are_accepted_by_the_service(name: str, svc_name: str
         pytest.fail(f"{svc_name}: {' '.join(module)} refused its settings (exit {exc.code})")
     assert settings.log_json is True
 
-    same_host = name in ("pc2", "all")
-    broker = substitute(INTERNAL_BROKER) if same_host else CONFIG["KAFKA_BOOTSTRAP"]
+    # One host: the broker's internal listener. Three PCs: the three nodes, from every PC.
+    broker = substitute(INTERNAL_BROKER) if name == "all" else CONFIG["KAFKA_BROKERS"]
     assert settings.broker == broker, svc_name
     if target == "central":
         assert settings.port == int(CONFIG["CENTRAL_PORT"])
         assert settings.http_port == int(CONFIG["CENTRAL_HTTP_PORT"])
         assert settings.db.startswith("/data/")
         assert any(v.endswith(":/data") for v in svc["volumes"]), "the database is in a volume"
+        if name == "all":
+            assert settings.ha is False, "one Central, one broker: the simple default"
+        else:
+            assert settings.ha is True
+            assert settings.advertise == CONFIG[f"{name.upper()}_IP"], "a standby names it so"
     elif target == "driver":
         assert settings.http_port == int(CONFIG["DRIVER_HTTP_PORT"])
     elif target == "site":
@@ -322,8 +351,11 @@ def test_container_settings_are_accepted_by_the_service(name: str, svc_name: str
         n = int(svc_name.removeprefix("monitor-cp"))
         assert settings.cp_id == CONFIG[f"CP{n}_ID"]
         assert settings.engine == (f"engine-cp{n}", int(CONFIG[f"CP{n}_ENGINE_PORT"]))
-        central_host = "central" if same_host else CONFIG["PC2_IP"]
-        assert settings.central == ((central_host, int(CONFIG["CENTRAL_PORT"])),)
+        port = int(CONFIG["CENTRAL_PORT"])
+        if name == "all":
+            assert settings.central == (("central", port),)
+        else:  # the active Central's PC first, then its standby's
+            assert settings.central == ((CONFIG["PC2_IP"], port), (CONFIG["PC1_IP"], port))
         assert settings.broker == broker, "health samples for the site dashboard"
 
 
@@ -355,9 +387,8 @@ def kafka_version() -> str:
     return version
 
 
-@pytest.mark.parametrize("name", ["pc2", "all"])
-def test_kafka_is_development_s_version_and_reachable_from_other_pcs(name: str) -> None:
-    svcs = services(name)
+def test_one_host_kafka_is_development_s_version_and_reachable_from_other_pcs() -> None:
+    svcs = services("all")
     for svc_name in ("kafka", "kafka-init"):
         assert svcs[svc_name]["image"] == f"apache/kafka:{kafka_version()}"
     kafka = environment(svcs["kafka"])
@@ -372,6 +403,7 @@ def test_kafka_is_development_s_version_and_reachable_from_other_pcs(name: str) 
     assert listeners["INTERNAL"] == f":{CONFIG['KAFKA_INTERNAL_PORT']}"
     assert listeners["CONTROLLER"] == f":{CONFIG['KAFKA_CONTROLLER_PORT']}"
     assert kafka["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false", "topics come from kafka-init"
+    assert kafka["KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"] == "1", "one broker, one copy"
     assert any(v.endswith(":" + kafka["KAFKA_LOG_DIRS"]) for v in svcs["kafka"]["volumes"]), (
         "the broker's data is in a volume"
     )
@@ -380,9 +412,71 @@ def test_kafka_is_development_s_version_and_reachable_from_other_pcs(name: str) 
     assert ui["KAFKA_CLUSTERS_0_BOOTSTRAPSERVERS"] == INTERNAL_BROKER
 
 
-@pytest.mark.parametrize("name", ["pc2", "all"])
-def test_kafka_init_creates_exactly_the_bus_topics(name: str) -> None:
-    script = services(name)["kafka-init"]["command"][0]
+def cluster_node_properties() -> dict[str, str]:
+    """What `scripts/kafka.sh cluster` (the tests' three-node cluster) gives every node, as
+    the apache/kafka image's KAFKA_ variables, for three nodes: the settings that do not
+    depend on the machine (addresses, ports, directories)."""
+    text = (REPO_ROOT / "scripts" / "kafka.sh").read_text()
+    body = text[text.index('cat > "$dir/server.properties" <<EOF') :]
+    body = body[body.index("\n") + 1 : body.index("\nEOF")]
+    wanted = {}
+    for line in body.splitlines():
+        key, sep, value = line.partition("=")
+        if not sep or line.startswith("#"):
+            continue
+        value = value.replace("$replicas", "3").replace("$isr", "2")
+        # Partition counts are the tests' own (one partition each, for speed); the listeners
+        # are named otherwise here (checked above).
+        if "$" in value or key.endswith("num.partitions") or "listener" in key:
+            continue
+        wanted["KAFKA_" + key.upper().replace(".", "_")] = value
+    return wanted
+
+
+@pytest.mark.parametrize("name", PC_FILES)
+def test_each_pc_runs_one_node_of_a_three_voter_quorum(name: str) -> None:
+    svcs = services(name)
+    for svc_name in ("kafka", "kafka-init"):
+        assert svcs[svc_name]["image"] == f"apache/kafka:{kafka_version()}"
+    kafka = {key: substitute(value) for key, value in environment(svcs["kafka"]).items()}
+    assert kafka["KAFKA_NODE_ID"] == str(network_config.KAFKA_NODE_IDS[name])
+    voters = kafka["KAFKA_CONTROLLER_QUORUM_VOTERS"]
+    assert voters == CONFIG["KAFKA_VOTERS"]
+    assert voters.split(",") == [
+        f"{network_config.KAFKA_NODE_IDS[pc]}@{CONFIG[f'{pc.upper()}_IP']}:"
+        f"{CONFIG['KAFKA_CONTROLLER_PORT']}"
+        for pc in PC_FILES
+    ]
+    # Other PCs dial this node at this PC's address, clients and brokers alike.
+    assert kafka["KAFKA_ADVERTISED_LISTENERS"] == (
+        f"EXTERNAL://{CONFIG[f'{name.upper()}_IP']}:{CONFIG['KAFKA_PORT']}"
+    )
+    listeners = dict(item.split("://") for item in kafka["KAFKA_LISTENERS"].split(","))
+    assert listeners == {
+        "EXTERNAL": f":{CONFIG['KAFKA_PORT']}",
+        "CONTROLLER": f":{CONFIG['KAFKA_CONTROLLER_PORT']}",
+    }
+    assert kafka["KAFKA_INTER_BROKER_LISTENER_NAME"] == "EXTERNAL"
+    assert kafka["KAFKA_CONTROLLER_LISTENER_NAMES"] == "CONTROLLER"
+    assert kafka["CLUSTER_ID"] == CONFIG["KAFKA_CLUSTER_ID"], "one cluster id on every PC"
+    # Replication 3 with two in sync, the lease's 1 s session floor, no rebalance delay, the
+    # 4 s broker session: what the high-availability tests ran on.
+    wanted = cluster_node_properties()
+    assert wanted["KAFKA_MIN_INSYNC_REPLICAS"] == "2"
+    assert wanted["KAFKA_GROUP_MIN_SESSION_TIMEOUT_MS"] == "1000"
+    different = {key: (kafka.get(key), value) for key, value in wanted.items()}
+    different = {key: pair for key, pair in different.items() if pair[0] != pair[1]}
+    assert not different, f"{name}: differs from scripts/kafka.sh cluster: {different}"
+    assert any(v.endswith(":" + kafka["KAFKA_LOG_DIRS"]) for v in svcs["kafka"]["volumes"])
+    check = " ".join(svcs["kafka"]["healthcheck"]["test"])
+    assert "localhost:${KAFKA_PORT}" in check
+    if name == "pc2":
+        ui = environment(svcs["kafka-ui"])
+        assert ui["KAFKA_CLUSTERS_0_BOOTSTRAPSERVERS"] == "${KAFKA_BROKERS}"
+
+
+def created_topics(script: str) -> dict[str, tuple[int, dict[str, str]]]:
+    """The topics a kafka-init script creates: its `create --topic ...` lines."""
     created = {}
     for line in script.splitlines():
         words = shlex.split(line)
@@ -396,9 +490,49 @@ def test_kafka_init_creates_exactly_the_bus_topics(name: str) -> None:
             else:
                 opts[flag.lstrip("-")] = value
         created[opts["topic"]] = (int(opts["partitions"]), opts["config"])
-    assert created == {t.name: (t.partitions, t.config) for t in TOPICS}
+    return created
+
+
+def test_one_host_kafka_init_creates_exactly_the_bus_topics() -> None:
+    script = services("all")["kafka-init"]["command"][0]
+    assert created_topics(script) == {t.name: (t.partitions, t.config) for t in TOPICS}
     assert "--if-not-exists" in script, "a second `up` must not fail"
+    assert "--replication-factor 1" in script
     assert INTERNAL_BROKER.replace("$", "") in script.replace("$", "")
+
+
+@pytest.mark.parametrize("name", PC_FILES)
+def test_every_pc_s_kafka_init_creates_the_bus_and_ha_topics_with_three_copies(
+    name: str,
+) -> None:
+    script = services(name)["kafka-init"]["command"][0]
+    assert created_topics(script) == {
+        t.name: (t.partitions, t.config) for t in (*TOPICS, *HA_TOPICS)
+    }
+    assert script == services("pc2")["kafka-init"]["command"][0], "the same on every PC"
+    function = script[: script.index("\n}\n")]
+    assert "--if-not-exists" in function, "a second `up`, or a second PC's, must not fail"
+    assert "--replication-factor 3 --config min.insync.replicas=2" in function
+    # Retried until it succeeds: a topic needs three live brokers for its three copies.
+    assert re.search(r"until [^\n]*kafka-topics\.sh", function), function
+    assert '--bootstrap-server "${KAFKA_BROKERS}"' in function
+
+
+def test_the_centrals_share_one_audit_key_copied_into_their_volumes() -> None:
+    for name in CENTRAL_PCS:
+        svcs = services(name)
+        key = svcs["central-key"]
+        central = svcs["central"]
+        volume = next(v for v in central["volumes"] if v.endswith(":/data")).split(":")[0]
+        assert f"{volume}:/central-data" in key["volumes"], "Central's own volume"
+        assert "./secrets:/secrets:ro" in key["volumes"]
+        command = key["command"][0]
+        db = environment(central)["EV_DB"].removeprefix("/data/")
+        target = f"/central-data/{db}.audit-key"  # Central reads <db>.audit-key
+        assert command.endswith(f"/secrets/central.audit-key {target}"), command
+        # Readable by Central's user only (docker/Dockerfile: uid and gid 10001).
+        assert "-o 10001 -g 10001 -m 0600" in command
+        assert "10001" in DOCKERFILE.read_text()
 
 
 # --- the images ----------------------------------------------------------------------------------
@@ -491,12 +625,21 @@ def test_a_real_compose_accepts_the_file_with_network_config_s_env(
         assert "${" not in text, (svc_name, text)
         for port in svc.get("ports", []):
             published = port["published"] if isinstance(port, dict) else port.split(":")[0]
-            assert str(published) in {config[k] for k in PUBLISHED[svc_name]}, (svc_name, port)
-    if name in ("pc2", "all"):
-        listeners = resolved["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"]
-        assert "EXTERNAL://10.20.0.12:19092" in listeners
+            wanted = {config[k] for k in published_by(name, svc_name)}
+            assert str(published) in wanted, (svc_name, port)
+    listeners = resolved["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"]
+    own = {"pc1": "10.20.0.11", "pc3": "10.20.0.13"}.get(name, "10.20.0.12")
+    assert f"EXTERNAL://{own}:19092" in listeners
+    brokers = "10.20.0.11:19092,10.20.0.12:19092,10.20.0.13:19092"
+    if name in PC_FILES:
+        voters = resolved["kafka"]["environment"]["KAFKA_CONTROLLER_QUORUM_VOTERS"]
+        assert voters == "1@10.20.0.11:29093,2@10.20.0.12:29093,3@10.20.0.13:29093"
+    if name in CENTRAL_PCS:
+        central = resolved["central"]["environment"]
+        assert (central["EV_HA"], central["EV_ADVERTISE"]) == ("1", own)
+        assert central["EV_BROKER"] == brokers
     if name == "pc3":
         monitor = resolved["monitor-cp1"]["environment"]
-        assert monitor["EV_CENTRAL"] == "10.20.0.12:15000"
+        assert monitor["EV_CENTRAL"] == "10.20.0.12:15000,10.20.0.11:15000"
         assert monitor["EV_CP_ID"] == "CP004"
-        assert resolved["engine-cp1"]["environment"]["EV_BROKER"] == "10.20.0.12:19092"
+        assert resolved["engine-cp1"]["environment"]["EV_BROKER"] == brokers

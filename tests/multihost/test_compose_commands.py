@@ -31,6 +31,12 @@ SET = "set"  # both set; the value is where the container keeps or finds it
 ANY = "any"  # presentation only
 # Unset on both sides: compose passes it empty (the services read "" as not given), we omit it.
 UNSET = "unset"
+# The simulated hosts run one Kafka node and one Central, on PC2; the compose files run a node
+# on every PC and a standby Central on PC1 (high availability, tested on a three-node cluster
+# by tests/e2e/test_high_availability.py).
+IN_LIST = "in list"  # compose gives a list (HOST:PORT,...) that holds our one value
+FIRST_IN_LIST = "first in list"  # ... as its first entry (the order is the order tried)
+COMPOSE_ONLY = "compose only"  # set there, not here
 
 RULES: dict[str, dict[str, str | tuple[str, str]]] = {
     "EV_Central": {
@@ -41,6 +47,8 @@ RULES: dict[str, dict[str, str | tuple[str, str]]] = {
         # PCs dial PC2_IP:KAFKA_PORT, as the simulated Central does.
         "--broker": SET,
         "--db": SET,  # a volume in the container, the test's directory here
+        "--ha": COMPOSE_ONLY,
+        "--advertise": COMPOSE_ONLY,  # with --ha: PC2_IP, which a standby names
         "--listen-host": ("default", "0.0.0.0"),  # compose relies on the default we pass
         "--console": ANY,
         "--log-json": ANY,
@@ -49,7 +57,7 @@ RULES: dict[str, dict[str, str | tuple[str, str]]] = {
         "--tls-key": UNSET,
     },
     "EV_CP_E": {
-        "--broker": EQUAL,
+        "--broker": IN_LIST,
         "--listen": SAME_PORT,  # 0.0.0.0 in its container, PC3's address here
         # Compose engines are driven by hand (docker attach); the tests add automatic plugging.
         "--auto-plug": ANY,
@@ -62,9 +70,9 @@ RULES: dict[str, dict[str, str | tuple[str, str]]] = {
     },
     "EV_CP_M": {
         "--engine": SAME_PORT,  # the engine's container name on PC3's Docker network
-        "--central": EQUAL,
+        "--central": FIRST_IN_LIST,  # PC2's Central, then its standby's on PC1
         "--cp-id": EQUAL,
-        "--broker": EQUAL,
+        "--broker": IN_LIST,
         "--secret": EQUAL,  # the demo seed's, from CPn_SECRET
         "--tls-ca": UNSET,  # CENTRAL_TLS_CA: empty while Central has no TLS
         "--log-json": ANY,
@@ -96,6 +104,9 @@ def compare(module: str, our_args: list[str], theirs: ComposeService) -> list[st
         elif rule == UNSET:
             if mine is not None or other:
                 problems.append(f"{where}: {flag} is {other!r} there, {mine!r} here, not unset")
+        elif rule == COMPOSE_ONLY:
+            if mine is not None or not other:
+                problems.append(f"{where}: {flag} is {other!r} there, {mine!r} here")
         elif mine is None or (other is None and not isinstance(rule, tuple)):
             problems.append(f"{where}: {flag} only in {'compose' if mine is None else 'ours'}")
         elif isinstance(rule, tuple):
@@ -105,6 +116,11 @@ def compare(module: str, our_args: list[str], theirs: ComposeService) -> list[st
             problems.append(f"{where}: {flag} is {other!r} there, {mine!r} here")
         elif rule == SAME_PORT and port_of(mine) != port_of(other or ""):
             problems.append(f"{where}: {flag} port {other!r} there, {mine!r} here")
+        elif rule in (IN_LIST, FIRST_IN_LIST):
+            entries = (other or "").split(",")
+            found = entries[:1] if rule == FIRST_IN_LIST else entries
+            if mine not in found:
+                problems.append(f"{where}: {flag} is {other!r} there, {mine!r} not {rule} here")
     return problems
 
 
@@ -161,4 +177,6 @@ def test_pc1_driver_uses_the_same_broker() -> None:
     drivers = [s for s in services_of("pc1", system) if s.module == "EV_Driver"]
     assert drivers, "no EV_Driver service in docker-compose.pc1.yml"
     _, _, flags = flags_of(system.driver_args("user1", "--cp", "CP001"))
-    assert {s.flags.get("--broker") for s in drivers} == {flags["--broker"]}
+    # Compose lists the three Kafka nodes; the simulated network runs PC2's.
+    for driver in drivers:
+        assert flags["--broker"] in driver.flags.get("--broker", "").split(","), driver

@@ -12,6 +12,7 @@ from shared.websession import (
     SessionStore,
     clear_cookie,
     cookie_value,
+    digest,
     login_ok,
     login_refused,
     normalise_origin,
@@ -230,3 +231,28 @@ def test_login_messages() -> None:
     assert login_refused("locked", 2.4)["retry_after"] == 2
     assert login_refused("locked", 0.2)["retry_after"] == 1
     assert "retry_after" not in login_refused("wrong user or password")
+
+
+def test_a_store_that_keeps_its_sessions_elsewhere_is_told_and_takes_them_back(
+    store: SessionStore, clock: Clock
+) -> None:
+    told: list[tuple[str, str | None]] = []
+    store.changed = lambda key, session: told.append((key, session and session.user_id))
+    token, session = store.create("admin", "admin")
+    other, _ = store.create("user1", "driver")
+    store.end(other)
+    assert told == [(session.key, "admin"), (digest(other), "user1"), (digest(other), None)]
+    kept_until = store.wall_time(session.expires_at)
+
+    # Another store (a standby Central taking over) gets the session back: the same token works.
+    standby = SessionStore(ttl=100, idle=30, grant_ttl=5, clock=clock)
+    standby.restore(session.key, "admin", "admin", kept_until)
+    standby.restore("gone", "user2", "driver", kept_until - 200)  # already over: ignored
+    restored = standby.get(token)
+    assert restored is not None and (restored.user_id, restored.role) == ("admin", "admin")
+    assert len(standby) == 1
+    clock.now += 29
+    told.clear()
+    clock.now += 2  # idle past 30 s in the first store: its end is told
+    assert store.get(token) is None
+    assert told == [(session.key, None)]

@@ -16,11 +16,13 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from EV_Central.ctl import LoginRefused, read_password
 from shared.errors import EVError
 from shared.lifecycle import run_loop
 from tools.fleet.accounts import Credentials, CredentialsError, seed_database
+from tools.fleet.failover import parse_addresses
 from tools.fleet.sim import Fleet, FleetConfig, FleetError, cp_ids, driver_ids
 
 
@@ -60,14 +62,29 @@ def seconds_range(text: str) -> tuple[float, float]:
     return low, high
 
 
+def print_event(event: dict[str, Any]) -> None:
+    """A fleet event as one JSON line on stdout, at once (the bench reads them live)."""
+    print(json.dumps(event), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["seed"]:
         return seed(argv[1:])
     p = argparse.ArgumentParser(prog="python -m tools.fleet", description=__doc__)
-    p.add_argument("--central", required=True, help="Central's monitor port HOST:PORT")
+    p.add_argument(
+        "--central",
+        required=True,
+        help="Central's monitor port HOST:PORT, or the Centrals of an HA pair HOST:PORT,HOST:PORT"
+        " (a monitor whose link breaks or is refused tries the next one, following the active"
+        " Central a standby names)",
+    )
     p.add_argument("--broker", required=True, help="Kafka HOST:PORT")
-    p.add_argument("--admin", required=True, help="Central's admin HOST:PORT")
+    p.add_argument(
+        "--admin",
+        help="Central's admin HOST:PORT; without it (failover runs, where the Central changes)"
+        " no CP is registered, no dashboard watched, no /metrics read and no CP cut off",
+    )
     p.add_argument("--cps", type=int, default=1000)
     p.add_argument("--supplying", type=float, default=0.2, help="share of CPs supplying")
     p.add_argument("--duration", type=float, default=60.0, help="measured seconds")
@@ -102,12 +119,26 @@ def main(argv: list[str] | None = None) -> int:
         " asked over Kafka",
     )
     p.add_argument("--out", type=Path, help="write the figures as JSON here")
+    p.add_argument(
+        "--stop-file",
+        type=Path,
+        help="end the measured window as soon as this file exists (--duration at most)",
+    )
+    p.add_argument(
+        "--events",
+        action="store_true",
+        help="print fleet-wide connection events as JSON lines on stdout (the CPs all connected"
+        " again after a Central's loss, ...)",
+    )
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s fleet %(message)s")
     try:
-        password = read_password(a.admin_password_file, os.environ, sys.stdin, a.admin_user)
+        password: str | None = ""
+        if a.admin is not None:
+            password = read_password(a.admin_password_file, os.environ, sys.stdin, a.admin_user)
         credentials = Credentials.load(a.credentials) if a.credentials else Credentials()
-    except (CredentialsError, OSError) as exc:
+        addresses = parse_addresses(a.central)
+    except (CredentialsError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if password is None:
@@ -117,10 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     pid = a.central_pid
-    if pid is None:
+    if pid is None and a.admin is not None:
         from tools.fleet.procstat import find_pid
 
-        pid = find_pid("EV_Central", a.central.rsplit(":", 1)[1])
+        pid = find_pid("EV_Central", str(addresses[0][1]))
     config = FleetConfig(
         central=a.central,
         broker=a.broker,
@@ -131,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         warmup=a.warmup,
         request_rate=a.request_rate,
         supply_seconds=a.supply_seconds,
-        lose=a.lose,
+        lose=a.lose if a.admin is not None else 0,
         prefix=a.prefix,
         central_pid=pid,
         db=a.db,
@@ -140,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         credentials=credentials,
         credentials_path=a.credentials,
         central_key=a.central_key,
+        stop_file=a.stop_file,
+        on_event=print_event if a.events else None,
     )
     failure: BaseException | None = None
     try:

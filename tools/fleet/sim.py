@@ -76,6 +76,7 @@ from shared.sealing import (
 )
 from tools.fleet import procstat, promtext
 from tools.fleet.accounts import Credentials, seed_database
+from tools.fleet.failover import Rotation, parse_addresses
 from tools.fleet.stats import summarise
 
 log = logging.getLogger("fleet")
@@ -94,9 +95,9 @@ class FleetError(Exception):
 
 @dataclass
 class FleetConfig:
-    central: str
+    central: str  # HOST:PORT, or a comma-separated list of the Centrals of an HA pair
     broker: str
-    admin: str
+    admin: str | None  # None: no admin web (no provisioning, dashboard, /metrics, lost CPs)
     cps: int
     supplying: float = 0.2
     duration: float = 60.0
@@ -114,6 +115,10 @@ class FleetConfig:
     credentials: Credentials = field(default_factory=Credentials)
     credentials_path: Path | None = None  # where new secrets are kept for the next run
     central_key: str | None = None  # Central's identity key (base64), pinned
+    # Failover runs: the measured window ends early once this file exists (the bench's signal).
+    stop_file: Path | None = None
+    # Called with each fleet-wide connection event ({"event": "all_connected", ...}).
+    on_event: Callable[[dict[str, Any]], None] | None = None
 
 
 def cp_ids(prefix: str, n: int) -> list[str]:
@@ -159,6 +164,8 @@ class MonitorClient(asyncio.Protocol):
         "authed",
         "seq",
         "silent",
+        "active_central",
+        "accepted",
     )
 
     def __init__(self, cp_id: str, secret: str, fleet: Fleet) -> None:
@@ -171,6 +178,8 @@ class MonitorClient(asyncio.Protocol):
         self.authed: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self.seq = 0
         self.silent = False
+        self.active_central: str | None = None  # named by a standby that refused us
+        self.accepted = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -197,17 +206,27 @@ class MonitorClient(asyncio.Protocol):
                     accepted = bool(message.get("accepted"))
                     if accepted:
                         fleet.take_key(self.cp_id, str(message["key_id"]), str(message["key"]))
+                        self.accepted = True
+                        fleet.monitor_up(self.cp_id)
+                    elif message.get("active_central"):
+                        # A standby: not a refusal of the CP, a pointer to the active Central.
+                        self.active_central = str(message["active_central"])
+                        fleet.standby_refusals += 1
                     else:
                         fleet.auth_refusals[self.cp_id] = str(message.get("reason"))
                     self.authed.set_result(accepted)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        fleet = self.fleet
         if not self.authed.done():
             self.authed.set_result(False)
-        elif self.authed.result() and self.cp_id not in self.fleet.cut and not self.fleet.stopping:
+        elif self.authed.result() and self.cp_id not in fleet.cut and not fleet.stopping:
             # Only a connection that was authenticated can be lost (a refusal is counted apart).
-            self.fleet.unexpected_closes += 1
+            if fleet.failover:
+                fleet.monitor_lost(self.cp_id)  # it goes to the next Central of its list
+            else:
+                fleet.unexpected_closes += 1
 
     def heartbeat(self) -> None:
         if self.transport is None or self.silent:
@@ -257,6 +276,15 @@ class Fleet:
         self.auth_refusals: dict[str, str] = {}  # cp id -> Central's reason
         self.login_refusals: dict[str, str] = {}  # driver id -> Central's reason
         self.unopened = 0  # sealed commands or updates the fleet could not open
+        # Failover: the monitors know several Centrals and follow the active one.
+        self.addresses = parse_addresses(config.central)
+        self.failover = len(self.addresses) > 1
+        self.standby_refusals = 0  # AUTHs a standby refused, naming the active Central
+        self.down: dict[str, float] = {}  # cp id -> when (wall clock) its link was lost
+        self.outages: list[tuple[float, float | None]] = []  # (lost at, back at), wall clock
+        self.lost_queue: asyncio.Queue[str] = asyncio.Queue()
+        # (sent at, wall clock; latency s or None; "authorised", "denied" or "timeout")
+        self.requests_log: list[tuple[float, float | None, str]] = []
         # Measurements (seconds).
         self.heartbeat_rtt: list[float] = []
         self.auth_latency: list[float] = []
@@ -284,6 +312,9 @@ class Fleet:
     # --- monitors -------------------------------------------------------------------------
 
     async def connect_all(self) -> None:
+        if self.failover:
+            await self.connect_all_failover()
+            return
         host, port = self.config.central.rsplit(":", 1)
         loop = asyncio.get_running_loop()
         limit = asyncio.Semaphore(self.config.connect_concurrency)
@@ -313,6 +344,103 @@ class Fleet:
             log.warning("%d monitors could not authenticate", failures)
         for cp_id, reason in list(self.auth_refusals.items())[:5]:
             log.warning("Central refused the monitor of %s: %s", cp_id, reason)
+
+    async def connect_all_failover(self) -> None:
+        """Every monitor on the first Central of its list that accepts it."""
+        limit = asyncio.Semaphore(self.config.connect_concurrency)
+
+        async def connect(cp_id: str) -> None:
+            async with limit:
+                client = await self.attach(cp_id, Rotation(self.addresses), attempts=10)
+            if client is not None:
+                self.tick_groups[len(self.monitors) % TICK_GROUPS].append(client)
+                self.monitors[cp_id] = client
+
+        await asyncio.gather(*(connect(cp) for cp in self.cp_ids))
+        failures = len(self.cp_ids) - len(self.monitors)
+        if failures:
+            log.warning("%d monitors could not authenticate", failures)
+        for cp_id, reason in list(self.auth_refusals.items())[:5]:
+            log.warning("Central refused the monitor of %s: %s", cp_id, reason)
+
+    async def attach(
+        self, cp_id: str, rotation: Rotation, attempts: int | None = None
+    ) -> MonitorClient | None:
+        """A monitor authenticated at one of the Centrals, tried as `Rotation` says.
+
+        None when Central refused the CP itself (its secret), or after `attempts` failed
+        tries (None: until the fleet stops).
+        """
+        loop = asyncio.get_running_loop()
+        secret = self.credentials.cps[cp_id]
+        tries = 0
+        while not self.stopping:
+            host, port = rotation.current
+            client: MonitorClient | None = None
+            try:
+                _, client = await loop.create_connection(
+                    lambda: MonitorClient(cp_id, secret, self), host, port
+                )
+                if await asyncio.wait_for(client.authed, 30):
+                    rotation.served()
+                    return client
+                if cp_id in self.auth_refusals:
+                    return None  # a wrong secret stays wrong: no retry
+            except (OSError, TimeoutError):
+                pass
+            if client is not None and client.transport is not None:
+                client.transport.close()
+            pause = rotation.fail(client.active_central if client is not None else None)
+            tries += 1
+            if attempts is not None and tries >= attempts:
+                return None
+            if pause:
+                await asyncio.sleep(pause)
+        return None
+
+    def monitor_up(self, cp_id: str) -> None:
+        """A monitor was authenticated: the end of its outage, if it had one."""
+        lost_at = self.down.pop(cp_id, None)
+        if lost_at is None:
+            return
+        now = time.time()
+        self.outages.append((lost_at, now))
+        if not self.down and self.config.on_event is not None:
+            self.config.on_event({"event": "all_connected", "t": now})
+
+    def monitor_lost(self, cp_id: str) -> None:
+        """An authenticated monitor's link broke (its Central died): reconnect it."""
+        if cp_id in self.down:
+            return
+        if not self.down and self.config.on_event is not None:
+            self.config.on_event({"event": "first_lost", "t": time.time()})
+        self.down[cp_id] = time.time()
+        self.lost_queue.put_nowait(cp_id)
+
+    async def reconnect_lost(self) -> None:
+        """Reconnect every monitor whose link broke, each through its list of Centrals."""
+        limit = asyncio.Semaphore(self.config.connect_concurrency)
+        rotations: dict[str, Rotation] = {}
+
+        async def reconnect(cp_id: str) -> None:
+            # The Central that served it is gone: start from the next address of the list.
+            rotation = rotations.setdefault(cp_id, Rotation(self.addresses))
+            rotation.fail()
+            async with limit:
+                client = await self.attach(cp_id, rotation)
+            old = self.monitors.get(cp_id)
+            if client is None or old is None:
+                return
+            for group in self.tick_groups:
+                if old in group:
+                    group[group.index(old)] = client
+                    break
+            self.monitors[cp_id] = client
+
+        async with asyncio.TaskGroup() as tasks:
+            while not self.stopping:
+                cp_id = await self.lost_queue.get()
+                tasks.create_task(reconnect(cp_id))
 
     def take_key(self, cp_id: str, key_id: str, key_b64: str) -> None:
         """The key Central issued at the monitor's AUTH: the CP's events are sealed with it."""
@@ -538,6 +666,7 @@ class Fleet:
                 if cp not in self.busy
                 and cp in self.monitors
                 and cp not in self.cut
+                and cp not in self.down
                 and self.free_at.get(cp, 0.0) <= now
             ]
             if not candidates:
@@ -548,6 +677,7 @@ class Fleet:
             waiter: asyncio.Future[Message] = loop.create_future()
             self.driver_waiters[driver_id] = waiter
             sent = time.perf_counter()
+            sent_at = time.time()
             in_window = self.measuring
             await self.send(
                 Topics.DRIVER_REQUESTS,
@@ -558,10 +688,13 @@ class Fleet:
                 update = await asyncio.wait_for(waiter, ANSWER_TIMEOUT)
             except TimeoutError:
                 self.request_timeouts += 1
+                self.requests_log.append((sent_at, None, "timeout"))
                 self.busy.discard(cp_id)
                 continue
             finally:
                 self.driver_waiters.pop(driver_id, None)
+            outcome = "authorised" if isinstance(update, SupplyAuthorized) else "denied"
+            self.requests_log.append((sent_at, time.perf_counter() - sent, outcome))
             if not isinstance(update, SupplyAuthorized):
                 self.denied += 1
                 self.busy.discard(cp_id)
@@ -654,7 +787,18 @@ class Fleet:
             if self.measuring:
                 self.own_lag.append(max(0.0, loop.time() - due))
 
+    async def until_stop_file(self, longest: float) -> None:
+        """Wait until the stop file exists, `longest` seconds at most."""
+        assert self.config.stop_file is not None
+        # A file, not an event: the bench is another process. Polled five times a second.
+        for _ in range(max(1, round(longest / 0.2))):
+            if self.config.stop_file.exists():
+                return
+            await asyncio.sleep(0.2)
+
     def metrics(self) -> dict[promtext.Key, float]:
+        if self.config.admin is None:
+            return {}
         try:
             with urllib.request.urlopen(f"http://{self.config.admin}/metrics", timeout=10) as r:
                 return promtext.parse(r.read().decode())
@@ -665,6 +809,7 @@ class Fleet:
     # --- the admin web: a session, and the CPs' secrets ------------------------------------
 
     async def log_in_admin(self) -> None:
+        assert self.config.admin is not None
         host, port = self.config.admin.rsplit(":", 1)
         self.cookie = await admin_login(
             host, int(port), self.config.admin_user, self.config.admin_password, ANSWER_TIMEOUT
@@ -752,10 +897,18 @@ class Fleet:
                 " them with --db, or with `python -m tools.fleet seed ... --credentials FILE`"
             )
         t0 = time.monotonic()
-        await self.log_in_admin()
-        await self.provision_cps()
-        if config.credentials_path is not None:
-            self.credentials.save(config.credentials_path)
+        if config.admin is not None:
+            await self.log_in_admin()
+            await self.provision_cps()
+            if config.credentials_path is not None:
+                self.credentials.save(config.credentials_path)
+        else:
+            unknown = [cp for cp in self.cp_ids if cp not in self.credentials.cps]
+            if unknown:
+                raise FleetError(
+                    f"no secret for {len(unknown)} CPs (e.g. {unknown[0]}) and no --admin to"
+                    " register them: seed them with `python -m tools.fleet seed`"
+                )
         provision_s = time.monotonic() - t0
         # As the real engines and driver apps publish: every in-sync copy, no duplicates.
         self.producer = AIOKafkaProducer(
@@ -782,6 +935,8 @@ class Fleet:
                     tasks.create_task(self.sample_central()),
                     tasks.create_task(self.probe_loop()),
                 ]
+                if self.failover:
+                    background.append(tasks.create_task(self.reconnect_lost()))
                 t0 = time.monotonic()
                 await self.connect_all()
                 connect_s = time.monotonic() - t0
@@ -790,10 +945,9 @@ class Fleet:
                 await self.log_in_drivers()
                 login_s = time.monotonic() - t0
                 log.info("%d drivers logged in in %.1f s", len(self.sessions), login_s)
-                background += [
-                    tasks.create_task(self.telemetry()),
-                    tasks.create_task(self.watch_dashboard()),
-                ]
+                background.append(tasks.create_task(self.telemetry()))
+                if config.admin is not None:
+                    background.append(tasks.create_task(self.watch_dashboard()))
                 drivers = [
                     tasks.create_task(self.driver(i, d))
                     for i, d in enumerate(self.drivers[: self.slots])
@@ -806,9 +960,14 @@ class Fleet:
                 m0 = time.monotonic()
                 own0 = time.process_time()
                 hb_sent0 = self.heartbeats_sent
-                await asyncio.sleep(max(0.0, config.duration - 8))
-                await self.cut_monitors()
-                await asyncio.sleep(min(8.0, config.duration))
+                if config.on_event is not None:
+                    config.on_event({"event": "measuring", "t": time.time()})
+                if config.stop_file is not None:
+                    await self.until_stop_file(config.duration)
+                else:
+                    await asyncio.sleep(max(0.0, config.duration - 8))
+                    await self.cut_monitors()
+                    await asyncio.sleep(min(8.0, config.duration))
                 window = time.monotonic() - m0
                 after = self.metrics()
                 cpu_after = procstat.sample(config.central_pid) if config.central_pid else None
@@ -846,6 +1005,7 @@ class Fleet:
             "connect_s": round(connect_s, 1),
             "monitors_authenticated": len(self.monitors),
             "monitors_refused": len(self.auth_refusals),
+            "standby_refusals": self.standby_refusals,
             "login_s": round(login_s, 1),
             "drivers_logged_in": len(self.sessions),
             "driver_logins_failed": len(self.login_refusals),
@@ -887,6 +1047,16 @@ class Fleet:
                 round(heartbeats_handled / cpu, 1) if cpu > 0 else None
             )
         result["simulator_loop_lag_ms"] = summarise(self.own_lag)
+        if self.failover:
+            # Raw timelines (wall clock) for the bench to cut into failover windows.
+            result["centrals"] = [f"{host}:{port}" for host, port in self.addresses]
+            result["monitors_down_at_end"] = len(self.down)
+            result["outages"] = [[round(a, 4), b and round(b, 4)] for a, b in self.outages]
+            result["outages"] += [[round(a, 4), None] for a in self.down.values()]
+            result["requests"] = [
+                [round(sent, 4), latency and round(latency, 5), outcome]
+                for sent, latency, outcome in self.requests_log
+            ]
         lag_name = "ev_central_event_loop_lag_seconds"
         lag_count = delta(f"{lag_name}_count")
         if lag_count:
