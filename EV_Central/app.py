@@ -204,6 +204,11 @@ async def serve(central: Central, settings: CentralSettings, until: Awaitable[ob
     """Central's servers and tasks, until `until` is done (or a task fails)."""
     # One TLS context (or none) for both servers: :5000 and the admin web.
     tls = optional_server_context(settings.tls_cert, settings.tls_key)
+    cluster = None
+    if central.stats.role == "active":
+        from EV_Central.ha import ClusterView
+
+        cluster = ClusterView(settings.broker)
     monitors = MonitorServer(
         central.cp_links,
         central.feed,
@@ -222,6 +227,7 @@ async def serve(central: Central, settings: CentralSettings, until: Awaitable[ob
         allowed_origins=settings.allowed_origin,
         keep_sessions=central.stats.role == "active",
         durable=central.outbox.durable,
+        cluster=cluster.status if cluster is not None else None,
     )
     console = Console(
         central.registry, central.feed, central.cp_links, central.audit, settings.console
@@ -250,3 +256,5 @@ async def serve(central: Central, settings: CentralSettings, until: Awaitable[ob
             await monitors.stop()
         with contextlib.suppress(Exception):
             await web.stop()
+        if cluster is not None:
+            await cluster.close()

@@ -32,6 +32,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitionAssignor
 from aiokafka.errors import KafkaError
 
@@ -134,6 +135,60 @@ class _LeaseListener(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         self._lease.assigned(set(assigned))
+
+
+class ClusterView:
+    """What the active Central's panel shows of Kafka: brokers up, partitions with a copy
+    missing, Centrals in the lease group. Asked at most every `CACHE_SECONDS`."""
+
+    CACHE_SECONDS = 5.0
+
+    def __init__(self, bootstrap: str) -> None:
+        self.bootstrap = bootstrap
+        self._admin: AIOKafkaAdminClient | None = None
+        self._asked_at = -1e9
+        self._last: dict[str, Any] = {}
+
+    async def status(self) -> dict[str, Any]:
+        if time.monotonic() - self._asked_at < self.CACHE_SECONDS:
+            return self._last
+        self._asked_at = time.monotonic()
+        try:
+            async with asyncio.timeout(3.0):
+                self._last = await self._ask()
+        except (KafkaError, TimeoutError, OSError, LookupError) as exc:
+            log.debug("cannot describe the Kafka cluster: %s", exc)
+            self._last = {"reachable": False}
+        return self._last
+
+    async def _ask(self) -> dict[str, Any]:
+        if self._admin is None:
+            admin = AIOKafkaAdminClient(
+                bootstrap_servers=self.bootstrap, client_id="ev-central-cluster-view"
+            )
+            await admin.start()
+            self._admin = admin
+        admin = self._admin
+        brokers = (await admin.describe_cluster())["brokers"]
+        described = await admin.describe_topics(await admin.list_topics())
+        partitions = [p for topic in described for p in topic["partitions"]]
+        under = sum(1 for p in partitions if len(p["isr"]) < len(p["replicas"]))
+        [answer] = await admin.describe_consumer_groups([LEASE_GROUP])
+        _, _, state, _, _, members = answer.groups[0]
+        return {
+            "reachable": True,
+            "brokers": len(brokers),
+            "partitions": len(partitions),
+            "under_replicated": under,
+            "centrals": len(members),
+            "lease_group": state,
+        }
+
+    async def close(self) -> None:
+        admin, self._admin = self._admin, None
+        if admin is not None:
+            with contextlib.suppress(Exception):
+                await admin.close()
 
 
 def advertised(settings: CentralSettings) -> dict[str, Any]:

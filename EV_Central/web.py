@@ -76,12 +76,14 @@ class AdminWeb(WebApp, Part):
         allowed_origins: list[str],
         keep_sessions: bool = False,
         durable: Callable[[], Awaitable[bool]] | None = None,
+        cluster: Callable[[], Awaitable[dict[str, Any]]] | None = None,
     ) -> None:
         """`keep_sessions` (with --ha): logins are kept in the database, which the standby
         has too, so that a take-over does not log the admins out."""
         Part.__init__(self, context)
         self._keep_sessions = keep_sessions
         self._durable = durable
+        self._cluster = cluster  # with --ha: the Kafka cluster as the panel shows it
         self._cp_links = cp_links
         self._people = people
         self._audit_log = audit
@@ -101,6 +103,7 @@ class AdminWeb(WebApp, Part):
                 "/api/events": Route(self._events, ADMIN, admins_only),
                 "/api/drivers": Route(self._drivers_api, ADMIN, admins_only),
                 "/api/audit": Route(self._audit, ADMIN, admins_only),
+                "/api/status": Route(self._status_api, ADMIN, admins_only),
             },
             logins=Logins(
                 COOKIE,
@@ -198,7 +201,8 @@ class AdminWeb(WebApp, Part):
                     self.shell.broadcast({"type": "drivers", "drivers": drivers})
                 if time.monotonic() - last_status >= 2.0:
                     last_status = time.monotonic()
-                    self.shell.broadcast({"type": "status", "status": await self._status()})
+                    status = await self._status(cluster=True)
+                    self.shell.broadcast({"type": "status", "status": status})
             except Exception:
                 log.exception("admin refresh failed")
 
@@ -239,7 +243,7 @@ class AdminWeb(WebApp, Part):
                 "events": [e.as_api() for e in self._feed.events],
                 "sessions": await self._recent_sessions(),
                 "drivers": await self._store.drivers(),
-                "status": await self._status(),
+                "status": await self._status(cluster=True),
                 "audit": await self._audit_log.recent(100),
                 "colours": {state.value: colour for state, colour in STATE_COLOURS.items()},
             }
@@ -248,13 +252,18 @@ class AdminWeb(WebApp, Part):
     async def _cps(self, request: HttpRequest) -> Response:
         return json_response([cp.as_api() for cp in self._registry.sorted()])
 
+    async def _status_api(self, request: HttpRequest) -> Response:
+        """The panel's status line: health, role and (--ha) the Kafka cluster."""
+        return json_response(await self._status(cluster=True))
+
     async def _message_counts(self, request: HttpRequest) -> Response:
         return json_response({"messages": dict(self._stats.counters)})
 
     async def _events(self, request: HttpRequest) -> Response:
         return json_response([e.as_api() for e in self._feed.events])
 
-    async def _status(self) -> dict[str, Any]:
+    async def _status(self, *, cluster: bool = False) -> dict[str, Any]:
+        """Health, and with `cluster` (the panel's pushes, --ha) the Kafka cluster's view."""
         database = await self._store.ping()
         checked_at, broker = self._health_cache
         if time.monotonic() - checked_at > 1.0:
@@ -262,6 +271,7 @@ class AdminWeb(WebApp, Part):
             self._health_cache = (time.monotonic(), broker)
         ok = database and broker
         monitors = sum(1 for cp in self._registry.cps.values() if cp.connected)
+        view = {"cluster": await self._cluster()} if cluster and self._cluster else {}
         return {
             "status": "ok" if ok else "degraded",
             "role": self._stats.role,
@@ -270,6 +280,7 @@ class AdminWeb(WebApp, Part):
             "monitors_connected": monitors,
             "cps_registered": len(self._registry.cps),
             "websocket_clients": self.shell.client_count,
+            **view,
         }
 
     async def _metrics(self, request: HttpRequest) -> Response:

@@ -433,7 +433,9 @@ def failover_report(results: dict[str, Any]) -> list[str]:
             f"### {f['kills']} kills (-9) of the active Central at {f['cps']} CPs",
             "",
             "Each kill: the time until the other Central's `/healthz` says `active` (polled"
-            " every 50 ms; the lease timeout is 3 s), the time until every CP is connected"
+            " every 50 ms; the lease timeout is 3 s; the poll races the monitors, which retry"
+            " every second, so every CP can be back a moment before the poll sees the role),"
+            " the time until every CP is connected"
             " again (authenticated at the new active Central; the fleet reports the moment"
             " the last one is back), and the supply requests in flight during that window"
             " (sent before every CP was back, answered after the kill). Then the killed"
@@ -515,6 +517,23 @@ def failover_report(results: dict[str, Any]) -> list[str]:
             f" {single['request_timeouts']}, {single['denied']} |"
             f" {ha['unexpected_disconnects']}, {ha['request_timeouts']}, {ha['denied']} |"
         )
+        s_st = single.get("central_stage_mean_ms") or {}
+        h_st = ha.get("central_stage_mean_ms") or {}
+        if h_st.get("publish") is not None and h_st.get("outbox") is not None:
+            lines += [
+                "",
+                "Where the difference goes: with one Central and one broker a reply is handed to"
+                f" the producer {fmt(s_st.get('outbox'))} ms (mean) after the handler's commit"
+                f" and acknowledged {fmt(s_st.get('publish'))} ms later. In the HA pair every"
+                " reply goes out in a Kafka transaction together with its changelog rows, and one"
+                " transaction is open at a time: a reply first waits for the transaction in"
+                f" flight (`outbox`, {fmt(h_st.get('outbox'))} ms mean), then for its own, from"
+                f" the first send to the commit's answer (`publish`, {fmt(h_st.get('publish'))}"
+                " ms mean: the commit markers are written on the three nodes before Kafka"
+                " answers), and the driver, which reads committed records only, sees it after"
+                " that. The handler itself costs the same in both"
+                f" ({fmt(s_st.get('handler'))} vs {fmt(h_st.get('handler'))} ms).",
+            ]
         if base:
             lines += [
                 "",

@@ -14,9 +14,13 @@
       scripts\deploy.ps1 -Pc pc2 up -Build           build the images on a freshly pulled base first
       scripts\deploy.ps1 -Pc pc2 up -Follow          once healthy, follow the logs (Ctrl-C stops following)
 
-    pc1: driver dashboard; pc2: Kafka, Kafka UI, Central (start it first); pc3: charging
-    points and site dashboard; all: everything on this one host. Addresses and ports come
-    from network_config.py, overridden by environment variables ($env:PC2_IP = "192.168.1.20").
+    pc1: Kafka node 1, the standby Central, driver dashboard; pc2: Kafka node 2, Kafka UI, the
+    active Central; pc3: Kafka node 3, charging points, site dashboard; all: everything on
+    this one host (one broker, one Central). Addresses and ports come from network_config.py,
+    overridden by environment variables ($env:PC2_IP = "192.168.1.20").
+
+    The two Centrals share an audit key, secrets\central.audit-key: up on pc2 creates it when
+    missing, and it must be copied to PC1 before up on pc1.
 
 .PARAMETER Pc
     pc1, pc2, pc3 or all: which PC's compose file (all: docker-compose.yml).
@@ -100,13 +104,29 @@ function Find-Python {
 function Write-EnvFile {
     $py = Find-Python
     $pyArgs = @($py | Select-Object -Skip 1)
-    & $py[0] @pyArgs network_config.py --env .env | Out-Null
+    # Three PCs: every PC's Kafka node is dialled at its PCn_IP, so none may be loopback.
+    $checks = if ($Pc -eq "all") { @() } else { @("--three-pcs") }
+    & $py[0] @pyArgs network_config.py --env .env @checks | Out-Null
     if ($LASTEXITCODE -ne 0) { Fail "network_config.py refused the settings (above)" }
-    $pc2 = (Select-String -Path .env -Pattern '^PC2_IP=(.*)$').Matches[0].Groups[1].Value
-    if ($Pc -ne "all" -and $pc2 -like "127.*") {
-        Fail "PC2_IP is $pc2`: the other PCs cannot reach that. Set PC2_IP to PC2's LAN address (edit network_config.py or `$env:PC2_IP = '...'), then run this again"
-    }
     Write-Host "deploy: .env written"
+}
+
+# The audit key both Centrals share (Central reads it beside its database; the compose files
+# copy it into Central's volume): made once on PC2, copied to PC1 by the operator.
+$AuditKey = "secrets/central.audit-key"
+function Confirm-AuditKey {
+    if ($Pc -eq "pc2") {
+        $py = Find-Python
+        $pyArgs = @($py | Select-Object -Skip 1)
+        $said = & $py[0] @pyArgs network_config.py --audit-key $AuditKey
+        if ($LASTEXITCODE -ne 0) { Fail "network_config.py could not create $AuditKey" }
+        if ("$said" -like "created*") {
+            Write-Host "deploy: created $AuditKey, the audit key both Centrals share. Copy it to PC1 (the same path in its copy of this repository) before scripts\deploy.ps1 -Pc pc1 up; keep it secret, like the TLS keys" -ForegroundColor Yellow
+        }
+    }
+    elseif ($Pc -eq "pc1" -and -not (Test-Path $AuditKey -PathType Leaf)) {
+        Fail "$AuditKey is missing: copy it from PC2 (scripts\deploy.ps1 -Pc pc2 up creates it there); the standby Central needs the active one's audit key"
+    }
 }
 
 # Containers of this project that are not (yet) healthy; one-shot services that exited 0 are done.
@@ -138,6 +158,7 @@ if ($Action -notin @("up", "config") -and -not (Test-Path .env)) {
 switch ($Action) {
     "up" {
         Write-EnvFile
+        Confirm-AuditKey
         & docker info *> $null
         if ($LASTEXITCODE -ne 0) { Fail "the Docker engine does not answer: start Docker Desktop first" }
         if ($Build) { Invoke-Compose build --pull }

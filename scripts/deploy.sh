@@ -3,8 +3,9 @@
 #
 #   scripts/deploy.sh PC ACTION [SERVICE] [--build] [--follow]
 #
-#   PC       pc1 (driver dashboard), pc2 (Kafka, Kafka UI, Central: start it first),
-#            pc3 (charging points, site dashboard), all (everything on this one host)
+#   PC       pc1 (Kafka node 1, the standby Central, driver dashboard), pc2 (Kafka node 2,
+#            Kafka UI, the active Central), pc3 (Kafka node 3, charging points, site
+#            dashboard), all (everything on this one host: one broker, one Central)
 #   ACTION   up       write .env from network_config.py, build, start, wait until healthy
 #            down     stop and remove the containers (volumes and the database are kept)
 #            status   the containers and their health
@@ -18,8 +19,10 @@
 #   --help   this text
 #
 # Addresses and ports come from network_config.py, overridden by environment variables
-# (PC2_IP=192.168.1.20 scripts/deploy.sh pc3 up). Environment: PYTHON (python3),
-# EV_DEPLOY_WAIT (seconds `up` waits for health, default 180).
+# (PC2_IP=192.168.1.20 scripts/deploy.sh pc3 up). The two Centrals share an audit key,
+# secrets/central.audit-key: `pc2 up` creates it when missing, and it must be copied to PC1
+# before `pc1 up`. Environment: PYTHON (python3), EV_DEPLOY_WAIT (seconds `up` waits for
+# health, default 180).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -57,13 +60,30 @@ compose() { "${COMPOSE[@]}" --project-name "$PROJECT" --env-file .env -f "$FILE"
 
 write_env() {
     command -v "$PYTHON" >/dev/null || die "$PYTHON not found: Python 3.11 writes .env (set PYTHON=...)"
-    "$PYTHON" network_config.py --env .env >/dev/null || die "network_config.py refused the settings (above)"
-    local pc2_ip; pc2_ip="$(sed -n 's/^PC2_IP=//p' .env)"
-    if [[ "$PC" != all && "$pc2_ip" == 127.* ]]; then
-        die "PC2_IP is $pc2_ip: the other PCs cannot reach that. Set PC2_IP to PC2's LAN" \
-            "address (edit network_config.py or export PC2_IP=...), then run this again"
-    fi
+    # Three PCs: every PC's Kafka node is dialled at its PCn_IP, so none may be loopback.
+    local three=""; [[ "$PC" == all ]] || three=--three-pcs
+    "$PYTHON" network_config.py --env .env ${three:+"$three"} >/dev/null \
+        || die "network_config.py refused the settings (above)"
     echo "deploy: .env written ($(tr '\n' ' ' < .env | cut -c1-120)...)"
+}
+
+# The audit key both Centrals share (Central reads it beside its database; the compose files
+# copy it into Central's volume): made once on PC2, copied to PC1 by the operator.
+AUDIT_KEY=secrets/central.audit-key
+audit_key() {
+    case "$PC" in
+    pc2)
+        if [[ "$("$PYTHON" network_config.py --audit-key "$AUDIT_KEY")" == created* ]]; then
+            echo "deploy: created $AUDIT_KEY, the audit key both Centrals share. Copy it to PC1" \
+                "(the same path in its copy of this repository) before scripts/deploy.sh pc1 up;" \
+                "keep it secret, like the TLS keys" >&2
+        fi
+        ;;
+    pc1)
+        [[ -f "$AUDIT_KEY" ]] || die "$AUDIT_KEY is missing: copy it from PC2 (scripts/deploy.sh" \
+            "pc2 up creates it there); the standby Central needs the active one's audit key"
+        ;;
+    esac
 }
 
 # The names of this project's services that are not (yet) healthy; one-shot services that
@@ -88,6 +108,7 @@ fi
 case "$ACTION" in
 up)
     write_env
+    audit_key
     docker info >/dev/null 2>&1 || die "the Docker engine does not answer: start Docker (Desktop) first"
     if (( BUILD )); then compose build --pull; fi
     compose up -d --build --remove-orphans

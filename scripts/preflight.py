@@ -5,10 +5,12 @@
 
 Reads the addresses and ports as network_config.py sees them (the environment, then the .env
 that deploy wrote, then its defaults) and checks, one line each with a fix when it fails:
-Kafka (the bootstrap answers, and the address it advertises in its metadata is reachable from
-here), Central (monitors' TCP port and /healthz), the clock (against the Date of Central's
-answer), the dashboards and Kafka UI. `--pc` names the PC this runs on: its address is then
-checked to be one of this machine's. A web server whose certificate is set in the settings
+Kafka (a broker of KAFKA_BROKERS answers, and the addresses it advertises in its metadata are
+reachable from here; how many of the brokers answer, a majority being the quorum; the copies
+of every topic's partitions and whether they are in sync), Central (monitors' TCP port and
+/healthz; with a standby on PC1, which of the two is active), the clock (against the Date of
+Central's answer), the dashboards and Kafka UI. `--pc` names the PC this runs on: its address is
+then checked to be one of this machine's. A web server whose certificate is set in the settings
 (CENTRAL_TLS_CERT, DRIVER_TLS_CERT, SITE_TLS_CERT: TLS on, docs/tls.md) is checked over https,
 its certificate verified against `--tls-ca` (the deployment's ca.crt; the system's CAs without
 it). Exit 0 when nothing failed (warnings allowed), 1 when something did. Standard library
@@ -98,17 +100,43 @@ def _kafka_string(data: bytes, offset: int) -> tuple[str | None, int]:
     return data[offset : offset + length].decode(), offset + length
 
 
-def metadata_request(correlation_id: int, client_id: str = "ev-preflight") -> bytes:
-    """A Kafka Metadata v7 request for no topics: the answer still lists every broker."""
+def metadata_request(
+    correlation_id: int, client_id: str = "ev-preflight", all_topics: bool = False
+) -> bytes:
+    """A Kafka Metadata v7 request for no topics (the answer still lists every broker), or
+    for every topic."""
     client = client_id.encode()
     header = struct.pack(">hhih", 3, 7, correlation_id, len(client)) + client
-    body = struct.pack(">ib", 0, 0)  # topics: empty array; allow_auto_topic_creation: false
+    # topics: an empty array, or null for all of them; allow_auto_topic_creation: false
+    body = struct.pack(">ib", -1 if all_topics else 0, 0)
     payload = header + body
     return struct.pack(">i", len(payload)) + payload
 
 
-def parse_metadata_brokers(payload: bytes, correlation_id: int) -> list[tuple[int, str, int]]:
-    """(node id, host, port) of every broker in a Metadata v7 response (without its size)."""
+@dataclass(frozen=True)
+class PartitionInfo:
+    topic: str
+    partition: int
+    leader: int  # -1: none (offline)
+    replicas: tuple[int, ...]
+    isr: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Metadata:
+    brokers: list[tuple[int, str, int]]  # (node id, advertised host, port)
+    partitions: list[PartitionInfo]
+
+
+def _int32_array(data: bytes, offset: int) -> tuple[tuple[int, ...], int]:
+    (count,) = struct.unpack_from(">i", data, offset)
+    offset += 4
+    count = max(count, 0)
+    return struct.unpack_from(f">{count}i", data, offset), offset + 4 * count
+
+
+def parse_metadata(payload: bytes, correlation_id: int) -> Metadata:
+    """A Metadata v7 response (without its size): the brokers and every topic's partitions."""
     (got,) = struct.unpack_from(">i", payload, 0)
     if got != correlation_id:
         raise ValueError(f"answer to request {got}, expected {correlation_id}")
@@ -122,7 +150,29 @@ def parse_metadata_brokers(payload: bytes, correlation_id: int) -> list[tuple[in
         (port,) = struct.unpack_from(">i", payload, offset)
         _rack, offset = _kafka_string(payload, offset + 4)
         brokers.append((node_id, host or "", port))
-    return brokers
+    _cluster_id, offset = _kafka_string(payload, offset)
+    offset += 4  # controller id
+    (topics,) = struct.unpack_from(">i", payload, offset)
+    offset += 4
+    partitions = []
+    for _ in range(max(topics, 0)):
+        offset += 2  # error code
+        name, offset = _kafka_string(payload, offset)
+        offset += 1  # is_internal
+        (count,) = struct.unpack_from(">i", payload, offset)
+        offset += 4
+        for _ in range(max(count, 0)):
+            _error, index, leader, _epoch = struct.unpack_from(">hiii", payload, offset)
+            replicas, offset = _int32_array(payload, offset + 14)
+            isr, offset = _int32_array(payload, offset)
+            _offline, offset = _int32_array(payload, offset)
+            partitions.append(PartitionInfo(name or "", index, leader, replicas, isr))
+    return Metadata(brokers, partitions)
+
+
+def parse_metadata_brokers(payload: bytes, correlation_id: int) -> list[tuple[int, str, int]]:
+    """(node id, host, port) of every broker in a Metadata v7 response (without its size)."""
+    return parse_metadata(payload, correlation_id).brokers
 
 
 def _recv_exactly(sock: socket.socket, size: int) -> bytes:
@@ -135,16 +185,26 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytes:
     return bytes(data)
 
 
-def kafka_brokers(host: str, port: int, timeout: float) -> list[tuple[int, str, int]]:
-    """The brokers (and the addresses they advertise) that the bootstrap server reports."""
+def kafka_metadata(host: str, port: int, timeout: float, all_topics: bool = False) -> Metadata:
+    """What the broker at host:port says about the cluster (and every topic, if asked)."""
     correlation_id = int(time.time()) & 0x7FFFFFFF
     with socket.create_connection((host, port), timeout=timeout) as sock:
         sock.settimeout(timeout)
-        sock.sendall(metadata_request(correlation_id))
+        sock.sendall(metadata_request(correlation_id, all_topics=all_topics))
         (size,) = struct.unpack(">i", _recv_exactly(sock, 4))
         if not 0 < size <= MAX_KAFKA_FRAME:
             raise ValueError(f"implausible answer size {size}: is this a Kafka broker?")
-        return parse_metadata_brokers(_recv_exactly(sock, size), correlation_id)
+        return parse_metadata(_recv_exactly(sock, size), correlation_id)
+
+
+def kafka_brokers(host: str, port: int, timeout: float) -> list[tuple[int, str, int]]:
+    """The brokers (and the addresses they advertise) that the bootstrap server reports."""
+    return kafka_metadata(host, port, timeout).brokers
+
+
+def host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host, int(port)
 
 
 @dataclass(frozen=True)
@@ -207,6 +267,9 @@ class Preflight:
         self.pc2 = config["PC2_IP"]
         self.central_health: HttpAnswer | None = None
         self.kafka_reachable = False
+        # The brokers clients bootstrap from (each once: on one machine they are one).
+        self.brokers = list(dict.fromkeys(config["KAFKA_BROKERS"].split(",")))
+        self.bootstrap = self.brokers[0]
 
     def checks(self) -> list[Callable[[], Result]]:
         checks: list[Callable[[], Result]] = []
@@ -218,8 +281,11 @@ class Preflight:
             self.loopback,
             self.kafka_bootstrap,
             self.kafka_advertised,
+            self.kafka_quorum,
+            self.kafka_replication,
             self.central_monitors,
             self.central_health_check,
+            self.central_active,
             self.clock,
             self.driver_dashboard,
             self.site_dashboard,
@@ -297,30 +363,33 @@ class Preflight:
         return Result(OK, "addresses", f"PC2 (Kafka, Central) is {self.pc2}")
 
     def kafka_bootstrap(self) -> Result:
-        port = int(self.config["KAFKA_PORT"])
-        error = tcp_connect(self.pc2, port, self.timeout)
-        if error:
-            return Result(
-                FAIL,
-                "kafka bootstrap",
-                f"cannot connect to {self.pc2}:{port}: {error}",
-                "start PC2 (scripts/deploy.sh pc2 up), open its firewall "
-                "(scripts/firewall.sh pc2 or firewall.ps1 -Pc pc2), check PC2_IP",
-            )
-        self.kafka_reachable = True
-        return Result(OK, "kafka bootstrap", f"{self.pc2}:{port} accepts connections")
+        # Like a client: the first broker of the list that accepts a connection will do.
+        errors = []
+        for address in self.brokers:
+            error = tcp_connect(*host_port(address), self.timeout)
+            if error is None:
+                self.kafka_reachable = True
+                self.bootstrap = address
+                return Result(OK, "kafka bootstrap", f"{address} accepts connections")
+            errors.append(f"{address}: {error}")
+        return Result(
+            FAIL,
+            "kafka bootstrap",
+            f"cannot connect to {'; '.join(errors)}",
+            "start PC2 (scripts/deploy.sh pc2 up; with three PCs the Kafka node of each), open "
+            "its firewall (scripts/firewall.sh pc2 or firewall.ps1 -Pc pc2), check PC2_IP",
+        )
 
     def kafka_advertised(self) -> Result:
-        port = int(self.config["KAFKA_PORT"])
         if not self.kafka_reachable:
             return Result(SKIP, "kafka advertised", "not checked: the bootstrap does not answer")
         try:
-            brokers = kafka_brokers(self.pc2, port, self.timeout)
+            brokers = kafka_brokers(*host_port(self.bootstrap), self.timeout)
         except (OSError, ValueError, struct.error) as exc:
             return Result(
                 FAIL,
                 "kafka advertised",
-                f"{self.pc2}:{port} gave no broker metadata: {exc}",
+                f"{self.bootstrap} gave no broker metadata: {exc}",
                 "is Kafka (not another program) on that port? see scripts/deploy.sh pc2 logs kafka",
             )
         if not brokers:
@@ -341,6 +410,104 @@ class Preflight:
                 "LAN address there and restart PC2 (scripts/deploy.sh pc2 up)",
             )
         return Result(OK, "kafka advertised", f"clients are sent to {advertised}: reachable")
+
+    def kafka_quorum(self) -> Result:
+        """How many of the brokers answer a metadata request: a majority keeps the KRaft
+        quorum (two of three), so the cluster carries on without the others."""
+        answered: dict[str, set[int]] = {}
+        silent = []
+        for address in self.brokers:
+            try:
+                metadata = kafka_metadata(*host_port(address), self.timeout)
+            except (OSError, ValueError, struct.error) as exc:
+                silent.append(f"{address} ({exc})")
+                continue
+            answered[address] = {node for node, _host, _port in metadata.brokers}
+        total = len(self.brokers)
+        nodes = sorted(set().union(*answered.values())) if answered else []
+        detail = (
+            f"{len(answered)} of {total} broker{'s' if total > 1 else ''} answer"
+            + (f" (registered nodes: {', '.join(map(str, nodes))})" if nodes else "")
+            + (f"; no answer from {', '.join(silent)}" if silent else "")
+        )
+        if len(answered) == total:
+            return Result(OK, "kafka quorum", detail)
+        if total > 1 and len(answered) > total // 2:
+            return Result(
+                WARN,
+                "kafka quorum",
+                detail + ": a majority still holds the quorum, one more lost node stops Kafka",
+                "start the silent node's PC (scripts/deploy.sh pcN up), or open its firewall "
+                "for KAFKA_PORT and KAFKA_CONTROLLER_PORT",
+            )
+        return Result(
+            FAIL,
+            "kafka quorum",
+            detail + (": no majority, Kafka answers nothing" if total > 1 else ""),
+            "start the Kafka nodes (scripts/deploy.sh pc1|pc2|pc3 up on their PCs): "
+            "a majority of them must run",
+        )
+
+    def kafka_replication(self) -> Result:
+        """Every partition's copies: offline (no leader), under-replicated (fewer in sync than
+        copies), or a single copy on a cluster of several brokers."""
+        if not self.kafka_reachable:
+            return Result(SKIP, "kafka replication", "not checked: the bootstrap does not answer")
+        try:
+            metadata = kafka_metadata(*host_port(self.bootstrap), self.timeout, all_topics=True)
+        except (OSError, ValueError, struct.error) as exc:
+            return Result(
+                FAIL, "kafka replication", f"{self.bootstrap} gave no topic metadata: {exc}"
+            )
+        partitions = metadata.partitions
+        if not partitions:
+            return Result(
+                WARN,
+                "kafka replication",
+                "no topics yet",
+                "the services create them at start (Docker: kafka-init)",
+            )
+
+        def named(found: list[PartitionInfo]) -> str:
+            topics = sorted({p.topic for p in found})
+            return ", ".join(topics[:4]) + (
+                f" and {len(topics) - 4} more" if len(topics) > 4 else ""
+            )
+
+        offline = [p for p in partitions if p.leader < 0]
+        under = [p for p in partitions if len(p.isr) < len(p.replicas)]
+        single = (
+            [p for p in partitions if len(p.replicas) < 3] if len(metadata.brokers) >= 3 else []
+        )
+        copies = sorted({len(p.replicas) for p in partitions})
+        summary = (
+            f"{len(partitions)} partitions of {len({p.topic for p in partitions})} topics, "
+            f"{'/'.join(map(str, copies))} cop{'y' if copies == [1] else 'ies'} each"
+        )
+        if offline:
+            return Result(
+                FAIL,
+                "kafka replication",
+                f"{summary}; {len(offline)} have no leader (offline): {named(offline)}",
+                "start the Kafka nodes that hold them (kafka quorum above)",
+            )
+        if under:
+            return Result(
+                WARN,
+                "kafka replication",
+                f"{summary}; {len(under)} under-replicated (fewer in sync than copies): "
+                f"{named(under)}",
+                "a node is down or behind: start it again; they catch up by themselves",
+            )
+        if single:
+            return Result(
+                WARN,
+                "kafka replication",
+                f"{summary}; {len(single)} with fewer than 3 copies on a cluster of "
+                f"{len(metadata.brokers)}: {named(single)} (created before every node was up)",
+                "delete and recreate those topics with --replication-factor 3 (docs/deployment.md)",
+            )
+        return Result(OK, "kafka replication", f"{summary}, all in sync")
 
     def central_monitors(self) -> Result:
         port = int(self.config["CENTRAL_PORT"])
@@ -385,6 +552,56 @@ class Preflight:
                 "see Central's log (scripts/deploy.sh pc2 logs central)",
             )
         return Result(OK, "central /healthz", f"{url} answered 200")
+
+    def central_active(self) -> Result:
+        """Which Central is active: PC2's and PC1's /healthz say their role (one machine: one
+        Central, which says "single" without --ha)."""
+        urls = {
+            pc: self.web_url(
+                "central", self.config[f"{pc.upper()}_IP"], "CENTRAL_HTTP_PORT", "/healthz"
+            )
+            for pc in network_config.CENTRAL_PCS
+        }
+        roles: dict[str, str] = {}
+        for pc, url in urls.items():
+            if url in (urls[other] for other in roles):
+                continue  # the same Central as the PC before
+            answer = self.central_health if pc == "pc2" else None
+            if answer is None:
+                try:
+                    answer = http_get(url, self.timeout, self.tls)
+                except OSError as exc:
+                    roles[pc] = f"does not answer ({exc})"
+                    continue
+            try:
+                body = json.loads(answer.body)
+            except ValueError:
+                body = {}
+            role = body.get("role") if isinstance(body, dict) else None
+            roles[pc] = str(role) if role else f"answered {answer.status} without a role"
+        said = "; ".join(f"{pc.upper()} {role}" for pc, role in roles.items())
+        active = [pc for pc, role in roles.items() if role in ("active", "single")]
+        if len(roles) == 1:
+            if not active:  # the one Central is down: central /healthz has said so
+                return Result(SKIP, "central active", f"not checked: {said}")
+            return Result(OK, "central active", f"one Central: {said}")
+        if len(active) == 1 and all(r in ("active", "standby") for r in roles.values()):
+            note = "" if active == ["pc2"] else " (it took over; it stays active while it runs)"
+            return Result(OK, "central active", f"{said}{note}")
+        if len(active) == 1:
+            return Result(
+                WARN,
+                "central active",
+                f"{said}: no standby to take over",
+                "start the other Central (scripts/deploy.sh pc1 up or pc2 up) and check its log",
+            )
+        return Result(
+            FAIL,
+            "central active",
+            f"{said}: " + ("no Central is active" if not active else "more than one is active"),
+            "a standby takes over within seconds: run this again; if it stays so, see "
+            "scripts/deploy.sh pc2 logs central and pc1 logs central",
+        )
 
     def clock(self) -> Result:
         answer = self.central_health

@@ -310,6 +310,31 @@
     $("status-monitors").dataset.ok = registered && connected === registered ? "true" : connected ? "partial" : "unknown";
     $("status-broker").title = status.broker ? "Kafka broker reachable" : "Kafka broker unreachable";
     $("status-database").title = status.database ? "database reachable" : "database unreachable";
+    renderRole(status.role, status.cluster);
+  }
+
+  // With --ha: this Central's role, and the Kafka cluster (brokers, copies, Centrals in the lease group).
+  function renderRole(role, cluster) {
+    const ha = role === "active" || role === "standby";
+    $("status-role").hidden = !ha;
+    $("status-cluster").hidden = !ha || !cluster;
+    if (!ha) return;
+    $("role-text").textContent = role === "active" ? "Active Central" : "Standby Central";
+    $("status-role").dataset.ok = role === "active" ? "true" : "partial";
+    if (!cluster) return;
+    if (!cluster.reachable) {
+      $("cluster-text").textContent = "unreachable";
+      $("status-cluster").dataset.ok = "false";
+      return;
+    }
+    const brokers = num(cluster.brokers);
+    const under = num(cluster.under_replicated);
+    const centrals = num(cluster.centrals);
+    $("cluster-text").textContent = `${brokers} brokers · ${under} under-replicated · ${centrals} Centrals`;
+    $("status-cluster").dataset.ok = under === 0 && brokers >= 3 ? "true" : "partial";
+    $("status-cluster").title =
+      `${brokers} brokers up; ${under} of ${num(cluster.partitions)} partitions miss a copy; ` +
+      `${centrals} Centrals in the lease group (one active)`;
   }
 
   // --- commands --------------------------------------------------------------------------

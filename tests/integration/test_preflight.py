@@ -4,7 +4,9 @@ The preflight runs as operators run it (a separate `python scripts/preflight.py`
 settings from a .env written by network_config.py) against a real broker, a real Central and
 the two dashboards: all green while they run, a FAIL line with a fix and exit 1 once Central
 is down; then, with a Central that has TLS on (certificates from scripts/make-certs.py), green
-over https with the CA, and a FAIL that names the cause without it.
+over https with the CA, and a FAIL that names the cause without it. On a three-node cluster with
+two Centrals (--ha) it counts the brokers that answer, reads every partition's copies and says
+which Central is active, before and after a node and the active Central are killed.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import http.server
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -23,6 +26,7 @@ from typing import Any
 import pytest
 
 import network_config
+from cluster import Cluster
 from helpers import free_port, scaled, wait_for
 from procs import Deployment, ServiceProcess, http_get
 
@@ -222,6 +226,113 @@ async def test_preflight_green_while_everything_runs_then_fails_without_central_
         assert lines_of(proc, "tls")[0].startswith("[WARN] tls"), proc.stdout
     finally:
         tls.stop_all()
+
+
+async def central_role(url: str) -> str | None:
+    try:
+        status, body = await asyncio.to_thread(http_get, url, 2)
+    except OSError:
+        return None
+    return body.get("role") if status == 200 and isinstance(body, dict) else None
+
+
+@pytest.mark.kafka
+@pytest.mark.e2e
+@pytest.mark.slow
+async def test_preflight_reports_quorum_replication_and_the_active_central_of_a_cluster(
+    kafka_cluster: Cluster, tmp_path: Path
+) -> None:
+    # As on three PCs: PC2's Central and PC1's standby on the same ports, each on an address
+    # of its own (127.0.0.1 and 127.0.0.2), both with --ha on the three-node cluster.
+    central_port, http_port = free_port(), free_port()
+    key = secrets.token_hex(32) + "\n"  # the audit key both Centrals share
+    centrals: dict[str, ServiceProcess] = {}
+    urls = {}
+    try:
+        for pc, host, role in (("pc2", "127.0.0.1", "active"), ("pc1", "127.0.0.2", "standby")):
+            workdir = tmp_path / pc
+            workdir.mkdir()
+            (workdir / "central.db.audit-key").write_text(key)
+            (workdir / "central.db.audit-key").chmod(0o600)
+            args = ["-m", "EV_Central", "--ha", "--demo", "--broker", kafka_cluster.bootstrap]
+            args += ["--db", str(workdir / "central.db"), "--console", "log"]
+            args += ["--port", str(central_port), "--http-port", str(http_port)]
+            args += ["--listen-host", host, "--advertise", host]
+            centrals[pc] = ServiceProcess(f"central-{pc}", args, workdir).start()
+            urls[pc] = f"http://{host}:{http_port}/healthz"
+
+            async def has_role(url: str = urls[pc], role: str = role) -> bool:
+                return await central_role(url) == role
+
+            await wait_for(has_role, 60, interval=0.3, message=f"{pc}'s Central never {role}")
+
+        config = network_config.load(
+            {
+                "PC1_IP": "127.0.0.2",
+                "PC2_IP": "127.0.0.1",
+                "PC3_IP": "127.0.0.3",
+                "KAFKA_BROKERS": kafka_cluster.bootstrap,
+                "CENTRAL_PORT": str(central_port),
+                "CENTRAL_HTTP_PORT": str(http_port),
+                "DRIVER_HTTP_PORT": str(free_port()),
+                "MONITOR_HTTP_PORT": str(free_port()),
+                "KAFKA_UI_PORT": str(free_port()),
+            }
+        )
+        env_file = tmp_path / "cluster.env"
+        env_file.write_text(network_config.env_file(config))
+
+        proc = await asyncio.to_thread(run_preflight, env_file)
+        (quorum,) = lines_of(proc, "kafka quorum")
+        assert quorum == (
+            "[OK  ] kafka quorum       3 of 3 brokers answer (registered nodes: 1, 2, 3)"
+        ), proc.stdout
+        # The Centrals created the topics on three brokers: three copies, two in sync needed.
+        (replication,) = lines_of(proc, "kafka replication")
+        assert replication.startswith("[OK  ]") and "3 copies each, all in sync" in replication
+        assert "ev.central.changelog" not in replication, proc.stdout
+        (active,) = lines_of(proc, "central active")
+        assert active == "[OK  ] central active     PC2 active; PC1 standby", proc.stdout
+        for name in ("kafka bootstrap", "kafka advertised", "central monitors", "central /healthz"):
+            assert lines_of(proc, name)[0].startswith("[OK  ]"), proc.stdout
+
+        # PC3 switched off: its node is gone. Two of three keep the quorum; every partition
+        # that had a copy there is under-replicated once the controller fences the node.
+        kafka_cluster.kill_node(3)
+        seen: dict[str, subprocess.CompletedProcess[str]] = {}
+
+        async def under_replicated() -> bool:
+            seen["last"] = await asyncio.to_thread(run_preflight, env_file)
+            line = lines_of(seen["last"], "kafka replication")[0]
+            return line.startswith("[WARN]") and "under-replicated" in line
+
+        await wait_for(under_replicated, scaled(60), interval=1, message="never under-replicated")
+        proc = seen["last"]
+        (quorum,) = lines_of(proc, "kafka quorum")
+        assert quorum.startswith("[WARN] kafka quorum       2 of 3 brokers answer"), proc.stdout
+        assert f"no answer from {kafka_cluster.bootstrap.split(',')[2]}" in quorum
+        assert "a majority still holds the quorum" in quorum
+        assert (
+            "under-replicated (fewer in sync than copies): "
+            in lines_of(proc, "kafka replication")[0]
+        )
+
+        # PC2 switched off: its Central is gone; the standby takes over and says so.
+        centrals["pc2"].kill()
+
+        async def taken_over() -> bool:
+            return await central_role(urls["pc1"]) == "active"
+
+        await wait_for(taken_over, scaled(30), interval=0.2, message="the standby never took over")
+        proc = await asyncio.to_thread(run_preflight, env_file)
+        (active,) = lines_of(proc, "central active")
+        assert active.startswith("[WARN] central active     PC2 does not answer"), proc.stdout
+        assert "PC1 active: no standby to take over" in active
+        assert lines_of(proc, "central /healthz")[0].startswith("[FAIL]"), proc.stdout
+        assert proc.returncode == 1
+    finally:
+        for central in centrals.values():
+            central.stop()
 
 
 def test_preflight_rejects_bad_configuration_and_foreign_address(tmp_path: Path) -> None:

@@ -180,3 +180,16 @@ def test_pc1_driver_uses_the_same_broker() -> None:
     # Compose lists the three Kafka nodes; the simulated network runs PC2's.
     for driver in drivers:
         assert flags["--broker"] in driver.flags.get("--broker", "").split(","), driver
+
+
+def test_pc1_standby_central_runs_pc2_s_command() -> None:
+    """The two Centrals of high availability start the same way; each advertises its own PC."""
+    system = ours()
+    active = one(services_of("pc2", system), "EV_Central", "Central")
+    standby = one(services_of("pc1", system), "EV_Central", "standby Central")
+    assert not standby.missing, standby.missing
+    assert (standby.module, standby.words) == (active.module, active.words)
+    assert standby.flags.pop("--advertise") == system.config["PC1_IP"]
+    assert active.flags.pop("--advertise") == system.config["PC2_IP"]
+    assert standby.flags == active.flags
+    assert active.flags["--ha"] == "1"

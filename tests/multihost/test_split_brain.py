@@ -54,21 +54,26 @@ STALE = re.compile(rf"^{PREFIX}(\d+)-(pc[123]|br)$")
 # Run inside a PC: how many committed (or all) records of TOPIC carry KEY, from the start.
 COUNT_RECORDS = """
 import asyncio, sys
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 async def main(bootstrap, topic, key, isolation):
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)  # only for the metadata
+    await producer.start()
+    try:
+        numbers = await producer.partitions_for(topic)
+    finally:
+        await producer.stop()
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap, isolation_level=isolation, enable_auto_commit=False
     )
     await consumer.start()
     try:
-        await consumer.topics()
-        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
+        partitions = [TopicPartition(topic, number) for number in numbers]
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
         ends = await consumer.end_offsets(partitions)
         count = 0
-        while any(await consumer.position(tp) < ends[tp] for tp in partitions):
+        while [tp for tp in partitions if await consumer.position(tp) < ends[tp]]:
             batches = await consumer.getmany(timeout_ms=500)
             for records in batches.values():
                 count += sum(record.key == key.encode() for record in records)
@@ -84,7 +89,8 @@ def run(args: list[str], timeout: float, env: dict[str, str] | None = None) -> s
     proc = subprocess.run(
         args, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO_ROOT
     )
-    assert proc.returncode == 0, f"{' '.join(args)}: exit {proc.returncode}\n{proc.stdout}"
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{' '.join(args)}: exit {proc.returncode}\n{output}"
     return proc.stdout
 
 

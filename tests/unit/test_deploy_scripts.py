@@ -166,7 +166,7 @@ def deploy_copy(tmp_path: Path) -> tuple[Path, Path, dict[str, str]]:
         if not key.startswith(("PC", "EV_")) and key != "PYTHON"
     }
     env.update(PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}", PYTHON=sys.executable)
-    env["PC2_IP"] = "192.168.1.20"
+    env.update(PC1_IP="192.168.1.10", PC2_IP="192.168.1.20", PC3_IP="192.168.1.30")
     return tmp_path / "scripts" / "deploy.sh", log, env
 
 
@@ -176,9 +176,10 @@ def run(script: Path, env: dict[str, str], *args: str) -> subprocess.CompletedPr
     )
 
 
-def compose_calls(log: Path) -> list[str]:
+def compose_calls(log: Path, pc: str = "pc2") -> list[str]:
     calls = log.read_text(encoding="utf-8").splitlines() if log.exists() else []
-    return [call.split(" -f docker-compose.pc2.yml ", 1)[1] for call in calls if " -f " in call]
+    marker = f" -f docker-compose.{pc}.yml "
+    return [call.split(marker, 1)[1] for call in calls if marker in call]
 
 
 @needs_bash
@@ -224,3 +225,79 @@ def test_sh_refuses_an_option_it_cannot_honour(
     assert result.returncode == 2
     assert f"deploy: {message}" in result.stderr
     assert not log.exists(), "nothing may run after a usage error"
+
+
+@needs_bash
+def test_sh_pc2_up_creates_the_shared_audit_key_once_and_pc1_needs_a_copy(
+    deploy_copy: tuple[Path, Path, dict[str, str]],
+) -> None:
+    script, log, env = deploy_copy
+    root = script.parent.parent
+    key = root / "secrets" / "central.audit-key"
+    # PC1 first: its standby Central would start with a key of its own. Refused, nothing run.
+    result = run(script, env, "pc1", "up")
+    assert result.returncode == 1
+    assert "deploy: secrets/central.audit-key is missing: copy it from PC2" in result.stderr
+    assert not compose_calls(log, "pc1") and not key.exists()
+
+    result = run(script, env, "pc2", "up")
+    assert result.returncode == 0, result.stderr
+    assert "created secrets/central.audit-key" in result.stderr
+    assert "Copy it to PC1" in result.stderr
+    made = key.read_text(encoding="ascii")
+    assert len(bytes.fromhex(made.strip())) == 32
+    assert key.stat().st_mode & 0o777 == 0o600
+    # The next `up` keeps it (PC1 has a copy by then) and says nothing about it.
+    result = run(script, env, "pc2", "up")
+    assert result.returncode == 0, result.stderr
+    assert "audit-key" not in result.stderr
+    assert key.read_text(encoding="ascii") == made
+
+    # With the copy in place PC1 starts; the one-host deployment needs no key at all.
+    result = run(script, env, "pc1", "up")
+    assert result.returncode == 0, result.stderr
+    assert "up -d --build --remove-orphans" in compose_calls(log, "pc1")
+    key.unlink()
+    assert run(script, env, "all", "up").returncode == 0
+    assert not key.exists()
+
+
+@needs_bash
+@pytest.mark.parametrize(
+    ("addresses", "message"),
+    [
+        ({"PC3_IP": "127.0.0.1"}, "PC3_IP is 127.0.0.1: the other PCs cannot reach that"),
+        ({"PC1_IP": "192.168.1.20"}, "PC2_IP and PC1_IP are both 192.168.1.20"),
+    ],
+)
+def test_sh_refuses_addresses_three_pcs_cannot_use(
+    deploy_copy: tuple[Path, Path, dict[str, str]], addresses: dict[str, str], message: str
+) -> None:
+    script, log, env = deploy_copy
+    for pc in ("pc1", "pc2", "pc3"):
+        result = run(script, env | addresses, pc, "up")
+        assert result.returncode == 1, (pc, result.stderr)
+        assert f"error: {message}" in result.stderr
+        assert "network_config.py refused the settings" in result.stderr
+    assert not any(compose_calls(log, pc) for pc in ("pc1", "pc2", "pc3")), "nothing started"
+    # One host needs no LAN addresses.
+    one_host = env | {"PC1_IP": "127.0.0.1", "PC2_IP": "127.0.0.1"}
+    assert run(script, one_host, "all", "up").returncode == 0
+
+
+def test_both_scripts_check_three_pcs_and_share_one_audit_key() -> None:
+    sh = DEPLOY_SH.read_text(encoding="utf-8")
+    ps1 = ps1_source()
+    for source in (sh, ps1):
+        assert "--three-pcs" in source
+        assert "network_config.py --audit-key" in source
+        assert "secrets/central.audit-key" in source
+    # The compose files mount the directory the scripts write the key to.
+    for pc in ("pc1", "pc2"):
+        compose = (REPO_ROOT / f"docker-compose.{pc}.yml").read_text(encoding="utf-8")
+        assert "./secrets:/secrets:ro" in compose and "/secrets/central.audit-key" in compose
+    # PowerShell: made on pc2, required on pc1, before anything starts.
+    up = ps1_branch("up")
+    assert up.index("Confirm-AuditKey") < up.index("Invoke-Compose up ")
+    assert re.search(r'\$Pc -eq "pc2"[^}]*--audit-key', ps1)
+    assert re.search(r'\$Pc -eq "pc1" -and -not \(Test-Path \$AuditKey', ps1)

@@ -117,10 +117,90 @@ def test_the_engines_time_scale_follows_the_demo_unless_set() -> None:
 
 def test_each_pc_serves_its_own_ports() -> None:
     config = network_config.load({"KAFKA_PORT": "19092"})
-    assert network_config.pc_ports(config, "pc1") == [8001]
-    assert network_config.pc_ports(config, "pc2") == [19092, 8080, 5000, 8002]
-    assert network_config.pc_ports(config, "pc3") == [8003]
-    assert sorted(network_config.pc_ports(config, "all")) == [5000, 8001, 8002, 8003, 8080, 19092]
+    # Every PC: its Kafka node (clients, and the other nodes' controllers). PC1 and PC2: a
+    # Central (PC1's is the standby).
+    assert network_config.pc_ports(config, "pc1") == [8001, 5000, 8002, 19092, 29093]
+    assert network_config.pc_ports(config, "pc2") == [19092, 8080, 5000, 8002, 29093]
+    assert network_config.pc_ports(config, "pc3") == [8003, 19092, 29093]
+    assert sorted(network_config.pc_ports(config, "all")) == [
+        5000,
+        8001,
+        8002,
+        8003,
+        8080,
+        19092,
+        29093,
+    ]
+
+
+def test_the_three_pc_cluster_is_derived_from_the_addresses() -> None:
+    config = network_config.load(
+        {
+            "PC1_IP": "192.168.1.10",
+            "PC2_IP": "192.168.1.20",
+            "PC3_IP": "192.168.1.30",
+            "KAFKA_PORT": "19092",
+            "KAFKA_CONTROLLER_PORT": "19093",
+            "CENTRAL_PORT": "15000",
+        }
+    )
+    # Every service's broker list: the three nodes, one on each PC.
+    assert config["KAFKA_BROKERS"] == "192.168.1.10:19092,192.168.1.20:19092,192.168.1.30:19092"
+    # The KRaft quorum: node n on PCn.
+    assert config["KAFKA_VOTERS"] == (
+        "1@192.168.1.10:19093,2@192.168.1.20:19093,3@192.168.1.30:19093"
+    )
+    # Monitors try the active Central's PC first, then the standby's.
+    assert config["CENTRAL_ADDRESSES"] == "192.168.1.20:15000,192.168.1.10:15000"
+    assert network_config.three_pc_problem(config) is None
+
+
+def test_the_broker_list_may_be_given_and_is_checked() -> None:
+    given = " 127.0.0.1:19092, 127.0.0.1:19093 ,127.0.0.1:19094"
+    config = network_config.load({"KAFKA_BROKERS": given})
+    assert config["KAFKA_BROKERS"] == "127.0.0.1:19092,127.0.0.1:19093,127.0.0.1:19094"
+    for bad, message in (
+        ("127.0.0.1", "'127.0.0.1' is not HOST:PORT"),
+        ("127.0.0.1:0", "is not a port number"),
+        ("192.168.1.300:9092", "not a valid IPv4 address"),
+        (" , ", "KAFKA_BROKERS is empty"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            network_config.load({"KAFKA_BROKERS": bad})
+
+
+@pytest.mark.parametrize(
+    ("addresses", "message"),
+    [
+        ({}, "PC1_IP is 127.0.0.1: the other PCs cannot reach that"),
+        (
+            {"PC1_IP": "10.0.0.1", "PC2_IP": "127.0.1.1", "PC3_IP": "10.0.0.3"},
+            "PC2_IP is 127.0.1.1",
+        ),
+        (
+            {"PC1_IP": "10.0.0.1", "PC2_IP": "10.0.0.2", "PC3_IP": "localhost"},
+            "PC3_IP is localhost",
+        ),
+        (
+            {"PC1_IP": "10.0.0.1", "PC2_IP": "10.0.0.2", "PC3_IP": "10.0.0.2"},
+            "PC3_IP and PC2_IP are both 10.0.0.2: each PC runs a Kafka node",
+        ),
+    ],
+)
+def test_three_pcs_need_three_reachable_addresses(addresses: dict[str, str], message: str) -> None:
+    problem = network_config.three_pc_problem(network_config.load(addresses))
+    assert problem is not None and message in problem
+
+
+def test_the_audit_key_is_created_once_and_kept(tmp_path: Path) -> None:
+    path = tmp_path / "secrets" / "central.audit-key"
+    assert network_config.ensure_audit_key(str(path)) is True
+    key = path.read_text()
+    assert re.fullmatch(r"[0-9a-f]{64}\n", key), key
+    assert path.stat().st_mode & 0o777 == 0o600, "a secret: its owner's only"
+    # A second call (the next `up`) keeps it: both Centrals must keep the same key.
+    assert network_config.ensure_audit_key(str(path)) is False
+    assert path.read_text() == key
 
 
 def test_env_file_has_every_variable_the_compose_files_use() -> None:
@@ -172,7 +252,28 @@ def test_cli_writes_the_env_file_with_overrides(tmp_path: Path) -> None:
 
 def test_cli_prints_ports_and_refuses_bad_settings_in_one_line() -> None:
     proc = run_cli("--ports", "pc2", env={"CENTRAL_HTTP_PORT": "18002"})
-    assert (proc.returncode, proc.stdout) == (0, "9092 8080 5000 18002\n")
+    assert (proc.returncode, proc.stdout) == (0, "9092 8080 5000 18002 29093\n")
     proc = run_cli(env={"PC2_IP": "192.168.1.300"})
     assert proc.returncode == 2
     assert proc.stderr == "error: PC2_IP='192.168.1.300' is not a valid IPv4 address\n"
+
+
+def test_cli_refuses_loopback_addresses_for_three_pcs_and_makes_the_audit_key(
+    tmp_path: Path,
+) -> None:
+    target = tmp_path / ".env"
+    proc = run_cli("--env", str(target), "--three-pcs", env={"PC1_IP": "192.168.1.10"})
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: PC2_IP is 127.0.0.1: the other PCs cannot reach that")
+    assert not target.exists(), "nothing written from settings that cannot work"
+    three = {"PC1_IP": "192.168.1.10", "PC2_IP": "192.168.1.20", "PC3_IP": "192.168.1.30"}
+    proc = run_cli("--env", str(target), "--three-pcs", env=three)
+    assert proc.returncode == 0, proc.stderr
+    lines = target.read_text().splitlines()
+    assert "KAFKA_BROKERS=192.168.1.10:9092,192.168.1.20:9092,192.168.1.30:9092" in lines
+    assert "CENTRAL_ADDRESSES=192.168.1.20:5000,192.168.1.10:5000" in lines
+    key = tmp_path / "secrets" / "central.audit-key"
+    proc = run_cli("--audit-key", str(key))
+    assert (proc.returncode, proc.stdout) == (0, f"created {key}\n")
+    proc = run_cli("--audit-key", str(key))
+    assert (proc.returncode, proc.stdout) == (0, f"kept {key}\n")

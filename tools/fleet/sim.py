@@ -914,11 +914,20 @@ class Fleet:
         self.producer = AIOKafkaProducer(
             bootstrap_servers=config.broker, linger_ms=0, acks="all", enable_idempotence=True
         )
+        # As the real engines and driver apps read: only what a Central's transaction committed
+        # (an HA pair publishes in transactions; one Central alone does not, so there it is
+        # the same as reading everything).
         commands = AIOKafkaConsumer(
-            Topics.CP_COMMANDS, bootstrap_servers=config.broker, auto_offset_reset="latest"
+            Topics.CP_COMMANDS,
+            bootstrap_servers=config.broker,
+            auto_offset_reset="latest",
+            isolation_level="read_committed",
         )
         updates = AIOKafkaConsumer(
-            Topics.DRIVER_UPDATES, bootstrap_servers=config.broker, auto_offset_reset="latest"
+            Topics.DRIVER_UPDATES,
+            bootstrap_servers=config.broker,
+            auto_offset_reset="latest",
+            isolation_level="read_committed",
         )
         try:
             await self.producer.start()
