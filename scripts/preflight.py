@@ -505,7 +505,7 @@ class Preflight:
                 "kafka replication",
                 f"{summary}; {len(single)} with fewer than 3 copies on a cluster of "
                 f"{len(metadata.brokers)}: {named(single)} (created before every node was up)",
-                "delete and recreate those topics with --replication-factor 3 (docs/deployment.md)",
+                "give them three copies (kafka-reassign-partitions.sh; docs/deployment.md)",
             )
         return Result(OK, "kafka replication", f"{summary}, all in sync")
 
