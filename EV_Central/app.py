@@ -12,7 +12,7 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 
 from aiokafka import AIOKafkaProducer
 
@@ -76,12 +76,12 @@ class Central:
         settings: CentralSettings,
         db: Database,
         *,
-        transactions: AIOKafkaProducer | None = None,
+        transactions: Sequence[AIOKafkaProducer] = (),
     ) -> None:
-        """`transactions`: the active Central's fencing producer (high-availability mode)."""
+        """`transactions`: the active Central's fencing producers (high-availability mode)."""
         self.settings = settings
         self.stats = CentralStats()
-        self.stats.role = "single" if transactions is None else "active"
+        self.stats.role = "active" if transactions else "single"
         self.store = Store(db)
         self.registry = Registry()
         self.audit = AuditLog(db)
@@ -127,7 +127,7 @@ class Central:
             self.supplies,
             self.drivers,
             self.outbox,
-            saved_positions=transactions is not None,
+            saved_positions=bool(transactions),
         )
 
     async def load(self) -> None:

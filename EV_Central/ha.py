@@ -54,7 +54,10 @@ log = logging.getLogger(__name__)
 
 LEASE_GROUP = "ev-central-lease"
 LEASE = TopicPartition(Topics.CENTRAL_LEASE, 0)
+# The active Central's transactional producers (ids ev-central-0 ...), used in turn (see
+# EV_Central/outbox.py); a Central taking over starts every one of them, fencing them all.
 TRANSACTIONAL_ID = "ev-central"
+TRANSACTIONAL_PRODUCERS = 3
 # Replicated: who the active Central is and where (JSON); local: this Central's role.
 ACTIVE_KEY = "active_central"
 ROLE_KEY = "local.role"
@@ -433,8 +436,14 @@ async def _term(settings: CentralSettings, stopping: asyncio.Future[None]) -> No
                 raise _TermOver  # leaves the task group, cancelling its tasks
             # Active from here: fence the previous holder, then read what it committed.
             started = time.monotonic()
-            producer = await bus.transactional_producer(TRANSACTIONAL_ID)
-            producers.append(producer)
+            producers.extend(
+                await asyncio.gather(
+                    *(
+                        bus.transactional_producer(f"{TRANSACTIONAL_ID}-{index}")
+                        for index in range(TRANSACTIONAL_PRODUCERS)
+                    )
+                )
+            )
             end = await replica.catch_up()
             applying.cancel()
             await standby.stop()
@@ -458,7 +467,7 @@ async def _term(settings: CentralSettings, stopping: asyncio.Future[None]) -> No
                     " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                     (ACTIVE_KEY, json.dumps(since)),
                 )
-            central = Central(settings, db, transactions=producer)
+            central = Central(settings, db, transactions=producers)
             await central.load()
             log.info(
                 "active Central after %.2f s (changelog read to offset %d, %d records applied)",

@@ -20,9 +20,12 @@ by id), never not at all.
 **In high-availability mode** (docs/high-availability.md) each batch is one Kafka transaction
 of a transactional producer: every row waiting (whole SQLite transactions: the changelog rows
 the triggers queued and the messages), plus what `KafkaBus.post` handed over meanwhile. One
-transaction is open at a time. When another Central has started the same transactional
-producer, the commit fails with ProducerFenced, and `run` raises `Fenced`: this Central is not
-the active one any more, and nothing it queued since has reached anyone.
+transaction is open at a time, taken by the producers in turn: Kafka lets a transactional id
+begin its next transaction only once the last one's commit markers are written (tens of
+milliseconds on a cluster), which another id does not wait for. When another Central has
+started the same transactional producers, a commit fails with ProducerFenced, and `run` raises
+`Fenced`: this Central is not the active one any more, and nothing it queued since has reached
+anyone.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import collections
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -59,15 +63,16 @@ class OutboxRelay:
         *,
         in_flight: int = 4,
         stage_seconds: collections.defaultdict[str, Histogram] | None = None,
-        transactions: AIOKafkaProducer | None = None,
+        transactions: Sequence[AIOKafkaProducer] = (),
     ) -> None:
         self.db = db
         self.bus = bus
-        self._txn = transactions
-        self.max_in_flight = in_flight if transactions is None else 1
+        self._txn = list(transactions)  # empty: no transactions (one Central)
+        self._turn = 0  # the producer whose turn it is
+        self.max_in_flight = 1 if transactions else in_flight
         # Posts handed over by the bus (high-availability mode), sent with the next transaction.
         self._posts: list[tuple[str, bytes, bytes]] = []
-        if transactions is not None:
+        if transactions:
             bus.divert = self._queue_post
         self.acked_up_to = 0  # the newest outbox seq the broker has acknowledged
         self._acked = asyncio.Event()
@@ -97,7 +102,7 @@ class OutboxRelay:
         high-availability mode, so that a standby has it before anyone relies on it; with one
         Central the SQLite commit is enough, and this is true at once.
         """
-        if self._txn is None:
+        if not self._txn:
             return True
         target = await self.db.outbox_last()
         self.wake()
@@ -140,7 +145,7 @@ class OutboxRelay:
             self._new_rows.clear()
             while len(self._in_flight) < self.max_in_flight:
                 posts: list[tuple[str, bytes, bytes]] = []
-                if self._txn is None:
+                if not self._txn:
                     rows = await self.db.outbox_batch(BATCH_ROWS, after=self._sent_up_to)
                 else:
                     # Everything waiting: a Kafka transaction never splits a SQLite one.
@@ -151,12 +156,14 @@ class OutboxRelay:
                 if rows:
                     oldest = time.time() - min(r["created_at"] for r in rows)
                     self.stage_seconds["outbox"].observe(max(0.0, oldest))
-                if self._txn is None:
+                if not self._txn:
                     answer = await self.bus.start_batch(
                         [(r["topic"], r["key"].encode(), bytes(r["payload"])) for r in rows]
                     )
                 else:
-                    answer = asyncio.ensure_future(self._transaction(self._txn, rows, posts))
+                    producer = self._txn[self._turn % len(self._txn)]
+                    self._turn += 1
+                    answer = asyncio.ensure_future(self._transaction(producer, rows, posts))
                 self._in_flight.append(([r["seq"] for r in rows], time.perf_counter(), answer))
                 if rows:
                     self._sent_up_to = rows[-1]["seq"]
@@ -183,8 +190,10 @@ class OutboxRelay:
                     deliveries.append(await producer.send(topic, value, key=key.encode()))
             for topic, raw_key, value in posts:
                 deliveries.append(await producer.send(topic, value, key=raw_key))
-            await asyncio.gather(*deliveries)
-            await producer.commit_transaction()
+            # Said once when Kafka keeps it waiting (a cluster without a majority), and again
+            # when it answers.
+            await self.bus.watched(asyncio.gather(*deliveries))
+            await self.bus.watched(producer.commit_transaction(), "not committed a transaction")
         except ProducerFenced as exc:
             raise Fenced("another Central has taken over (this one's producer is fenced)") from exc
         except KafkaError as exc:

@@ -154,7 +154,7 @@ class KafkaBus:
         backoff = Backoff(maximum=self._retry_max)
         while True:
             try:
-                await self._watched(self.ensure_topics(), "not answered (to set up the topics)")
+                await self.watched(self.ensure_topics(), "not answered (to set up the topics)")
                 return
             except KafkaError as exc:
                 # A node in the cluster's list that is down, or no majority of them up.
@@ -168,7 +168,7 @@ class KafkaBus:
                 )
                 await asyncio.sleep(delay)
 
-    async def _watched(self, request: Awaitable[T], what: str = "taken no message") -> T:
+    async def watched(self, request: Awaitable[T], what: str = "taken no message") -> T:
         """Await a request to Kafka; say once, in one line, when Kafka keeps it waiting (an
         idempotent producer retries until a broker takes a message, which may be never without
         a majority of the cluster's nodes), and say when Kafka answers again."""
@@ -244,7 +244,7 @@ class KafkaBus:
         while True:
             client = make()
             try:
-                await self._watched(client.start(), f"not answered (to {what})")
+                await self.watched(client.start(), f"not answered (to {what})")
                 if backoff.attempt:
                     log.info("Kafka at %s reachable again", self.bootstrap)
                 return client
@@ -306,7 +306,7 @@ class KafkaBus:
             raise BusError("bus not started")
         try:
             for value in self.values(topic, key, encode(message)):
-                await self._watched(producer.send_and_wait(topic, value, key=key.encode()))
+                await self.watched(producer.send_and_wait(topic, value, key=key.encode()))
         except KafkaError as exc:
             await self._renew_after(producer, exc)
             raise BusError(f"cannot publish to {topic}: {type(exc).__name__}") from exc
@@ -317,7 +317,7 @@ class KafkaBus:
         if producer is None:
             raise BusError("bus not started")
         try:
-            await self._watched(producer.send_and_wait(topic, value, key=key))
+            await self.watched(producer.send_and_wait(topic, value, key=key))
         except KafkaError as exc:
             await self._renew_after(producer, exc)
             raise BusError(f"cannot publish to {topic}: {type(exc).__name__}") from exc
@@ -346,7 +346,7 @@ class KafkaBus:
 
         async def delivered() -> None:
             try:
-                await self._watched(asyncio.gather(*deliveries))
+                await self.watched(asyncio.gather(*deliveries))
             except KafkaError as exc:
                 await self._renew_after(producer, exc)
                 raise _bus_error(exc) from exc
@@ -432,7 +432,7 @@ class KafkaBus:
                 await consumer.position(tp)
 
         # Each partition's leader answers: without one (a cluster without a majority) it waits.
-        await self._watched(positions(), "not answered (to find where the topics end)")
+        await self.watched(positions(), "not answered (to find where the topics end)")
         return consumer
 
     async def assigned_consumer(
@@ -464,7 +464,7 @@ class KafkaBus:
             raise BusError("bus not started")
         found: list[TopicPartition] = []
         for name in topics:
-            numbers = await self._watched(producer.partitions_for(name), "not answered")
+            numbers = await self.watched(producer.partitions_for(name), "not answered")
             found.extend(TopicPartition(name, number) for number in sorted(numbers))
         return found
 
