@@ -5,16 +5,18 @@ docs/high-availability.md explains the design; in short:
 - **Election.** Every Central started with `--ha` joins the consumer group `ev-central-lease`
   on the one-partition topic `ev.central.lease` (`Lease`). The member that is assigned the
   partition is the active Central; Kafka's group coordinator decides, and reassigns it when
-  the holder stops heartbeating for `--lease-timeout`. The sticky assignor keeps it where it
-  is when a standby joins or leaves.
-- **Fencing.** The active Central sends everything in transactions of one transactional id
-  (`TRANSACTIONAL_ID`). Starting that producer aborts whatever the previous holder had open and
-  makes all it tries later fail: a deposed Central that has not noticed yet reaches nobody.
+  the holder stops heartbeating for `--lease-timeout`. `LeaseAssignor` gives it to the member
+  claiming the newest term, so it stays where it is when a standby joins or a deposed Central
+  comes back.
+- **Fencing.** The active Central sends everything in transactions of fixed transactional ids
+  (`TRANSACTIONAL_ID`-0, -1, -2). Starting those producers aborts whatever the previous holder
+  had open and makes all it tries later fail: a deposed Central that has not noticed yet
+  reaches nobody.
 - **Replication.** What the active Central changes in SQLite goes to `ev.central.changelog`
   in the same Kafka transactions as the messages that acknowledge it (EV_Central/changelog.py).
   A standby applies it to its own database as it comes (`Replica`).
 - **Take-over.** Given the lease, a standby fences, reads the changelog to its end, and starts
-  as an ordinary Central on the database it has (`Term`). A Central that loses the lease, or
+  as an ordinary Central on the database it has (`_term`). A Central that loses the lease, or
   finds itself fenced, stops serving, and starts again as a standby from an empty database.
 """
 
@@ -27,13 +29,18 @@ import logging
 import socket
 import sqlite3
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitionAssignor
+from aiokafka.cluster import ClusterMetadata
+from aiokafka.coordinator.protocol import (
+    ConsumerProtocolMemberAssignment,
+    ConsumerProtocolMemberMetadata,
+)
 from aiokafka.errors import KafkaError
 
 from EV_Central import changelog, schema
@@ -70,7 +77,14 @@ class _TermOver(Exception):
 
 
 class Lease:
-    """Membership of the lease group: `held` while this Central is assigned the partition."""
+    """Membership of the lease group: `held` while this Central is assigned the partition.
+
+    `term` is what this Central claims when the group is formed again (a member joins, leaves
+    or comes back): 0 before it is active, then the number of its take-over, one more than the
+    last active Central's (kept in the changelog as `meta.term`). `LeaseAssignor` gives the
+    lease to the highest claim, so a Central that comes back after being cut off (still
+    claiming its old term) does not take the lease from the one that took over from it.
+    """
 
     def __init__(self, bootstrap: str, client_id: str, timeout: float) -> None:
         self.bootstrap = bootstrap
@@ -78,13 +92,10 @@ class Lease:
         self.timeout = timeout
         self.held = asyncio.Event()
         self.lost = asyncio.Event()  # set when the lease, once held, went to another Central
-        self.members = 0
+        self.term = 0
 
     async def run(self) -> None:
         """Stay in the group until cancelled (leaving it hands the lease on at once)."""
-        # The sticky assignor remembers (per process) what it held; a new term starts clean.
-        StickyPartitionAssignor.member_assignment = None
-        StickyPartitionAssignor.generation = StickyPartitionAssignor.DEFAULT_GENERATION_ID
         timeout_ms = int(self.timeout * 1000)
         backoff = Backoff(maximum=5.0)
         while True:
@@ -96,7 +107,7 @@ class Lease:
                 session_timeout_ms=timeout_ms,
                 heartbeat_interval_ms=max(100, timeout_ms // 6),
                 max_poll_interval_ms=max(10_000, timeout_ms * 3),
-                partition_assignment_strategy=(StickyPartitionAssignor,),
+                partition_assignment_strategy=(LeaseAssignor(self),),
                 # A lease topic created a moment ago may have no partitions in the first
                 # metadata; the group is joined again when a later one has them.
                 metadata_max_age_ms=5_000,
@@ -129,12 +140,54 @@ class Lease:
             self.lost.set()
 
 
+class LeaseAssignor:
+    """The group's assignment: the lease partition to the member claiming the highest term.
+
+    A partition assignor of Kafka's consumer protocol (aiokafka calls `metadata` when joining,
+    `assign` on the member the coordinator makes leader). With no claims (no Central active
+    yet) the lease goes to the first member by id.
+    """
+
+    name = "ev-central-lease"
+    version = 0
+
+    def __init__(self, lease: Lease) -> None:
+        self._lease = lease
+
+    def metadata(self, topics: Iterable[str]) -> ConsumerProtocolMemberMetadata:
+        claim = json.dumps({"term": self._lease.term}).encode()
+        return ConsumerProtocolMemberMetadata(self.version, sorted(topics), claim)
+
+    def assign(
+        self, cluster: ClusterMetadata, members: Mapping[str, ConsumerProtocolMemberMetadata]
+    ) -> dict[str, ConsumerProtocolMemberAssignment]:
+        holder = max(sorted(members), key=lambda member: claimed_term(members[member].user_data))
+        return {
+            member: ConsumerProtocolMemberAssignment(
+                self.version, [(Topics.CENTRAL_LEASE, [0])] if member == holder else [], b""
+            )
+            for member in members
+        }
+
+    def on_assignment(self, assignment: ConsumerProtocolMemberAssignment) -> None:
+        """Nothing to remember: the claim is the Lease's term."""
+
+
+def claimed_term(user_data: bytes | None) -> int:
+    """The term a member claims in its join metadata (0: none, or unreadable)."""
+    try:
+        term = json.loads(user_data or b"{}").get("term", 0)
+    except (ValueError, AttributeError):
+        return 0
+    return term if isinstance(term, int) and term >= 0 else 0
+
+
 class _LeaseListener(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, lease: Lease) -> None:
         self._lease = lease
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
-        """Nothing yet: the sticky assignor usually gives the lease straight back."""
+        """Nothing yet: the assignor gives the lease straight back to its holder."""
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         self._lease.assigned(set(assigned))
@@ -434,8 +487,10 @@ async def _term(settings: CentralSettings, stopping: asyncio.Future[None]) -> No
             if stopping.done():
                 granted.cancel()
                 raise _TermOver  # leaves the task group, cancelling its tasks
-            # Active from here: fence the previous holder, then read what it committed.
+            # Active from here: claim the next term, fence the previous holder, then read what
+            # it committed.
             started = time.monotonic()
+            lease.term = await _term_number(db) + 1
             producers.extend(
                 await asyncio.gather(
                     *(
@@ -460,8 +515,14 @@ async def _term(settings: CentralSettings, stopping: asyncio.Future[None]) -> No
                 elif settings.demo:
                     await _seed_demo(db)
             await _set_local(db, ROLE_KEY, "active")
+            lease.term = max(lease.term, await _term_number(db) + 1)
             async with db.transaction() as tx:
-                since = dict(identity, since=time.time())
+                await tx.execute(
+                    "INSERT INTO meta (key, value) VALUES ('term', ?)"
+                    " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (str(lease.term),),
+                )
+                since = dict(identity, since=time.time(), term=lease.term)
                 await tx.execute(
                     "INSERT INTO meta (key, value) VALUES (?, ?)"
                     " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -498,6 +559,12 @@ async def _term(settings: CentralSettings, stopping: asyncio.Future[None]) -> No
         with contextlib.suppress(Exception):
             await bus.stop()
         await db.stop()
+
+
+async def _term_number(db: Database) -> int:
+    """The last active Central's term, as this database has it (0 before any)."""
+    rows = await db.read("SELECT value FROM meta WHERE key = 'term'")
+    return int(rows[0]["value"]) if rows and str(rows[0]["value"]).isdigit() else 0
 
 
 async def _set_local(db: Database, key: str, value: str) -> None:
