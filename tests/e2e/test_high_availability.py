@@ -18,10 +18,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
 
 from cluster import Cluster
 from helpers import wait_for
 from procs import Deployment, http_get
+from shared.bus import Topics
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kafka, pytest.mark.slow]
 
@@ -71,6 +73,16 @@ async def wait_role(central: Deployment, wanted: str, timeout: float) -> float:
     return time.monotonic() - started
 
 
+async def changelog_leader(bootstrap: str) -> int:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="test-leader")
+    await admin.start()
+    try:
+        [described] = await admin.describe_topics([Topics.CENTRAL_CHANGELOG])
+        return int(described["partitions"][0]["leader"])
+    finally:
+        await admin.close()
+
+
 def ledger(central: Deployment) -> dict[str, list[tuple[object, ...]]]:
     """What must survive anything: sessions, balances, keys, accounts, the audit log."""
     return {
@@ -111,6 +123,9 @@ async def test_the_standby_takes_over_mid_supply_and_both_rebuild_from_empty_dis
         await b.wait_state("CP001", "SUMINISTRANDO", timeout=10)
         status, _ = await asyncio.to_thread(http_get, b.url("/api/cps"), 5, admin)
         assert status == 200  # still logged in at the Central that took over
+
+        # And the broker that leads the changelog fails too: the transactions go on elsewhere.
+        kafka_cluster.kill_node(await changelog_leader(kafka_cluster.bootstrap))
 
         # The supply ends with one ticket, the engine's energy, billed once.
         assert await driver.wait_exit(60) == 0, driver.output[-3000:]
@@ -158,6 +173,8 @@ async def test_the_standby_takes_over_mid_supply_and_both_rebuild_from_empty_dis
     finally:
         a.stop_all()
         b.stop_all()
+        for node in range(1, kafka_cluster.nodes + 1):
+            kafka_cluster.start_node(node)  # whole again for the next test (a no-op if up)
 
 
 async def test_a_standby_refuses_a_monitor_naming_the_active_and_answers_no_request(
