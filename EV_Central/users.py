@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import json
 import sqlite3
 import sys
 import time
@@ -105,6 +106,27 @@ def open_db(path: str) -> sqlite3.Connection:
     return conn
 
 
+def standby_refusal(conn: sqlite3.Connection) -> str | None:
+    """Why accounts may not be changed in this database: a standby Central's (--ha), which is
+    rebuilt from Kafka, so a change made here would be lost. None when they may."""
+    rows = dict(
+        conn.execute(
+            "SELECT key, value FROM meta WHERE key IN ('local.role', ?)", ("active_central",)
+        ).fetchall()
+    )
+    if rows.get("local.role") != "standby":
+        return None
+    try:
+        where = json.loads(rows.get("active_central") or "{}").get("name")
+    except (ValueError, AttributeError):
+        where = None
+    return (
+        "this database belongs to a standby Central (--ha): it is rebuilt from Kafka and the "
+        "change would be lost; run the command with the active Central's database"
+        + (f" (the active Central is {where})" if where else "")
+    )
+
+
 def add(conn: sqlite3.Connection, user_id: str, role: str, balance: float, password: str) -> str:
     with conn:
         if conn.execute("SELECT 1 FROM users WHERE id = ?", (user_id,)).fetchone():
@@ -164,6 +186,9 @@ def main(argv: list[str], stdin: TextIO | None = None) -> int:
         print(f"error: cannot open the database at {args.db}: {exc}", file=sys.stderr)
         return 1
     try:
+        refusal = standby_refusal(conn) if args.command != "list" else None
+        if refusal is not None:
+            raise AccountError(refusal)
         if args.command == "add":
             password = read_new_password(args.password_file, stdin, args.user_id)
             print(add(conn, args.user_id, args.role, args.balance, password))

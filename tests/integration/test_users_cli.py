@@ -105,3 +105,20 @@ def test_a_new_password_replaces_the_old_one_and_unlocks(
     assert run(db, "passwd", "nobody", "--password-file", str(new)) == 1
     assert run(db, "unlock", "nobody") == 1
     assert run(db, "unlock", "ana") == 0
+
+
+def test_a_standby_centrals_database_refuses_changes_and_names_the_active_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "central.db"
+    assert init_db.main(["--db", str(db)]) == 0
+    with sqlite3.connect(db) as conn:
+        conn.execute("INSERT INTO meta VALUES ('local.role', 'standby')")
+        conn.execute("INSERT INTO meta VALUES ('active_central', '{\"name\": \"pc2:5000\"}')")
+    before = rows(db, "SELECT id, password_hash, balance_cents FROM users ORDER BY id")
+    assert run(db, "unlock", "user1") == 1
+    assert run(db, "passwd", "user1", "--password-file", password_file(tmp_path, "n3w-Pass!")) == 1
+    err = capsys.readouterr().err
+    assert "standby Central (--ha)" in err and "the active Central is pc2:5000" in err
+    assert rows(db, "SELECT id, password_hash, balance_cents FROM users ORDER BY id") == before
+    assert run(db, "list") == 0  # reading is fine
