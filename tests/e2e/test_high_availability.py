@@ -21,14 +21,16 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
 from cluster import Cluster
-from helpers import wait_for
+from helpers import free_port, wait_for
 from procs import Deployment, http_get
 from shared.bus import Topics
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kafka, pytest.mark.slow]
 
 
-def pair(kafka_cluster: Cluster, tmp_path: Path) -> tuple[Deployment, Deployment]:
+def pair(
+    kafka_cluster: Cluster, tmp_path: Path, brokers: str | None = None
+) -> tuple[Deployment, Deployment]:
     """Two Centrals of one network: their own databases, the same audit key."""
     key = secrets.token_bytes(32).hex() + "\n"
     centrals = []
@@ -38,7 +40,7 @@ def pair(kafka_cluster: Cluster, tmp_path: Path) -> tuple[Deployment, Deployment
         (workdir / "central.db.audit-key").write_text(key)
         (workdir / "central.db.audit-key").chmod(0o600)
         centrals.append(
-            Deployment(kafka_cluster.bootstrap, workdir, ha=True, advertise="127.0.0.1")
+            Deployment(brokers or kafka_cluster.bootstrap, workdir, ha=True, advertise="127.0.0.1")
         )
     return centrals[0], centrals[1]
 
@@ -180,7 +182,8 @@ async def test_the_standby_takes_over_mid_supply_and_both_rebuild_from_empty_dis
 async def test_a_standby_refuses_a_monitor_naming_the_active_and_answers_no_request(
     kafka_cluster: Cluster, tmp_path: Path
 ) -> None:
-    a, b = pair(kafka_cluster, tmp_path)
+    # Every process is given a broker list whose first address is dead: the others serve.
+    a, b = pair(kafka_cluster, tmp_path, f"127.0.0.1:{free_port()},{kafka_cluster.bootstrap}")
     try:
         await a.start_central()
         await wait_role(a, "active", 30)
