@@ -28,8 +28,9 @@ import json
 import logging
 import socket
 import sqlite3
+import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,10 @@ ACTIVE_KEY = "active_central"
 ROLE_KEY = "local.role"
 PREVIOUS_SUFFIX = ".previous"
 AUTH_TIMEOUT = 5.0
+# Central's event loop proves it runs this often; without a sign for WATCHDOG_SECONDS the lease
+# thread gives the lease up (a hung Central must not keep it).
+ALIVE_INTERVAL = 0.5
+WATCHDOG_SECONDS = 15.0
 
 
 class _TermOver(Exception):
@@ -93,12 +98,51 @@ class Lease:
         self.held = asyncio.Event()
         self.lost = asyncio.Event()  # set when the lease, once held, went to another Central
         self.term = 0
+        self._alive_at = time.monotonic()  # when Central's event loop last showed it runs
 
     async def run(self) -> None:
-        """Stay in the group until cancelled (leaving it hands the lease on at once)."""
+        """Stay in the group until cancelled (leaving it hands the lease on at once).
+
+        The group's heartbeats run in a thread with an event loop of its own: a busy or
+        briefly stalled Central (a burst of work, a swapped-out page, a machine short of CPU)
+        keeps its lease. What this loop does is prove that Central itself is alive: when it
+        has not done so for `WATCHDOG_SECONDS`, the thread leaves the group, as Kafka's own
+        consumers do after max.poll.interval.ms, and a standby takes over.
+        """
+        loop = asyncio.get_running_loop()
+        self._alive_at = time.monotonic()
+        stop = threading.Event()
+        thread = threading.Thread(
+            target=lambda: asyncio.run(self._membership(loop, stop)), name="lease", daemon=True
+        )
+        thread.start()
+        try:
+            while thread.is_alive():
+                self._alive_at = time.monotonic()
+                await asyncio.sleep(ALIVE_INTERVAL)
+            # The thread gave the lease up (the watchdog) or failed: this term ends, and the
+            # next one joins the group again.
+            self._left()
+            raise _TermOver
+        finally:
+            stop.set()
+            await asyncio.to_thread(thread.join, 15.0)
+
+    def _on_main(self, loop: asyncio.AbstractEventLoop, call: Callable[[], None]) -> None:
+        """Run `call` on Central's event loop (from the lease thread)."""
+        with contextlib.suppress(RuntimeError):  # that loop has closed: nothing to tell
+            loop.call_soon_threadsafe(call)
+
+    def _left(self) -> None:
+        if self.held.is_set():
+            self.held.clear()
+            self.lost.set()
+
+    async def _membership(self, main: asyncio.AbstractEventLoop, stop: threading.Event) -> None:
+        """In the lease thread: join, keep the membership, leave on stop or a stalled Central."""
         timeout_ms = int(self.timeout * 1000)
         backoff = Backoff(maximum=5.0)
-        while True:
+        while not stop.is_set():
             consumer = AIOKafkaConsumer(
                 bootstrap_servers=self.bootstrap,
                 client_id=self.client_id,
@@ -121,10 +165,21 @@ class Lease:
                 await asyncio.sleep(delay)
                 continue
             break
-        consumer.subscribe([Topics.CENTRAL_LEASE], listener=_LeaseListener(self))
+        else:
+            return
+        listener = _LeaseListener(lambda tps: self._on_main(main, lambda: self.assigned(tps)))
+        consumer.subscribe([Topics.CENTRAL_LEASE], listener=listener)
         try:
-            while True:
-                await consumer.getmany(timeout_ms=1000)  # nothing is written: keeps membership
+            while not stop.is_set():
+                await consumer.getmany(timeout_ms=250)  # nothing is written: keeps membership
+                stalled = time.monotonic() - self._alive_at
+                if stalled > WATCHDOG_SECONDS:
+                    log.error(
+                        "Central has not run for %.0f s: leaving the lease group so that a "
+                        "standby takes over",
+                        stalled,
+                    )
+                    return
         finally:
             with contextlib.suppress(Exception):
                 await consumer.stop()
@@ -183,14 +238,14 @@ def claimed_term(user_data: bytes | None) -> int:
 
 
 class _LeaseListener(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, lease: Lease) -> None:
-        self._lease = lease
+    def __init__(self, assigned: Callable[[set[TopicPartition]], None]) -> None:
+        self._assigned = assigned
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
         """Nothing yet: the assignor gives the lease straight back to its holder."""
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
-        self._lease.assigned(set(assigned))
+        self._assigned(set(assigned))
 
 
 class ClusterView:

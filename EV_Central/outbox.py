@@ -71,7 +71,7 @@ class OutboxRelay:
         self._turn = 0  # the producer whose turn it is
         self.max_in_flight = 1 if transactions else in_flight
         # Posts handed over by the bus (high-availability mode), sent with the next transaction.
-        self._posts: list[tuple[str, bytes, bytes]] = []
+        self._posts: list[tuple[str, str, bytes]] = []  # (topic, key, value not sealed yet)
         if transactions:
             bus.divert = self._queue_post
         self.acked_up_to = 0  # the newest outbox seq the broker has acknowledged
@@ -91,7 +91,7 @@ class OutboxRelay:
         self._new_rows = db.outbox_waiting  # set by the database when rows are committed
         self._backoff = Backoff()
 
-    def _queue_post(self, topic: str, key: bytes, value: bytes) -> None:
+    def _queue_post(self, topic: str, key: str, value: bytes) -> None:
         self._posts.append((topic, key, value))
         self._new_rows.set()
 
@@ -144,7 +144,7 @@ class OutboxRelay:
                 return  # a failure came while this waited for the lock
             self._new_rows.clear()
             while len(self._in_flight) < self.max_in_flight:
-                posts: list[tuple[str, bytes, bytes]] = []
+                posts: list[tuple[str, str, bytes]] = []
                 if not self._txn:
                     rows = await self.db.outbox_batch(BATCH_ROWS, after=self._sent_up_to)
                 else:
@@ -173,7 +173,7 @@ class OutboxRelay:
         self,
         producer: AIOKafkaProducer,
         rows: list[Any],
-        posts: list[tuple[str, bytes, bytes]],
+        posts: list[tuple[str, str, bytes]],
     ) -> None:
         """Send rows and posts in one Kafka transaction; raise Fenced or BusError."""
         try:
@@ -188,8 +188,11 @@ class OutboxRelay:
                     values = list(self.bus.values(topic, key, bytes(payload)))
                 for value in values:
                     deliveries.append(await producer.send(topic, value, key=key.encode()))
-            for topic, raw_key, value in posts:
-                deliveries.append(await producer.send(topic, value, key=raw_key))
+            # Sealed here, in the order they are sent: a reader refuses a sequence number
+            # below one it has seen (shared/sealing.py).
+            for topic, key, value in posts:
+                for sealed in self.bus.values(topic, key, value):
+                    deliveries.append(await producer.send(topic, sealed, key=key.encode()))
             # Said once when Kafka keeps it waiting (a cluster without a majority), and again
             # when it answers.
             await self.bus.watched(asyncio.gather(*deliveries))

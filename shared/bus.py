@@ -136,9 +136,10 @@ class KafkaBus:
         self._stalled = False  # a send has waited longer than STALL_SECONDS (said once)
         self._consumers: list[AIOKafkaConsumer] = []
         self._outgoing = outgoing
-        # When set, post() hands its records to this instead of the producer (a Central in
-        # high-availability mode sends them in its next transaction: EV_Central/outbox.py).
-        self.divert: Callable[[str, bytes, bytes], None] | None = None
+        # When set, post() hands its records to this instead of the producer, not sealed yet:
+        # a Central in high-availability mode seals and sends them in its next transaction,
+        # in the order it sends everything (EV_Central/outbox.py).
+        self.divert: Callable[[str, str, bytes], None] | None = None
 
     def values(self, topic: str, key: str, value: bytes) -> list[bytes]:
         """What to publish for one outgoing value (sealed copies, the value, or nothing)."""
@@ -359,8 +360,7 @@ class KafkaBus:
         A failure is logged, not raised: the caller has already moved on.
         """
         if self.divert is not None:
-            for value in self.values(topic, key, encode(message)):
-                self.divert(topic, key.encode(), value)
+            self.divert(topic, key, encode(message))
             return
         if self._producer is None:
             return
