@@ -57,7 +57,7 @@ clean: stop
 .PHONY: bench bench-failover
 BENCH_STAMP := $(VENV)/.bench-installed
 BENCH_ARGS ?=
-# The failover section (about 15 minutes, so not part of `make bench`): ten kills of the active
+# The failover section (about 10 minutes here, so not part of `make bench`): ten kills of the active
 # Central at 1,000 CPs, then 5,000 CPs against one broker and one Central and against the
 # three-node cluster and the HA pair. Adds its figures to bench/results.json and the report.
 FAILOVER_ARGS ?=

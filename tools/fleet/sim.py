@@ -86,6 +86,7 @@ TICK_GROUPS = 50  # heartbeats and telemetry are spread over 50 slots a second
 ADMIN_BATCH = 100  # admin commands in flight on the admin WebSocket
 LOGIN_CONCURRENCY = 50  # driver logins in flight (Central answers them one at a time)
 ANSWER_TIMEOUT = 30.0  # seconds to wait for Central's answer to a login or a request
+RECONNECT_AUTH_WAIT = 5.0  # a reconnecting monitor waits this long for AUTH's answer (as EV_CP_M)
 CP_TURNAROUND_S = 1.0  # after a supply ends, its CP and its driver wait this long to go again
 
 
@@ -166,6 +167,7 @@ class MonitorClient(asyncio.Protocol):
         "silent",
         "active_central",
         "accepted",
+        "refusal",
     )
 
     def __init__(self, cp_id: str, secret: str, fleet: Fleet) -> None:
@@ -180,6 +182,7 @@ class MonitorClient(asyncio.Protocol):
         self.silent = False
         self.active_central: str | None = None  # named by a standby that refused us
         self.accepted = False
+        self.refusal: str | None = None  # Central's reason when it refused this AUTH
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -213,7 +216,9 @@ class MonitorClient(asyncio.Protocol):
                         self.active_central = str(message["active_central"])
                         fleet.standby_refusals += 1
                     else:
-                        fleet.auth_refusals[self.cp_id] = str(message.get("reason"))
+                        self.refusal = str(message.get("reason"))
+                        if not fleet.failover:
+                            fleet.auth_refusals[self.cp_id] = self.refusal
                     self.authed.set_result(accepted)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -221,7 +226,7 @@ class MonitorClient(asyncio.Protocol):
         fleet = self.fleet
         if not self.authed.done():
             self.authed.set_result(False)
-        elif self.authed.result() and self.cp_id not in fleet.cut and not fleet.stopping:
+        elif self.accepted and self.cp_id not in fleet.cut and not fleet.stopping:
             # Only a connection that was authenticated can be lost (a refusal is counted apart).
             if fleet.failover:
                 fleet.monitor_lost(self.cp_id)  # it goes to the next Central of its list
@@ -280,6 +285,8 @@ class Fleet:
         self.addresses = parse_addresses(config.central)
         self.failover = len(self.addresses) > 1
         self.standby_refusals = 0  # AUTHs a standby refused, naming the active Central
+        self.refusals_retried: collections.Counter[str] = collections.Counter()  # by reason
+        self.auth_timeouts = 0  # AUTHs of a (re)connecting monitor with no answer in time
         self.down: dict[str, float] = {}  # cp id -> when (wall clock) its link was lost
         self.outages: list[tuple[float, float | None]] = []  # (lost at, back at), wall clock
         self.lost_queue: asyncio.Queue[str] = asyncio.Queue()
@@ -351,7 +358,9 @@ class Fleet:
 
         async def connect(cp_id: str) -> None:
             async with limit:
-                client = await self.attach(cp_id, Rotation(self.addresses), attempts=10)
+                client = await self.attach(
+                    cp_id, Rotation(self.addresses), 10, refusal_is_final=True, auth_wait=30
+                )
             if client is not None:
                 self.tick_groups[len(self.monitors) % TICK_GROUPS].append(client)
                 self.monitors[cp_id] = client
@@ -364,12 +373,20 @@ class Fleet:
             log.warning("Central refused the monitor of %s: %s", cp_id, reason)
 
     async def attach(
-        self, cp_id: str, rotation: Rotation, attempts: int | None = None
+        self,
+        cp_id: str,
+        rotation: Rotation,
+        attempts: int | None = None,
+        refusal_is_final: bool = False,
+        auth_wait: float = RECONNECT_AUTH_WAIT,
     ) -> MonitorClient | None:
         """A monitor authenticated at one of the Centrals, tried as `Rotation` says.
 
-        None when Central refused the CP itself (its secret), or after `attempts` failed
-        tries (None: until the fleet stops).
+        None after `attempts` failed tries (None: until the fleet stops), or, when
+        `refusal_is_final`, as soon as a Central refuses the CP without naming an active
+        Central (its secret, at the first connection). A CP that was accepted before has a
+        good secret: a refusal then ("no Central is active yet", "cannot reach Kafka") is
+        passing, counted and retried like a failed connection.
         """
         loop = asyncio.get_running_loop()
         secret = self.credentials.cps[cp_id]
@@ -381,12 +398,18 @@ class Fleet:
                 _, client = await loop.create_connection(
                     lambda: MonitorClient(cp_id, secret, self), host, port
                 )
-                if await asyncio.wait_for(client.authed, 30):
+                # Shielded: a timeout must not cancel the future connection_lost reads.
+                if await asyncio.wait_for(asyncio.shield(client.authed), auth_wait):
                     rotation.served()
                     return client
-                if cp_id in self.auth_refusals:
-                    return None  # a wrong secret stays wrong: no retry
-            except (OSError, TimeoutError):
+                if client.refusal is not None:
+                    if refusal_is_final:
+                        self.auth_refusals[cp_id] = client.refusal
+                        return None  # a wrong secret stays wrong: no retry
+                    self.refusals_retried[client.refusal] += 1
+            except TimeoutError:
+                self.auth_timeouts += 1
+            except OSError:
                 pass
             if client is not None and client.transport is not None:
                 client.transport.close()
@@ -1060,6 +1083,8 @@ class Fleet:
             # Raw timelines (wall clock) for the bench to cut into failover windows.
             result["centrals"] = [f"{host}:{port}" for host, port in self.addresses]
             result["monitors_down_at_end"] = len(self.down)
+            result["refusals_retried"] = dict(self.refusals_retried)
+            result["auth_timeouts"] = self.auth_timeouts
             result["outages"] = [[round(a, 4), b and round(b, 4)] for a, b in self.outages]
             result["outages"] += [[round(a, 4), None] for a in self.down.values()]
             result["requests"] = [
