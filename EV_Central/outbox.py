@@ -49,6 +49,7 @@ from shared.bus import BusError, KafkaBus, Topics
 log = logging.getLogger(__name__)
 
 BATCH_ROWS = 200
+CHANGELOG = Topics.CENTRAL_CHANGELOG
 
 
 class Fenced(Exception):
@@ -179,9 +180,14 @@ class OutboxRelay:
         try:
             await producer.begin_transaction()
             deliveries = []
+            # A row changed several times since the last transaction goes once, as it is now:
+            # the transaction is applied whole or not at all, and the topic keeps the newest.
+            newest = {row["key"]: row["seq"] for row in rows if row["topic"] == CHANGELOG}
             for row in rows:
                 topic, key, payload = row["topic"], row["key"], row["payload"]
-                if topic == Topics.CENTRAL_CHANGELOG:
+                if topic == CHANGELOG and newest[key] != row["seq"]:
+                    continue
+                if topic == CHANGELOG:
                     # A row as JSON text, or nothing for a deleted row (a tombstone).
                     values: list[bytes | None] = [payload.encode() if payload else None]
                 else:
