@@ -8,13 +8,13 @@ import logging
 import ssl
 import sys
 from collections import deque
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TextIO
 
 from EV_CP_M.config import MonitorSettings
 from shared.backoff import Backoff
 from shared.bus import KafkaBus, Topics
+from shared.centrals import CentralRotation, Next
 from shared.errors import ConnectionLost, DeliveryFailed
 from shared.framed import FramedConnection, open_framed
 from shared.lifecycle import Shutdown
@@ -74,16 +74,6 @@ class LinkState:
     cp_state: CPState | None = None
     # The key Central issued at the last authentication, for the engine: (key id, base64 key).
     key: tuple[str, str] | None = None
-
-
-def _index_of(addresses: Sequence[tuple[str, int]], address: str | None) -> int | None:
-    """The position of HOST:PORT in the list of Centrals, or None."""
-    if not address:
-        return None
-    for index, (host, port) in enumerate(addresses):
-        if f"{host}:{port}" == address:
-            return index
-    return None
 
 
 @dataclass(frozen=True)
@@ -343,35 +333,25 @@ class MonitorService:
         # TLS verifies Central's certificate and that it is valid for its host (docs/tls.md).
         tls = client_context(self.settings.tls_ca) if self.settings.central_tls else None
         backoff = Backoff(maximum=RETRY_MAX)
-        failed: set[int] = set()  # the addresses that failed in this round
-        standby = False  # a standby refused in this round
-        index = 0
+        rotation = CentralRotation(addresses)
         while True:
-            host, port = addresses[index]
+            host, port = rotation.current
             failure = await self._try_central(host, port, tls, backoff)
             if failure.served:
-                failed.clear()
-                standby = False
-            failed.add(index)
-            standby = standby or failure.active is not None
-            named = _index_of(addresses, failure.active)
-            untried = [i for i in range(len(addresses)) if i not in failed]
-            if named is not None and named not in failed:
+                rotation.served()
+            step = rotation.fail(failure.active)
+            if step is Next.NAMED:
                 then = f"trying the active Central at {failure.active}"
-                pause, index = 0.0, named
-            elif untried:
+                pause = 0.0
+            elif step is Next.NEXT:
                 then = "trying the next Central"  # at once: it may be the one that serves
-                pause, index = 0.0, min(untried, key=lambda i: (i - index) % len(addresses))
+                pause = 0.0
+            elif rotation.standby_seen:  # a standby may be taking over: look again soon
+                pause = STANDBY_PAUSE
+                then = f"retrying in {pause:.0f} s"
             else:
-                if standby:  # a standby may be taking over: look again soon
-                    pause = STANDBY_PAUSE
-                    then = f"retrying in {pause:.0f} s"
-                else:
-                    pause = REJECTED_PAUSE if failure.refused else backoff.next_delay()
-                    then = f"retrying in {pause:.{0 if failure.refused else 1}f} s"
-                failed.clear()
-                standby = False
-                index = (index + 1) % len(addresses)
+                pause = REJECTED_PAUSE if failure.refused else backoff.next_delay()
+                then = f"retrying in {pause:.{0 if failure.refused else 1}f} s"
             if failure.refused:
                 self._say(f"Central rejected {self.settings.cp_id}: {failure.problem}; {then}")
             else:

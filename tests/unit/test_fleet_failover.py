@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from shared.centrals import CentralRotation, Next
 from tools.fleet.failover import (
     Rotation,
     in_flight,
@@ -109,3 +110,12 @@ def test_summaries_in_seconds() -> None:
     assert summary["count"] == 3
     assert summary["p50"] == 2.0
     assert summary["max"] == 3.0
+
+
+def test_the_monitor_learns_whether_a_standby_refused_in_the_round_that_ended() -> None:
+    rotation = CentralRotation([A, B])
+    assert rotation.fail() is Next.NEXT  # A: no answer
+    assert rotation.fail(active_central="127.0.0.1:5000") is Next.ROUND_OVER  # B: standby
+    assert rotation.standby_seen  # so the monitor looks again soon
+    assert rotation.fail() is Next.NEXT and not rotation.standby_seen  # a new round
+    assert rotation.fail() is Next.ROUND_OVER and not rotation.standby_seen

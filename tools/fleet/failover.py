@@ -1,7 +1,7 @@
 """Failover arithmetic for the fleet and the bench (pure, no I/O).
 
 - `Rotation`: which Central a simulated monitor tries next, as the real monitor does
-  (EV_CP_M `_central_link`): the addresses in turn, the active Central at once when a standby
+  (shared/centrals.py): the addresses in turn, the active Central at once when a standby
   names it, a short pause only after a whole round has failed.
 - The figures of a failover window: the requests in flight during it, and how long the CPs
   took to be connected again.
@@ -10,8 +10,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 
+from shared.centrals import CentralRotation, Next
 from tools.fleet.stats import summarise
 
 ROUND_PAUSE_S = 1.0  # after every address of the list has failed once, as EV_CP_M's standby pause
@@ -34,52 +34,27 @@ def parse_addresses(text: str) -> list[tuple[str, int]]:
     return out
 
 
-@dataclass
 class Rotation:
-    """The Central addresses one monitor tries, and where it is in them."""
+    """A simulated monitor's way through the Centrals: shared/centrals.py, as EV_CP_M's, with
+    a fixed pause after a whole round."""
 
-    addresses: Sequence[tuple[str, int]]
-    round_pause: float = ROUND_PAUSE_S
-    index: int = 0
-    failed: set[int] = field(default_factory=set)  # failed in this round
+    def __init__(
+        self, addresses: Sequence[tuple[str, int]], round_pause: float = ROUND_PAUSE_S
+    ) -> None:
+        self._order = CentralRotation(addresses)
+        self.round_pause = round_pause
 
     @property
     def current(self) -> tuple[str, int]:
-        return self.addresses[self.index]
+        return self._order.current
 
     def served(self) -> None:
         """The current address authenticated the monitor: a later loss starts a new round."""
-        self.failed.clear()
+        self._order.served()
 
     def fail(self, active_central: str | None = None) -> float:
-        """The current address refused or did not answer; move on. The pause before trying.
-
-        A refusal naming the active Central ("HOST:PORT") sends the monitor there at once if
-        that address is in the list and has not failed in this round; otherwise the next
-        untried address, at once; once every address has failed, a pause and a new round.
-        """
-        self.failed.add(self.index)
-        named = self._index_of(active_central)
-        if named is not None and named not in self.failed:
-            self.index = named
-            return 0.0
-        n = len(self.addresses)
-        untried = [i for i in range(n) if i not in self.failed]
-        if untried:
-            self.index = min(untried, key=lambda i: (i - self.index) % n)
-            return 0.0
-        self.failed.clear()
-        self.index = (self.index + 1) % n
-        return self.round_pause
-
-    def _index_of(self, address: str | None) -> int | None:
-        if not address:
-            return None
-        host, _, port = address.rpartition(":")
-        for i, (h, p) in enumerate(self.addresses):
-            if h == host and str(p) == port:
-                return i
-        return None
+        """The current address refused or did not answer: move on; the pause before trying."""
+        return self.round_pause if self._order.fail(active_central) is Next.ROUND_OVER else 0.0
 
 
 def in_flight(
