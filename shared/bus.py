@@ -375,19 +375,28 @@ class KafkaBus:
         self, topics: Iterable[str], group_id: str, *, from_start: bool = True
     ) -> AIOKafkaConsumer:
         """A consumer in a group that commits offsets itself, after its work is durable."""
-        consumer: AIOKafkaConsumer = await self._retry(
+        return await self._consumer(
             f"join group {group_id}",
+            *topics,
+            group_id=group_id,
+            auto_offset_reset="earliest" if from_start else "latest",
+            session_timeout_ms=10_000,
+            heartbeat_interval_ms=1_000,
+        )
+
+    async def _consumer(self, what: str, *topics: str, **options: Any) -> AIOKafkaConsumer:
+        """A started consumer of this service (stopped by `stop`): offsets are committed by
+        the caller, only committed transactions are read (docs/high-availability.md)."""
+        consumer: AIOKafkaConsumer = await self._retry(
+            what,
             lambda: AIOKafkaConsumer(
                 *topics,
                 bootstrap_servers=self.bootstrap,
                 client_id=self.client_id,
-                group_id=group_id,
                 enable_auto_commit=False,
-                auto_offset_reset="earliest" if from_start else "latest",
                 isolation_level=ISOLATION,
                 max_partition_fetch_bytes=MAX_MESSAGE_BYTES * 4,
-                session_timeout_ms=10_000,
-                heartbeat_interval_ms=1_000,
+                **options,
             ),
         )
         self._consumers.append(consumer)
@@ -402,18 +411,9 @@ class KafkaBus:
         are resolved before returning, so nothing published after this call is missed.
         """
         names = list(topics)
-        consumer: AIOKafkaConsumer = await self._retry(
-            "subscribe",
-            lambda: AIOKafkaConsumer(
-                bootstrap_servers=self.bootstrap,
-                client_id=self.client_id,
-                enable_auto_commit=False,
-                auto_offset_reset="earliest" if from_start else "latest",
-                isolation_level=ISOLATION,
-                max_partition_fetch_bytes=MAX_MESSAGE_BYTES * 4,
-            ),
+        consumer = await self._consumer(
+            "subscribe", auto_offset_reset="earliest" if from_start else "latest"
         )
-        self._consumers.append(consumer)
         consumer.subscribe(names)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + within
@@ -441,19 +441,9 @@ class KafkaBus:
         """A consumer of exactly these partitions (no rebalancing), at their committed offsets
         in `group_id` (or the start); the caller may seek elsewhere before reading."""
         wanted = list(partitions)
-        consumer: AIOKafkaConsumer = await self._retry(
-            "start a consumer",
-            lambda: AIOKafkaConsumer(
-                bootstrap_servers=self.bootstrap,
-                client_id=self.client_id,
-                group_id=group_id,
-                enable_auto_commit=False,
-                auto_offset_reset="earliest",
-                isolation_level=ISOLATION,
-                max_partition_fetch_bytes=MAX_MESSAGE_BYTES * 4,
-            ),
+        consumer = await self._consumer(
+            "start a consumer", group_id=group_id, auto_offset_reset="earliest"
         )
-        self._consumers.append(consumer)
         consumer.assign(wanted)
         return consumer
 
