@@ -49,6 +49,7 @@ from EV_Central.changelog import Replica
 from EV_Central.config import CentralSettings
 from EV_Central.db import Database
 from EV_Central.outbox import Fenced
+from EV_Central.store import Store
 from shared.backoff import Backoff
 from shared.bus import HA_TOPICS, KafkaBus, Topics
 from shared.framed import FramedConnection, FramedServer, serve_framed
@@ -69,6 +70,7 @@ TRANSACTIONAL_PRODUCERS = 3
 # Replicated: who the active Central is and where (JSON); local: this Central's role.
 ACTIVE_KEY = "active_central"
 ROLE_KEY = "local.role"
+TERM_KEY = "term"  # replicated: the number of the last take-over (see Lease)
 PREVIOUS_SUFFIX = ".previous"
 AUTH_TIMEOUT = 5.0
 # Central's event loop proves it runs this often; without a sign for WATCHDOG_SECONDS the lease
@@ -383,11 +385,11 @@ class Standby:
 
     async def active(self) -> dict[str, Any] | None:
         """The active Central as the changelog last said (None before the first one)."""
-        rows = await self.db.read("SELECT value FROM meta WHERE key = ?", (ACTIVE_KEY,))
-        if not rows:
+        stored = await Store(self.db).meta(ACTIVE_KEY)
+        if stored is None:
             return None
         with contextlib.suppress(ValueError):
-            found: dict[str, Any] = json.loads(rows[0]["value"])
+            found: dict[str, Any] = json.loads(stored)
             return found
         return None
 
@@ -518,8 +520,9 @@ async def _term(settings: CentralSettings, stopping: asyncio.Future[None]) -> No
 
     db, previous = fresh_database(settings.db)
     await db.start()
+    store = Store(db)
     changelog.stop_capture(db.conn)
-    await _set_local(db, ROLE_KEY, "standby")
+    await _put_meta(store, ROLE_KEY, "standby")
     identity = advertised(settings)
     bus = KafkaBus(settings.broker, f"ev-central-{identity['name']}")
     replica = Replica(bus, db)
@@ -545,7 +548,7 @@ async def _term(settings: CentralSettings, stopping: asyncio.Future[None]) -> No
             # Active from here: claim the next term, fence the previous holder, then read what
             # it committed.
             started = time.monotonic()
-            lease.term = await _term_number(db) + 1
+            lease.term = await _term_number(store) + 1
             producers.extend(
                 await asyncio.gather(
                     *(
@@ -557,32 +560,7 @@ async def _term(settings: CentralSettings, stopping: asyncio.Future[None]) -> No
             end = await replica.catch_up()
             applying.cancel()
             await standby.stop()
-            changelog.start_capture(db.conn)
-            db.capturing = True
-            if end == 0:
-                # The first active Central of this Kafka cluster: its earlier database (one
-                # Central before), or the demo data, is where the changelog starts.
-                adopted = await adopt(db, previous)
-                if adopted:
-                    log.info(
-                        "adopted %d rows of the earlier database: the changelog was empty", adopted
-                    )
-                elif settings.demo:
-                    await _seed_demo(db)
-            await _set_local(db, ROLE_KEY, "active")
-            lease.term = max(lease.term, await _term_number(db) + 1)
-            async with db.transaction() as tx:
-                await tx.execute(
-                    "INSERT INTO meta (key, value) VALUES ('term', ?)"
-                    " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                    (str(lease.term),),
-                )
-                since = dict(identity, since=time.time(), term=lease.term)
-                await tx.execute(
-                    "INSERT INTO meta (key, value) VALUES (?, ?)"
-                    " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                    (ACTIVE_KEY, json.dumps(since)),
-                )
+            await _become_active(store, settings, lease, identity, previous, first_ever=end == 0)
             central = Central(settings, db, transactions=producers)
             await central.load()
             log.info(
@@ -616,19 +594,44 @@ async def _term(settings: CentralSettings, stopping: asyncio.Future[None]) -> No
         await db.stop()
 
 
-async def _term_number(db: Database) -> int:
+async def _become_active(
+    store: Store,
+    settings: CentralSettings,
+    lease: Lease,
+    identity: dict[str, Any],
+    previous: Path | None,
+    *,
+    first_ever: bool,
+) -> None:
+    """With the changelog read to its end: capture changes, and say who is active from now."""
+    db = store.db
+    changelog.start_capture(db.conn)
+    db.capturing = True
+    if first_ever:
+        # The first active Central of this Kafka cluster: its earlier database (one Central
+        # before), or the demo data, is where the changelog starts.
+        adopted = await adopt(db, previous)
+        if adopted:
+            log.info("adopted %d rows of the earlier database: the changelog was empty", adopted)
+        elif settings.demo:
+            await _seed_demo(db)
+    await _put_meta(store, ROLE_KEY, "active")
+    lease.term = max(lease.term, await _term_number(store) + 1)
+    active = dict(identity, since=time.time(), term=lease.term)
+    async with store.transaction() as tx:
+        await tx.put_meta(TERM_KEY, str(lease.term))
+        await tx.put_meta(ACTIVE_KEY, json.dumps(active))
+
+
+async def _term_number(store: Store) -> int:
     """The last active Central's term, as this database has it (0 before any)."""
-    rows = await db.read("SELECT value FROM meta WHERE key = 'term'")
-    return int(rows[0]["value"]) if rows and str(rows[0]["value"]).isdigit() else 0
+    stored = await store.meta(TERM_KEY)
+    return int(stored) if stored is not None and stored.isdigit() else 0
 
 
-async def _set_local(db: Database, key: str, value: str) -> None:
-    async with db.transaction() as tx:
-        await tx.execute(
-            "INSERT INTO meta (key, value) VALUES (?, ?)"
-            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (key, value),
-        )
+async def _put_meta(store: Store, key: str, value: str) -> None:
+    async with store.transaction() as tx:
+        await tx.put_meta(key, value)
 
 
 async def _seed_demo(db: Database) -> None:
