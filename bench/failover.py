@@ -30,6 +30,7 @@ import urllib.request
 from pathlib import Path
 from typing import IO, Any
 
+from bench.run import KAFKA_SH, REPO, free_port, seed_fleet, stop_process
 from tools.fleet.failover import (
     in_flight,
     reconnection_times,
@@ -39,16 +40,8 @@ from tools.fleet.failover import (
 from tools.fleet.sim import central_key_from_db
 from tools.fleet.stats import summarise
 
-REPO = Path(__file__).resolve().parent.parent
-KAFKA_SH = REPO / "scripts" / "kafka.sh"
 NODES = 3
 ALL_BACK_WITHIN = 120.0  # seconds after a kill to wait for every CP to be connected again
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def free_port_run(n: int, tries: int = 50) -> int:
@@ -159,30 +152,8 @@ class HACentral:
             self.proc.wait()
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def seed(work: Path, size: int, supplying: float) -> tuple[Path, Path]:
-    """A database with the demo accounts and the fleet's CPs and drivers; its credentials."""
-    db = work / "seed.db"
-    credentials = work / "credentials.json"
-    subprocess.run(
-        [sys.executable, "init_db.py", "--db", str(db)], cwd=REPO, check=True, capture_output=True
-    )
-    subprocess.run(
-        [sys.executable, "-m", "tools.fleet", "seed", "--db", str(db), "--cps", str(size)]
-        + ["--supplying", str(supplying), "--credentials", str(credentials)],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-    )
-    return db, credentials
+        if self.proc is not None:
+            stop_process(self.proc)
 
 
 def start_pair(work: Path, cluster: Cluster, seeded: Path) -> tuple[HACentral, HACentral]:
@@ -286,7 +257,7 @@ def run_failover(
 ) -> dict[str, Any]:
     """Kill the active Central `kills` times under a fleet of `size` CPs; the figures."""
     work = Path(tempfile.mkdtemp(prefix=f"failover-{size}-", dir=root))
-    seeded, credentials = seed(work, size, supplying)
+    seeded, credentials = seed_fleet(work / "seed.db", size, supplying)
     with Cluster(root) as cluster:
         a, b = start_pair(work, cluster, seeded)
         fleet: FleetProcess | None = None
@@ -422,7 +393,7 @@ def run_ha_fleet(
 ) -> dict[str, Any]:
     """The fleet of `size` CPs against the HA pair on the cluster, nothing killed."""
     work = Path(tempfile.mkdtemp(prefix=f"ha-{size}-", dir=root))
-    seeded, credentials = seed(work, size, supplying)
+    seeded, credentials = seed_fleet(work / "seed.db", size, supplying)
     with Cluster(root) as cluster:
         a, b = start_pair(work, cluster, seeded)
         try:

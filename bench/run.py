@@ -80,6 +80,22 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], within: float = 120) -
     raise RuntimeError(f"{url} not healthy within {within:g} s")
 
 
+def seed_fleet(db: Path, size: int, supplying: float) -> tuple[Path, Path]:
+    """A database with the demo accounts and the fleet's CPs and drivers; its credentials."""
+    credentials = db.with_name("credentials.json")
+    subprocess.run(
+        [sys.executable, "init_db.py", "--db", str(db)], cwd=REPO, check=True, capture_output=True
+    )
+    subprocess.run(
+        [sys.executable, "-m", "tools.fleet", "seed", "--db", str(db), "--cps", str(size)]
+        + ["--supplying", str(supplying), "--credentials", str(credentials)],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
+    return db, credentials
+
+
 def stop_process(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -145,18 +161,7 @@ def run_fleet(
     profile: Path | None = None,
 ) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix=f"fleet-{size}-", dir=root))
-    db = work / "central.db"
-    credentials = work / "credentials.json"
-    subprocess.run(
-        [sys.executable, "init_db.py", "--db", str(db)], cwd=REPO, check=True, capture_output=True
-    )
-    subprocess.run(
-        [sys.executable, "-m", "tools.fleet", "seed", "--db", str(db), "--cps", str(size)]
-        + ["--supplying", str(supplying), "--credentials", str(credentials)],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-    )
+    db, credentials = seed_fleet(work / "central.db", size, supplying)
     with Broker(root) as broker:
         port, http = free_port(), free_port()
         log = (work / "central.log").open("wb")
