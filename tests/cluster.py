@@ -56,6 +56,11 @@ class Cluster:
     def start_node(self, node: int) -> None:
         self._run("start-node", str(node), timeout=scaled(120))
 
+    def heal(self) -> None:
+        """Every node up again, for the next test of the module (a no-op for those up)."""
+        for node in range(1, self.nodes + 1):
+            self.start_node(node)
+
 
 def consecutive_free_ports(count: int) -> int:
     """The first of `count` consecutive free ports."""

@@ -73,8 +73,7 @@ async def test_a_supply_carries_on_when_a_broker_fails(
         await system.wait_state("CP001", "ACTIVADO")
     finally:
         system.stop_all()
-        for node in range(1, kafka_cluster.nodes + 1):
-            kafka_cluster.start_node(node)  # whole again for the next test (a no-op if up)
+        kafka_cluster.heal()
 
 
 async def test_a_cluster_without_a_majority_is_reported_in_one_line(
@@ -94,5 +93,4 @@ async def test_a_cluster_without_a_majority_is_reported_in_one_line(
         assert driver.running
     finally:
         system.stop_all()
-        for node in range(1, kafka_cluster.nodes + 1):
-            kafka_cluster.start_node(node)
+        kafka_cluster.heal()

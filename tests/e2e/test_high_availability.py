@@ -175,8 +175,7 @@ async def test_the_standby_takes_over_mid_supply_and_both_rebuild_from_empty_dis
     finally:
         a.stop_all()
         b.stop_all()
-        for node in range(1, kafka_cluster.nodes + 1):
-            kafka_cluster.start_node(node)  # whole again for the next test (a no-op if up)
+        kafka_cluster.heal()
 
 
 async def test_a_standby_refuses_a_monitor_naming_the_active_and_answers_no_request(
