@@ -7,6 +7,7 @@ import contextlib
 import time
 
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
 
 from EV_Central import ha
 from EV_Central.ha import Lease
@@ -25,6 +26,18 @@ async def ha_topics(bootstrap: str) -> None:
         await bus.stop()
 
 
+async def stable_members(bootstrap: str, count: int) -> bool:
+    """True once the lease group has settled with `count` members."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="test-lease-view")
+    await admin.start()
+    try:
+        [answer] = await admin.describe_consumer_groups([ha.LEASE_GROUP])
+        _, _, state, _, _, members = answer.groups[0]
+        return bool(state == "Stable" and len(members) == count)
+    finally:
+        await admin.close()
+
+
 async def stopped(task: asyncio.Task[None]) -> None:
     task.cancel()
     with contextlib.suppress(BaseException):
@@ -41,7 +54,8 @@ async def test_one_holder_and_the_lease_moves_when_it_leaves(kafka_bootstrap: st
         first.term = 7  # it took over: its claim outranks a newcomer's
         b = asyncio.create_task(second.run())
         try:
-            await asyncio.sleep(4)  # the group forms again with both: the lease stays
+            # The group forms again with both members: the lease stays with the first.
+            await wait_for(lambda: stable_members(kafka_bootstrap, 2), 20)
             assert first.held.is_set() and not second.held.is_set()
             assert not first.lost.is_set()
             left_at = time.monotonic()
