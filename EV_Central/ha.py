@@ -49,6 +49,7 @@ from EV_Central.changelog import Replica
 from EV_Central.config import CentralSettings
 from EV_Central.db import Database
 from EV_Central.outbox import Fenced
+from EV_Central.schema import ACTIVE_KEY, ROLE_KEY, TERM_KEY
 from EV_Central.store import Store
 from shared.backoff import Backoff
 from shared.bus import HA_TOPICS, KafkaBus, Topics
@@ -67,10 +68,6 @@ LEASE = TopicPartition(Topics.CENTRAL_LEASE, 0)
 # EV_Central/outbox.py); a Central taking over starts every one of them, fencing them all.
 TRANSACTIONAL_ID = "ev-central"
 TRANSACTIONAL_PRODUCERS = 3
-# Replicated: who the active Central is and where (JSON); local: this Central's role.
-ACTIVE_KEY = "active_central"
-ROLE_KEY = "local.role"
-TERM_KEY = "term"  # replicated: the number of the last take-over (see Lease)
 PREVIOUS_SUFFIX = ".previous"
 AUTH_TIMEOUT = 5.0
 # Central's event loop proves it runs this often; without a sign for WATCHDOG_SECONDS the lease
@@ -360,7 +357,7 @@ async def adopt(db: Database, previous: Path | None) -> int:
                 columns = ", ".join(name for name in new if name in old)
                 if not columns:
                     continue  # a table the earlier database did not have
-                only = " WHERE key NOT LIKE 'local.%'" if table == "meta" else ""
+                only = f" WHERE key NOT LIKE '{changelog.LOCAL_META}'" if table == "meta" else ""
                 cursor = await tx.execute(
                     f"INSERT OR REPLACE INTO main.{table} ({columns})"
                     f" SELECT {columns} FROM previous.{table}{only}"

@@ -133,6 +133,12 @@ BEGIN
 END;
 """
 
+# Keys of the meta table that high availability uses (EV_Central/ha.py): this Central's own
+# role (local: never replicated), and, replicated, the active Central's address and term.
+ROLE_KEY = "local.role"
+ACTIVE_KEY = "active_central"
+TERM_KEY = "term"
+
 DEMO_CPS = [
     ("CP001", "Alicante - Campus, Aulario III", 0.35, 22.0),
     ("CP002", "Alicante - Campus, Parking Norte", 0.35, 22.0),

@@ -111,13 +111,13 @@ def standby_refusal(conn: sqlite3.Connection) -> str | None:
     rebuilt from Kafka, so a change made here would be lost. None when they may."""
     rows = dict(
         conn.execute(
-            "SELECT key, value FROM meta WHERE key IN ('local.role', ?)", ("active_central",)
+            "SELECT key, value FROM meta WHERE key IN (?, ?)", (schema.ROLE_KEY, schema.ACTIVE_KEY)
         ).fetchall()
     )
-    if rows.get("local.role") != "standby":
+    if rows.get(schema.ROLE_KEY) != "standby":
         return None
     try:
-        where = json.loads(rows.get("active_central") or "{}").get("name")
+        where = json.loads(rows.get(schema.ACTIVE_KEY) or "{}").get("name")
     except (ValueError, AttributeError):
         where = None
     return (
