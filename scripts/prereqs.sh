@@ -27,6 +27,7 @@ PIECES=(
     "chromium (browser tests)|chromium|have chromium|test"
     "docker-compose (compose file checks)|docker-compose|have_compose|test"
     "ip (multi-host tests)|iproute2|have ip|test"
+    "faketime (clock skew tests)|faketime|have faketime|test"
 )
 
 usage() {

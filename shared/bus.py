@@ -15,6 +15,7 @@ from typing import Any, TypeAlias, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import (
     ConsumerStoppedError,
     KafkaError,
@@ -24,6 +25,7 @@ from aiokafka.errors import (
 from pydantic import TypeAdapter
 
 from shared.backoff import Backoff
+from shared.clock import LOG_APPEND_TIME
 from shared.errors import EVError, MessageError
 from shared.messages import MAX_MESSAGE_BYTES, Message, decode, encode
 
@@ -50,6 +52,8 @@ class Topics:
     # one-partition topic whose consumer group decides which Central is active.
     CENTRAL_CHANGELOG = "ev.central.changelog"
     CENTRAL_LEASE = "ev.central.lease"
+    # Probes with which every process measures its clock against the brokers' (shared/clock.py).
+    CLOCK = "ev.clock"
 
 
 @dataclass(frozen=True)
@@ -59,11 +63,15 @@ class TopicSpec:
     config: dict[str, str] = field(default_factory=dict)
 
 
+# The broker stamps each record with its own clock when it appends it: the network's one clock,
+# which decides how old a message is whatever the sender's clock says (shared/clock.py).
+STAMPED = {"message.timestamp.type": "LogAppendTime"}
+
 TOPICS: tuple[TopicSpec, ...] = (
-    TopicSpec(Topics.DRIVER_REQUESTS),
-    TopicSpec(Topics.DRIVER_UPDATES),
-    TopicSpec(Topics.CP_COMMANDS),
-    TopicSpec(Topics.CP_EVENTS),
+    TopicSpec(Topics.DRIVER_REQUESTS, config=STAMPED),
+    TopicSpec(Topics.DRIVER_UPDATES, config=STAMPED),
+    TopicSpec(Topics.CP_COMMANDS, config=STAMPED),
+    TopicSpec(Topics.CP_EVENTS, config=STAMPED),
     TopicSpec(
         Topics.CP_STATE,
         config={
@@ -72,7 +80,10 @@ TOPICS: tuple[TopicSpec, ...] = (
             "segment.ms": "600000",
         },
     ),
-    TopicSpec(Topics.CP_HEALTH, config={"retention.ms": str(24 * 3600 * 1000)}),
+    TopicSpec(Topics.CP_HEALTH, config={**STAMPED, "retention.ms": str(24 * 3600 * 1000)}),
+    TopicSpec(
+        Topics.CLOCK, partitions=1, config={**STAMPED, "retention.ms": str(3600 * 1000)}
+    ),
 )
 
 
@@ -89,6 +100,39 @@ HA_TOPICS: tuple[TopicSpec, ...] = (
 # Readers never see what a transaction that was aborted, or is still open, wrote: a Central
 # that another one has fenced publishes nothing anyone reads (docs/high-availability.md).
 ISOLATION = "read_committed"
+
+
+async def _stamp_existing(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -> None:
+    """Topics made before they were stamped with the broker's clock are switched to it (with
+    the rest of their settings, which AlterConfigs replaces as a whole)."""
+    wanted = [s for s in specs if "message.timestamp.type" in s.config]
+    if not wanted:
+        return
+    names = ["message.timestamp.type"]
+    described = await admin.describe_configs(
+        [ConfigResource(ConfigResourceType.TOPIC, s.name, names) for s in wanted]
+    )
+    stamped = {
+        resource[3]
+        for response in described
+        for resource in response.resources
+        if any(entry[1] == "LogAppendTime" for entry in resource[4])
+    }
+    stale = [s for s in wanted if s.name not in stamped]
+    if not stale:
+        return
+    _, in_sync = replication_for(len((await admin.describe_cluster())["brokers"]))
+    log.info("switching %s to the broker's timestamps", ", ".join(s.name for s in stale))
+    await admin.alter_configs(
+        [
+            ConfigResource(
+                ConfigResourceType.TOPIC,
+                s.name,
+                {**s.config, "min.insync.replicas": str(in_sync)},
+            )
+            for s in stale
+        ]
+    )
 
 
 def replication_for(brokers: int) -> tuple[int, int]:
@@ -272,6 +316,7 @@ class KafkaBus:
         await admin.start()
         try:
             existing = set(await admin.list_topics())
+            await _stamp_existing(admin, [s for s in specs if s.name in existing])
             missing = [s for s in specs if s.name not in existing]
             if not missing:
                 return
@@ -299,6 +344,23 @@ class KafkaBus:
             )
         finally:
             await admin.close()
+
+    async def probe_clock(self) -> float | None:
+        """Publish one clock probe; the broker's time when it appended it (seconds), or None
+        when the topic does not stamp records with the broker's clock."""
+        producer = self._producer
+        if producer is None:
+            raise BusError("bus not started")
+        try:
+            sent = await self.watched(
+                producer.send_and_wait(Topics.CLOCK, b"", key=self.client_id.encode())
+            )
+        except KafkaError as exc:
+            await self._renew_after(producer, exc)
+            raise BusError(f"cannot probe the clock: {type(exc).__name__}") from exc
+        if sent.timestamp_type != LOG_APPEND_TIME or sent.timestamp < 0:
+            return None
+        return float(sent.timestamp) / 1000.0
 
     async def send(self, topic: str, key: str, message: Message) -> None:
         """Publish one message and wait until the broker has it."""

@@ -27,18 +27,27 @@ class ServiceProcess:
     """One service started as `python -m PACKAGE ...`, its output captured to a file."""
 
     def __init__(
-        self, name: str, args: list[str], workdir: Path, env: dict[str, str] | None = None
+        self,
+        name: str,
+        args: list[str],
+        workdir: Path,
+        env: dict[str, str] | None = None,
+        *,
+        clock: str | None = None,
     ) -> None:
+        """`clock` runs the process with its clock shifted by libfaketime ("+60s", "-60s")."""
         self.name = name
         self.args = args
+        self.clock = clock
         self.log_path = workdir / f"{name}.log"
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> ServiceProcess:
         log = self.log_path.open("ab")
+        shift = ("faketime", "-f", self.clock) if self.clock else ()
         self.proc = subprocess.Popen(
-            [sys.executable, *self.args],
+            [*shift, sys.executable, *self.args],
             cwd=REPO_ROOT,
             stdin=subprocess.PIPE,
             stdout=log,
@@ -168,8 +177,12 @@ class Deployment:
         self._admin_cookie: str | None = None
         self.dashboard: ServiceProcess | None = None
         self.dashboard_port = free_port()
+        # Clocks shifted with libfaketime, by process name ("central", "engine-CP001",
+        # "monitor-CP001", "driver-user3", "driver-dashboard"): {"engine-CP001": "+60s"}.
+        self.clocks: dict[str, str] = {}
 
     def _add(self, proc: ServiceProcess) -> ServiceProcess:
+        proc.clock = proc.clock or self.clocks.get(proc.name)
         self.processes.append(proc)
         return proc.start()
 
