@@ -181,6 +181,13 @@ class EngineMachine:
         out.notes.append(f"authorised session {cmd.session_id} for driver {cmd.driver_id}")
         return out
 
+    def refuse(self, cmd: AuthorizeSupply, why: str) -> Outcome:
+        """Refuse an authorisation the engine cannot take (e.g. one that came too late)."""
+        out = Outcome()
+        out.refused = f"authorisation for session {cmd.session_id} refused: {why}"
+        out.events.append(self._answer(cmd, why))
+        return out
+
     def _refusal_of(self, cmd: AuthorizeSupply) -> str | None:
         """Why this CP cannot take an authorisation now, or None."""
         blocker = self._new_supply_blocker()

@@ -18,6 +18,7 @@ from EV_CP_E.config import EngineSettings
 from EV_CP_E.machine import EngineMachine, EngineState, Outcome
 from shared.backoff import Backoff
 from shared.bus import BusError, KafkaBus, Topics, consume_each
+from shared.clock import NetworkClock, broker_time
 from shared.console import stdin_lines
 from shared.cp_channel import CPChannel, KeyNotKnown
 from shared.errors import ConnectionLost, DeliveryFailed, EVError, MessageError
@@ -30,6 +31,7 @@ from shared.messages import (
     CPRequestDenied,
     CPTelemetry,
     EndSupply,
+    EngineChallenge,
     EngineHello,
     EngineKey,
     HealthReport,
@@ -37,7 +39,7 @@ from shared.messages import (
     MonitorToEngine,
     SetService,
 )
-from shared.sealing import SealError, check_hello_proof
+from shared.sealing import SealError, check_hello_proof, new_challenge
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,8 @@ DRIVER_ID = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
 POLL_INTERVAL = 0.1
 FLUSH_TIMEOUT = 3.0
 BUS_STOP_TIMEOUT = 1.5
-# Central's commands are acted on only while fresh: an old one replayed later is refused.
+# Central's commands are acted on only while fresh (by the broker's stamp): one that waited
+# longer in Kafka, e.g. while the engine was away, is refused. Replays are refused anyway.
 COMMAND_MAX_AGE = 60.0
 # Commands sealed with a key the monitor has not handed over yet wait for it (this many).
 PENDING_COMMANDS = 16
@@ -89,7 +92,8 @@ class EngineService:
         self._channel: CPChannel | None = None
         self._key_ready = asyncio.Event()
         self._pending: deque[ConsumerRecord[bytes, bytes]] = deque(maxlen=PENDING_COMMANDS)
-        self._hellos: deque[str] = deque(maxlen=64)  # recent hello ids: no replayed hello
+        # This PC's clock against the network's (the brokers'): how old a command is.
+        self.clock = NetworkClock(self.bus.probe_clock, who="engine", warn=self._say)
         if not settings.secret:
             log.warning(
                 "no CP secret given (--secret-file): any local connection may act as the monitor"
@@ -117,6 +121,7 @@ class EngineService:
                     group.create_task(self._ticker(), name="ticker"),
                     group.create_task(self._commands(), name="commands"),
                     group.create_task(self._send_outbox(), name="outbox"),
+                    group.create_task(self._measure_clock(), name="clock"),
                 ]
                 await self.shutdown.wait()
                 await self._finish()
@@ -237,6 +242,10 @@ class EngineService:
 
     # --- Kafka --------------------------------------------------------------------------------
 
+    async def _measure_clock(self) -> None:
+        await self._bus_ready.wait()
+        await self.clock.run()
+
     async def _start_bus(self) -> None:
         backoff = Backoff(maximum=5.0)
         while True:
@@ -281,6 +290,12 @@ class EngineService:
             return  # no monitor has told us who we are yet: nothing is for us
         if record.key is not None and record.key.decode("utf-8", "replace") != cp_id:
             return
+        # How old the command is, by the broker's stamp and this PC's measured offset: never
+        # by Central's clock against this one (docs/operations.md, "Clocks").
+        stamped = broker_time(record)
+        age = None
+        if stamped is not None and self.clock.offset is not None:
+            age = max(0.0, self.clock.now() - stamped)
         try:
             command = self._channel_of(cp_id).open(record.value or b"")
         except KeyNotKnown as exc:
@@ -301,8 +316,19 @@ class EngineService:
             )
             return
         log.info("command %s from Central", command.type)
+        if age is not None and age > COMMAND_MAX_AGE:
+            why = f"command {age:.0f} s old by the network's clock (at most {COMMAND_MAX_AGE:g} s)"
+            log.warning("refused a stale %s: %s", command.type, why)
+            self._say(f"refused a stale {command.type}: {why}")
+            if isinstance(command, AuthorizeSupply):
+                self._apply(self.machine.refuse(command, why))
+            return
         if isinstance(command, AuthorizeSupply):
-            self._apply(self.machine.authorize(command))
+            # Its end on this PC's clock: what was left of it when Central sent it, less the
+            # time it took to come (Central's clock and this one may disagree).
+            left = command.expires_at - command.ts - (age or 0.0)
+            local = command.model_copy(update={"expires_at": time.time() + left})
+            self._apply(self.machine.authorize(local))
         elif isinstance(command, EndSupply):
             self._apply(self.machine.end_supply(command))
         elif isinstance(command, SetService):
@@ -313,7 +339,7 @@ class EngineService:
     def _channel_of(self, cp_id: str) -> CPChannel:
         """This CP's channel (the CP id, once known, never changes)."""
         if self._channel is None:
-            self._channel = CPChannel(cp_id, old_keys=OLD_KEYS, max_age=COMMAND_MAX_AGE)
+            self._channel = CPChannel(cp_id, old_keys=OLD_KEYS)
         return self._channel
 
     def _take_key(self, message: EngineKey) -> None:
@@ -338,9 +364,12 @@ class EngineService:
         try:
             log.info("connection from %s", connection.peer)
             # Only a connection whose hello is accepted becomes the monitor's link: a stranger
-            # on this port cannot cut the real monitor off.
+            # on this port cannot cut the real monitor off. The hello must prove the CP's
+            # secret over this connection's challenge: a recorded one is worth nothing.
+            challenge = new_challenge()
+            await connection.send(EngineChallenge(nonce=challenge))
             first = await asyncio.wait_for(connection.receive(), HELLO_TIMEOUT)
-            if not isinstance(first, EngineHello) or not self._accept_hello(first):
+            if not isinstance(first, EngineHello) or not self._accept_hello(first, challenge):
                 return
             previous, self._monitor = self._monitor, connection
             if previous is not None:
@@ -358,20 +387,15 @@ class EngineService:
             if self._monitor is connection:
                 self._monitor = None
 
-    def _accept_hello(self, hello: EngineHello) -> bool:
+    def _accept_hello(self, hello: EngineHello, challenge: str) -> bool:
         """Check a monitor's hello (its CP, its proof of the secret); take the CP id from it."""
         secret = self.settings.secret
         if secret:
-            refusal = check_hello_proof(
-                secret, hello.cp_id, hello.id, hello.ts, hello.proof, time.time()
-            )
-            if refusal is None and hello.id in self._hellos:
-                refusal = "a hello seen before"
+            refusal = check_hello_proof(secret, hello.cp_id, hello.id, challenge, hello.proof)
             if refusal is not None:
                 log.warning("refused a monitor connection: %s", refusal)
                 self._say(f"refused a monitor connection: {refusal}")
                 return False
-            self._hellos.append(hello.id)
         known = self.machine.cp_id
         if not self.machine.set_cp_id(hello.cp_id):
             log.warning("refusing a monitor for %s: this engine is %s", hello.cp_id, known)

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import ssl
 import sys
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import TextIO
@@ -15,6 +16,7 @@ from EV_CP_M.config import MonitorSettings
 from shared.backoff import Backoff
 from shared.bus import KafkaBus, Topics
 from shared.centrals import CentralRotation, Next
+from shared.clock import FIX, SKEW_WARNING_S, OffsetEstimate, describe, ntp_offset
 from shared.errors import ConnectionLost, DeliveryFailed
 from shared.framed import FramedConnection, open_framed
 from shared.lifecycle import Shutdown
@@ -23,8 +25,10 @@ from shared.messages import (
     ENGINE_TO_MONITOR,
     AuthResult,
     CentralToMonitor,
+    ClockProbe,
     CPState,
     CPStatusNotice,
+    EngineChallenge,
     EngineHello,
     EngineKey,
     EngineToMonitor,
@@ -74,6 +78,10 @@ class LinkState:
     cp_state: CPState | None = None
     # The key Central issued at the last authentication, for the engine: (key id, base64 key).
     key: tuple[str, str] | None = None
+    # Clocks (docs/operations.md): this monitor's minus the network's, as Central measures it,
+    # and the last ClockProbe from Central not answered yet ((its ts, when it came), both ours).
+    offset_s: float | None = None
+    probe: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +116,9 @@ class MonitorService:
         self._sampling = False
         self._sampling_from: float | None = None
         self._engine_started = asyncio.Event()  # a health report from a started engine
+        # The engine's clock minus this one's, from the health checks' round trips.
+        self._engine_clock = OffsetEstimate()
+        self._clock_warned = False
         self._started_at = 0.0  # loop time the monitor started (set by run)
 
     async def run(self) -> None:
@@ -173,20 +184,31 @@ class MonitorService:
                 self._say(f"cannot reach engine at {host}:{port}; retrying in {delay:.1f} s")
                 await self._wait_sampling(delay)
                 continue
-            backoff.reset()
             log.info("connected to the engine at %s:%d", host, port)
             try:
                 async with connection:
-                    await self._check_engine(connection)
+                    await self._check_engine(connection, backoff)
             except LINK_ERRORS as exc:
                 log.info("engine link ended: %s", exc)
                 self._set_engine(False, "engine connection lost")
+            # An engine that refuses this monitor (its hello) must not be hammered: the pause
+            # grows until a link has served health checks again.
+            delay = backoff.next_delay()
+            log.info("reconnecting to the engine in %.1f s", delay)
+            await self._wait_sampling(delay)
 
-    async def _check_engine(self, connection: FramedConnection[EngineToMonitor]) -> None:
-        """Say hello, then one health check per interval until the connection fails."""
+    async def _check_engine(
+        self, connection: FramedConnection[EngineToMonitor], backoff: Backoff
+    ) -> None:
+        """Answer the engine's challenge with a hello, then one health check per interval until
+        the connection fails (a good report resets `backoff`)."""
         settings = self.settings
+        async with asyncio.timeout(settings.check_timeout + AUTH_TIMEOUT):
+            challenge = await connection.receive()
+        if not isinstance(challenge, EngineChallenge):
+            raise ConnectionLost(f"the engine opened with a {challenge.type}, not a challenge")
         hello = EngineHello(cp_id=settings.cp_id)
-        proof = hello_proof(settings.secret, hello.cp_id, hello.id, hello.ts)
+        proof = hello_proof(settings.secret, hello.cp_id, hello.id, challenge.nonce)
         await connection.send(hello.model_copy(update={"proof": proof}))
         loop = asyncio.get_running_loop()
         seq = 0
@@ -201,6 +223,7 @@ class MonitorService:
                 log.info("handed key %s to the engine", key_sent[0])
             seq += 1
             started = loop.time()
+            sent_at = time.time()
             check = HealthCheck(
                 seq=seq, central_ok=self.state.central_up, cp_state=self.state.cp_state
             )
@@ -211,7 +234,10 @@ class MonitorService:
             except (TimeoutError, DeliveryFailed):
                 self._set_engine(False, f"no health report within {settings.check_timeout:g} s")
             else:
+                offset, trip = ntp_offset(sent_at, report.ts, time.time())
+                self._engine_clock.add(-offset, trip)
                 self._on_report(report, (loop.time() - started) * 1000)
+                backoff.reset()
             next_at += settings.interval
             now = loop.time()
             if next_at < now:
@@ -262,9 +288,9 @@ class MonitorService:
     async def _report(connection: FramedConnection[EngineToMonitor], seq: int) -> HealthReport:
         while True:
             report = await connection.receive()
-            if report.seq == seq:
+            if isinstance(report, HealthReport) and report.seq == seq:
                 return report
-            log.debug("late health report %d ignored", report.seq)
+            log.debug("late or unexpected %s ignored", report.type)
 
     # --- health samples for the site dashboard --------------------------------------------
 
@@ -294,10 +320,19 @@ class MonitorService:
                 seq=self._sample_seq,
                 interval_s=self.settings.interval,
                 speed=self.state.speed,
+                monitor_offset_s=_rounded(self.state.offset_s),
+                engine_offset_s=_rounded(self._engine_offset()),
             )
         )
         self._sample_seq += 1
         self._sample_ready.set()
+
+    def _engine_offset(self) -> float | None:
+        """The engine's clock minus the network's, when both parts are measured."""
+        engine = self._engine_clock.offset
+        if engine is None or self.state.offset_s is None:
+            return None
+        return self.state.offset_s + engine
 
     async def _publish_health(self, bus: KafkaBus) -> None:
         """Send queued samples to Kafka, best effort: Kafka down never stops the monitor."""
@@ -436,8 +471,24 @@ class MonitorService:
             message = await connection.receive()
             if isinstance(message, CPStatusNotice):
                 self._on_notice(message)
+            elif isinstance(message, ClockProbe):
+                self._on_probe(message)
             else:
                 log.debug("ignoring %s from Central", message.type)
+
+    def _on_probe(self, probe: ClockProbe) -> None:
+        """Central's clock: answered in the next heartbeat; and how far off this clock is."""
+        self.state.probe = (probe.ts, time.time())
+        self.state.offset_s = probe.your_offset_s
+        offset = probe.your_offset_s
+        if offset is None:
+            return
+        off = abs(offset) >= SKEW_WARNING_S
+        if off and not self._clock_warned:
+            self._say(f"this PC's clock is {describe(offset)} the network's (Central); {FIX}")
+        elif not off and self._clock_warned:
+            self._say(f"this PC's clock agrees with the network's again ({offset:+.2f} s)")
+        self._clock_warned = off
 
     def _on_notice(self, notice: CentralToMonitor) -> None:
         if not isinstance(notice, CPStatusNotice) or notice.cp_id != self.settings.cp_id:
@@ -459,12 +510,18 @@ class MonitorService:
         seq = 0
         next_at = loop.time()
         while True:
+            probe, self.state.probe = self.state.probe, None
+            engine = self._engine_clock.best()
             await connection.send(
                 Heartbeat(
                     cp_id=cp_id,
                     engine_ok=self.state.engine_ok is True,
                     seq=seq,
                     speed=self.state.speed,
+                    probe_ts=probe[0] if probe else None,
+                    probe_rx=probe[1] if probe else None,
+                    engine_offset_s=engine.offset if engine else None,
+                    engine_trip_s=engine.spread if engine else None,
                 )
             )
             seq += 1
@@ -481,3 +538,7 @@ class MonitorService:
                     await connection.send(RecoveryReport(cp_id=cp_id))
                     log.info("reported engine recovery to Central")
                 reported = ok
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)

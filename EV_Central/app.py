@@ -18,6 +18,7 @@ from aiokafka import AIOKafkaProducer
 
 from EV_Central.audit import AuditLog
 from EV_Central.auth import PeopleAuth
+from EV_Central.clocks import Clocks
 from EV_Central.config import CentralSettings
 from EV_Central.console import Console
 from EV_Central.context import Context
@@ -37,6 +38,7 @@ from EV_Central.store import Store
 from EV_Central.supplies import Supplies
 from EV_Central.web import AdminWeb
 from shared.bus import KafkaBus
+from shared.clock import FIX, NetworkClock
 from shared.lifecycle import Shutdown
 from shared.sealing import fingerprint
 from shared.tls import optional_server_context
@@ -103,7 +105,13 @@ class Central:
             transactions=transactions,
         )
         self.feed = Feed(self.registry, self.bus)
-        self.context = context = Context(self.store, self.registry, self.bus, self.feed, self.stats)
+        self.clocks = Clocks(
+            NetworkClock(self.bus.probe_clock, who="Central"), warn=self._clock_warning
+        )
+        self.feed.hops = self.clocks.hops
+        self.context = context = Context(
+            self.store, self.registry, self.bus, self.feed, self.stats, self.clocks
+        )
         self.supplies = Supplies(context, Timers.from_settings(settings))
         self.cp_links = CPLinks(
             context,
@@ -155,6 +163,7 @@ class Central:
                     tasks.create_task(self._tick(), name="timers")
                     tasks.create_task(self.feed.run(), name="state-publisher")
                     tasks.create_task(self._prune(), name="prune")
+                    tasks.create_task(self.clocks.run(), name="clock")
             finally:
                 await self.drivers.stop()
 
@@ -176,6 +185,16 @@ class Central:
                     await self.keys.save_replay_guard(now)
                 except Exception:
                     log.exception("saving the replay guard failed")
+
+    async def _clock_warning(self, kind: str, peer_id: str, text: str) -> None:
+        """A clock is off by SKEW_WARNING_S or more: the log, the panel's feed, the audit."""
+        log.warning("%s; %s", text, FIX)
+        cp_id = peer_id if kind in ("monitor", "engine") else None
+        driver_id = peer_id if kind == "driver" else None
+        self.feed.note("clock", f"{text}; {FIX}", cp_id=cp_id, driver_id=driver_id)
+        await self.audit.record(
+            "clock_skew", "warning", actor=peer_id[:32], source=kind, detail=text
+        )
 
     async def _prune(self) -> None:
         while True:
@@ -216,6 +235,7 @@ async def serve(central: Central, settings: CentralSettings, until: Awaitable[ob
         settings.port,
         tls,
         durable=central.outbox.durable,
+        clocks=central.clocks,
     )
     web = AdminWeb(
         central.context,

@@ -26,6 +26,7 @@ class SupplyAsk:
     """A request for a supply, from a driver or a CP's own menu."""
 
     request_id: str
+    # When the broker took the request, on Central's clock (never the sender's: it may be off).
     sent_at: float
     driver_id: str
     cp_id: str
@@ -82,6 +83,12 @@ def decide_supply(
         session.reason = (reason or DenialReason.UNKNOWN_CP).value
         denial = reason or DenialReason.UNKNOWN_CP
         detail = cp.unavailable_detail if cp and reason == DenialReason.CP_UNAVAILABLE else ""
+        if reason == DenialReason.REQUEST_EXPIRED:
+            # Judged by the broker's stamp, not the sender's clock: it waited, e.g. for Central.
+            detail = (
+                f"it waited {now - ask.sent_at:.0f} s in Kafka before Central read it"
+                f" (at most {timers.request_ttl:g} s)"
+            )
         publish = [session.to_driver(session.denial(denial, detail))]
         if ask.origin == "cp" and cp is not None:
             publish.append(session.to_engine(session.cp_denial(denial, detail)))

@@ -13,13 +13,24 @@ engine -> Central, Central -> dashboards), measured with these offsets, for the 
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.clock import SKEW_WARNING_S, NetworkClock, OffsetEstimate, describe, ntp_offset4
+from shared.clock import (
+    PROBE_INTERVAL,
+    SKEW_WARNING_S,
+    NetworkClock,
+    OffsetEstimate,
+    describe,
+    ntp_offset4,
+)
+
+log = logging.getLogger(__name__)
 
 # Peers not heard from for this long are left off the panel.
 FORGET_AFTER_S = 600.0
@@ -29,7 +40,7 @@ MAX_PEERS = 20_000
 HOP_WINDOW_S = 60.0
 HOPS = ("driver → Central", "Central → engine", "engine → Central", "Central → dashboards")
 
-Warn = Callable[[str, str, str], Awaitable[None]]  # (kind, id, text)
+Warn = Callable[[str, str, str], Coroutine[Any, Any, None]]  # (kind, id, text)
 
 
 @dataclass
@@ -93,11 +104,30 @@ class Hops:
 class Clocks:
     """Central's own offset (a NetworkClock) and its peers', relative to Central's clock."""
 
-    def __init__(self, network: NetworkClock, warn: Warn | None = None) -> None:
-        self.network = network
+    def __init__(self, network: NetworkClock | None = None, warn: Warn | None = None) -> None:
+        """Without `network` Central's own offset is taken as 0 (tests of single parts)."""
+        self.network = network if network is not None else NetworkClock(_no_probe, who="Central")
         self.hops = Hops()
         self._warn = warn
         self._peers: dict[tuple[str, str], PeerClock] = {}
+        self._central_warned = False
+        self._warnings: set[asyncio.Task[None]] = set()  # warnings being logged and audited
+
+    async def run(self, interval: float = PROBE_INTERVAL) -> None:
+        """Measure Central's own clock now and every `interval` s (each second until the
+        first answer); a warning when it is off, once."""
+        while True:
+            try:
+                await self.network.probe()
+            except Exception as exc:  # Kafka away: the last estimate stands
+                log.debug("clock probe failed: %s", exc)
+            offset = self.network.offset
+            if offset is not None and self.network.warned != self._central_warned:
+                self._central_warned = self.network.warned
+                if self._central_warned and self._warn is not None:
+                    text = f"Central's own clock is {describe(offset)} the network's"
+                    await self._warn("central", "Central", text)
+            await asyncio.sleep(interval if offset is not None else 1.0)
 
     # --- Central's own clock ------------------------------------------------------------------
 
@@ -117,16 +147,18 @@ class Clocks:
         key = (kind, peer_id)
         peer = self._peers.get(key)
         if peer is None or peer.via != via:
-            if len(self._peers) >= MAX_PEERS:
+            if peer is None and len(self._peers) >= MAX_PEERS:
                 self._peers.pop(next(iter(self._peers)))
-            peer = self._peers[key] = PeerClock(
-                kind, peer_id, via, OffsetEstimate(kept=16, one_way=one_way)
-            )
+            renewed = PeerClock(kind, peer_id, via, OffsetEstimate(kept=16, one_way=one_way))
+            renewed.warned = peer.warned if peer is not None else False
+            peer = self._peers[key] = renewed
         peer.seen = time.monotonic()
         return peer
 
-    async def from_kafka(self, kind: str, peer_id: str, sent: float, stamped: float) -> None:
+    def from_kafka(self, kind: str, peer_id: str, sent: float, stamped: float | None) -> None:
         """A message a peer stamped `sent` (its clock) that the broker appended at `stamped`."""
+        if stamped is None:
+            return
         key = (kind, peer_id)
         if kind == "engine" and key in self._peers and self._peers[key].via == "monitor":
             self._peers[key].seen = time.monotonic()
@@ -134,11 +166,9 @@ class Clocks:
         peer = self._peer(kind, peer_id, "kafka", one_way=True)
         # Relative to Central's clock, like the round-trip measurements.
         peer.estimate.add(sent - self.central_time(stamped))
-        await self._check(peer)
+        self._check(peer)
 
-    async def from_monitor(
-        self, cp_id: str, t1: float, t2: float, t3: float, t4: float
-    ) -> float | None:
+    def from_monitor(self, cp_id: str, t1: float, t2: float, t3: float, t4: float) -> float | None:
         """One NTP exchange on a monitor link: `t1` Central's probe, `t2` the monitor got it,
         `t3` it sent the heartbeat that answers it, `t4` Central got that."""
         offset, trip = ntp_offset4(t1, t2, t3, t4)
@@ -146,28 +176,32 @@ class Clocks:
             return None  # an answer to a probe long gone: says nothing useful
         peer = self._peer("monitor", cp_id, "round trips")
         peer.estimate.add(offset, trip)
-        await self._check(peer)
+        self._check(peer)
         return offset
 
-    async def engine_via_monitor(self, cp_id: str, engine_vs_monitor: float, trip: float) -> None:
+    def engine_via_monitor(self, cp_id: str, engine_vs_monitor: float, trip: float) -> None:
         """The monitor's measurement of its engine, added to Central's of the monitor."""
         monitor = self._peers.get(("monitor", cp_id))
         if monitor is None or monitor.estimate.offset is None:
             return
         peer = self._peer("engine", cp_id, "monitor")
         peer.estimate.add(monitor.estimate.offset + engine_vs_monitor, trip)
-        await self._check(peer)
+        self._check(peer)
 
     def offset_of(self, kind: str, peer_id: str) -> float | None:
         """A peer's clock minus Central's, when measured."""
         peer = self._peers.get((kind, peer_id))
         return peer.estimate.offset if peer is not None else None
 
+    def sent_at(self, kind: str, peer_id: str, sent: float) -> float:
+        """A time a peer wrote with its clock, on Central's (as it is when not measured)."""
+        return sent - (self.offset_of(kind, peer_id) or 0.0)
+
     def monitor_offset_network(self, cp_id: str) -> float | None:
         own = self.offset_of("monitor", cp_id)
         return None if own is None else own + self.central_offset
 
-    async def _check(self, peer: PeerClock) -> None:
+    def _check(self, peer: PeerClock) -> None:
         own = peer.estimate.offset
         if own is None:
             return
@@ -177,7 +211,11 @@ class Clocks:
             peer.warned = off
             if off and self._warn is not None:
                 text = f"the clock of {peer.kind} {peer.id} is {describe(offset)} the network's"
-                await self._warn(peer.kind, peer.id, text)
+                task = asyncio.get_running_loop().create_task(
+                    self._warn(peer.kind, peer.id, text), name="clock-warning"
+                )
+                self._warnings.add(task)
+                task.add_done_callback(self._warnings.discard)
 
     # --- for the panel and /metrics -----------------------------------------------------------
 
@@ -200,6 +238,10 @@ class Clocks:
             ],
             "hops": self.hops.as_api(),
         }
+
+
+async def _no_probe() -> float | None:
+    return None
 
 
 def _quantile(values: list[float], q: float) -> float | None:

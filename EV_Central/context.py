@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from EV_Central.clocks import Clocks
 from EV_Central.feed import Feed
 from EV_Central.metrics import CentralStats
 from EV_Central.registry import Registry
@@ -18,6 +19,7 @@ class Context:
     bus: KafkaBus  # what is posted without waiting (live figures, answers)
     feed: Feed  # changes, for whoever shows them
     stats: CentralStats  # counters and timings for /metrics
+    clocks: Clocks = field(default_factory=Clocks)  # peers' clock offsets, hop times
 
 
 class Part:
@@ -29,3 +31,4 @@ class Part:
         self._bus = context.bus
         self._feed = context.feed
         self._stats = context.stats
+        self._clocks = context.clocks

@@ -75,8 +75,9 @@ class Drivers(Part):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    async def handle(self, request: Message) -> None:
-        """One driver request other than a supply request."""
+    async def handle(self, request: Message, at: float | None = None) -> None:
+        """One driver request other than a supply request; `at`: when the broker took it, on
+        Central's clock (the age of a login is judged from it, not the driver's clock)."""
         match request:
             case StopRequest():
                 await self._stop_supply(request)
@@ -86,7 +87,8 @@ class Drivers(Part):
                 async with self._store.transaction() as tx:
                     await tx.ack_ticket(request.session_id, request.driver_id)
             case LoginRequest():
-                task = asyncio.create_task(self._login_task(request), name="driver-login")
+                arrived = time.time() if at is None else at
+                task = asyncio.create_task(self._login_task(request, arrived), name="driver-login")
                 self._logins.add(task)
                 task.add_done_callback(self._logins.discard)
             case IdentityQuery():
@@ -158,10 +160,10 @@ class Drivers(Part):
 
     # --- logins --------------------------------------------------------------------------------
 
-    async def _login_task(self, request: LoginRequest) -> None:
+    async def _login_task(self, request: LoginRequest, at: float) -> None:
         async with self._login_slots:
             try:
-                await self._login(request)
+                await self._login(request, at)
             except SealError as exc:
                 self._stats.counters["rejected"] += 1
                 log.warning("rejected a login of %s: %s", request.driver_id, exc)
@@ -170,7 +172,7 @@ class Drivers(Part):
                 self._stats.counters["handler_errors"] += 1
                 log.exception("login of %s failed", request.driver_id)
 
-    async def _login(self, request: LoginRequest) -> None:
+    async def _login(self, request: LoginRequest, at: float) -> None:
         """A driver logs in: open its password, check it, and hand back a key of its own."""
         driver_id = request.driver_id
 
@@ -178,8 +180,10 @@ class Drivers(Part):
             await self._answer(LoginResult(driver_id=driver_id, request_id=request.id, **fields))
 
         assert self._keys.identity is not None
-        if time.time() - request.ts > self._request_ttl:
-            await answer(ok=False, reason="login request too old")
+        waited = time.time() - at
+        if waited > self._request_ttl:
+            reason = f"login request too old: it waited {waited:.0f} s for Central (Kafka's clock)"
+            await answer(ok=False, reason=reason)
             return
         try:
             password, reply_key = login_unwrap(

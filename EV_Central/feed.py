@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from EV_Central.clocks import Hops
 from EV_Central.registry import ChargingPoint, Registry
 from shared.bus import KafkaBus, Topics
 
@@ -54,6 +55,9 @@ class Feed:
         self._session_subscribers: list[Callable[[], None]] = []
         self._dirty: set[str] = set()
         self._dirty_wake = asyncio.Event()
+        self._dirty_since = 0.0  # when the oldest unpublished change was made (monotonic)
+        # Where the time from a change to its publication is counted (EV_Central/clocks.py).
+        self.hops: Hops | None = None
 
     # --- subscribing -------------------------------------------------------------------------
 
@@ -84,6 +88,8 @@ class Feed:
 
     def changed(self, cp: ChargingPoint) -> None:
         """Mark a CP as changed: its state is published and pushed shortly, coalesced."""
+        if not self._dirty:
+            self._dirty_since = time.monotonic()
         self._dirty.add(cp.id)
         self._dirty_wake.set()
 
@@ -103,3 +109,5 @@ class Feed:
                 subscriber(cps)
             for cp in cps:
                 await self._bus.post(Topics.CP_STATE, cp.id, cp.state_message())
+            if self.hops is not None and cps:
+                self.hops.add("Central → dashboards", time.monotonic() - self._dirty_since)

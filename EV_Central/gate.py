@@ -40,8 +40,9 @@ class SealedGate:
 
     # --- coming in ---------------------------------------------------------------------------
 
-    def open_driver_request(self, value: bytes, key: str) -> Any:
-        """A driver's request under record key `key`, opened and checked."""
+    def open_driver_request(self, value: bytes, key: str, at: float | None = None) -> Any:
+        """A driver's request under record key `key`, opened and checked; `at` is when the
+        broker appended it, on Central's clock (now when not known)."""
         if not is_sealed(value):
             request = decode(DRIVER_REQUESTS, value)
             if not isinstance(request, LoginRequest | IdentityQuery):
@@ -49,22 +50,22 @@ class SealedGate:
             if request.driver_id != key:
                 raise MessageError(f"key {key!r} does not match driver {request.driver_id!r}")
             return request
-        request, envelope = self._open_sealed(value, key, "driver", "driver-request")
+        request, envelope = self._open_sealed(value, key, "driver", "driver-request", at)
         if isinstance(request, LoginRequest | IdentityQuery):
             raise SealError(f"a {request.type} is not sent sealed")
         self._keys.accepted(envelope)
         return request
 
-    def open_cp_event(self, value: bytes, key: str) -> Any:
-        """An engine's event under record key `key`, opened and checked."""
+    def open_cp_event(self, value: bytes, key: str, at: float | None = None) -> Any:
+        """An engine's event under record key `key`, opened and checked (`at`: as above)."""
         if not is_sealed(value):
             raise SealError("CP events must be sealed with the CP's key")
-        event, envelope = self._open_sealed(value, key, "cp", "cp-event")
+        event, envelope = self._open_sealed(value, key, "cp", "cp-event", at)
         self._keys.accepted(envelope)
         return event
 
     def _open_sealed(
-        self, value: bytes, key: str, kind: str, channel: Channel
+        self, value: bytes, key: str, kind: str, channel: Channel, at: float | None
     ) -> tuple[Any, Sealed]:
         """The message in an envelope under record key `key`, authenticated (not yet accepted:
         the caller accepts it once its own checks pass)."""
@@ -75,7 +76,8 @@ class SealedGate:
         message: Any = (
             decode(DRIVER_REQUESTS, plaintext) if kind == "driver" else decode(CP_EVENTS, plaintext)
         )
-        _check_opened(envelope.id, envelope.principal, message, channel_key)
+        now = time.time()
+        _check_opened(envelope.id, envelope.principal, message, channel_key, at or now, now)
         return message, envelope
 
     async def rejected(self, topic: str, principal: str, why: str) -> None:
@@ -103,13 +105,16 @@ class SealedGate:
         return [value]
 
 
-def _check_opened(envelope_id: str, principal: str, message: Any, key: ChannelKey) -> None:
-    """The sealed message must be the one the envelope names, from the key's owner."""
+def _check_opened(
+    envelope_id: str, principal: str, message: Any, key: ChannelKey, at: float, now: float
+) -> None:
+    """The sealed message must be the one the envelope names, from the key's owner, and its
+    key still good when the broker took it (`at`: the sender's clock is not trusted)."""
     if message.id != envelope_id:
         raise SealError("the sealed message id differs from the envelope's")
     owner = getattr(message, "driver_id", None) if key.kind == "driver" else message.cp_id
     if owner != principal:
         raise SealError(f"a message of {owner!r} sealed with {principal!r}'s key")
-    refusal = key.refusal(message.ts, time.time())
+    refusal = key.refusal(at, now)
     if refusal is not None:
         raise SealError(refusal)

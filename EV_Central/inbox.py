@@ -17,17 +17,20 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from aiokafka.errors import KafkaError
 
 from EV_Central.authorisation import SupplyAsk
+from EV_Central.clocks import Clocks
 from EV_Central.context import Context
 from EV_Central.drivers import Drivers
 from EV_Central.gate import SealedGate
 from EV_Central.outbox import OutboxRelay
 from EV_Central.supplies import Supplies
 from shared.bus import Records, Topics, consume
+from shared.clock import broker_time
 from shared.errors import MessageError
 from shared.messages import (
     CPAuthorisation,
@@ -67,6 +70,7 @@ class Inbox:
         self._supplies = supplies
         self._drivers = drivers
         self._outbox = outbox
+        self._clocks = context.clocks
         self._committed_at = 0.0  # when offsets were last committed (monotonic)
         self._uncommitted = False  # records were handled since
 
@@ -138,11 +142,12 @@ class Inbox:
         key = record.key.decode("utf-8", "replace") if record.key else ""
         started = time.perf_counter()
         counters = self._stats.counters
+        arrival = Arrival.of(record, self._clocks)
         try:
             if topic == Topics.DRIVER_REQUESTS:
-                kind = await self._driver_request(record.value or b"", key)
+                kind = await self._driver_request(record.value or b"", key, arrival)
             else:
-                kind = await self._cp_event(record.value or b"", key)
+                kind = await self._cp_event(record.value or b"", key, arrival)
             self._stats.handler_seconds[kind].observe(time.perf_counter() - started)
         except SealError as exc:
             counters["rejected"] += 1
@@ -161,36 +166,63 @@ class Inbox:
             log.exception("handler failed for %s offset %d", topic, record.offset)
         await self._outbox.hand_over_new()  # the reply leaves now, not on the relay's next turn
 
-    async def _driver_request(self, value: bytes, key: str) -> str:
-        request = self._gate.open_driver_request(value, key)
+    async def _driver_request(self, value: bytes, key: str, arrival: Arrival) -> str:
+        request = self._gate.open_driver_request(value, key, arrival.at)
         self._stats.counters[request.type] += 1
+        self._clocks.from_kafka("driver", request.driver_id, request.ts, arrival.stamped)
         # Telemetry staged so far is written before anything else is handled.
         await self._supplies.flush_telemetry()
         if isinstance(request, SupplyRequest):
-            self._stats.stage_seconds["arrival"].observe(max(0.0, time.time() - request.ts))
+            waited = arrival.now - self._clocks.sent_at("driver", request.driver_id, request.ts)
+            self._stats.stage_seconds["arrival"].observe(max(0.0, waited))
+            self._clocks.hops.add("driver → Central", waited)
             await self._supplies.request(
-                SupplyAsk(request.id, request.ts, request.driver_id, request.cp_id, request.origin)
+                SupplyAsk(request.id, arrival.at, request.driver_id, request.cp_id, request.origin)
             )
         else:
-            await self._drivers.handle(request)
+            await self._drivers.handle(request, arrival.at)
         return str(request.type)
 
-    async def _cp_event(self, value: bytes, key: str) -> str:
-        event = self._gate.open_cp_event(value, key)
+    async def _cp_event(self, value: bytes, key: str, arrival: Arrival) -> str:
+        event = self._gate.open_cp_event(value, key, arrival.at)
         self._stats.counters[event.type] += 1
+        self._clocks.from_kafka("engine", event.cp_id, event.ts, arrival.stamped)
+        sent_at = self._clocks.sent_at("engine", event.cp_id, event.ts)
         if isinstance(event, CPTelemetry):
+            self._clocks.hops.add("engine → Central", arrival.now - sent_at)
             self._supplies.stage_telemetry(event)
             return str(event.type)
         # Keep the order of one CP's events: its earlier telemetry is written first.
         await self._supplies.flush_telemetry()
         match event:
             case CPRequest():
-                ask = SupplyAsk(event.id, event.ts, event.driver_id, event.cp_id, "cp")
+                ask = SupplyAsk(event.id, arrival.at, event.driver_id, event.cp_id, "cp")
                 await self._supplies.request(ask)
             case CPAuthorisation():
-                await self._supplies.answered(event)
+                await self._supplies.answered(event, sent_at)
             case CPPlugged():
-                await self._supplies.plugged(event)
+                await self._supplies.plugged(event, arrival.at)
             case CPSupplyEnded():
-                await self._supplies.engine_ended(event)
+                started = event.started_at
+                if started is not None:
+                    started = self._clocks.sent_at("engine", event.cp_id, started)
+                await self._supplies.engine_ended(event, started)
         return str(event.type)
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """When a record reached Central, on Central's clock: `at`, when the broker appended it
+    (its stamp, converted with Central's measured offset; never later than `now`); `now`, when
+    Central read it; `stamped`, the broker's stamp itself (the network's clock)."""
+
+    at: float
+    now: float
+    stamped: float | None
+
+    @classmethod
+    def of(cls, record: ConsumerRecord[bytes, bytes], clocks: Clocks) -> Arrival:
+        now = time.time()
+        stamped = broker_time(record)
+        at = now if stamped is None else min(now, clocks.central_time(stamped))
+        return cls(at, now, stamped)

@@ -32,8 +32,9 @@ from shared.sealing import (
 
 log = logging.getLogger(__name__)
 
-# A rotated key still opens what was sealed before its rotation (plus this clock skew).
-ROTATION_SKEW_S = 5.0
+# A rotated key still opens what reached the broker up to this long after its rotation: what
+# the engine sealed just before, and its producer was still sending (a retry takes up to 10 s).
+ROTATION_GRACE_S = 30.0
 # A driver may be logged in from this many places at once; the oldest login ends first.
 MAX_DRIVER_KEYS = 5
 # Retired CP keys older than this are not loaded at start-up any more.
@@ -53,12 +54,13 @@ class ChannelKey:
     sealer: Sealer | None = field(default=None, repr=False)
 
     def refusal(self, sent_at: float, now: float) -> str | None:
-        """Why a message sealed with this key at `sent_at` is refused now, or None."""
+        """Why a message with this key that reached the broker at `sent_at` (Central's clock)
+        is refused now, or None."""
         if self.revoked_at is not None:
             return "key revoked"
         if self.expires_at is not None and now > self.expires_at:
             return "key expired"
-        if self.retired_at is not None and sent_at > self.retired_at + ROTATION_SKEW_S:
+        if self.retired_at is not None and sent_at > self.retired_at + ROTATION_GRACE_S:
             return "key replaced by a newer one"
         return None
 

@@ -164,6 +164,7 @@ def render(
     stage_seconds: Mapping[str, Histogram] | None = None,
     gc_pauses: Mapping[str, Histogram] | None = None,
     role: str = "single",
+    clocks: Mapping[str, Any] | None = None,
 ) -> str:
     """The whole /metrics page."""
     out = Exposition()
@@ -216,4 +217,32 @@ def render(
         )
         for generation, hist in sorted(gc_pauses.items()):
             out.histogram("ev_central_gc_pause_seconds", hist, {"generation": generation})
+    if clocks is not None:
+        _clock_metrics(out, clocks)
     return out.text()
+
+
+def _clock_metrics(out: Exposition, clocks: Mapping[str, Any]) -> None:
+    """Clock offsets (EV_Central/clocks.py) and the hops' times over the last minute."""
+    out.family(
+        "ev_clock_offset_seconds",
+        "gauge",
+        "A clock minus the network's (the brokers'), by kind and id; Central's is kind central.",
+    )
+    central = clocks["central"]["offset_s"]
+    if central is not None:
+        out.sample("ev_clock_offset_seconds", central, {"kind": "central", "id": "central"})
+    for peer in clocks["peers"]:
+        if peer["offset_s"] is not None:
+            labels = {"kind": peer["kind"], "id": peer["id"]}
+            out.sample("ev_clock_offset_seconds", peer["offset_s"], labels)
+    out.family(
+        "ev_hop_seconds",
+        "gauge",
+        "How long each hop took over the last minute (quantile 0.5 and 0.95).",
+    )
+    for hop in clocks["hops"]:
+        for quantile, key in (("0.5", "p50_ms"), ("0.95", "p95_ms")):
+            if hop[key] is not None:
+                labels = {"hop": hop["hop"], "quantile": quantile}
+                out.sample("ev_hop_seconds", hop[key] / 1000, labels)

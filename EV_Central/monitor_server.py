@@ -14,6 +14,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 
+from EV_Central.clocks import Clocks
 from EV_Central.cp_links import CPLinks
 from EV_Central.feed import Feed
 from EV_Central.registry import ChargingPoint
@@ -23,6 +24,7 @@ from shared.framing import DEFAULT_MAX_FRAME
 from shared.messages import (
     MONITOR_TO_CENTRAL,
     AuthResult,
+    ClockProbe,
     CPState,
     CPStatusNotice,
     FaultReport,
@@ -38,6 +40,10 @@ from shared.web import bound_port
 log = logging.getLogger(__name__)
 
 AUTH_TIMEOUT = 5.0
+# Central's clock goes to each monitor this often (and at once after authentication): the
+# monitor answers it in its next heartbeat, and Central measures the monitor's clock from the
+# round trip (EV_Central/clocks.py).
+CLOCK_PROBE_INTERVAL = 10.0
 
 
 class MonitorLink:
@@ -67,8 +73,10 @@ class MonitorServer:
         ssl_context: ssl.SSLContext | None = None,
         *,
         durable: Callable[[], Awaitable[bool]] | None = None,
+        clocks: Clocks | None = None,
     ) -> None:
         self.links = links
+        self.clocks = clocks if clocks is not None else Clocks()
         # High-availability mode: a new key is sent only once Kafka has it (a standby too).
         self._durable = durable
         self.feed = feed
@@ -183,10 +191,13 @@ class MonitorServer:
         await self.links.connected(cp, link)  # a previous link of the CP's is closed
         link.offer(cp.state)
         links = self.links
+        clocks = self.clocks
 
         def heartbeat_fast(message: MonitorToCentral) -> bool:
             # No task switch, no queue: a heartbeat only moves the CP's last-seen time.
             if type(message) is Heartbeat and message.cp_id == cp.id:
+                if message.probe_ts is not None or message.engine_offset_s is not None:
+                    _measure_clocks(clocks, message)
                 return links.heartbeat_fast(cp, message.engine_ok, link, message.speed)
             return False
 
@@ -207,6 +218,7 @@ class MonitorServer:
                 continue
             match message:
                 case Heartbeat():
+                    _measure_clocks(self.clocks, message)
                     await self.links.heartbeat(cp, message.engine_ok, link, message.speed)
                 case FaultReport():
                     cp.last_heartbeat = time.time()
@@ -217,9 +229,33 @@ class MonitorServer:
                     pass  # already authenticated
 
     async def _send_notices(self, link: MonitorLink) -> None:
+        """State notices as they come, and Central's clock every CLOCK_PROBE_INTERVAL s."""
+        cp_id = link.cp.id
+        loop = asyncio.get_running_loop()
+        probe_at = loop.time()
         while True:
-            state = await link.notices.get()
+            if loop.time() >= probe_at:
+                offset = self.clocks.monitor_offset_network(cp_id)
+                await link.conn.send(ClockProbe(cp_id=cp_id, your_offset_s=offset))
+                probe_at = loop.time() + CLOCK_PROBE_INTERVAL
+            try:
+                state = await asyncio.wait_for(link.notices.get(), probe_at - loop.time())
+            except TimeoutError:
+                continue
             if state == link.last_sent:
                 continue
-            await link.conn.send(CPStatusNotice(cp_id=link.cp.id, state=state))
+            await link.conn.send(CPStatusNotice(cp_id=cp_id, state=state))
             link.last_sent = state
+
+
+def _measure_clocks(clocks: Clocks, heartbeat: Heartbeat) -> None:
+    """The clock measurements a heartbeat carries: the round trip of Central's last probe,
+    and the monitor's of its engine."""
+    if heartbeat.probe_ts is not None and heartbeat.probe_rx is not None:
+        t4 = time.time()
+        clocks.from_monitor(
+            heartbeat.cp_id, heartbeat.probe_ts, heartbeat.probe_rx, heartbeat.ts, t4
+        )
+    if heartbeat.engine_offset_s is not None:
+        trip = heartbeat.engine_trip_s or 0.0
+        clocks.engine_via_monitor(heartbeat.cp_id, heartbeat.engine_offset_s, trip)

@@ -88,23 +88,30 @@ class Supplies(Part):
 
     # --- the engine's events -----------------------------------------------------------------
 
-    async def answered(self, event: CPAuthorisation) -> None:
-        """The engine accepted or refused an authorisation Central asked it for."""
+    async def answered(self, event: CPAuthorisation, answered_at: float | None = None) -> None:
+        """The engine accepted or refused an authorisation Central asked it for (at
+        `answered_at`, its clock's time converted to Central's, when known)."""
 
         async def decide(tx: StoreTx, session: Session | None) -> Effects:
             if session is None:
                 return Effects()
+            deadline = session.answer_deadline
+            if answered_at is not None and deadline and session.status == SessionStatus.ASKED:
+                asked = deadline - self._timers.cp_answer_timeout
+                self._clocks.hops.add("Central → engine", answered_at - asked)
             return session.engine_answered(event.cp_id, event.accepted, event.reason, time.time())
 
         await self._engine_event(event, decide)
 
-    async def plugged(self, event: CPPlugged) -> None:
-        """A vehicle was plugged in: the supply starts (or a stray plug is stopped)."""
+    async def plugged(self, event: CPPlugged, at: float | None = None) -> None:
+        """A vehicle was plugged in (at `at`, Central's clock): the supply starts (or a stray
+        plug is stopped)."""
 
         async def decide(tx: StoreTx, session: Session | None) -> Effects:
             if session is None:
                 return stray_plug(event.cp_id, event.session_id)
-            return session.plugged(event.cp_id, event.ts, time.time())
+            now = time.time()
+            return session.plugged(event.cp_id, now if at is None else at, now)
 
         await self._engine_event(event, decide)
 
@@ -141,13 +148,14 @@ class Supplies(Part):
             ):
                 await self.end(cp, EndReason.BALANCE_EXHAUSTED)
 
-    async def engine_ended(self, event: CPSupplyEnded) -> None:
-        """The engine's final figures: the session is settled, or its ticket corrected."""
+    async def engine_ended(self, event: CPSupplyEnded, started_at: float | None = None) -> None:
+        """The engine's final figures: the session is settled, or its ticket corrected.
+        `started_at` is when the engine says the supply started, on Central's clock."""
 
         async def decide(tx: StoreTx, session: Session | None) -> Effects:
             if session is None:
                 return Effects()
-            report = EngineReport(event.cp_id, event.kwh, event.reason, event.started_at)
+            report = EngineReport(event.cp_id, event.kwh, event.reason, started_at)
             balance = await tx.balance(session.driver_id)
             return session.engine_ended(report, balance, time.time())
 

@@ -280,6 +280,7 @@ class AdminWeb(WebApp, Part):
             "monitors_connected": monitors,
             "cps_registered": len(self._registry.cps),
             "websocket_clients": self.shell.client_count,
+            "clocks": self._clocks.as_api(),
             **view,
         }
 
@@ -304,6 +305,7 @@ class AdminWeb(WebApp, Part):
             stage_seconds=dict(stats.stage_seconds),
             gc_pauses=stats.gc_pauses.by_generation,
             role=stats.role,
+            clocks=self._clocks.as_api(),
         )
         return response(200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
 

@@ -29,6 +29,7 @@ from EV_Driver.output import Output
 from EV_Driver.session import DriverSession, LoginRefused, finish_login, start_login
 from shared.backoff import Backoff
 from shared.bus import BusError, KafkaBus, Topics, consume_each
+from shared.clock import NetworkClock
 from shared.errors import EVError, MessageError
 from shared.lifecycle import Shutdown, first_error
 from shared.messages import (
@@ -129,6 +130,9 @@ class DriverApp:
         self._tasks.append(
             self._group.create_task(self._read_updates(consumer), name="driver-updates")
         )
+        # This PC's clock against the network's: one line when it is off, and how to fix it.
+        clock = NetworkClock(self.bus.probe_clock, who="driver app", warn=self._clock_warning)
+        self._tasks.append(self._group.create_task(clock.run(), name="driver-clock"))
         try:
             await self._login()
         except LoginFailed as exc:
@@ -143,6 +147,9 @@ class DriverApp:
             )
             return
         await self._work()
+
+    def _clock_warning(self, text: str) -> None:
+        self.output.emit(Notice(self.settings.driver_id, text, "warning"))
 
     # --- login ---------------------------------------------------------------------------------
 

@@ -39,6 +39,7 @@ from EV_Driver.dashboard_room import DriverRoom
 from EV_Driver.flow import update_driver_id
 from shared.backoff import Backoff
 from shared.bus import KafkaBus, Topics, decode_record
+from shared.clock import NetworkClock
 from shared.errors import ConfigError, MessageError
 from shared.lifecycle import Shutdown, run_service
 from shared.logs import setup_logging
@@ -144,6 +145,8 @@ class DriverDashboard(WebApp):
         async with asyncio.TaskGroup() as group:
             group.create_task(self._read(updates, self._on_update, "driver updates"))
             group.create_task(self._read(states, self._on_cp_state, "CP states"))
+            # Its clock against the network's: a warning in the log when it is off.
+            group.create_task(NetworkClock(self.bus.probe_clock, who="driver dashboard").run())
 
     async def _read(
         self,

@@ -145,6 +145,8 @@ def human_lines(event: Event, symbols: Symbols) -> list[str]:
             f"{session.kwh:.4f} kWh  {session.amount_eur:.2f} {s.euro}"
         ]
     if isinstance(event, Notice):
+        if event.level == "warning":
+            return [f"warning: {event.text}"]
         prefix = f"{s.fail} " if event.level == "error" else ""
         return [f"{prefix}notice: {event.text}"]
     assert isinstance(event, Failure)

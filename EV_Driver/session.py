@@ -170,6 +170,8 @@ def finish_login(pending: PendingLogin, result: LoginResult) -> DriverSession:
         driver_id=pending.request.driver_id,
         key_id=result.key_id,
         key=key,
-        expires_at=result.expires_at,
+        # On this PC's clock: what Central gave, counted from when it answered (the two
+        # clocks may disagree; a duration on one clock does not).
+        expires_at=time.time() + (result.expires_at - result.ts),
         balance_eur=float(balance) if balance is not None else None,
     )

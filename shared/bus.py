@@ -81,9 +81,7 @@ TOPICS: tuple[TopicSpec, ...] = (
         },
     ),
     TopicSpec(Topics.CP_HEALTH, config={**STAMPED, "retention.ms": str(24 * 3600 * 1000)}),
-    TopicSpec(
-        Topics.CLOCK, partitions=1, config={**STAMPED, "retention.ms": str(3600 * 1000)}
-    ),
+    TopicSpec(Topics.CLOCK, partitions=1, config={**STAMPED, "retention.ms": str(3600 * 1000)}),
 )
 
 
@@ -108,7 +106,7 @@ async def _stamp_existing(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) ->
     wanted = [s for s in specs if "message.timestamp.type" in s.config]
     if not wanted:
         return
-    names = ["message.timestamp.type"]
+    names = {"message.timestamp.type": None}
     described = await admin.describe_configs(
         [ConfigResource(ConfigResourceType.TOPIC, s.name, names) for s in wanted]
     )

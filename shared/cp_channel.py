@@ -8,9 +8,6 @@ the engine (EV_CP_E) and the fleet simulator's engines (tools/fleet) move the by
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-
 from shared.messages import CP_COMMANDS, CPCommand, Message, decode, encode
 from shared.sealing import ReplayGuard, Sealer, SealError, is_sealed, open_sealed, parse, unb64
 
@@ -27,7 +24,7 @@ class CPChannel:
     """One CP's key ring, its event sealer and its guard against replayed commands.
 
     `old_keys` keys are kept besides the newest, to open commands Central sealed just before a
-    rotation. With `max_age`, a command older than that many seconds (by its own `ts`) is refused.
+    rotation. How old a command is, is for the caller to judge (by the broker's stamp).
     """
 
     def __init__(
@@ -35,14 +32,10 @@ class CPChannel:
         cp_id: str,
         *,
         old_keys: int = 2,
-        max_age: float | None = None,
         max_streams: int = 64,
-        clock: Callable[[], float] = time.time,
     ) -> None:
         self.cp_id = cp_id
         self.old_keys = old_keys
-        self.max_age = max_age
-        self.clock = clock
         self._keys: dict[str, bytes] = {}
         self._sealer: Sealer | None = None
         self._replay = ReplayGuard(max_streams=max_streams)
@@ -100,7 +93,5 @@ class CPChannel:
         command = decode(CP_COMMANDS, open_sealed(envelope, key))
         if command.id != envelope.id or command.cp_id != self.cp_id:
             raise SealError("the sealed command does not match its envelope")
-        if self.max_age is not None and self.clock() - command.ts > self.max_age:
-            raise SealError(f"command older than {self.max_age:g} s")
         self._replay.accept(envelope)
         return command

@@ -29,6 +29,8 @@ Text = Annotated[str, Field(max_length=500)]
 # engine with --speed 60 supplies a minute's energy every second; the screens say so.
 MAX_SPEED = 3600.0
 TimeScale = Annotated[float, Field(gt=0, le=MAX_SPEED)]
+# A time or an offset in seconds: finite, and no further from 0 than ~300 years.
+Seconds = Annotated[float, Field(allow_inf_nan=False, ge=-1e10, le=1e10)]
 
 
 def new_id() -> str:
@@ -122,6 +124,13 @@ class Heartbeat(Message):
     engine_ok: bool
     seq: Annotated[int, Field(ge=0)] = 0
     speed: TimeScale = 1.0  # the engine's time scale, as its last health report said
+    # Clocks (docs/operations.md): the last ClockProbe this heartbeat answers (its `ts`, and
+    # when the monitor got it, on the monitor's clock), and the monitor's measurement of its
+    # engine's clock (engine minus monitor) with the round trip it took.
+    probe_ts: Seconds | None = None
+    probe_rx: Seconds | None = None
+    engine_offset_s: Seconds | None = None
+    engine_trip_s: Seconds | None = None
 
 
 class FaultReport(Message):
@@ -135,6 +144,15 @@ class RecoveryReport(Message):
     cp_id: Identifier
 
 
+class ClockProbe(Message):
+    """Central's clock (`ts`), which the monitor answers in its next heartbeat, as NTP does;
+    with how far the monitor's clock is from the network's, as Central last measured it."""
+
+    type: Literal["clock"] = "clock"
+    cp_id: Identifier
+    your_offset_s: Seconds | None = None
+
+
 class CPStatusNotice(Message):
     """Central tells a monitor the state it shows for its CP (for the monitor's screen)."""
 
@@ -146,15 +164,24 @@ class CPStatusNotice(Message):
 MonitorToCentral = Annotated[
     MonitorAuth | Heartbeat | FaultReport | RecoveryReport, Field(discriminator="type")
 ]
-CentralToMonitor = Annotated[AuthResult | CPStatusNotice, Field(discriminator="type")]
+CentralToMonitor = Annotated[AuthResult | CPStatusNotice | ClockProbe, Field(discriminator="type")]
 
 
 # --- socket frames: monitor <-> engine ----------------------------------------------------
 
 
+class EngineChallenge(Message):
+    """The engine's first frame on a new connection: a fresh nonce that the monitor's proof
+    must cover, so that a hello recorded once is worth nothing later (no clock involved)."""
+
+    type: Literal["challenge"] = "challenge"
+    nonce: Annotated[str, Field(min_length=32, max_length=32, pattern=r"^[0-9a-f]+$")]
+
+
 class EngineHello(Message):
     """The monitor tells its engine which CP it is, proving it knows the CP's secret
-    (`proof`: see shared.sealing.hello_proof) when the engine was given the secret too."""
+    (`proof`: see shared.sealing.hello_proof, over the engine's challenge) when the engine was
+    given the secret too."""
 
     type: Literal["hello"] = "hello"
     cp_id: Identifier
@@ -189,7 +216,7 @@ class EngineKey(Message):
 
 
 MonitorToEngine = Annotated[EngineHello | HealthCheck | EngineKey, Field(discriminator="type")]
-EngineToMonitor = Annotated[HealthReport, Field(discriminator="type")]
+EngineToMonitor = Annotated[HealthReport | EngineChallenge, Field(discriminator="type")]
 
 
 # --- Kafka: driver requests (Driver -> Central), key = driver id --------------------------
@@ -553,6 +580,9 @@ class HealthSample(Message):
     interval_s: Annotated[float, Field(gt=0, le=3600)] | None = None
     # The engine's time scale, from its last health report.
     speed: TimeScale = 1.0
+    # The monitor's and the engine's clocks minus the network's (None until measured).
+    monitor_offset_s: Seconds | None = None
+    engine_offset_s: Seconds | None = None
 
 
 CPStateMessage = Annotated[CPStateUpdate, Field(discriminator="type")]

@@ -186,29 +186,31 @@ class ReplayGuard:
 
 
 # --- the monitor's hello to its engine: proof that it knows the CP's secret ---------------
+# The engine opens each connection with a fresh challenge (EngineChallenge) and the proof
+# covers it: a recorded hello is refused on any later connection, whatever the clocks say.
 
-# A hello older (or newer) than this is refused: a captured one cannot be used later.
-HELLO_MAX_SKEW_S = 60.0
+
+def new_challenge() -> str:
+    return secrets.token_hex(16)
 
 
-def hello_proof(secret: str, cp_id: str, message_id: str, sent_at: float) -> str:
-    """HMAC-SHA256 of the hello's CP id, id and time, keyed with (a hash of) the CP's secret."""
+def hello_proof(secret: str, cp_id: str, message_id: str, challenge: str) -> str:
+    """HMAC-SHA256 of the hello's CP id, id and the engine's challenge, keyed with (a hash of)
+    the CP's secret."""
     key = hashlib.sha256(b"ev-link|" + secret.encode()).digest()
-    data = f"ev-link|{cp_id}|{message_id}|{sent_at!r}".encode()
+    data = f"ev-link|{cp_id}|{message_id}|{challenge}".encode()
     return hmac.new(key, data, hashlib.sha256).hexdigest()
 
 
 def check_hello_proof(
-    secret: str, cp_id: str, message_id: str, sent_at: float, proof: str | None, now: float
+    secret: str, cp_id: str, message_id: str, challenge: str, proof: str | None
 ) -> str | None:
-    """Why a hello is refused (no or wrong proof, too old), or None when it is genuine."""
+    """Why a hello is refused (no proof, or not for this secret and challenge), or None."""
     if not proof:
         return "no proof of the CP's secret"
-    if abs(now - sent_at) > HELLO_MAX_SKEW_S:
-        return f"hello sent {now - sent_at:.0f} s away from now"
-    expected = hello_proof(secret, cp_id, message_id, sent_at)
+    expected = hello_proof(secret, cp_id, message_id, challenge)
     if not hmac.compare_digest(expected, proof):
-        return "wrong proof of the CP's secret"
+        return "wrong proof of the CP's secret (or of another connection's challenge)"
     return None
 
 

@@ -45,7 +45,7 @@ from shared.framing import (
     Oversized,
     encode_frame,
 )
-from shared.messages import ENGINE_TO_MONITOR, EngineHello, decode, encode
+from shared.messages import ENGINE_TO_MONITOR, EngineChallenge, EngineHello, decode, encode
 from shared.sealing import hello_proof
 
 PROPERTY = settings(
@@ -298,6 +298,7 @@ class Answer:
     stray: int = 0  # bytes from the server outside any frame
     closed: bool = False
     reset: bool = False  # closed with unread input: what was in flight may be lost
+    challenge: str | None = None  # an engine's first frame (not counted as a message)
 
 
 class RawPeer:
@@ -359,7 +360,11 @@ class RawPeer:
                 self.answer.nacks += 1
             elif isinstance(event, Frame):
                 try:
-                    self.answer.messages.append(decode(self.inbound, event.data))
+                    message = decode(self.inbound, event.data)
+                    if isinstance(message, EngineChallenge):
+                        self.answer.challenge = message.nonce
+                    else:
+                        self.answer.messages.append(message)
                 except MessageError as exc:
                     self.answer.invalid.append(str(exc))
                 with contextlib.suppress(OSError):
@@ -370,16 +375,19 @@ class RawPeer:
                 self.answer.stray += event.count
 
 
-def proven_hello(cp_id: str, secret: str | None = None) -> EngineHello:
-    """A hello as the CP's monitor sends it: with the proof that it knows the CP's secret."""
+def proven_hello(peer: RawPeer, cp_id: str, secret: str | None = None) -> EngineHello:
+    """A hello as the CP's monitor sends it on `peer`'s connection to an engine: with the
+    proof that it knows the CP's secret, over the engine's challenge (read first)."""
+    answer = peer.read(lambda a: a.challenge is not None)
+    assert answer.challenge is not None, answer
     hello = EngineHello(cp_id=cp_id)
-    proof = hello_proof(secret or f"demo-secret-{cp_id}", cp_id, hello.id, hello.ts)
+    proof = hello_proof(secret or f"demo-secret-{cp_id}", cp_id, hello.id, answer.challenge)
     return hello.model_copy(update={"proof": proof})
 
 
 def name_spare_engine(stack: Stack) -> None:
     """Tell the spare engine which CP it is, as its monitor would (its id is then fixed)."""
     with RawPeer(stack.spare_engine_port, ENGINE_TO_MONITOR) as peer:
-        peer.send(encode_frame(encode(proven_hello(SPARE_CP))))
+        peer.send(encode_frame(encode(proven_hello(peer, SPARE_CP))))
         answer = peer.read(lambda a: a.acks >= 1)
         assert answer.acks == 1, answer

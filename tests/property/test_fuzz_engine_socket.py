@@ -99,7 +99,7 @@ def assert_engine_unchanged(stack: Stack) -> None:
     assert engine.running, engine.output[-3000:]
     seq = next(CHECKS)
     with RawPeer(stack.spare_engine_port, m.ENGINE_TO_MONITOR) as peer:
-        peer.send(encode_frame(m.encode(proven_hello(SPARE_CP))))
+        peer.send(encode_frame(m.encode(proven_hello(peer, SPARE_CP))))
         peer.send(encode_frame(m.encode(m.HealthCheck(seq=seq, central_ok=False))))
         answer = peer.read(lambda a: bool(a.messages), timeout=5)
         assert answer.messages, answer
