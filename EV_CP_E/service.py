@@ -94,6 +94,7 @@ class EngineService:
         self._pending: deque[ConsumerRecord[bytes, bytes]] = deque(maxlen=PENDING_COMMANDS)
         # This PC's clock against the network's (the brokers'): how old a command is.
         self.clock = NetworkClock(self.bus.probe_clock, who="engine", warn=self._say)
+        self._central_offset: float | None = None  # Central's clock minus the network's
         if not settings.secret:
             log.warning(
                 "no CP secret given (--secret-file): any local connection may act as the monitor"
@@ -316,6 +317,11 @@ class EngineService:
             )
             return
         log.info("command %s from Central", command.type)
+        written = self._written_age(command)
+        if written is not None and (age is None or written > age):
+            # Older by when Central wrote it than by when Kafka took it: a command kept, or
+            # a copy sent again (whose stamp is new). Central's clock read with its offset.
+            age = written
         if age is not None and age > COMMAND_MAX_AGE:
             why = f"command {age:.0f} s old by the network's clock (at most {COMMAND_MAX_AGE:g} s)"
             log.warning("refused a stale %s: %s", command.type, why)
@@ -335,6 +341,13 @@ class EngineService:
             self._apply(self.machine.set_service(command))
         elif isinstance(command, CPRequestDenied):
             self._apply(self.machine.request_denied(command))
+
+    def _written_age(self, command: Message) -> float | None:
+        """How long ago Central wrote a command, by the network's clock, when both Central's
+        offset (from the monitor) and this PC's are known."""
+        if self._central_offset is None or self.clock.offset is None:
+            return None
+        return max(0.0, self.clock.now() - (command.ts - self._central_offset))
 
     def _channel_of(self, cp_id: str) -> CPChannel:
         """This CP's channel (the CP id, once known, never changes)."""
@@ -422,6 +435,8 @@ class EngineService:
                 if message.cp_id == self.machine.cp_id:
                     self._take_key(message)
                 continue
+            if message.central_offset_s is not None:
+                self._central_offset = message.central_offset_s
             self._apply(self.machine.health_check(message.central_ok))
             listening = self._commands_ready.is_set()
             await connection.send(

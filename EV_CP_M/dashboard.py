@@ -26,6 +26,7 @@ from websockets.http11 import Response
 from EV_CP_M.site import SILENCE_S, Site
 from shared.backoff import Backoff
 from shared.bus import KafkaBus, Records, Topics, consume, decode_record
+from shared.clock import NetworkClock
 from shared.errors import ConfigError, MessageError
 from shared.lifecycle import Shutdown, run_service
 from shared.logs import setup_logging
@@ -151,13 +152,17 @@ class SiteDashboard(WebApp):
         settings: DashboardSettings,
         shutdown: Shutdown,
         *,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
     ) -> None:
+        """`clock`: the time (tests drive it by hand); by default the network's, as this PC
+        measures it (shared/clock.py), on which the monitors' samples are placed."""
         self.settings = settings
         self.shutdown = shutdown
-        self.clock = clock
-        self.site = Site(clock=clock, silence=settings.monitor_timeout)
         self.bus = KafkaBus(settings.broker, "site-dashboard")
+        self.network = NetworkClock(self.bus.probe_clock, who="site dashboard")
+        self._measuring: asyncio.Task[None] | None = None
+        self.clock = clock or self.network.now
+        self.site = Site(clock=self.clock, silence=settings.monitor_timeout)
         self.ready = False  # the last hour of samples has been replayed
         self.consuming = False
         self.invalid_messages = 0
@@ -187,6 +192,11 @@ class SiteDashboard(WebApp):
     async def stop(self) -> None:
         """Close the server and the bus (idempotent)."""
         await self.web.stop()
+        if self._measuring is not None:
+            self._measuring.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._measuring
+            self._measuring = None
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(BUS_STOP_TIMEOUT):
                 await self.bus.stop()
@@ -199,6 +209,9 @@ class SiteDashboard(WebApp):
         while True:
             try:
                 await self.bus.start()
+                if self._measuring is None:
+                    await self.network.measure()  # before the last hour is placed in time
+                    self._measuring = asyncio.create_task(self.network.run(), name="clock")
                 consumer = await self.bus.tail_consumer(
                     [Topics.CP_STATE, Topics.CP_HEALTH], from_start=True
                 )

@@ -82,6 +82,7 @@ class LinkState:
     # and the last ClockProbe from Central not answered yet ((its ts, when it came), both ours).
     offset_s: float | None = None
     probe: tuple[float, float] | None = None
+    central_offset_s: float | None = None  # Central's clock minus the network's, as it says
 
 
 @dataclass(frozen=True)
@@ -225,7 +226,10 @@ class MonitorService:
             started = loop.time()
             sent_at = time.time()
             check = HealthCheck(
-                seq=seq, central_ok=self.state.central_up, cp_state=self.state.cp_state
+                seq=seq,
+                central_ok=self.state.central_up,
+                cp_state=self.state.cp_state,
+                central_offset_s=self.state.central_offset_s,
             )
             try:
                 async with asyncio.timeout(settings.check_timeout):
@@ -452,6 +456,8 @@ class MonitorService:
         """Read Central's frames while heartbeats and reports go out; return never, raise."""
         if result.key_id and result.key:
             self.state.key = (result.key_id, result.key)
+        if result.central_offset_s is not None:
+            self.state.central_offset_s = result.central_offset_s
         self.state.central_up = True
         self._central_changed.set()
         where = result.location or "unknown location"
@@ -480,6 +486,8 @@ class MonitorService:
         """Central's clock: answered in the next heartbeat; and how far off this clock is."""
         self.state.probe = (probe.ts, time.time())
         self.state.offset_s = probe.your_offset_s
+        if probe.central_offset_s is not None:
+            self.state.central_offset_s = probe.central_offset_s
         offset = probe.your_offset_s
         if offset is None:
             return

@@ -5,10 +5,14 @@ shows: per CP the latest check, whether its monitor is still heard, the faults (
 monitor lost) with their durations, and the availability over the last hour. Time comes from
 an injected clock, so tests drive it by hand.
 
-Time model: a sample counts at its own timestamp (monitors and the dashboard run on the same
-site, on one clock), clamped so that it is never in the future nor before the CP's previous
+Time model: a sample counts at its own timestamp, moved onto the network's clock when the
+sample carries its monitor's offset to it (a monitor whose clock is a minute behind would
+otherwise look silent), clamped so that it is never in the future nor before the CP's previous
 sample. A sample's verdict holds until the next sample, or until the monitor is declared lost
 after `silence` seconds without one; a lost monitor is lost from its last sample on.
+
+Each sample also says how far the monitor's and the engine's clocks are from the network's
+(the Kafka brokers', shared/clock.py); the view shows both and warns from `SKEW_WARNING_S` on.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from shared.clock import SKEW_WARNING_S
 from shared.messages import STATE_COLOURS, CPStateUpdate, HealthSample
 
 SILENCE_S = 3.0  # no sample for this long: the monitor is lost
@@ -96,6 +101,16 @@ class CPHealth:
             return "UNKNOWN"
         return "OK" if self.last.engine_ok else "KO"
 
+    @property
+    def monitor_offset(self) -> float | None:
+        """The monitor's clock minus the network's, from its latest sample."""
+        return None if self.last is None else self.last.monitor_offset_s
+
+    @property
+    def engine_offset(self) -> float | None:
+        """The engine's clock minus the network's, as its monitor measured it last."""
+        return None if self.last is None else self.last.engine_offset_s
+
 
 class Site:
     """The CPs of a site, their faults and availability, fed with messages in order."""
@@ -133,7 +148,8 @@ class Site:
         cp = self._cp(sample.cp_id)
         if cp.last is not None and sample.ts <= cp.last.ts:
             return  # a copy or an older sample (history read again): already counted
-        at = min(sample.ts, now)
+        # On the network's clock (a skewed monitor's stamps are off by its offset).
+        at = min(sample.ts - (sample.monitor_offset_s or 0.0), now)
         if cp.last_at is not None and at < cp.last_at:
             at = cp.last_at
         gap = None if cp.last_at is None else at - cp.last_at
@@ -297,6 +313,12 @@ class Site:
             "strip": self.availability_strip(cp_id) if cp.monitored else [],
             "fault": cp.fault.as_json(now) if cp.fault is not None else None,
             "faults_last_hour": len(recent),
+            "monitor_offset_s": _rounded(cp.monitor_offset),
+            "engine_offset_s": _rounded(cp.engine_offset),
+            "clock_warning": any(
+                offset is not None and abs(offset) >= SKEW_WARNING_S
+                for offset in (cp.monitor_offset, cp.engine_offset)
+            ),
         }
 
     @staticmethod
@@ -334,6 +356,7 @@ class Site:
             "now": round(now, 3),
             "silence_s": self.silence,
             "window_s": self.window,
+            "clock_warning_s": SKEW_WARNING_S,
             "summary": {
                 "monitored": len(monitored),
                 "engine_ok": sum(1 for cp in monitored if cp["engine"] == "OK"),
@@ -346,3 +369,7 @@ class Site:
             "timeline": self.timeline(),
             "states": {state.value: colour for state, colour in STATE_COLOURS.items()},
         }
+
+
+def _rounded(offset: float | None) -> float | None:
+    return None if offset is None else round(offset, 3)

@@ -14,7 +14,6 @@ engine -> Central, Central -> dashboards), measured with these offsets, for the 
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -29,8 +28,6 @@ from shared.clock import (
     describe,
     ntp_offset4,
 )
-
-log = logging.getLogger(__name__)
 
 # Peers not heard from for this long are left off the panel.
 FORGET_AFTER_S = 600.0
@@ -117,10 +114,7 @@ class Clocks:
         """Measure Central's own clock now and every `interval` s (each second until the
         first answer); a warning when it is off, once."""
         while True:
-            try:
-                await self.network.probe()
-            except Exception as exc:  # Kafka away: the last estimate stands
-                log.debug("clock probe failed: %s", exc)
+            await self.network.measure()
             offset = self.network.offset
             if offset is not None and self.network.warned != self._central_warned:
                 self._central_warned = self.network.warned
@@ -142,14 +136,16 @@ class Clocks:
 
     # --- peers ------------------------------------------------------------------------------
 
-    def _peer(self, kind: str, peer_id: str, via: str, *, one_way: bool = False) -> PeerClock:
+    def _peer(
+        self, kind: str, peer_id: str, via: str, *, one_way: bool = False, kept: int = 16
+    ) -> PeerClock:
         """The peer's record, new (or renewed, when measured another way from now on)."""
         key = (kind, peer_id)
         peer = self._peers.get(key)
         if peer is None or peer.via != via:
             if peer is None and len(self._peers) >= MAX_PEERS:
                 self._peers.pop(next(iter(self._peers)))
-            renewed = PeerClock(kind, peer_id, via, OffsetEstimate(kept=16, one_way=one_way))
+            renewed = PeerClock(kind, peer_id, via, OffsetEstimate(kept=kept, one_way=one_way))
             renewed.warned = peer.warned if peer is not None else False
             peer = self._peers[key] = renewed
         peer.seen = time.monotonic()
@@ -174,7 +170,8 @@ class Clocks:
         offset, trip = ntp_offset4(t1, t2, t3, t4)
         if trip > 10.0:
             return None  # an answer to a probe long gone: says nothing useful
-        peer = self._peer("monitor", cp_id, "round trips")
+        # A probe every 30 heartbeats: the last four are two minutes of them.
+        peer = self._peer("monitor", cp_id, "round trips", kept=4)
         peer.estimate.add(offset, trip)
         self._check(peer)
         return offset
@@ -187,6 +184,14 @@ class Clocks:
         peer = self._peer("engine", cp_id, "monitor")
         peer.estimate.add(monitor.estimate.offset + engine_vs_monitor, trip)
         self._check(peer)
+
+    def heard(self, cp_id: str) -> None:
+        """A CP's monitor (and so its engine) was heard from: the panel's "last heard"."""
+        now = time.monotonic()
+        for kind in ("monitor", "engine"):
+            peer = self._peers.get((kind, cp_id))
+            if peer is not None:
+                peer.seen = now
 
     def offset_of(self, kind: str, peer_id: str) -> float | None:
         """A peer's clock minus Central's, when measured."""

@@ -103,11 +103,11 @@ class Feed:
             await self._dirty_wake.wait()
             await asyncio.sleep(COALESCE_SECONDS)  # coalesce bursts into one push
             self._dirty_wake.clear()
-            ids, self._dirty = self._dirty, set()
+            ids, self._dirty, since = self._dirty, set(), self._dirty_since
             cps = [cp for cp_id in sorted(ids) if (cp := self._registry.get(cp_id))]
             for subscriber in self._cp_subscribers:
                 subscriber(cps)
             for cp in cps:
                 await self._bus.post(Topics.CP_STATE, cp.id, cp.state_message())
             if self.hops is not None and cps:
-                self.hops.add("Central → dashboards", time.monotonic() - self._dirty_since)
+                self.hops.add("Central → dashboards", time.monotonic() - since)

@@ -227,13 +227,15 @@ def _clock_metrics(out: Exposition, clocks: Mapping[str, Any]) -> None:
     out.family(
         "ev_clock_offset_seconds",
         "gauge",
-        "A clock minus the network's (the brokers'), by kind and id; Central's is kind central.",
+        "A clock minus the network's (the brokers'), by kind and id; Central's is kind central"
+        " (drivers' clocks are on the admin panel only).",
     )
     central = clocks["central"]["offset_s"]
     if central is not None:
         out.sample("ev_clock_offset_seconds", central, {"kind": "central", "id": "central"})
     for peer in clocks["peers"]:
-        if peer["offset_s"] is not None:
+        # Drivers are people: their ids stay off this public page (the panel shows them).
+        if peer["offset_s"] is not None and peer["kind"] != "driver":
             labels = {"kind": peer["kind"], "id": peer["id"]}
             out.sample("ev_clock_offset_seconds", peer["offset_s"], labels)
     out.family(

@@ -40,10 +40,12 @@ from shared.web import bound_port
 log = logging.getLogger(__name__)
 
 AUTH_TIMEOUT = 5.0
-# Central's clock goes to each monitor this often (and at once after authentication): the
-# monitor answers it in its next heartbeat, and Central measures the monitor's clock from the
-# round trip (EV_Central/clocks.py).
-CLOCK_PROBE_INTERVAL = 10.0
+# Central's clock goes to each monitor in answer to the first three heartbeats of a link (the
+# third carries the offset the first two measured) and to every CLOCK_PROBE_EVERY-th after:
+# the monitor answers it in its next heartbeat, and Central measures the monitor's clock from
+# the round trip (EV_Central/clocks.py). Only ever in answer to the monitor: a frame to a
+# monitor that has stalled would wait for its ACK and end the link.
+CLOCK_PROBE_EVERY = 30
 
 
 class MonitorLink:
@@ -52,12 +54,17 @@ class MonitorLink:
     def __init__(self, cp: ChargingPoint, conn: FramedConnection[MonitorToCentral]) -> None:
         self.cp = cp
         self.conn = conn
-        self.notices: asyncio.Queue[CPState] = asyncio.Queue(maxsize=8)
+        # State notices, and None for a clock probe.
+        self.notices: asyncio.Queue[CPState | None] = asyncio.Queue(maxsize=8)
         self.last_sent: CPState | None = None
 
     def offer(self, state: CPState) -> None:
         if state != self.last_sent and not self.notices.full():
             self.notices.put_nowait(state)
+
+    def offer_probe(self) -> None:
+        if not self.notices.full():
+            self.notices.put_nowait(None)
 
     async def close(self) -> None:
         await self.conn.close()
@@ -186,6 +193,7 @@ class MonitorServer:
                 max_kw=cp.max_kw,
                 key_id=key.key_id,
                 key=b64(key.key),
+                central_offset_s=self.clocks.network.offset,
             )
         )
         await self.links.connected(cp, link)  # a previous link of the CP's is closed
@@ -198,6 +206,10 @@ class MonitorServer:
             if type(message) is Heartbeat and message.cp_id == cp.id:
                 if message.probe_ts is not None or message.engine_offset_s is not None:
                     _measure_clocks(clocks, message)
+                else:
+                    clocks.heard(cp.id)
+                if message.seq < 3 or message.seq % CLOCK_PROBE_EVERY == 0:
+                    link.offer_probe()
                 return links.heartbeat_fast(cp, message.engine_ok, link, message.speed)
             return False
 
@@ -219,6 +231,8 @@ class MonitorServer:
             match message:
                 case Heartbeat():
                     _measure_clocks(self.clocks, message)
+                    if message.seq < 3 or message.seq % CLOCK_PROBE_EVERY == 0:
+                        link.offer_probe()
                     await self.links.heartbeat(cp, message.engine_ok, link, message.speed)
                 case FaultReport():
                     cp.last_heartbeat = time.time()
@@ -229,18 +243,16 @@ class MonitorServer:
                     pass  # already authenticated
 
     async def _send_notices(self, link: MonitorLink) -> None:
-        """State notices as they come, and Central's clock every CLOCK_PROBE_INTERVAL s."""
+        """State notices and clock probes, as they are offered."""
         cp_id = link.cp.id
-        loop = asyncio.get_running_loop()
-        probe_at = loop.time()
         while True:
-            if loop.time() >= probe_at:
+            state = await link.notices.get()
+            if state is None:
                 offset = self.clocks.monitor_offset_network(cp_id)
-                await link.conn.send(ClockProbe(cp_id=cp_id, your_offset_s=offset))
-                probe_at = loop.time() + CLOCK_PROBE_INTERVAL
-            try:
-                state = await asyncio.wait_for(link.notices.get(), probe_at - loop.time())
-            except TimeoutError:
+                central = self.clocks.network.offset
+                await link.conn.send(
+                    ClockProbe(cp_id=cp_id, your_offset_s=offset, central_offset_s=central)
+                )
                 continue
             if state == link.last_sent:
                 continue
@@ -259,3 +271,4 @@ def _measure_clocks(clocks: Clocks, heartbeat: Heartbeat) -> None:
     if heartbeat.engine_offset_s is not None:
         trip = heartbeat.engine_trip_s or 0.0
         clocks.engine_via_monitor(heartbeat.cp_id, heartbeat.engine_offset_s, trip)
+    clocks.heard(heartbeat.cp_id)

@@ -263,7 +263,8 @@ class AdminWeb(WebApp, Part):
         return json_response([e.as_api() for e in self._feed.events])
 
     async def _status(self, *, cluster: bool = False) -> dict[str, Any]:
-        """Health, and with `cluster` (the panel's pushes, --ha) the Kafka cluster's view."""
+        """Health, and with `cluster` (the panel's pushes and /api/status, for admins) the
+        clocks and (--ha) the Kafka cluster's view."""
         database = await self._store.ping()
         checked_at, broker = self._health_cache
         if time.monotonic() - checked_at > 1.0:
@@ -271,7 +272,11 @@ class AdminWeb(WebApp, Part):
             self._health_cache = (time.monotonic(), broker)
         ok = database and broker
         monitors = sum(1 for cp in self._registry.cps.values() if cp.connected)
-        view = {"cluster": await self._cluster()} if cluster and self._cluster else {}
+        view: dict[str, Any] = {}
+        if cluster:  # for admins only: the clocks name drivers
+            view["clocks"] = self._clocks.as_api()
+            if self._cluster:
+                view["cluster"] = await self._cluster()
         return {
             "status": "ok" if ok else "degraded",
             "role": self._stats.role,
@@ -280,7 +285,6 @@ class AdminWeb(WebApp, Part):
             "monitors_connected": monitors,
             "cps_registered": len(self._registry.cps),
             "websocket_clients": self.shell.client_count,
-            "clocks": self._clocks.as_api(),
             **view,
         }
 

@@ -28,8 +28,11 @@ SKEW_WARNING_S = 2.0
 # How often a process measures its offset, and how many measurements it keeps.
 PROBE_INTERVAL = 15.0
 PROBES_KEPT = 8
+FIRST_BURST = 4
 # Record timestamp types (Kafka's): the producer's clock, or the broker's at append time.
 LOG_APPEND_TIME = 1
+# Round-trip samples further apart than this (and than their trips allow) mean a clock was set.
+STEP_S = 0.5
 FIX = "set the clock right: `timedatectl set-ntp true` (Linux) or `w32tm /resync` (Windows)"
 
 
@@ -64,6 +67,12 @@ class OffsetEstimate:
         self._one_way = one_way
 
     def add(self, offset: float, spread: float = 0.0) -> None:
+        best = self.best()
+        if best is not None and not self._one_way:
+            # Two round-trip samples of one clock agree within half their trips: further apart,
+            # the clock was set (stepped) in between, and the older samples are history.
+            if abs(offset - best.offset) > max(STEP_S, (spread + best.spread) / 2):
+                self._samples.clear()
         self._samples.append(Sample(offset, spread, time.monotonic()))
 
     def best(self) -> Sample | None:
@@ -167,11 +176,19 @@ class NetworkClock:
                 self._warn(text)
         self.warned = off
 
-    async def run(self, interval: float = PROBE_INTERVAL) -> None:
-        """Probe now and every `interval` s; failures are retried at the next turn."""
-        while True:
+    async def measure(self) -> None:
+        """One measurement: a short burst of probes the first time (the very first send also
+        fetches the topic's metadata, a slow round trip), one probe after that. Failures are
+        logged, and the last estimate stands."""
+        for _ in range(FIRST_BURST if self.offset is None else 1):
             try:
                 await self.probe()
-            except Exception as exc:  # a broker that is away: the last estimate stands
+            except Exception as exc:  # a broker that is away
                 log.debug("clock probe failed: %s", exc)
+                return
+
+    async def run(self, interval: float = PROBE_INTERVAL) -> None:
+        """Measure now and every `interval` s (every second until the first answer)."""
+        while True:
+            await self.measure()
             await asyncio.sleep(interval if self.offset is not None else 1.0)

@@ -116,6 +116,8 @@ class AuthResult(Message):
     key: KeyText | None = None
     # A standby Central's refusal names the active one (HOST:PORT), when it knows it.
     active_central: Text | None = None
+    # Central's clock minus the network's, as Central measures it (docs/operations.md).
+    central_offset_s: Seconds | None = None
 
 
 class Heartbeat(Message):
@@ -151,6 +153,7 @@ class ClockProbe(Message):
     type: Literal["clock"] = "clock"
     cp_id: Identifier
     your_offset_s: Seconds | None = None
+    central_offset_s: Seconds | None = None  # Central's clock minus the network's
 
 
 class CPStatusNotice(Message):
@@ -193,6 +196,9 @@ class HealthCheck(Message):
     seq: Annotated[int, Field(ge=0)]
     central_ok: bool
     cp_state: CPState | None = None
+    # Central's clock minus the network's, as Central last told the monitor: the engine reads
+    # the `ts` Central writes in its commands with it (a replayed old command is refused).
+    central_offset_s: Seconds | None = None
 
 
 class HealthReport(Message):

@@ -52,6 +52,33 @@
       sub ? el("span", { class: "sub" }, sub) : null);
   }
 
+  // "+60.0 s", "−0.3 s" (a real minus sign), "–" when not measured.
+  function signedSeconds(v) {
+    if (typeof v !== "number" || !Number.isFinite(v)) return "–";
+    const tenths = Math.round(v * 10) / 10;
+    return `${tenths < 0 ? "−" : "+"}${Math.abs(tenths).toFixed(1)} s`;
+  }
+
+  // The monitor's and the engine's clocks against the network's (the Kafka brokers').
+  function clockLine(cp) {
+    const known = (v) => typeof v === "number" && Number.isFinite(v);
+    if (!known(cp.monitor_offset_s) && !known(cp.engine_offset_s)) return null;
+    const warn = Boolean(cp.clock_warning);
+    return el("div", {
+      class: `cp-clock${warn ? " warn" : ""}`,
+      dataset: { field: "clock", warning: String(warn) },
+      title: warn
+        ? "A clock is off: set it right with timedatectl set-ntp true (Linux) or w32tm /resync (Windows)"
+        : "Offsets to the network's clock (the Kafka brokers')",
+    },
+      el("span", { class: "label" }, "Clock"),
+      el("span", { class: "offsets" },
+        el("span", { dataset: { clock: "monitor" } }, `monitor ${signedSeconds(cp.monitor_offset_s)}`),
+        " · ",
+        el("span", { dataset: { clock: "engine" } }, `engine ${signedSeconds(cp.engine_offset_s)}`)),
+      warn ? el("span", { class: "clock-note", role: "img", "aria-label": "clock off" }, "⚠") : null);
+  }
+
   function statePill(state) {
     if (!state) return el("span", { class: "pill state-none" }, "unknown at Central");
     return el("span", { class: `pill state-${state}`, title: STATE_NAMES[state] || state }, state);
@@ -115,6 +142,7 @@
         metric("Central link", linkValue, cp.central_ok === false ? "monitor cannot reach Central" : "", `link ${linkCls}`),
         metric("Round trip", cp.rtt_ms === null || cp.monitor === "lost" ? "–" : `${Number(cp.rtt_ms).toFixed(1)} ms`, "health check", "rtt"),
         metric("Last check", clock(cp.last_check), ago(cp.silent_s), `last ${cp.monitor === "lost" ? "ko" : ""}`)),
+      clockLine(cp),
       monitorNote,
       fault,
       supply,
@@ -156,6 +184,7 @@
     document.querySelector(".kpi-bad").classList.toggle("alert", s.open_faults > 0);
     document.querySelector(".kpi-lost").classList.toggle("alert", s.monitor_lost > 0);
     $("silence").textContent = String(site.silence_s);
+    if (typeof site.clock_warning_s === "number") $("clock-threshold").textContent = String(site.clock_warning_s);
     const feed = $("feed");
     const st = site.status || {};
     feed.textContent = !st.consuming ? "Kafka unreachable: retrying" : st.ready ? "Kafka: live" : "Kafka: reading the last hour…";

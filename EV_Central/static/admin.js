@@ -30,7 +30,7 @@
     registered: "info", connected: "good", authorised: "good", started: "good",
     ticket: "good", recovered: "good", resumed: "good", login: "info", start: "info",
     denied: "bad", fault: "bad", disconnected: "bad", stopped: "warn", ending: "warn",
-    corrected: "warn",
+    corrected: "warn", clock: "warn",
   };
   const MAX_EVENTS = 200;
   const CHART_SPAN = 120; // seconds
@@ -311,6 +311,7 @@
     $("status-broker").title = status.broker ? "Kafka broker reachable" : "Kafka broker unreachable";
     $("status-database").title = status.database ? "database reachable" : "database unreachable";
     renderRole(status.role, status.cluster);
+    renderClocks(status.clocks);
   }
 
   // With --ha: this Central's role, and the Kafka cluster (brokers, copies, Centrals in the lease group).
@@ -335,6 +336,91 @@
     $("status-cluster").title =
       `${brokers} brokers up; ${under} of ${num(cluster.partitions)} partitions miss a copy; ` +
       `${centrals} Centrals in the lease group (one active)`;
+  }
+
+  // --- clocks ----------------------------------------------------------------------------
+
+  // Offsets are "that clock minus the network's" (the Kafka brokers'): +60 s is a minute ahead.
+  const CLOCK_FIX = "Fix: timedatectl set-ntp true (Linux) or w32tm /resync (Windows).";
+  const CENTRAL_VIA = "broker probes";
+
+  const isNumber = (v) => typeof v === "number" && Number.isFinite(v);
+
+  // "+60.0 s", "−0.3 s" (a real minus sign), "–" when not measured yet.
+  function signedSeconds(v) {
+    if (!isNumber(v)) return "–";
+    const tenths = Math.round(v * 10) / 10;
+    return `${tenths < 0 ? "−" : "+"}${Math.abs(tenths).toFixed(1)} s`;
+  }
+
+  const millis = (v) => (isNumber(v) ? v.toFixed(1) : "–");
+  const heard = (age) => (isNumber(age) ? `${age.toFixed(1)} s ago` : "–");
+
+  // Central first, then every peer, each as {kind, id, label, via, offset_s, ...}.
+  function clockRows(clocks) {
+    const central = clocks.central || {};
+    const rows = [{
+      kind: "central", id: "central", label: "Central (this)", shownId: "–", via: CENTRAL_VIA,
+      offset_s: central.offset_s, round_trip_ms: central.round_trip_ms, age_s: null,
+      warning: Boolean(central.warning),
+    }];
+    for (const p of Array.isArray(clocks.peers) ? clocks.peers : []) {
+      rows.push({
+        kind: String(p.kind ?? ""), id: String(p.id ?? ""), label: String(p.kind ?? ""),
+        shownId: String(p.id ?? ""), via: String(p.via ?? ""), offset_s: p.offset_s,
+        round_trip_ms: p.round_trip_ms, age_s: p.age_s, warning: Boolean(p.warning),
+      });
+    }
+    return rows;
+  }
+
+  function clockRow(r) {
+    return el("tr", { class: r.warning ? "warn" : "", dataset: { kind: r.kind, id: r.id } },
+      el("td", { class: "clock-who" }, r.label),
+      el("td", {}, el("b", {}, r.shownId)),
+      el("td", { class: "num offset" }, signedSeconds(r.offset_s)),
+      el("td", { class: "via" }, r.via || "–"),
+      el("td", { class: "num" }, isNumber(r.round_trip_ms) ? `${r.round_trip_ms.toFixed(1)} ms` : "–"),
+      el("td", { class: "num" }, heard(r.age_s)));
+  }
+
+  // One line naming the clock furthest off, and how many others are off too.
+  function clockWarning(rows) {
+    const off = rows.filter((r) => r.warning && isNumber(r.offset_s))
+      .sort((a, b) => Math.abs(b.offset_s) - Math.abs(a.offset_s));
+    if (!off.length) return "";
+    const worst = off[0];
+    const who = worst.kind === "central" ? "Central (this one)" : `${worst.label} ${worst.shownId}`;
+    const how = worst.offset_s > 0 ? "ahead of" : "behind";
+    const more = off.length > 1 ? ` (+${off.length - 1} more)` : "";
+    return `Clock off: ${who} is ${Math.abs(worst.offset_s).toFixed(1)} s ${how} the network's clock${more}. ${CLOCK_FIX}`;
+  }
+
+  function hopRow(h) {
+    return el("tr", { dataset: { hop: String(h.hop ?? "") } },
+      el("td", {}, String(h.hop ?? "")),
+      el("td", { class: "num" }, num(h.n)),
+      el("td", { class: "num" }, millis(h.p50_ms)),
+      el("td", { class: "num" }, millis(h.p95_ms)),
+      el("td", { class: "num" }, millis(h.last_ms)));
+  }
+
+  function renderClocks(clocks) {
+    $("clocks-panel").hidden = !clocks;
+    const banner = $("clock-warning");
+    if (!clocks) {
+      banner.hidden = true;
+      return;
+    }
+    const rows = clockRows(clocks);
+    replace($("clocks"), rows.map(clockRow));
+    replace($("hops"), (Array.isArray(clocks.hops) ? clocks.hops : []).map(hopRow));
+    const threshold = isNumber(clocks.threshold_s) ? clocks.threshold_s : 2;
+    $("clock-note").textContent =
+      `offset to the network's clock (the Kafka brokers') · warning at ±${threshold} s`;
+    const text = clockWarning(rows);
+    banner.textContent = text;
+    banner.hidden = !text;
   }
 
   // --- commands --------------------------------------------------------------------------

@@ -1,8 +1,11 @@
-"""Smoke test: the broker from the kafka_bootstrap fixture round-trips a message."""
+"""Smoke tests: the broker from the kafka_bootstrap fixture round-trips a message, and stamps
+the project's topics with its own clock."""
 
 from __future__ import annotations
 
 import asyncio
+import secrets
+import time
 import uuid
 
 import pytest
@@ -10,6 +13,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from helpers import scaled
+from shared.bus import STAMPED, KafkaBus, TopicSpec
+from shared.clock import broker_time
 
 pytestmark = pytest.mark.kafka
 
@@ -44,3 +49,30 @@ async def test_produce_and_consume_roundtrip(kafka_bootstrap: str) -> None:
         await consumer.stop()
 
     assert (msg.key, msg.value) == (b"k", b"hello")
+
+
+async def test_topics_are_stamped_by_the_broker_and_old_ones_switched(kafka_bootstrap: str) -> None:
+    """Every message topic carries the broker's time (shared/clock.py); a topic made before
+    that, without the setting, is switched by the next service that starts."""
+    name = f"clocktest.{secrets.token_hex(4)}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    bus = KafkaBus(kafka_bootstrap, "clock-test")
+    try:
+        await admin.create_topics([NewTopic(name, 1, 1, topic_configs={"retention.ms": "1000"})])
+        await bus.start(ensure_topics=False)
+        await bus.ensure_topics([TopicSpec(name, partitions=1, config=STAMPED)])
+        consumer = await bus.tail_consumer([name])
+        sent_before = time.time()
+        await bus.send_raw(name, b"k", b"v")
+        records = await consumer.getmany(timeout_ms=5000)
+        (record,) = [r for rs in records.values() for r in rs]
+        stamped = broker_time(record)
+        assert stamped is not None and sent_before - 1 <= stamped <= time.time() + 1
+        # The clock probe's answer carries the broker's time too.
+        served = await bus.probe_clock()
+        assert served is not None and abs(served - time.time()) < 1
+    finally:
+        await bus.stop()
+        await admin.delete_topics([name])
+        await admin.close()

@@ -275,6 +275,57 @@ def test_view_joins_central_state_and_monitor_health(site: Site, clock: FakeCloc
     assert site.rtt_history()["CP001"][-1][1] == 2.25
 
 
+# --- clocks ---------------------------------------------------------------------------------
+
+
+def skewed(
+    clock: FakeClock, cp_id: str, monitor: float | None, engine: float | None
+) -> HealthSample:
+    """A sample stamped on a monitor clock `monitor` s off the network's, engine `engine` s."""
+    return HealthSample(
+        cp_id=cp_id,
+        engine_ok=True,
+        central_ok=True,
+        ts=clock.now + (monitor or 0.0),
+        monitor_offset_s=monitor,
+        engine_offset_s=engine,
+    )
+
+
+def test_view_shows_each_cps_clock_offsets_and_warns_from_two_seconds(
+    site: Site, clock: FakeClock
+) -> None:
+    site.on_sample(skewed(clock, "CP001", 0.012, 60.0))
+    site.on_sample(skewed(clock, "CP002", -1.9, 0.3))
+    site.on_sample(skewed(clock, "CP003", -2.0, None))
+    site.on_sample(sample(clock, "CP004"))  # a monitor that does not measure clocks
+    clocks = {
+        cp["id"]: (cp["monitor_offset_s"], cp["engine_offset_s"], cp["clock_warning"])
+        for cp in site.view()["cps"]
+    }
+    assert clocks == {
+        "CP001": (0.012, 60.0, True),
+        "CP002": (-1.9, 0.3, False),
+        "CP003": (-2.0, None, True),
+        "CP004": (None, None, False),
+    }
+    assert site.view()["clock_warning_s"] == 2.0
+
+
+def test_a_monitor_whose_clock_is_behind_is_not_taken_for_silent(
+    site: Site, clock: FakeClock
+) -> None:
+    # Stamped a minute in the past, on time by the network's clock: the offset corrects it.
+    for _ in range(5):
+        site.on_sample(skewed(clock, "CP001", -60.0, None))
+        clock.advance(1)
+        site.tick()
+    view = site.cp_view("CP001")
+    assert view["monitor"] == "live" and site.timeline() == []
+    assert view["last_check"] == clock.now - 1
+    assert view["availability"] == 1.0
+
+
 def test_timeline_is_newest_first_across_cps(site: Site, clock: FakeClock) -> None:
     site.on_sample(sample(clock, "CP001", engine_ok=False))
     clock.advance(1)
