@@ -19,6 +19,7 @@ from typing import Any
 from EV_Central.ctl import admin_login
 from helpers import free_port, scaled, wait_for
 from shared.tls import client_context
+from tools.faketime import shifted_clock
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,14 +46,16 @@ class ServiceProcess:
 
     def start(self) -> ServiceProcess:
         log = self.log_path.open("ab")
-        shift = ("faketime", "-f", self.clock) if self.clock else ()
+        # The process itself runs with the shifted clock (not as a child of `faketime`, which
+        # a kill would leave running).
+        shifted = shifted_clock(self.clock) if self.clock else {}
         self.proc = subprocess.Popen(
-            [*shift, sys.executable, *self.args],
+            [sys.executable, *self.args],
             cwd=REPO_ROOT,
             stdin=subprocess.PIPE,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=self.env,
+            env={**self.env, **shifted},
         )
         log.close()
         return self
