@@ -6,6 +6,7 @@ import argparse
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from shared.messages import MAX_SPEED
 from shared.settings import (
@@ -29,6 +30,7 @@ class EngineSettings:
     speed: float = 1.0  # simulated seconds per real second (energy only; timers stay real)
     health_timeout: float = 3.0
     secret: str | None = field(default=None, repr=False)  # the CP's secret: checks the monitor
+    ledger: Path | None = None  # append what is metered here, a JSON line per event (audits)
     log_level: str = "INFO"
     log_json: bool = False
 
@@ -45,6 +47,13 @@ def time_scale(value: str) -> float:
             f"{MAX_SPEED:g} (1: real time), got {value!r}"
         )
     return number
+
+
+def file_path(value: str) -> Path:
+    """A file's path (not empty)."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("expected a file path, got an empty string")
+    return Path(value)
 
 
 def build_parser(environ: Mapping[str, str] | None = None) -> EnvArgumentParser:
@@ -95,8 +104,27 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvArgumentParser:
         env="EV_CP_SECRET_FILE",
         help="a file holding the CP's secret (first line)",
     )
+    parser.add_option(
+        "--ledger",
+        type=file_path,
+        default=None,
+        metavar="PATH",
+        help="append to PATH a JSON line for each supply this engine accepts, each telemetry "
+        "sample and each supply's end, written before Central is told (a record of what was "
+        "metered, for an independent audit)",
+    )
     add_common_options(parser)
     return parser
+
+
+def appendable(path: Path) -> str | None:
+    """Why PATH cannot be appended to (it is created if missing), or None when it can."""
+    try:
+        with path.open("a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 def parse_settings(
@@ -105,6 +133,8 @@ def parse_settings(
     """Parse the command line; exits 2 on bad arguments, raises ConfigError on bad env."""
     parser = build_parser(environ)
     args = parser.parse_args(argv)
+    if args.ledger is not None and (problem := appendable(args.ledger)) is not None:
+        parser.error(f"argument --ledger: cannot append to {args.ledger}: {problem}")
     return EngineSettings(
         broker=args.broker,
         listen=args.listen,
@@ -114,6 +144,7 @@ def parse_settings(
         speed=args.speed,
         health_timeout=args.health_timeout,
         secret=read_secret(parser, args.secret, args.secret_file, required=False),
+        ledger=args.ledger,
         log_level=args.log_level,
         log_json=args.log_json,
     )

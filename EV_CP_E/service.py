@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
 import sys
 import time
 from collections import deque
-from typing import TextIO
+from pathlib import Path
+from typing import BinaryIO, TextIO
 
 from aiokafka import ConsumerRecord
 from aiokafka.errors import KafkaError
 
 from EV_CP_E.config import EngineSettings
-from EV_CP_E.machine import EngineMachine, EngineState, Outcome
+from EV_CP_E.machine import Authorisation, EngineMachine, EngineState, Outcome
 from shared.backoff import Backoff
 from shared.bus import BusError, KafkaBus, Topics, consume_each
 from shared.clock import NetworkClock, broker_time
@@ -27,8 +29,10 @@ from shared.lifecycle import Shutdown
 from shared.messages import (
     MONITOR_TO_ENGINE,
     AuthorizeSupply,
+    CPAuthorisation,
     CPPlugged,
     CPRequestDenied,
+    CPSupplyEnded,
     CPTelemetry,
     EndSupply,
     EngineChallenge,
@@ -63,6 +67,105 @@ class EngineError(EVError):
     """The engine cannot run (e.g. its listening address is taken)."""
 
 
+class Ledger:
+    """An append-only record of what was metered: one compact JSON object a line, "event"
+    first, "ts" last: when it happened, on this PC's clock (for an event, the stamp it carries
+    to Central). Documented in the README (EV_CP_E's --ledger); the fleet simulator writes the
+    same lines.
+
+    Each line goes to the file in one unbuffered write, so that a process killed at once loses
+    none that were written (no fsync: the operating system keeps them). The write is made in
+    line, on the event loop: appending a line to a local file costs microseconds, and it is what
+    lets a line be on file before the event it records is published. A write that fails is
+    logged once and the line is lost; the service goes on.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: BinaryIO | None = path.open("ab", buffering=0)
+        self._lost = 0
+        self._torn = False  # a line was cut short by a failed write: the next starts afresh
+
+    def write(self, event: str, **fields: object) -> None:
+        """Append one line: {"event": EVENT, **FIELDS}."""
+        if self._file is None:
+            return
+        line = json.dumps({"event": event, **fields}, separators=(",", ":")) + "\n"
+        data = ("\n" + line if self._torn else line).encode()
+        written = 0
+        try:
+            while written < len(data):
+                count = self._file.write(data[written:])
+                if not count:
+                    raise OSError("the file took nothing")
+                written += count
+        except OSError as exc:
+            self._torn = written > 0
+            self._lost += 1
+            if self._lost == 1:
+                log.warning(
+                    "cannot write to the ledger %s (%s): lines are lost while this lasts",
+                    self.path,
+                    exc.strerror or exc,
+                )
+            return
+        self._torn = False
+
+    def authorised(
+        self,
+        *,
+        cp_id: str,
+        session_id: str,
+        driver_id: str,
+        price_eur_kwh: float,
+        max_kwh: float | None,
+        ts: float,
+    ) -> None:
+        self.write(
+            "authorised",
+            cp_id=cp_id,
+            session_id=session_id,
+            driver_id=driver_id,
+            price_eur_kwh=price_eur_kwh,
+            max_kwh=max_kwh,
+            ts=ts,
+        )
+
+    def tick(self, event: CPTelemetry, driver_id: str | None) -> None:
+        self.write(
+            "tick",
+            cp_id=event.cp_id,
+            session_id=event.session_id,
+            driver_id=driver_id,
+            seq=event.seq,
+            kwh=event.kwh,
+            amount_eur=event.amount_eur,
+            ts=event.ts,
+        )
+
+    def ended(self, event: CPSupplyEnded, driver_id: str | None) -> None:
+        self.write(
+            "ended",
+            cp_id=event.cp_id,
+            session_id=event.session_id,
+            driver_id=driver_id,
+            kwh=event.kwh,
+            amount_eur=event.amount_eur,
+            reason=event.reason.value,
+            ts=event.ts,
+        )
+
+    def close(self) -> None:
+        """Close the file (idempotent); say how many lines were lost, if any."""
+        if self._file is None:
+            return
+        with contextlib.suppress(OSError):
+            self._file.close()
+        self._file = None
+        if self._lost:
+            log.warning("%d line(s) could not be written to the ledger %s", self._lost, self.path)
+
+
 class EngineService:
     """One engine: owns its tasks, its Kafka bus and the monitor connection."""
 
@@ -79,6 +182,17 @@ class EngineService:
             speed=settings.speed,
         )
         self.bus = KafkaBus(settings.broker, client_id="ev-cp-engine")
+        self.ledger: Ledger | None = None
+        if settings.ledger is not None:
+            try:
+                self.ledger = Ledger(settings.ledger)
+            except OSError as exc:
+                raise EngineError(
+                    f"cannot append to the ledger {settings.ledger}: {exc.strerror or exc}"
+                ) from None
+        # The authorisation being metered, for the ledger: the machine forgets it as the
+        # supply ends, before the ended event is recorded.
+        self._metering: Authorisation | None = None
         # (key, message, reliable); the head is the one being sent.
         self._outbox: deque[tuple[str, Message, bool]] = deque()
         self._outbox_changed = asyncio.Event()
@@ -109,6 +223,8 @@ class EngineService:
                 self._on_monitor, host, port, MONITOR_TO_ENGINE, name="monitor"
             )
         except OSError as exc:
+            if self.ledger is not None:
+                self.ledger.close()
             raise EngineError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         log.info("listening for the monitor on %s:%d", host, port)
         if self.settings.speed != 1.0:
@@ -136,6 +252,8 @@ class EngineService:
                 await asyncio.wait_for(self.bus.stop(), BUS_STOP_TIMEOUT)
             except TimeoutError:
                 log.warning("Kafka client did not close in time")
+            if self.ledger is not None:
+                self.ledger.close()
             log.info("engine stopped")
 
     async def _finish(self) -> None:
@@ -177,10 +295,40 @@ class EngineService:
         elif outcome.refused:
             self._say(outcome.refused)
         for event in outcome.events:
+            self._record(event)  # first: the ledger is never behind what Central can see
             self._publish(event)
             if isinstance(event, CPPlugged):
                 self._supply_started.set()
         self._show()
+
+    def _record(self, event: Message) -> None:
+        """Write an event's ledger line: an accepted authorisation, telemetry, a supply's end."""
+        ledger = self.ledger
+        if ledger is None:
+            return
+        if isinstance(event, CPAuthorisation):
+            auth = self.machine.auth
+            if event.accepted and auth is not None and auth.session_id == event.session_id:
+                self._metering = auth
+                ledger.authorised(
+                    cp_id=event.cp_id,
+                    session_id=auth.session_id,
+                    driver_id=auth.driver_id,
+                    price_eur_kwh=auth.price_eur_kwh,
+                    max_kwh=auth.max_kwh,
+                    ts=event.ts,
+                )
+        elif isinstance(event, CPTelemetry):
+            ledger.tick(event, self._driver_of(event.session_id))
+        elif isinstance(event, CPSupplyEnded):
+            ledger.ended(event, self._driver_of(event.session_id))
+            self._metering = None
+
+    def _driver_of(self, session_id: str) -> str | None:
+        for auth in (self._metering, self.machine.auth):
+            if auth is not None and auth.session_id == session_id:
+                return auth.driver_id
+        return None
 
     # --- outbox -------------------------------------------------------------------------------
 

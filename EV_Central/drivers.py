@@ -85,7 +85,7 @@ class Drivers(Part):
                 await self._status(request)
             case TicketAck():
                 async with self._store.transaction() as tx:
-                    await tx.ack_ticket(request.session_id, request.driver_id)
+                    await tx.ack_ticket(request.session_id, request.driver_id, request.revision)
             case LoginRequest():
                 arrived = time.time() if at is None else at
                 task = asyncio.create_task(self._login_task(request, arrived), name="driver-login")

@@ -171,10 +171,12 @@ class StoreTx:
     async def clear_login_state(self, user_id: str) -> None:
         await self._tx.execute("DELETE FROM login_state WHERE user_id = ?", (user_id,))
 
-    async def ack_ticket(self, session_id: str, driver_id: str) -> None:
+    async def ack_ticket(self, session_id: str, driver_id: str, revision: int) -> None:
+        """The driver has seen `revision` of the ticket (not a correction made since)."""
         await self._tx.execute(
-            "UPDATE sessions SET ticket_seen = ticket_revision WHERE id = ? AND driver_id = ?",
-            (session_id, driver_id),
+            "UPDATE sessions SET ticket_seen = MAX(ticket_seen, MIN(?, ticket_revision))"
+            " WHERE id = ? AND driver_id = ?",
+            (revision, session_id, driver_id),
         )
 
     # --- sessions -----------------------------------------------------------------------------

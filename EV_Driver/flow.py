@@ -384,7 +384,13 @@ class DriverFlow:
     def _on_ticket(self, ticket: TicketData, kind: TicketKind | None = None) -> Reaction:
         # Every ticket is acknowledged, even a repeat: Central may have missed the first ack.
         reaction = Reaction(
-            acks=[TicketAck(driver_id=self.driver_id, session_id=ticket.session_id)]
+            acks=[
+                TicketAck(
+                    driver_id=self.driver_id,
+                    session_id=ticket.session_id,
+                    revision=ticket.revision,
+                )
+            ]
         )
         current = self.current
         is_current = (

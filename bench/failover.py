@@ -20,7 +20,6 @@ import json
 import os
 import queue
 import secrets
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,7 @@ import urllib.request
 from pathlib import Path
 from typing import IO, Any
 
-from bench.run import KAFKA_SH, REPO, free_port, seed_fleet, stop_process
+from bench.run import KAFKA_SH, REPO, seed_fleet, stop_process
 from tools.fleet.failover import (
     in_flight,
     reconnection_times,
@@ -39,30 +38,10 @@ from tools.fleet.failover import (
 )
 from tools.fleet.sim import central_key_from_db
 from tools.fleet.stats import summarise
+from tools.ports import free_port, free_port_run
 
 NODES = 3
 ALL_BACK_WITHIN = 120.0  # seconds after a kill to wait for every CP to be connected again
-
-
-def free_port_run(n: int, tries: int = 50) -> int:
-    """A port P such that P .. P+n-1 are all free now (the cluster's client ports)."""
-    for _ in range(tries):
-        base = free_port()
-        if base + n >= 65536:
-            continue
-        sockets: list[socket.socket] = []
-        try:
-            for port in range(base, base + n):
-                s = socket.socket()
-                sockets.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise RuntimeError(f"no run of {n} free ports found")
 
 
 class Cluster:

@@ -24,7 +24,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,18 +38,13 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from tools.fleet import procstat
 from tools.fleet.sim import central_key_from_db
 from tools.fleet.stats import summarise
+from tools.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 KAFKA_SH = REPO / "scripts" / "kafka.sh"
 # init_db.py seeds the demo accounts into each size's throwaway database: the simulator logs
 # in at the admin web as the demo admin (README, "demo only").
 DEMO_ADMIN_PASSWORD = "admin"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Broker:

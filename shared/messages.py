@@ -267,11 +267,13 @@ class StatusQuery(Message):
 
 
 class TicketAck(Message):
-    """The driver has shown a ticket; Central stops offering it as unseen."""
+    """The driver has shown a ticket (that revision); Central stops offering it as unseen. A
+    correction made after the revision shown stays unseen until it is shown too."""
 
     type: Literal["ticket_ack"] = "ticket_ack"
     driver_id: Identifier
     session_id: Identifier
+    revision: Annotated[int, Field(ge=1)] = 1
 
 
 class HistoryQuery(Message):

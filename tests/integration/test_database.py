@@ -18,6 +18,7 @@ import pytest
 from EV_Central.db import Database
 from EV_Central.passwords import verify_password
 from EV_Central.schema import DEMO_CPS
+from EV_Central.store import Store
 from helpers import scaled
 from shared.messages import Heartbeat, encode
 
@@ -386,3 +387,29 @@ async def test_the_write_ahead_log_is_checkpointed_while_central_runs(tmp_path: 
         assert query(db.path, "SELECT COUNT(*) FROM outbox") == [(500,)]
     finally:
         await db.stop()
+
+
+async def test_a_ticket_corrected_after_the_revision_acknowledged_stays_unseen(
+    database: Database,
+) -> None:
+    """The driver acknowledges revision 1 while Central has just written revision 2 (the
+    engine's late figures): the correction must still be offered to the driver. A chaos run
+    found this (docs/reliability.md)."""
+    store = Store(database)
+    now = time.time()
+    async with database.transaction() as tx:
+        await tx.execute(
+            "INSERT INTO sessions (id, cp_id, driver_id, origin, status, requested_at,"
+            " ticket_revision) VALUES ('s1', 'CP001', 'user1', 'driver', 'COMPLETED', ?, 2)",
+            (now,),
+        )
+    async with store.transaction() as stx:
+        await stx.ack_ticket("s1", "user1", 1)
+    assert [t.revision for t in await store.unseen_tickets("user1")] == [2]
+    async with store.transaction() as stx:
+        await stx.ack_ticket("s1", "user1", 2)
+    assert await store.unseen_tickets("user1") == []
+    async with store.transaction() as stx:
+        await stx.ack_ticket("s1", "user1", 1)  # a late copy of the first ack changes nothing
+        await stx.ack_ticket("s1", "user2", 2)  # nor another driver's
+    assert await store.unseen_tickets("user1") == []

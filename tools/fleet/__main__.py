@@ -21,6 +21,7 @@ from typing import Any
 from EV_Central.ctl import LoginRefused, read_password
 from shared.errors import EVError
 from shared.lifecycle import run_loop
+from shared.settings import positive_float
 from tools.fleet.accounts import Credentials, CredentialsError, seed_database
 from tools.fleet.failover import parse_addresses
 from tools.fleet.sim import Fleet, FleetConfig, FleetError, cp_ids, driver_ids
@@ -125,6 +126,23 @@ def main(argv: list[str] | None = None) -> int:
         help="end the measured window as soon as this file exists (--duration at most)",
     )
     p.add_argument(
+        "--ledger",
+        type=Path,
+        metavar="PATH",
+        help="append to PATH, a JSON line each, what the simulated engines metered (authorised,"
+        " tick, ended: EV_CP_E's --ledger lines) and what the simulated drivers received"
+        " (ticket, denied), for an audit that does not take Central's word for it",
+    )
+    p.add_argument(
+        "--drain",
+        type=positive_float,
+        default=20.0,
+        metavar="S",
+        help="at the end of the run (--duration, or --stop-file), after no new supply is asked"
+        " for and every supply in progress is ended as unplugged: wait up to S seconds for"
+        " their tickets to reach the drivers (default 20)",
+    )
+    p.add_argument(
         "--events",
         action="store_true",
         help="print fleet-wide connection events as JSON lines on stdout (the CPs all connected"
@@ -132,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s fleet %(message)s")
+    # aiokafka logs every failed connection (thousands a second while a broker is away): the
+    # fleet says once, itself, when Kafka keeps its events waiting (as the services do).
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     try:
         password: str | None = ""
         if a.admin is not None:
@@ -173,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         central_key=a.central_key,
         stop_file=a.stop_file,
         on_event=print_event if a.events else None,
+        ledger=a.ledger,
+        drain=a.drain,
     )
     failure: BaseException | None = None
     try:

@@ -15,6 +15,19 @@ Central's sealed commands; each driver logs in over Kafka (its password encrypte
 identity key) and seals its requests with its session; the dashboard probe and the admin
 commands use an admin session cookie. Logins and registrations happen before the warm-up,
 outside the measured window.
+
+The fleet rides out faults as the real parts do. A monitor whose link breaks (its Central died,
+restarted or failed over) connects and authenticates again, getting a new key; commands sealed
+with a key that has not come yet are held until it comes. The engines' events and the drivers'
+requests go through an outbox sent in order by one task, so that a broker that is away holds
+up the sending, not the metering. A driver's wait for its supply ends with its engine's end of
+it or with Central's ticket.
+
+After the window the fleet drains, so that the run ends as an audit needs it: no new supply is
+asked for, every supply in progress ends as its driver unplugging, and the fleet waits (`drain`
+seconds at most) for those supplies' tickets. With a ledger, the simulated engines write the
+lines EV_CP_E's --ledger writes (authorised, tick, ended) and the simulated drivers a line for
+each ticket and denial they receive.
 """
 
 from __future__ import annotations
@@ -22,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import json
 import logging
 import random
@@ -35,15 +49,20 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
+from aiokafka.errors import KafkaError, OutOfOrderSequenceNumber
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from EV_Central.admin_api import RegisterCP, ResetSecret
+from EV_Central.ctl import LoginRefused as AdminLoginRefused
 from EV_Central.ctl import admin_login
+from EV_CP_E.machine import amount
+from EV_CP_E.service import Ledger
 from EV_Driver.session import DriverSession, LoginRefused, finish_login, start_login
+from shared.backoff import Backoff
 from shared.bus import Topics, consume_each
-from shared.cp_channel import CPChannel
+from shared.cp_channel import CPChannel, KeyNotKnown
 from shared.errors import MessageError
 from shared.framing import ACK_BYTE, Ack, Frame, FrameDecoder, Nack, encode_frame
 from shared.messages import (
@@ -63,6 +82,7 @@ from shared.messages import (
     RequestDenied,
     SupplyAuthorized,
     SupplyRequest,
+    Ticket,
     decode,
     encode,
 )
@@ -88,6 +108,9 @@ LOGIN_CONCURRENCY = 50  # driver logins in flight (Central answers them one at a
 ANSWER_TIMEOUT = 30.0  # seconds to wait for Central's answer to a login or a request
 RECONNECT_AUTH_WAIT = 5.0  # a reconnecting monitor waits this long for AUTH's answer (as EV_CP_M)
 CP_TURNAROUND_S = 1.0  # after a supply ends, its CP and its driver wait this long to go again
+DRAIN_POLL_S = 0.05  # how often the drain looks whether every ticket and answer has come
+HELD_COMMANDS = 16  # commands held per CP until its new key comes (as EV_CP_E)
+KAFKA_STALL_S = 5.0  # the outbox making no progress this long is said in the log
 
 
 class FleetError(Exception):
@@ -120,6 +143,12 @@ class FleetConfig:
     stop_file: Path | None = None
     # Called with each fleet-wide connection event ({"event": "all_connected", ...}).
     on_event: Callable[[dict[str, Any]], None] | None = None
+    # The simulated engines' and drivers' ledger (EV_CP_E's --ledger lines, and the drivers'
+    # tickets and denials), for an audit that does not take Central's word for it.
+    ledger: Path | None = None
+    # At the end: seconds to wait for the tickets of the supplies ended then (and the answers
+    # to the requests in flight).
+    drain: float = 20.0
 
 
 def cp_ids(prefix: str, n: int) -> list[str]:
@@ -210,14 +239,15 @@ class MonitorClient(asyncio.Protocol):
                     if accepted:
                         fleet.take_key(self.cp_id, str(message["key_id"]), str(message["key"]))
                         self.accepted = True
-                        fleet.monitor_up(self.cp_id)
                     elif message.get("active_central"):
                         # A standby: not a refusal of the CP, a pointer to the active Central.
                         self.active_central = str(message["active_central"])
                         fleet.standby_refusals += 1
                     else:
                         self.refusal = str(message.get("reason"))
-                        if not fleet.failover:
+                        if not fleet.failover and self.cp_id not in fleet.monitors:
+                            # At its first connection (a refusal when it connects again,
+                            # as Central starts, is passing: see `attach`).
                             fleet.auth_refusals[self.cp_id] = self.refusal
                     self.authed.set_result(accepted)
 
@@ -226,12 +256,18 @@ class MonitorClient(asyncio.Protocol):
         fleet = self.fleet
         if not self.authed.done():
             self.authed.set_result(False)
-        elif self.accepted and self.cp_id not in fleet.cut and not fleet.stopping:
-            # Only a connection that was authenticated can be lost (a refusal is counted apart).
-            if fleet.failover:
-                fleet.monitor_lost(self.cp_id)  # it goes to the next Central of its list
-            else:
+        elif (
+            self.accepted
+            and fleet.monitors.get(self.cp_id) is self
+            and self.cp_id not in fleet.cut
+            and not fleet.stopping
+        ):
+            # Only the link in use, once authenticated, can be lost (a refusal is counted
+            # apart, a link given up while connecting is not in use).
+            if not fleet.failover:
                 fleet.unexpected_closes += 1
+            # As EV_CP_M: connect and authenticate again (to the next Central of the list).
+            fleet.monitor_lost(self.cp_id)
 
     def heartbeat(self) -> None:
         if self.transport is None or self.silent:
@@ -251,10 +287,60 @@ class MonitorClient(asyncio.Protocol):
 class Supply:
     cp_id: str
     session_id: str
+    driver_id: str = ""
+    price_eur_kwh: float = 0.35
+    max_kwh: float | None = None  # what the driver's balance buys: the supply stops there
     seq: int = 0
     kwh: float = 0.0
     started: float = field(default_factory=time.monotonic)
     ends_at: float = 0.0
+
+
+@dataclass(slots=True)
+class Outgoing:
+    """A CP event or a driver's request in the fleet's outbox."""
+
+    topic: str
+    key: str  # the CP's or the driver's id: the message is sealed with its key when sent
+    message: Message
+    withdrawn: bool = False  # a request given up on before it could be sent
+
+    @property
+    def reliable(self) -> bool:
+        """Sent again until Kafka takes it (telemetry is not: a newer sample follows)."""
+        return not isinstance(self.message, CPTelemetry)
+
+
+@dataclass
+class Asking:
+    """A driver's supply request, waiting for Central's answer to it."""
+
+    request_id: str
+    cp_id: str
+    answer: asyncio.Future[Message]
+
+    def answered_by(self, update: SupplyAuthorized | RequestDenied) -> bool:
+        """Whether `update` answers this request (not an earlier one that was given up on)."""
+        if isinstance(update, RequestDenied):
+            return update.request_id == self.request_id
+        return update.cp_id == self.cp_id  # an authorisation names no request: its CP
+
+
+@dataclass
+class Window:
+    """What the run measured over its window, for its figures."""
+
+    seconds: float
+    before: dict[promtext.Key, float]
+    after: dict[promtext.Key, float]
+    cpu_before: procstat.ProcSample | None
+    cpu_after: procstat.ProcSample | None
+    own_cpu: float
+    heartbeats_sent: int
+    supplying_at_end: int
+    provision_s: float
+    connect_s: float
+    login_s: float
 
 
 class Fleet:
@@ -267,11 +353,14 @@ class Fleet:
         self.monitors: dict[str, MonitorClient] = {}
         self.tick_groups: list[list[MonitorClient]] = [[] for _ in range(TICK_GROUPS)]
         self.cut: set[str] = set()
-        self.busy: set[str] = set()  # CPs with a request or supply of ours
+        # cp id -> the driver whose car is there: a request of it, or its supply, in progress
+        self.busy: dict[str, str] = {}
         self.free_at: dict[str, float] = {}  # cp id -> when a new request may go to it
         self.supplies: dict[str, Supply] = {}  # cp id -> supply in progress
-        self.released: dict[str, asyncio.Event] = {}  # cp id -> set when its supply ends
-        self.driver_waiters: dict[str, asyncio.Future[Message]] = {}
+        # session id -> set when it is over: its engine ended it, or Central sent its ticket
+        self.supply_over: dict[str, asyncio.Event] = {}
+        self.asking: dict[str, Asking] = {}  # driver id -> its request waiting for an answer
+        self.following: set[str] = set()  # drivers waiting for the end of their supply
         # Security: each CP's keys (from its monitor's AUTH) and each driver's login.
         self.credentials = config.credentials
         self.cookie = ""
@@ -281,6 +370,20 @@ class Fleet:
         self.auth_refusals: dict[str, str] = {}  # cp id -> Central's reason
         self.login_refusals: dict[str, str] = {}  # driver id -> Central's reason
         self.unopened = 0  # sealed commands or updates the fleet could not open
+        # Commands sealed with a key the CP's monitor has not brought yet (as EV_CP_E holds
+        # them): cp id -> the records, opened again once a new key comes.
+        self.held: dict[str, collections.deque[ConsumerRecord[bytes, bytes]]] = {}
+        self.rekeyed: asyncio.Queue[str] = asyncio.Queue()
+        # What the engines and drivers send, in order: a broker that is away holds up the
+        # sending, not the simulation.
+        self.outbox: collections.deque[Outgoing] = collections.deque()
+        self.outbox_changed = asyncio.Event()
+        self.queued_telemetry: dict[str, Outgoing] = {}  # cp id -> its sample in the outbox
+        self.undelivered: list[Outgoing] = []  # handed to the producer, refused by Kafka
+        self.producer_broken = False
+        self.send_failures = 0
+        self.handed = 0  # items handed to the producer
+        self.answered = 0  # items Kafka took or refused
         # Failover: the monitors know several Centrals and follow the active one.
         self.addresses = parse_addresses(config.central)
         self.failover = len(self.addresses) > 1
@@ -290,6 +393,7 @@ class Fleet:
         self.down: dict[str, float] = {}  # cp id -> when (wall clock) its link was lost
         self.outages: list[tuple[float, float | None]] = []  # (lost at, back at), wall clock
         self.lost_queue: asyncio.Queue[str] = asyncio.Queue()
+        self.reconnects = 0  # monitors authenticated again after their link was lost
         # (sent at, wall clock; latency s or None; "authorised", "denied" or "timeout")
         self.requests_log: list[tuple[float, float | None, str]] = []
         # Measurements (seconds).
@@ -315,6 +419,13 @@ class Fleet:
         self.producer: AIOKafkaProducer | None = None
         self.measuring = False
         self.stopping = False
+        # The end of a run: no new supplies, the ones in progress ended, their tickets awaited.
+        self.draining = False
+        self.ledger: Ledger | None = None
+        # Supplies ended (while the tickets are followed: with a ledger, or in the drain) whose
+        # ticket has not come yet: session id -> driver id; and the sessions whose ticket came.
+        self.unticketed: dict[str, str] = {}
+        self.ticketed: set[str] = set()
 
     # --- monitors -------------------------------------------------------------------------
 
@@ -337,8 +448,7 @@ class Fleet:
                             lambda: MonitorClient(cp_id, secret, self), host, int(port)
                         )
                         if await asyncio.wait_for(client.authed, 30):
-                            self.tick_groups[len(self.monitors) % TICK_GROUPS].append(client)
-                            self.monitors[cp_id] = client
+                            self.install(cp_id, client)
                             return
                         if cp_id in self.auth_refusals:
                             break  # a wrong secret stays wrong: no retry
@@ -362,8 +472,7 @@ class Fleet:
                     cp_id, Rotation(self.addresses), 10, refusal_is_final=True, auth_wait=30
                 )
             if client is not None:
-                self.tick_groups[len(self.monitors) % TICK_GROUPS].append(client)
-                self.monitors[cp_id] = client
+                self.install(cp_id, client)
 
         await asyncio.gather(*(connect(cp) for cp in self.cp_ids))
         failures = len(self.cp_ids) - len(self.monitors)
@@ -421,6 +530,17 @@ class Fleet:
                 await asyncio.sleep(pause)
         return None
 
+    def install(self, cp_id: str, client: MonitorClient) -> None:
+        """Make an authenticated monitor the CP's link: its heartbeats go out from now on."""
+        old = self.monitors.get(cp_id)
+        group = self.tick_groups[len(self.monitors) % TICK_GROUPS]
+        if old is not None:
+            group = next(g for g in self.tick_groups if old in g)
+            group.remove(old)
+        group.append(client)
+        self.monitors[cp_id] = client
+        self.monitor_up(cp_id)
+
     def monitor_up(self, cp_id: str) -> None:
         """A monitor was authenticated: the end of its outage, if it had one."""
         lost_at = self.down.pop(cp_id, None)
@@ -428,15 +548,20 @@ class Fleet:
             return
         now = time.time()
         self.outages.append((lost_at, now))
-        if not self.down and self.config.on_event is not None:
-            self.config.on_event({"event": "all_connected", "t": now})
+        if not self.down:
+            log.info("every lost monitor link is up again (%d reconnections)", self.reconnects)
+            if self.config.on_event is not None:
+                self.config.on_event({"event": "all_connected", "t": now})
 
     def monitor_lost(self, cp_id: str) -> None:
-        """An authenticated monitor's link broke (its Central died): reconnect it."""
+        """An authenticated monitor's link broke (its Central died or restarted): reconnect
+        it. Until it is back, no driver asks for a supply there."""
         if cp_id in self.down:
             return
-        if not self.down and self.config.on_event is not None:
-            self.config.on_event({"event": "first_lost", "t": time.time()})
+        if not self.down:
+            log.warning("the monitor link of %s was lost: reconnecting every lost link", cp_id)
+            if self.config.on_event is not None:
+                self.config.on_event({"event": "first_lost", "t": time.time()})
         self.down[cp_id] = time.time()
         self.lost_queue.put_nowait(cp_id)
 
@@ -446,19 +571,21 @@ class Fleet:
         rotations: dict[str, Rotation] = {}
 
         async def reconnect(cp_id: str) -> None:
-            # The Central that served it is gone: start from the next address of the list.
+            # The Central that served it is gone: start from the next address of the list
+            # (with one Central: the same one, after a pause, until it is back).
             rotation = rotations.setdefault(cp_id, Rotation(self.addresses))
             rotation.fail()
-            async with limit:
-                client = await self.attach(cp_id, rotation)
-            old = self.monitors.get(cp_id)
-            if client is None or old is None:
+            while not self.stopping:
+                async with limit:
+                    client = await self.attach(cp_id, rotation)
+                if client is None:
+                    return
+                if client.transport is None:
+                    continue  # lost again before it could be used
+                self.reconnects += 1
+                self.install(cp_id, client)
+                client.heartbeat()  # as EV_CP_M, at once: Central sees the CP ready again
                 return
-            for group in self.tick_groups:
-                if old in group:
-                    group[group.index(old)] = client
-                    break
-            self.monitors[cp_id] = client
 
         async with asyncio.TaskGroup() as tasks:
             while not self.stopping:
@@ -470,7 +597,8 @@ class Fleet:
         channel = self.channels.get(cp_id)
         if channel is None:
             channel = self.channels[cp_id] = CPChannel(cp_id)
-        channel.take_key(key_id, key_b64)
+        if channel.take_key(key_id, key_b64) and cp_id in self.held:
+            self.rekeyed.put_nowait(cp_id)
 
     async def heartbeats(self) -> None:
         """Every CP sends one heartbeat a second, spread evenly over the second."""
@@ -487,17 +615,164 @@ class Fleet:
 
     # --- engine and drivers on Kafka ------------------------------------------------------
 
+    def new_producer(self) -> AIOKafkaProducer:
+        # As the real engines and driver apps publish: every in-sync copy, no duplicates.
+        return AIOKafkaProducer(
+            bootstrap_servers=self.config.broker, linger_ms=0, acks="all", enable_idempotence=True
+        )
+
     async def send(self, topic: str, key: str, value: bytes) -> None:
+        """Send a clear request at once (a login or an identity query, before the run)."""
         assert self.producer is not None
         await self.producer.send(topic, value, key=key.encode())
 
-    async def send_event(self, cp_id: str, event: Message) -> None:
-        """A CP event, sealed with the CP's current key (as its engine does)."""
-        await self.send(Topics.CP_EVENTS, cp_id, self.channels[cp_id].seal(event))
+    def post(self, topic: str, key: str, message: Message) -> Outgoing:
+        """Put a CP event or a driver's request in the outbox, sealed when it is sent."""
+        if isinstance(message, CPTelemetry):
+            waiting = self.queued_telemetry.get(key)
+            if waiting is not None:
+                waiting.message = message  # only the newest sample waits (as EV_CP_E)
+                return waiting
+        item = Outgoing(topic, key, message)
+        if isinstance(message, CPTelemetry):
+            self.queued_telemetry[key] = item
+        self.outbox.append(item)
+        self.outbox_changed.set()
+        return item
+
+    def send_event(self, cp_id: str, event: Message) -> None:
+        """A CP event, to be sealed with the CP's key of then (as its engine does)."""
+        self.post(Topics.CP_EVENTS, cp_id, event)
+
+    def seal(self, item: Outgoing) -> bytes:
+        if item.topic == Topics.CP_EVENTS:
+            return self.channels[item.key].seal(item.message)
+        return self.sessions[item.key].seal(item.message)
+
+    async def send_outbox(self) -> None:
+        """Send the outbox in order, as EV_CP_E sends its own: while Kafka is away, the
+        engines go on metering and the drivers on waiting; telemetry that cannot go is
+        dropped (a newer sample follows), the rest is sent again until Kafka takes it."""
+        backoff = Backoff(maximum=5.0)
+        while True:
+            if self.undelivered:
+                # Again, first and in their order (sealed anew: a new place in the stream).
+                log.info(
+                    "Kafka did not take %d events or requests: sending them again",
+                    len(self.undelivered),
+                )
+                self.outbox.extendleft(reversed(self.undelivered))
+                self.undelivered.clear()
+            if not self.outbox:
+                self.outbox_changed.clear()
+                await self.outbox_changed.wait()
+                continue
+            item = self.outbox[0]
+            if item.withdrawn:
+                self.outbox.popleft()
+                continue
+            if self.producer_broken:
+                await self.renew_producer(backoff)
+                continue
+            assert self.producer is not None
+            if self.queued_telemetry.get(item.key) is item:
+                del self.queued_telemetry[item.key]  # on its way: a newer sample waits apart
+            try:
+                value = self.seal(item)
+            except SealError as exc:  # no key to seal with: cannot be sent
+                log.warning("cannot seal %s for %s: %s", type(item.message).__name__, item.key, exc)
+                self.outbox.popleft()
+                continue
+            try:
+                delivery = await self.producer.send(item.topic, value, key=item.key.encode())
+            except OutOfOrderSequenceNumber:
+                self.producer_broken = True
+                continue
+            except KafkaError as exc:
+                if not item.reliable:
+                    self.outbox.popleft()  # dropped: a newer sample follows
+                    continue
+                delay = backoff.next_delay()
+                log.warning(
+                    "cannot hand %s to Kafka (%s); retrying in %.1f s",
+                    type(item.message).__name__,
+                    type(exc).__name__,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                continue
+            backoff.reset()
+            self.outbox.popleft()
+            self.handed += 1
+            delivery.add_done_callback(functools.partial(self.delivered, item))
+
+    def delivered(self, item: Outgoing, delivery: asyncio.Future[Any]) -> None:
+        """Kafka's word on an item handed to the producer: a failed one goes again."""
+        self.answered += 1
+        if delivery.cancelled() or delivery.exception() is None:
+            return
+        exc = delivery.exception()
+        self.send_failures += 1
+        if isinstance(exc, OutOfOrderSequenceNumber):
+            self.producer_broken = True
+        if item.reliable and not self.stopping:
+            self.undelivered.append(item)
+            self.outbox_changed.set()
+
+    async def watch_outbox(self) -> None:
+        """Say once when Kafka keeps the fleet's events and requests waiting, and when it
+        takes them again."""
+        stalled = False
+        answered = self.answered
+        while not self.stopping:
+            await asyncio.sleep(KAFKA_STALL_S)
+            moved, answered = self.answered != answered, self.answered
+            waiting = len(self.outbox) + self.handed - self.answered
+            if not moved and waiting and not stalled:
+                stalled = True
+                log.warning(
+                    "Kafka has taken nothing from the fleet for %g s (%d events and requests"
+                    " waiting; the engines go on metering): waiting for it",
+                    KAFKA_STALL_S,
+                    waiting,
+                )
+            elif moved and stalled:
+                stalled = False
+                log.info("Kafka takes the fleet's events and requests again")
+
+    async def renew_producer(self, backoff: Backoff) -> None:
+        """Replace a producer that lost its numbering with the broker (aiokafka then fails
+        every later send): a new one gets a new producer id."""
+        log.warning("the Kafka producer lost its numbering with the broker; starting a new one")
+        old, self.producer = self.producer, None
+        if old is not None:
+            with contextlib.suppress(KafkaError):
+                await old.stop()
+        while True:
+            producer = self.new_producer()
+            try:
+                await producer.start()
+            except KafkaError as exc:
+                with contextlib.suppress(KafkaError):
+                    await producer.stop()
+                delay = backoff.next_delay()
+                log.warning("cannot start a Kafka producer (%s); retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            self.producer = producer
+            self.producer_broken = False
+            return
 
     async def read_commands(self, consumer: AIOKafkaConsumer) -> None:
         """The simulated engines: accept authorisations and plug in, end supplies on request."""
         await consume_each(consumer, self.on_command, what="Central's commands")
+
+    async def replay_held(self) -> None:
+        """Open the commands held for a CP again when its monitor brings a new key."""
+        while not self.stopping:
+            cp_id = await self.rekeyed.get()
+            for record in self.held.pop(cp_id, ()):
+                await self.on_command(record)
 
     async def on_command(self, record: ConsumerRecord[bytes, bytes]) -> None:
         if record.value is None or record.key is None:
@@ -506,19 +781,61 @@ class Fleet:
         channel = self.channels.get(cp_id)
         if cp_id not in self.busy or channel is None:
             return  # not ours to open: a CP with no request of the fleet
-        command = self.opened(channel.open, record.value, f"a command for {cp_id}")
-        if isinstance(command, AuthorizeSupply) and cp_id not in self.supplies:
+        try:
+            command = channel.open(record.value)
+        except KeyNotKnown as exc:
+            # Sealed with the key of an AUTH whose answer has not come yet (a monitor that
+            # reconnected after a restart of Central): opened when it comes.
+            held = self.held.setdefault(cp_id, collections.deque(maxlen=HELD_COMMANDS))
+            held.append(record)
+            log.info("a command for %s sealed with key %s, not known yet: held", cp_id, exc.key_id)
+            return
+        except (SealError, MessageError) as exc:
+            self.unopened += 1
+            log.warning("cannot open a command for %s: %s", cp_id, exc)
+            return
+        if (
+            isinstance(command, AuthorizeSupply)
+            and cp_id not in self.supplies
+            and self.busy.get(cp_id) == command.driver_id  # not a stale one for another car
+        ):
+            if self.draining:
+                # The run is ending: the car went away (Central denies the request).
+                refused = CPAuthorisation(
+                    cp_id=cp_id,
+                    session_id=command.session_id,
+                    accepted=False,
+                    reason="the fleet simulator is stopping",
+                )
+                self.send_event(cp_id, refused)
+                return
             low, high = self.config.supply_seconds
-            supply = Supply(cp_id, command.session_id)
+            supply = Supply(
+                cp_id,
+                command.session_id,
+                driver_id=command.driver_id,
+                price_eur_kwh=command.price_eur_kwh,
+                max_kwh=command.max_kwh,
+            )
             supply.ends_at = time.monotonic() + random.uniform(low, high)
             self.supplies[cp_id] = supply
+            self.supply_over[supply.session_id] = asyncio.Event()
             accepted = CPAuthorisation(cp_id=cp_id, session_id=supply.session_id, accepted=True)
-            await self.send_event(cp_id, accepted)
-            await self.send_event(cp_id, CPPlugged(cp_id=cp_id, session_id=supply.session_id))
+            if self.ledger is not None:
+                self.ledger.authorised(
+                    cp_id=cp_id,
+                    session_id=command.session_id,
+                    driver_id=command.driver_id,
+                    price_eur_kwh=command.price_eur_kwh,
+                    max_kwh=command.max_kwh,
+                    ts=accepted.ts,
+                )
+            self.send_event(cp_id, accepted)
+            self.send_event(cp_id, CPPlugged(cp_id=cp_id, session_id=supply.session_id))
         elif isinstance(command, EndSupply):
             ending = self.supplies.get(cp_id)
             if ending is not None and ending.session_id == command.session_id:
-                await self.end_supply(ending, command.reason)
+                self.end_supply(ending, command.reason)
 
     def opened(self, open_: Callable[[bytes], Opened], value: bytes, what: str) -> Opened | None:
         """A sealed value opened, or None (counted and logged) when it cannot be."""
@@ -529,23 +846,32 @@ class Fleet:
             log.warning("cannot open %s: %s", what, exc)
             return None
 
-    async def end_supply(self, supply: Supply, reason: EndReason) -> None:
-        self.supplies.pop(supply.cp_id, None)
-        await self.send_event(
-            supply.cp_id,
-            CPSupplyEnded(
-                cp_id=supply.cp_id,
-                session_id=supply.session_id,
-                kwh=round(supply.kwh, 4),
-                amount_eur=round(supply.kwh * 0.35, 2),
-                reason=reason,
-                started_at=time.time() - (time.monotonic() - supply.started),
-            ),
+    def end_supply(self, supply: Supply, reason: EndReason) -> None:
+        """End a supply in progress (once: a second call for it does nothing)."""
+        if self.supplies.get(supply.cp_id) is not supply:
+            return
+        del self.supplies[supply.cp_id]
+        kwh = round(supply.kwh, 4)
+        ended = CPSupplyEnded(
+            cp_id=supply.cp_id,
+            session_id=supply.session_id,
+            kwh=kwh,
+            amount_eur=amount(kwh, supply.price_eur_kwh),
+            reason=reason,
+            started_at=time.time() - (time.monotonic() - supply.started),
         )
+        if self.ledger is not None:
+            self.ledger.ended(ended, supply.driver_id)
+        if (self.ledger is not None or self.draining) and supply.session_id not in self.ticketed:
+            self.unticketed[supply.session_id] = supply.driver_id
+        self.send_event(supply.cp_id, ended)
         # The next car comes a moment later: Central has the end before the next request.
         self.free_at[supply.cp_id] = time.monotonic() + CP_TURNAROUND_S
-        self.busy.discard(supply.cp_id)
-        self.released.setdefault(supply.cp_id, asyncio.Event()).set()
+        if self.busy.get(supply.cp_id) == supply.driver_id:
+            del self.busy[supply.cp_id]
+        over = self.supply_over.pop(supply.session_id, None)
+        if over is not None:
+            over.set()  # its driver goes on
         self.supplies_completed += 1
 
     async def telemetry(self) -> None:
@@ -561,26 +887,32 @@ class Fleet:
                 if hash(cp_id) % TICK_GROUPS != slot:
                     continue
                 if now >= supply.ends_at:
-                    await self.end_supply(supply, EndReason.UNPLUGGED)
+                    self.end_supply(supply, EndReason.UNPLUGGED)
                     continue
                 supply.seq += 1
                 supply.kwh += step
+                # As the engine does: the supply stops at the energy the balance buys.
+                capped = False
+                if supply.max_kwh is not None and supply.kwh >= supply.max_kwh:
+                    supply.kwh, capped = supply.max_kwh, True
                 kwh = round(supply.kwh, 4)
                 sent = time.perf_counter()
-                await self.send_event(
-                    cp_id,
-                    CPTelemetry(
-                        cp_id=cp_id,
-                        session_id=supply.session_id,
-                        seq=supply.seq,
-                        kw=self.config.kw,
-                        kwh=kwh,
-                        amount_eur=round(kwh * 0.35, 2),
-                    ),
+                telemetry = CPTelemetry(
+                    cp_id=cp_id,
+                    session_id=supply.session_id,
+                    seq=supply.seq,
+                    kw=self.config.kw,
+                    kwh=kwh,
+                    amount_eur=amount(kwh, supply.price_eur_kwh),
                 )
+                if self.ledger is not None:
+                    self.ledger.tick(telemetry, supply.driver_id)
+                self.send_event(cp_id, telemetry)
                 self.telemetry_sent += 1
                 if self.measuring:
                     self.telemetry_pending[cp_id] = (kwh, sent)
+                if capped:
+                    self.end_supply(supply, EndReason.BALANCE_EXHAUSTED)
             tick += 1
             delay = start + tick / TICK_GROUPS - loop.time()
             if delay > 0:
@@ -598,13 +930,58 @@ class Fleet:
                 self.on_clear_update(record.value)
             return
         driver_id = record.key.decode("utf-8", "replace")
-        waiter = self.driver_waiters.get(driver_id)
         session = self.sessions.get(driver_id)
-        if waiter is None or waiter.done() or session is None:
-            return  # nobody waits: not worth decrypting
+        if session is None:
+            return  # not one of ours
+        asking = self.asking.get(driver_id)
+        waiting = asking is not None and not asking.answer.done()
+        following = driver_id in self.following  # its ticket ends its wait
+        if not waiting and not following and self.ledger is None and not self.draining:
+            return  # nobody waits, nothing to record: not worth decrypting
         update = self.opened(session.open, record.value, f"an update for {driver_id}")
-        if isinstance(update, SupplyAuthorized | RequestDenied):
-            waiter.set_result(update)
+        if isinstance(update, Ticket):
+            self.on_ticket(update)
+        elif isinstance(update, RequestDenied) and self.ledger is not None:
+            self.ledger.write(
+                "denied",
+                driver_id=update.driver_id,
+                cp_id=update.cp_id,
+                request_id=update.request_id,
+                reason=update.reason.value,
+                ts=time.time(),  # when the driver received it
+            )
+        if (
+            asking is not None
+            and waiting
+            and isinstance(update, SupplyAuthorized | RequestDenied)
+            and asking.answered_by(update)
+        ):
+            asking.answer.set_result(update)
+
+    def on_ticket(self, update: Ticket) -> None:
+        """A driver's ticket (or a correction of it, or the same again): on the ledger."""
+        ticket = update.ticket
+        if self.ledger is not None:
+            self.ledger.write(
+                "ticket",
+                driver_id=ticket.driver_id,
+                cp_id=ticket.cp_id,
+                session_id=ticket.session_id,
+                kwh=ticket.kwh,
+                amount_eur=ticket.amount_eur,
+                price_eur_kwh=ticket.price_eur_kwh,
+                reason=ticket.reason.value,
+                revision=ticket.revision,
+                ts=time.time(),  # when the driver received it
+            )
+        if self.ledger is not None or self.draining:
+            self.ticketed.add(ticket.session_id)
+            self.unticketed.pop(ticket.session_id, None)
+        # Central settled the supply: its driver goes on, as EV_Driver does with its ticket
+        # (even when Central ended it without its engine, e.g. after its monitor was lost).
+        over = self.supply_over.get(ticket.session_id)
+        if over is not None:
+            over.set()
 
     def on_clear_update(self, value: bytes) -> None:
         try:
@@ -678,15 +1055,15 @@ class Fleet:
         """A driver that keeps one supply going: request at an idle CP, wait, repeat."""
         loop = asyncio.get_running_loop()
         await asyncio.sleep(index / self.config.request_rate)
-        session = self.sessions.get(driver_id)
-        if session is None:
+        if driver_id not in self.sessions:
             return  # its login failed (counted)
-        while not self.stopping:
+        while not self.draining:
             now = time.monotonic()
             candidates = [
                 cp
                 for cp in random.sample(self.cp_ids, min(20, len(self.cp_ids)))
                 if cp not in self.busy
+                and cp not in self.supplies
                 and cp in self.monitors
                 and cp not in self.cut
                 and cp not in self.down
@@ -696,44 +1073,59 @@ class Fleet:
                 await asyncio.sleep(0.5)
                 continue
             cp_id = candidates[0]
-            self.busy.add(cp_id)
-            waiter: asyncio.Future[Message] = loop.create_future()
-            self.driver_waiters[driver_id] = waiter
+            self.busy[cp_id] = driver_id
+            request = SupplyRequest(driver_id=driver_id, cp_id=cp_id)
+            asking = Asking(request.id, cp_id, loop.create_future())
+            self.asking[driver_id] = asking
             sent = time.perf_counter()
             sent_at = time.time()
             in_window = self.measuring
-            await self.send(
-                Topics.DRIVER_REQUESTS,
-                driver_id,
-                session.seal(SupplyRequest(driver_id=driver_id, cp_id=cp_id)),
-            )
+            outgoing = self.post(Topics.DRIVER_REQUESTS, driver_id, request)
             try:
-                update = await asyncio.wait_for(waiter, ANSWER_TIMEOUT)
+                update = await asyncio.wait_for(asking.answer, ANSWER_TIMEOUT)
             except TimeoutError:
+                outgoing.withdrawn = True  # if it is still waiting to be sent
+                if self.draining:
+                    return  # the run is over
                 self.request_timeouts += 1
                 self.requests_log.append((sent_at, None, "timeout"))
-                self.busy.discard(cp_id)
+                self.leave(cp_id, driver_id)
                 continue
             finally:
-                self.driver_waiters.pop(driver_id, None)
+                self.asking.pop(driver_id, None)
+            if self.draining:
+                return  # the run is over: no more supplies
             outcome = "authorised" if isinstance(update, SupplyAuthorized) else "denied"
             self.requests_log.append((sent_at, time.perf_counter() - sent, outcome))
             if not isinstance(update, SupplyAuthorized):
                 self.denied += 1
-                self.busy.discard(cp_id)
+                self.leave(cp_id, driver_id)
                 await asyncio.sleep(1)
                 continue
             # Requests sent in the measured window count; those of the warm-up (the first wave:
             # every driver at once, while the fleet is still logging in) are reported apart.
             latency = time.perf_counter() - sent
             (self.auth_latency if in_window else self.auth_latency_warmup).append(latency)
-            # Wait until the supply is over (the engine side ends it), then ask again a moment
-            # later: by then Central has settled it (else: denied, driver_busy).
-            released = self.released.setdefault(cp_id, asyncio.Event())
-            if cp_id in self.busy:
-                await released.wait()
-            released.clear()
+            await self.until_over(driver_id, update.session_id)
+            # Ask again a moment later: by then Central has settled it (else: driver_busy).
             await asyncio.sleep(CP_TURNAROUND_S)
+
+    def leave(self, cp_id: str, driver_id: str) -> None:
+        """The driver's car leaves a CP it asked for in vain (unless a supply is on there)."""
+        if self.busy.get(cp_id) == driver_id and cp_id not in self.supplies:
+            del self.busy[cp_id]
+
+    async def until_over(self, driver_id: str, session_id: str) -> None:
+        """Wait until a supply that was authorised is over: its engine ended it, or Central
+        settled it and sent the ticket."""
+        over = self.supply_over.get(session_id)
+        if over is None:
+            return  # over already (the engine ended it before the driver heard it began)
+        self.following.add(driver_id)
+        try:
+            await over.wait()
+        finally:
+            self.following.discard(driver_id)
 
     # --- dashboard probe ------------------------------------------------------------------
 
@@ -746,7 +1138,10 @@ class Fleet:
             except InvalidStatus as exc:
                 log.info("dashboard refused (%s); logging in again", exc)
                 await asyncio.sleep(0.5)
-                with contextlib.suppress(OSError, TimeoutError, ConnectionError, InvalidHandshake):
+                # Central may be going down again meanwhile: the next turn tries once more.
+                with contextlib.suppress(
+                    OSError, TimeoutError, ConnectionClosed, InvalidHandshake, AdminLoginRefused
+                ):
                     await self.log_in_admin()
             except (OSError, ConnectionClosed, InvalidHandshake, TimeoutError) as exc:
                 log.info("dashboard connection ended (%s); reconnecting", exc)
@@ -774,7 +1169,7 @@ class Fleet:
 
     async def cut_monitors(self) -> None:
         """Lose some CPs: half close their connection, half just stop their heartbeats."""
-        idle = [cp for cp in self.monitors if cp not in self.busy]
+        idle = [cp for cp in self.monitors if cp not in self.busy and cp not in self.supplies]
         victims = random.sample(idle, min(self.config.lose, len(idle)))
         for i, cp_id in enumerate(victims):
             client = self.monitors[cp_id]
@@ -909,6 +1304,21 @@ class Fleet:
     # --- the run --------------------------------------------------------------------------
 
     async def run(self) -> dict[str, Any]:
+        """Provision, connect, log in, measure over the window, drain; the run's figures."""
+        if self.config.ledger is not None:
+            try:
+                self.ledger = Ledger(self.config.ledger)
+            except OSError as exc:
+                raise FleetError(
+                    f"cannot append to the ledger {self.config.ledger}: {exc.strerror or exc}"
+                ) from None
+        try:
+            return await self.measure()
+        finally:
+            if self.ledger is not None:
+                self.ledger.close()
+
+    async def measure(self) -> dict[str, Any]:
         config = self.config
         if config.db:
             # Driver accounts only: Central reads passwords at each login, CPs only at start.
@@ -933,10 +1343,7 @@ class Fleet:
                     " register them: seed them with `python -m tools.fleet seed`"
                 )
         provision_s = time.monotonic() - t0
-        # As the real engines and driver apps publish: every in-sync copy, no duplicates.
-        self.producer = AIOKafkaProducer(
-            bootstrap_servers=config.broker, linger_ms=0, acks="all", enable_idempotence=True
-        )
+        self.producer = self.new_producer()
         # As the real engines and driver apps read: only what a Central's transaction committed
         # (an HA pair publishes in transactions; one Central alone does not, so there it is
         # the same as reading everything).
@@ -966,9 +1373,12 @@ class Fleet:
                     tasks.create_task(self.read_updates(updates)),
                     tasks.create_task(self.sample_central()),
                     tasks.create_task(self.probe_loop()),
+                    # Lost monitor links, whether Central died, restarted or failed over.
+                    tasks.create_task(self.reconnect_lost()),
+                    tasks.create_task(self.replay_held()),
+                    tasks.create_task(self.send_outbox()),
+                    tasks.create_task(self.watch_outbox()),
                 ]
-                if self.failover:
-                    background.append(tasks.create_task(self.reconnect_lost()))
                 t0 = time.monotonic()
                 await self.connect_all()
                 connect_s = time.monotonic() - t0
@@ -988,7 +1398,7 @@ class Fleet:
                 self.heartbeat_rtt.clear()
                 self.measuring = True
                 before = self.metrics()
-                cpu_before = procstat.sample(config.central_pid) if config.central_pid else None
+                cpu_before = _cpu_of(config.central_pid)
                 m0 = time.monotonic()
                 own0 = time.process_time()
                 hb_sent0 = self.heartbeats_sent
@@ -1002,10 +1412,27 @@ class Fleet:
                     await asyncio.sleep(min(8.0, config.duration))
                 window = time.monotonic() - m0
                 after = self.metrics()
-                cpu_after = procstat.sample(config.central_pid) if config.central_pid else None
+                # None when Central is gone or was restarted (its figures are then not measured).
+                cpu_after = _cpu_of(config.central_pid)
                 own_cpu = time.process_time() - own0
                 hb_sent = self.heartbeats_sent - hb_sent0
-                supplying_now = len(self.supplies)
+                result = self.figures(
+                    Window(
+                        seconds=window,
+                        before=before,
+                        after=after,
+                        cpu_before=cpu_before,
+                        cpu_after=cpu_after,
+                        own_cpu=own_cpu,
+                        heartbeats_sent=hb_sent,
+                        supplying_at_end=len(self.supplies),
+                        provision_s=provision_s,
+                        connect_s=connect_s,
+                        login_s=login_s,
+                    )
+                )
+                # The figures are the window's; what the drain does is reported apart.
+                result.update(await self.drain())
                 self.stopping = True
                 await stop_tasks(background + drivers)
         finally:
@@ -1015,7 +1442,50 @@ class Fleet:
                     client.transport.close()
             await commands.stop()
             await updates.stop()
-            await self.producer.stop()
+            if self.producer is not None:  # None only while a broken one was being replaced
+                await self.producer.stop()
+        return result
+
+    async def drain(self) -> dict[str, Any]:
+        """End the run as an audit needs it: no new supplies, every one in progress ended as
+        its driver unplugging (the engine's usual end, its ended event sent), then up to
+        `drain` seconds for the drivers' tickets and the answers to the requests in flight."""
+        self.draining = True
+        self.measuring = False
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        ending = list(self.supplies.values())
+        for supply in ending:
+            self.end_supply(supply, EndReason.UNPLUGGED)
+        deadline = started + self.config.drain
+        while (
+            self.unticketed or self.outbox or any(not a.answer.done() for a in self.asking.values())
+        ):
+            if loop.time() >= deadline:
+                break
+            await asyncio.sleep(DRAIN_POLL_S)
+        took = loop.time() - started
+        if self.unticketed:
+            session_id, driver_id = next(iter(self.unticketed.items()))
+            log.warning(
+                "%d ticket(s) did not come within %g s of the stop (e.g. session %s of %s)",
+                len(self.unticketed),
+                self.config.drain,
+                session_id,
+                driver_id,
+            )
+        else:
+            log.info("%d supplies ended at the stop; drained in %.1f s", len(ending), took)
+        return {
+            "supplies_ended_at_stop": len(ending),
+            "drain_s": round(took, 1),
+            "tickets_missing": len(self.unticketed),
+        }
+
+    def figures(self, w: Window) -> dict[str, Any]:
+        """The run's figures, from what it measured over its window."""
+        config = self.config
+        before, after, window = w.before, w.after, w.seconds
 
         def delta(name: str, **labels: str) -> float:
             return promtext.value(after, name, **labels) - promtext.value(before, name, **labels)
@@ -1031,18 +1501,18 @@ class Fleet:
         result: dict[str, Any] = {
             "cps": config.cps,
             "supplying_target": self.slots,
-            "supplying_at_end": supplying_now,
+            "supplying_at_end": w.supplying_at_end,
             "duration_s": round(window, 1),
-            "provision_s": round(provision_s, 1),
-            "connect_s": round(connect_s, 1),
+            "provision_s": round(w.provision_s, 1),
+            "connect_s": round(w.connect_s, 1),
             "monitors_authenticated": len(self.monitors),
             "monitors_refused": len(self.auth_refusals),
             "standby_refusals": self.standby_refusals,
-            "login_s": round(login_s, 1),
+            "login_s": round(w.login_s, 1),
             "drivers_logged_in": len(self.sessions),
             "driver_logins_failed": len(self.login_refusals),
             "unopened_sealed": self.unopened,
-            "heartbeats_sent": hb_sent,
+            "heartbeats_sent": w.heartbeats_sent,
             "heartbeat_rtt_ms": summarise(self.heartbeat_rtt),
             "request_to_authorisation_ms": summarise(self.auth_latency),
             "request_to_authorisation_warmup_ms": summarise(self.auth_latency_warmup),
@@ -1052,13 +1522,15 @@ class Fleet:
             "lost_cp_undetected": len(self.lost_pending),
             "unexpected_disconnects": len(self.unexpected_disconnects),
             "unexpected_closes": self.unexpected_closes,
+            "monitors_reconnected": self.reconnects,
+            "kafka_send_failures": self.send_failures,
             "nacks": self.nacks,
             "denied": self.denied,
             "request_timeouts": self.request_timeouts,
             "supplies_completed": self.supplies_completed,
             "telemetry_sent": self.telemetry_sent,
             "dashboard_pushes": self.ws_pushes,
-            "simulator_cpu_s": round(own_cpu, 2),
+            "simulator_cpu_s": round(w.own_cpu, 2),
             "central_heartbeats_handled": heartbeats_handled,
             "central_telemetry_handled": delta("ev_central_messages_total", type="cp_telemetry"),
             # Since Central started (logins included): all three must stay 0.
@@ -1068,12 +1540,12 @@ class Fleet:
                 after, "ev_central_messages_total", type="handler_errors"
             ),
         }
-        if cpu_before is not None and cpu_after is not None:
-            cpu = cpu_after.cpu_seconds - cpu_before.cpu_seconds
+        if w.cpu_before is not None and w.cpu_after is not None:
+            cpu = w.cpu_after.cpu_seconds - w.cpu_before.cpu_seconds
             rss = [s[2] for s in self.cpu_samples]
             result["central_cpu_s"] = round(cpu, 2)
             result["central_cpu_percent"] = round(100 * cpu / window, 1)
-            result["central_rss_mib"] = round(cpu_after.rss_bytes / 2**20, 1)
+            result["central_rss_mib"] = round(w.cpu_after.rss_bytes / 2**20, 1)
             result["central_rss_max_mib"] = round(max(rss) / 2**20, 1) if rss else None
             result["central_heartbeats_per_cpu_s"] = (
                 round(heartbeats_handled / cpu, 1) if cpu > 0 else None
@@ -1114,3 +1586,13 @@ class Fleet:
             "mean_ms": mean_ms(pauses, 1, generation="2"),
         }
         return result
+
+
+def _cpu_of(pid: int | None) -> procstat.ProcSample | None:
+    """Central's CPU and memory now, None without a pid or when that process is gone."""
+    if not pid:
+        return None
+    try:
+        return procstat.sample(pid)
+    except OSError:
+        return None

@@ -1,0 +1,1 @@
+"""A chaos soak: random faults and an independent auditor (docs/reliability.md)."""
