@@ -13,15 +13,17 @@ import json
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
-from conftest import Broker
 
 from helpers import scaled, wait_for
 from procs import Deployment
 from tools.fleet.accounts import Credentials, seed_database
 from tools.fleet.sim import Fleet, FleetConfig, cp_ids, driver_ids
+
+if TYPE_CHECKING:  # the tests' conftest, not importable as a module beside the browser tests'
+    from conftest import Broker
 
 pytestmark = [pytest.mark.kafka, pytest.mark.e2e, pytest.mark.slow]
 
