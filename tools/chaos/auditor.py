@@ -154,7 +154,8 @@ def audit(evidence: Evidence) -> list[Invariant]:
             in_central.fail(f"session {session_id} ({m.cp_id}): {row['status']}, not settled")
             continue
         energy.checked += 1
-        tolerance = evidence.max_kw.get(m.cp_id, 22.0) * SAMPLE_SECONDS / 3600 + ROUNDING_KWH
+        # One sample short at most, each side rounded to four decimals.
+        tolerance = evidence.max_kw.get(m.cp_id, 22.0) * SAMPLE_SECONDS / 3600 + 2 * ROUNDING_KWH
         billed = float(row["kwh"])
         capped = _capped(row, evidence)
         if billed > m.kwh + ROUNDING_KWH or (billed < m.kwh - tolerance and not capped):

@@ -102,6 +102,7 @@ from tools.fleet.stats import summarise
 log = logging.getLogger("fleet")
 Opened = TypeVar("Opened")
 
+TICK_SECONDS = 1.0  # an engine's telemetry period
 TICK_GROUPS = 50  # heartbeats and telemetry are spread over 50 slots a second
 ADMIN_BATCH = 100  # admin commands in flight on the admin WebSocket
 LOGIN_CONCURRENCY = 50  # driver logins in flight (Central answers them one at a time)
@@ -888,6 +889,10 @@ class Fleet:
                     continue
                 if now >= supply.ends_at:
                     self.end_supply(supply, EndReason.UNPLUGGED)
+                    continue
+                if now - supply.started < TICK_SECONDS:
+                    # The first sample a second after the plug, as an engine's: an authorisation
+                    # Central withdrew (it gave up waiting for the answer) ends before any energy.
                     continue
                 supply.seq += 1
                 supply.kwh += step
