@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{verdict}: seed {seed}, {totals['faults']} faults, {totals['supplies']} supplies "
         f"({totals['kwh']:.3f} kWh, {totals['euros']:.2f} €), {totals['violations']} violations;"
         f" report: {paths['html']}"
+        + (f" ({totals['known']} of known open defects, reported apart)" if totals["known"] else "")
     )
     for invariant in results["invariants"]:
         for text in invariant["violations"][:5]:
