@@ -184,8 +184,8 @@ def test_the_known_open_defects_are_reported_apart_and_only_those() -> None:
         ],
     }
     assert all(not i.violations for i in checks if not i.name.startswith("known:"))
-    # Denied for another reason, or settled short although the engine ended it: violations.
+    # Denied for another reason, or settled short as a normal end: violations.
     e.sessions[-2]["reason"] = "cp_unavailable"
-    e.ledger += [dict(lines[-1], session_id="s8", cp_id="CP003", driver_id="user3", kwh=0.05)]
+    e.sessions[-1]["reason"] = "unplugged"
     v = violations(e)
     assert "no ticket reached the driver" in str(v) and "Central billed 0.0000 kWh" in str(v)

@@ -34,7 +34,9 @@ STOP_GRACE_S = 5.0
 KNOWN = "known: "
 KNOWN_WITHDRAWN = KNOWN + "energy supplied on an authorisation Central had withdrawn"
 KNOWN_DIED = KNOWN + "energy an engine metered and lost when it died with Kafka away"
+# (the ledger may show the supply's end: written, then lost with the engine before Kafka had it)
 WITHDRAWN_SAMPLES = 15
+ENGINE_GONE = ("engine_lost", "monitor_lost", "engine_fault")
 
 
 @dataclass
@@ -180,11 +182,9 @@ def audit(evidence: Evidence) -> list[Invariant]:
         tolerance = evidence.max_kw.get(m.cp_id, 22.0) * SAMPLE_SECONDS / 3600 + 2 * ROUNDING_KWH
         billed = float(row["kwh"])
         capped = _capped(row, evidence)
-        if (
-            billed < m.kwh - tolerance
-            and not m.ended
-            and row.get("reason") in ("engine_lost", "monitor_lost", "engine_fault")
-        ):
+        if billed < m.kwh - tolerance and row.get("reason") in ENGINE_GONE:
+            # Settled without the engine's final figures, which never came: they were in its
+            # memory when it died (or stalled) with Kafka away.
             died.checked += 1
             died.fail(
                 f"session {session_id} ({m.cp_id}): Central billed {billed:.4f} kWh, the engine "
