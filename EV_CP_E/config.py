@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ class EngineSettings:
     health_timeout: float = 3.0
     secret: str | None = field(default=None, repr=False)  # the CP's secret: checks the monitor
     ledger: Path | None = None  # append what is metered here, a JSON line per event (audits)
+    journal: Path | None = None  # what must survive a crash (the command line's default: on)
     log_level: str = "INFO"
     log_json: bool = False
 
@@ -113,8 +115,30 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvArgumentParser:
         "sample and each supply's end, written before Central is told (a record of what was "
         "metered, for an independent audit)",
     )
+    parser.add_option(
+        "--journal",
+        type=file_path,
+        default=None,
+        metavar="PATH",
+        help="keep the supply in hand and the events Kafka has not taken in PATH, so that a "
+        "crash loses no metered energy: sent again at the next start (default: "
+        "engine-PORT.journal in $XDG_STATE_HOME/ev-charging, else ~/.local/state/ev-charging; "
+        "PORT from --listen)",
+    )
+    parser.add_option(
+        "--no-journal",
+        action="store_true",
+        default=False,
+        help="keep no journal: a crash loses what Kafka had not taken",
+    )
     add_common_options(parser)
     return parser
+
+
+def default_journal(port: int, environ: Mapping[str, str]) -> Path:
+    """Where an engine listening on PORT keeps its journal unless told (XDG's state home)."""
+    state = environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "ev-charging" / f"engine-{port}.journal"
 
 
 def appendable(path: Path) -> str | None:
@@ -122,6 +146,20 @@ def appendable(path: Path) -> str | None:
     try:
         with path.open("a", encoding="utf-8"):
             pass
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
+def writable_beside(path: Path) -> str | None:
+    """Why a file cannot be written at PATH by a rename from beside it (its directory is made
+    if missing), or None."""
+    probe = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with probe.open("w", encoding="utf-8"):
+            pass
+        probe.unlink()
     except OSError as exc:
         return exc.strerror or str(exc)
     return None
@@ -135,6 +173,16 @@ def parse_settings(
     args = parser.parse_args(argv)
     if args.ledger is not None and (problem := appendable(args.ledger)) is not None:
         parser.error(f"argument --ledger: cannot append to {args.ledger}: {problem}")
+    journal = None
+    if not args.no_journal:
+        journal = args.journal or default_journal(
+            args.listen[1], os.environ if environ is None else environ
+        )
+        if (problem := writable_beside(journal)) is not None:
+            parser.error(
+                f"argument --journal: cannot write {journal}: {problem} "
+                "(--no-journal runs without one)"
+            )
     return EngineSettings(
         broker=args.broker,
         listen=args.listen,
@@ -145,6 +193,7 @@ def parse_settings(
         health_timeout=args.health_timeout,
         secret=read_secret(parser, args.secret, args.secret_file, required=False),
         ledger=args.ledger,
+        journal=journal,
         log_level=args.log_level,
         log_json=args.log_json,
     )

@@ -1,6 +1,8 @@
 """The charging point's engine as a pure state machine: no asyncio, no I/O.
 
-IDLE -> AUTHORISED -> SUPPLYING -> IDLE, with four conditions that refuse or end supplies:
+IDLE -> AUTHORISED -> PLUGGED -> SUPPLYING -> IDLE: a plugged-in vehicle draws nothing until
+Central's `start_supply` says the session is SUPPLYING there too. Four conditions refuse or end
+supplies:
 KO (the menu's `k`/`o`), the monitor's health checks (lost after `health_timeout` seconds of
 silence), Central's reachability (as the last health check reported it) and Central's
 in-service flag. Every input is a method call; every method returns an `Outcome` holding the
@@ -28,12 +30,14 @@ from shared.messages import (
     EndSupply,
     Message,
     SetService,
+    StartSupply,
 )
 
 
 class EngineState(StrEnum):
     IDLE = "IDLE"
     AUTHORISED = "AUTHORISED"
+    PLUGGED = "PLUGGED"  # plugged in, waiting for Central's start_supply
     SUPPLYING = "SUPPLYING"
 
 
@@ -220,6 +224,20 @@ class EngineMachine:
             return Outcome()
         return self._end(cmd.reason)
 
+    def start_supply(self, cmd: StartSupply) -> Outcome:
+        """Central's word that the plugged-in supply may begin: energy flows from now."""
+        out = Outcome()
+        auth = self.auth
+        if self.state is not EngineState.PLUGGED or auth is None:
+            return out  # a redelivery, or a supply that ended meanwhile (Central hears of it)
+        if auth.session_id != cmd.session_id:
+            return out
+        self.state = EngineState.SUPPLYING
+        self.supply = Supply(started_at=self._now())
+        self.last_kw = 0.0
+        out.notes.append(f"Central started session {auth.session_id}: supplying")
+        return out
+
     def set_service(self, cmd: SetService) -> Outcome:
         self.in_service = cmd.in_service
         out = Outcome()
@@ -235,6 +253,9 @@ class EngineMachine:
         if self.state is EngineState.SUPPLYING:
             out.refused = "already supplying"
             return out
+        if self.state is EngineState.PLUGGED:
+            out.refused = "already plugged in, waiting for Central to start the supply"
+            return out
         if self.state is EngineState.IDLE or self.auth is None:
             out.refused = "no authorised supply to plug into"
             return out
@@ -246,14 +267,13 @@ class EngineMachine:
         if blocker is not None:
             out.refused = blocker[0]
             return out
-        self.state = EngineState.SUPPLYING
-        self.supply = Supply(started_at=self._now())
-        self.last_kw = 0.0
+        self.state = EngineState.PLUGGED
         out.events.append(self._plugged())
+        out.notes.append(f"plugged in: waiting for Central to start session {self.auth.session_id}")
         return out
 
     def unplug(self) -> Outcome:
-        if self.state is not EngineState.SUPPLYING:
+        if self.state not in (EngineState.PLUGGED, EngineState.SUPPLYING):
             return Outcome(refused="nothing plugged in")
         return self._end(EndReason.UNPLUGGED)
 
@@ -302,7 +322,11 @@ class EngineMachine:
             if self.state is not EngineState.IDLE:
                 out.extend(self._end(EndReason.MONITOR_LOST))
         auth = self.auth
-        if self.state is EngineState.AUTHORISED and auth is not None:
+        if self.state is EngineState.PLUGGED and auth is not None and auth.expires_at <= now:
+            # Central never started it (its word lost, or it no longer stands behind it).
+            out.extend(self._end(EndReason.AUTHORIZATION_EXPIRED))
+            out.notes.append(f"Central did not start session {auth.session_id} in time")
+        elif self.state is EngineState.AUTHORISED and auth is not None:
             if auth.expires_at <= now:
                 out.extend(self._end(EndReason.AUTHORIZATION_EXPIRED))
                 out.notes.append(f"authorisation for session {auth.session_id} expired")
@@ -417,6 +441,11 @@ class EngineMachine:
             if not self.central_ok:
                 line += "  (Central unreachable: finishing this supply)"
             return line
+        if self.state is EngineState.PLUGGED and auth is not None:
+            return (
+                f"{who} PLUGGED driver {auth.driver_id} session {auth.session_id}  "
+                "(waiting for Central to start the supply)"
+            )
         if self.state is EngineState.AUTHORISED and auth is not None:
             plug = "plugging in automatically" if self.auto_plug is not None else "plug in: p"
             return (

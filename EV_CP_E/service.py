@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import re
 import sys
 import time
 from collections import deque
-from pathlib import Path
-from typing import BinaryIO, TextIO
+from typing import TextIO
 
 from aiokafka import ConsumerRecord
 from aiokafka.errors import KafkaError
 
 from EV_CP_E.config import EngineSettings
+from EV_CP_E.journal import Held, Journal, Recovered
+from EV_CP_E.ledger import Ledger
 from EV_CP_E.machine import Authorisation, EngineMachine, EngineState, Outcome
 from shared.backoff import Backoff
 from shared.bus import BusError, KafkaBus, Topics, consume_each
@@ -30,7 +30,6 @@ from shared.messages import (
     MONITOR_TO_ENGINE,
     AuthorizeSupply,
     CPAuthorisation,
-    CPPlugged,
     CPRequestDenied,
     CPSupplyEnded,
     CPTelemetry,
@@ -42,6 +41,7 @@ from shared.messages import (
     Message,
     MonitorToEngine,
     SetService,
+    StartSupply,
 )
 from shared.sealing import SealError, check_hello_proof, new_challenge
 
@@ -65,105 +65,6 @@ HELP = "commands: p plug in, u unplug, k report KO, o back to OK, r DRIVER_ID re
 
 class EngineError(EVError):
     """The engine cannot run (e.g. its listening address is taken)."""
-
-
-class Ledger:
-    """An append-only record of what was metered: one compact JSON object a line, "event"
-    first, "ts" last: when it happened, on this PC's clock (for an event, the stamp it carries
-    to Central). Documented in the README (EV_CP_E's --ledger); the fleet simulator writes the
-    same lines.
-
-    Each line goes to the file in one unbuffered write, so that a process killed at once loses
-    none that were written (no fsync: the operating system keeps them). The write is made in
-    line, on the event loop: appending a line to a local file costs microseconds, and it is what
-    lets a line be on file before the event it records is published. A write that fails is
-    logged once and the line is lost; the service goes on.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._file: BinaryIO | None = path.open("ab", buffering=0)
-        self._lost = 0
-        self._torn = False  # a line was cut short by a failed write: the next starts afresh
-
-    def write(self, event: str, **fields: object) -> None:
-        """Append one line: {"event": EVENT, **FIELDS}."""
-        if self._file is None:
-            return
-        line = json.dumps({"event": event, **fields}, separators=(",", ":")) + "\n"
-        data = ("\n" + line if self._torn else line).encode()
-        written = 0
-        try:
-            while written < len(data):
-                count = self._file.write(data[written:])
-                if not count:
-                    raise OSError("the file took nothing")
-                written += count
-        except OSError as exc:
-            self._torn = written > 0
-            self._lost += 1
-            if self._lost == 1:
-                log.warning(
-                    "cannot write to the ledger %s (%s): lines are lost while this lasts",
-                    self.path,
-                    exc.strerror or exc,
-                )
-            return
-        self._torn = False
-
-    def authorised(
-        self,
-        *,
-        cp_id: str,
-        session_id: str,
-        driver_id: str,
-        price_eur_kwh: float,
-        max_kwh: float | None,
-        ts: float,
-    ) -> None:
-        self.write(
-            "authorised",
-            cp_id=cp_id,
-            session_id=session_id,
-            driver_id=driver_id,
-            price_eur_kwh=price_eur_kwh,
-            max_kwh=max_kwh,
-            ts=ts,
-        )
-
-    def tick(self, event: CPTelemetry, driver_id: str | None) -> None:
-        self.write(
-            "tick",
-            cp_id=event.cp_id,
-            session_id=event.session_id,
-            driver_id=driver_id,
-            seq=event.seq,
-            kwh=event.kwh,
-            amount_eur=event.amount_eur,
-            ts=event.ts,
-        )
-
-    def ended(self, event: CPSupplyEnded, driver_id: str | None) -> None:
-        self.write(
-            "ended",
-            cp_id=event.cp_id,
-            session_id=event.session_id,
-            driver_id=driver_id,
-            kwh=event.kwh,
-            amount_eur=event.amount_eur,
-            reason=event.reason.value,
-            ts=event.ts,
-        )
-
-    def close(self) -> None:
-        """Close the file (idempotent); say how many lines were lost, if any."""
-        if self._file is None:
-            return
-        with contextlib.suppress(OSError):
-            self._file.close()
-        self._file = None
-        if self._lost:
-            log.warning("%d line(s) could not be written to the ledger %s", self._lost, self.path)
 
 
 class EngineService:
@@ -190,6 +91,11 @@ class EngineService:
                 raise EngineError(
                     f"cannot append to the ledger {settings.ledger}: {exc.strerror or exc}"
                 ) from None
+        # What must survive a crash (the supply in hand, the events Kafka has not taken), and
+        # what the last run left to send again once the monitor says which CP this is.
+        self.journal = Journal(settings.journal) if settings.journal is not None else None
+        self._recovered: Recovered | None = self.journal.load() if self.journal else None
+        self._journaled: tuple[object, ...] | None = None
         # The authorisation being metered, for the ledger: the machine forgets it as the
         # supply ends, before the ended event is recorded.
         self._metering: Authorisation | None = None
@@ -265,7 +171,14 @@ class EngineService:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._outbox_drained(), FLUSH_TIMEOUT)
         pending = sum(1 for _, _, reliable in self._outbox if reliable)
-        if pending:
+        if pending and self.journal is not None:
+            log.warning(
+                "quitting with %d event(s) Kafka did not take: kept in the journal %s, sent when "
+                "the engine starts again",
+                pending,
+                self.journal.path,
+            )
+        elif pending:
             log.warning("quitting with %d event(s) Kafka did not take", pending)
 
     async def _outbox_drained(self) -> None:
@@ -297,8 +210,7 @@ class EngineService:
         for event in outcome.events:
             self._record(event)  # first: the ledger is never behind what Central can see
             self._publish(event)
-            if isinstance(event, CPPlugged):
-                self._supply_started.set()
+        self._keep()  # on disk before the outbox's sender can run
         self._show()
 
     def _record(self, event: Message) -> None:
@@ -329,6 +241,62 @@ class EngineService:
             if auth is not None and auth.session_id == session_id:
                 return auth.driver_id
         return None
+
+    # --- journal ------------------------------------------------------------------------------
+
+    def _keep(self) -> None:
+        """Write the journal if what it must hold changed: the supply in hand (each tick) or
+        the events waiting for Kafka."""
+        journal = self.journal
+        if journal is None or self._recovered is not None:
+            return  # nothing to keep, or the last run's journal not sent yet: leave it be
+        auth, supply = self.machine.auth, self.machine.supply
+        pending = [message for _, message, reliable in self._outbox if reliable]
+        held = None
+        if auth is not None:
+            held = Held(
+                session_id=auth.session_id,
+                driver_id=auth.driver_id,
+                price_eur_kwh=auth.price_eur_kwh,
+                kwh=supply.kwh if supply is not None else 0.0,
+                started_at=supply.started_at if supply is not None else None,
+            )
+        snapshot = (held, tuple(message.id for message in pending))
+        if snapshot == self._journaled:
+            return
+        self._journaled = snapshot
+        journal.save(self.machine.cp_id, held, pending)
+
+    def _resume(self, cp_id: str) -> None:
+        """The monitor said which CP this is: send again what the last run left unsent."""
+        recovered, self._recovered = self._recovered, None
+        if recovered is None:
+            return
+        assert self.journal is not None
+        if recovered.cp_id != cp_id:
+            log.warning(
+                "the journal %s is %s's, this engine is %s: its %d event(s) are not sent",
+                self.journal.path,
+                recovered.cp_id,
+                cp_id,
+                len(recovered.events),
+            )
+            self._say(f"ignored a journal of another CP ({recovered.cp_id})")
+        else:
+            if recovered.ended is not None:
+                session = recovered.ended.session_id
+                kwh = recovered.ended.kwh
+                self._say(
+                    f"session {session} was cut short when this engine stopped: reporting "
+                    f"{kwh:.4f} kWh ({recovered.ended.reason.value})"
+                )
+                if self.ledger is not None:
+                    self.ledger.ended(recovered.ended, recovered.driver_id)
+            for event in recovered.events:
+                self._outbox.append((cp_id, event, True))
+            self._outbox_changed.set()
+            log.info("sending %d event(s) kept in the journal", len(recovered.events))
+        self._keep()
 
     # --- outbox -------------------------------------------------------------------------------
 
@@ -388,6 +356,8 @@ class EngineService:
             backoff.reset()
             self._outbox.popleft()
             self._outbox_changed.set()
+            if reliable:
+                self._keep()
 
     # --- Kafka --------------------------------------------------------------------------------
 
@@ -483,6 +453,10 @@ class EngineService:
             left = command.expires_at - command.ts - (age or 0.0)
             local = command.model_copy(update={"expires_at": time.time() + left})
             self._apply(self.machine.authorize(local))
+        elif isinstance(command, StartSupply):
+            self._apply(self.machine.start_supply(command))
+            if self.machine.state is EngineState.SUPPLYING:
+                self._supply_started.set()
         elif isinstance(command, EndSupply):
             self._apply(self.machine.end_supply(command))
         elif isinstance(command, SetService):
@@ -566,6 +540,7 @@ class EngineService:
             log.info("CP id is %s (from the monitor)", hello.cp_id)
             self._say(f"this engine is {hello.cp_id}")
             self._show()
+            self._resume(hello.cp_id)
         return True
 
     async def _serve_monitor(self, connection: FramedConnection[MonitorToEngine]) -> None:

@@ -106,7 +106,9 @@ class Central:
         )
         self.feed = Feed(self.registry, self.bus)
         self.clocks = Clocks(
-            NetworkClock(self.bus.probe_clock, who="Central"), warn=self._clock_warning
+            NetworkClock(self.bus.probe_clock, who="Central"),
+            warn=self._clock_warning,
+            last_heard=self._last_heartbeat,
         )
         self.feed.hops = self.clocks.hops
         self.context = context = Context(
@@ -185,6 +187,11 @@ class Central:
                     await self.keys.save_replay_guard(now)
                 except Exception:
                     log.exception("saving the replay guard failed")
+
+    def _last_heartbeat(self, cp_id: str) -> float | None:
+        """When a CP's monitor last spoke to Central (the panel's "last heard" of its clocks)."""
+        cp = self.registry.get(cp_id)
+        return cp.last_heartbeat if cp is not None and cp.last_heartbeat else None
 
     async def _clock_warning(self, kind: str, peer_id: str, text: str) -> None:
         """A clock is off by SKEW_WARNING_S or more: the log, the panel's feed, the audit."""

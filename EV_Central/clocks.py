@@ -38,6 +38,8 @@ HOP_WINDOW_S = 60.0
 HOPS = ("driver → Central", "Central → engine", "engine → Central", "Central → dashboards")
 
 Warn = Callable[[str, str, str], Coroutine[Any, Any, None]]  # (kind, id, text)
+# When a CP's monitor last spoke to Central (time.time()), or None: the registry knows it.
+LastHeard = Callable[[str], float | None]
 
 
 @dataclass
@@ -47,9 +49,16 @@ class PeerClock:
     via: str  # how it is measured: "round trips", "monitor", "kafka"
     estimate: OffsetEstimate
     warned: bool = False
-    seen: float = field(default_factory=time.monotonic)
+    seen: float = field(default_factory=time.monotonic)  # when last measured
 
-    def as_api(self, central_offset: float) -> dict[str, Any]:
+    def age(self, last_heard: LastHeard | None) -> float:
+        """Seconds since the peer was last heard from: a CP's monitor and engine by the
+        monitor's last heartbeat (most carry no measurement), a driver by its last message."""
+        measured = time.monotonic() - self.seen
+        heard = last_heard(self.id) if last_heard is not None and self.kind != "driver" else None
+        return measured if heard is None else min(measured, max(0.0, time.time() - heard))
+
+    def as_api(self, central_offset: float, age: float) -> dict[str, Any]:
         own = self.estimate.offset
         offset = None if own is None else own + central_offset
         best = self.estimate.best()
@@ -59,7 +68,7 @@ class PeerClock:
             "via": self.via,
             "offset_s": None if offset is None else round(offset, 3),
             "round_trip_ms": round(best.spread * 1000, 1) if best and best.spread else None,
-            "age_s": round(time.monotonic() - self.seen, 1),
+            "age_s": round(age, 1),
             "warning": offset is not None and abs(offset) >= SKEW_WARNING_S,
         }
 
@@ -101,11 +110,17 @@ class Hops:
 class Clocks:
     """Central's own offset (a NetworkClock) and its peers', relative to Central's clock."""
 
-    def __init__(self, network: NetworkClock | None = None, warn: Warn | None = None) -> None:
+    def __init__(
+        self,
+        network: NetworkClock | None = None,
+        warn: Warn | None = None,
+        last_heard: LastHeard | None = None,
+    ) -> None:
         """Without `network` Central's own offset is taken as 0 (tests of single parts)."""
         self.network = network if network is not None else NetworkClock(_no_probe, who="Central")
         self.hops = Hops()
         self._warn = warn
+        self._last_heard = last_heard
         self._peers: dict[tuple[str, str], PeerClock] = {}
         self._central_warned = False
         self._warnings: set[asyncio.Task[None]] = set()  # warnings being logged and audited
@@ -185,14 +200,6 @@ class Clocks:
         peer.estimate.add(monitor.estimate.offset + engine_vs_monitor, trip)
         self._check(peer)
 
-    def heard(self, cp_id: str) -> None:
-        """A CP's monitor (and so its engine) was heard from: the panel's "last heard"."""
-        now = time.monotonic()
-        for kind in ("monitor", "engine"):
-            peer = self._peers.get((kind, cp_id))
-            if peer is not None:
-                peer.seen = now
-
     def offset_of(self, kind: str, peer_id: str) -> float | None:
         """A peer's clock minus Central's, when measured."""
         peer = self._peers.get((kind, peer_id))
@@ -225,8 +232,8 @@ class Clocks:
     # --- for the panel and /metrics -----------------------------------------------------------
 
     def as_api(self) -> dict[str, Any]:
-        now = time.monotonic()
-        for key in [k for k, p in self._peers.items() if now - p.seen > FORGET_AFTER_S]:
+        ages = {key: peer.age(self._last_heard) for key, peer in self._peers.items()}
+        for key in [k for k, age in ages.items() if age > FORGET_AFTER_S]:
             del self._peers[key]
         central = self.network.offset
         trip = self.network.round_trip
@@ -238,7 +245,7 @@ class Clocks:
                 "warning": central is not None and abs(central) >= SKEW_WARNING_S,
             },
             "peers": [
-                p.as_api(self.central_offset)
+                p.as_api(self.central_offset, ages[(p.kind, p.id)])
                 for p in sorted(self._peers.values(), key=lambda p: (p.kind, p.id))
             ],
             "hops": self.hops.as_api(),

@@ -206,8 +206,6 @@ class MonitorServer:
             if type(message) is Heartbeat and message.cp_id == cp.id:
                 if message.probe_ts is not None or message.engine_offset_s is not None:
                     _measure_clocks(clocks, message)
-                else:
-                    clocks.heard(cp.id)
                 if message.seq < 3 or message.seq % CLOCK_PROBE_EVERY == 0:
                     link.offer_probe()
                 return links.heartbeat_fast(cp, message.engine_ok, link, message.speed)
@@ -271,4 +269,3 @@ def _measure_clocks(clocks: Clocks, heartbeat: Heartbeat) -> None:
     if heartbeat.engine_offset_s is not None:
         trip = heartbeat.engine_trip_s or 0.0
         clocks.engine_via_monitor(heartbeat.cp_id, heartbeat.engine_offset_s, trip)
-    clocks.heard(heartbeat.cp_id)

@@ -28,6 +28,7 @@ from shared.messages import (
     Message,
     RequestDenied,
     SessionInfo,
+    StartSupply,
     SupplyAuthorized,
     SupplyProgress,
     SupplyStarted,
@@ -302,8 +303,11 @@ class Session:
         self.started_at = at
         self.last_telemetry_at = now
         message = SupplyStarted(driver_id=self.driver_id, cp_id=cp_id, session_id=self.session_id)
+        # The engine meters nothing before this word: a supply always runs inside a session
+        # that Central has made SUPPLYING, so its energy is billed.
+        go = StartSupply(cp_id=cp_id, session_id=self.session_id)
         return Effects(
-            publish=[self.to_driver(message)],
+            publish=[self.to_engine(go), self.to_driver(message)],
             save=True,
             notes=[Note("started", f"{cp_id}: supplying {self.driver_id}")],
         )

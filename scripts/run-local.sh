@@ -58,7 +58,7 @@ start() {
         local engine_port=$((6100 + n))
         launch "engine-$cp" "$PY" -m EV_CP_E --broker "$BROKER" \
             --listen "127.0.0.1:$engine_port" --auto-plug 2 --auto-unplug 10 \
-            --speed "$SPEED" --secret "demo-secret-$cp"
+            --speed "$SPEED" --secret "demo-secret-$cp" --journal "$RUN/engine-$cp.journal"
         launch "monitor-$cp" "$PY" -m EV_CP_M --engine "127.0.0.1:$engine_port" \
             --central "127.0.0.1:$CENTRAL_PORT" --cp-id "$cp" --broker "$BROKER" \
             --secret "demo-secret-$cp"

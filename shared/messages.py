@@ -474,6 +474,18 @@ class EndSupply(Message):
     reason: EndReason
 
 
+class StartSupply(Message):
+    """Central's word that a plugged-in supply may begin: the session is SUPPLYING at Central.
+
+    An engine meters no energy before it, so that a supply Central no longer stands behind (an
+    authorisation it withdrew, one that expired) never delivers energy that no ticket bills.
+    """
+
+    type: Literal["start_supply"] = "start_supply"
+    cp_id: Identifier
+    session_id: Identifier
+
+
 class SetService(Message):
     """Central stops (PARADO) or resumes a CP."""
 
@@ -494,7 +506,8 @@ class CPRequestDenied(Message):
 
 
 CPCommand = Annotated[
-    AuthorizeSupply | EndSupply | SetService | CPRequestDenied, Field(discriminator="type")
+    AuthorizeSupply | StartSupply | EndSupply | SetService | CPRequestDenied,
+    Field(discriminator="type"),
 ]
 
 

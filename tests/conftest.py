@@ -93,6 +93,21 @@ async def system(
         deployment.stop_all()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def state_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The engines the tests start keep their journals (EV_CP_E --journal's default, under
+    XDG_STATE_HOME) in the session's own directory: never the user's, never a journal that an
+    earlier run left on a port this one reuses."""
+    path = tmp_path_factory.mktemp("state")
+    before = os.environ.get("XDG_STATE_HOME")
+    os.environ["XDG_STATE_HOME"] = str(path)
+    yield path
+    if before is None:
+        del os.environ["XDG_STATE_HOME"]
+    else:
+        os.environ["XDG_STATE_HOME"] = before
+
+
 @pytest.fixture(scope="session")
 def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Bootstrap address ("host:port") of a Kafka broker for the whole session.

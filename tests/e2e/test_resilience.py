@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 
@@ -136,6 +137,58 @@ async def test_broker_restart_during_supply(system: Deployment, broker) -> None:
     await system.wait_state("CP001", "ACTIVADO", timeout=20)
     health = await system.api("/healthz")
     assert health["broker"] is True
+
+
+async def test_an_engine_killed_while_kafka_is_away_loses_no_energy(
+    system: Deployment, broker
+) -> None:
+    """The engine meters on while Kafka is away, then dies before Kafka is back: what it
+    metered meanwhile was only in its memory. Its journal keeps it: started again, the engine
+    reports the supply's end with all of it, and Central corrects the ticket it had settled on
+    the last sample it had."""
+    ledger = system.workdir / "CP001.ledger"
+    driver = await supplying(
+        system, "CP001", "user1", "--auto-unplug", "60", "--ledger", str(ledger)
+    )
+    engine = system.engines["CP001"]
+    broker.restart_later()
+    before = len(engine.output)
+    # Two samples that Kafka cannot take (telemetry is dropped, not queued), then the kill.
+    await engine.wait_output(r"SUPPLYING.*", 10, before)
+    await asyncio.sleep(3)
+    engine.kill(signal.SIGKILL)
+    ticks = [json.loads(line) for line in ledger.read_text().splitlines()]
+    metered = max(line["kwh"] for line in ticks if line["event"] == "tick")
+    sample = max(b["kwh"] - a["kwh"] for a, b in zip(ticks[1:], ticks[2:], strict=False))
+    broker.start()
+    # Central settles without the engine (engine_fault, on the last sample it had)...
+    assert await driver.wait_exit(60) == 0, driver.output
+    (first,) = events_of(driver, "ticket")
+    assert first["reason"] == "engine_fault"
+    assert first["kwh"] < metered - sample  # the samples Kafka missed are not in it
+    # ...and the engine, started again, reports what it had metered.
+    restarted = system.start_engine("CP001")
+    await restarted.wait_output("was cut short when this engine stopped", 30)
+
+    async def corrected() -> bool:
+        row = await session_row(system, "user1")
+        return row["kwh"] >= metered - 1e-4
+
+    await wait_for(corrected, 30, message="Central never took the engine's figures")
+    [(kwh, cents)] = system.query(
+        "SELECT kwh, amount_cents FROM sessions WHERE driver_id = 'user1'"
+    )
+    assert kwh == pytest.approx(metered, abs=1e-4)
+    assert system.balance("user1") == 15000 - cents
+    # The driver's app, run again, shows the corrected ticket (its request at a CP that is not
+    # connected is denied: it only shows what it had not seen).
+    again = system.start_driver("user1", "--cp", "CP009", name="driver-user1-again")
+    assert await again.wait_exit(30) == 3, again.output
+    assert any(
+        t["kwh"] == pytest.approx(metered, abs=1e-4) and t["revision"] == 2
+        for t in events_of(again, "ticket")
+    ), again.output
+    await system.wait_state("CP001", "ACTIVADO", timeout=20)
 
 
 async def replay(bootstrap: str, topics: list[str]) -> int:

@@ -44,6 +44,7 @@ from shared.messages import (
     MonitorAuth,
     MonitorToCentral,
     RecoveryReport,
+    StartSupply,
     decode,
     encode,
 )
@@ -428,10 +429,18 @@ async def test_engine_supplies_over_kafka(
                 lambda: engine.saw(f"session {session_id}"), 10, message=engine.describe()
             )
 
-        # A whole supply: authorise, plug, telemetry, unplug.
+        async def start(session_id: str) -> None:
+            """Central's word after the plug: the engine meters from now on."""
+            go = StartSupply(cp_id=cp_id, session_id=session_id)
+            await bus.send_raw(Topics.CP_COMMANDS, cp_id.encode(), central.seal(go))
+
+        # A whole supply: authorise, plug, Central's word, telemetry, unplug.
         await authorise("sess1")
         await engine.type("p")
         await wait_for(lambda: log.of(CPPlugged), 10, message=engine.describe())
+        await asyncio.sleep(0.5)
+        assert not log.of(CPTelemetry)  # plugged in, but nothing flows before Central's word
+        await start("sess1")
         await wait_for(lambda: len(log.of(CPTelemetry)) >= 3, 10, message=engine.describe())
         await engine.type("u")
         ended = (await wait_for(lambda: log.of(CPSupplyEnded), 10, message=engine.describe()))[0]
@@ -451,6 +460,8 @@ async def test_engine_supplies_over_kafka(
         mark, central_mark = len(log.events), len(central.received)
         await authorise("sess2")
         await engine.type("p")
+        await wait_for(lambda: log.of(CPPlugged, mark), 10)
+        await start("sess2")
         await wait_for(lambda: log.of(CPTelemetry, mark), 10, message=engine.describe())
         await engine.type("k")
         ended2 = (await wait_for(lambda: log.of(CPSupplyEnded, mark), 10))[0]
@@ -524,6 +535,8 @@ async def test_lost_monitor_ends_the_supply_and_blocks_requests(
         )
         await bus.send_raw(Topics.CP_COMMANDS, cp_id.encode(), central.seal(command))
         await wait_for(lambda: log.of(CPPlugged), 10, message=engine.describe())  # auto-plug
+        go = StartSupply(cp_id=cp_id, session_id="sessA")
+        await bus.send_raw(Topics.CP_COMMANDS, cp_id.encode(), central.seal(go))
         await wait_for(lambda: log.of(CPTelemetry), 10)
 
         monitor.proc.send_signal(signal.SIGKILL)

@@ -17,6 +17,7 @@ from shared.messages import (
     EndSupply,
     RequestAccepted,
     RequestDenied,
+    StartSupply,
     SupplyAuthorized,
     SupplyStarted,
     Ticket,
@@ -246,7 +247,12 @@ def test_plugging_in_starts_the_supply_once() -> None:
     effects = session.plugged("CP001", T0 + 1, T0 + 1.5)
     assert session.status == SessionStatus.SUPPLYING
     assert session.started_at == T0 + 1
-    assert isinstance(effects.publish[0].message, SupplyStarted)
+    # The engine gets Central's word to start metering; the driver hears it started.
+    [go, started] = effects.publish
+    assert isinstance(go.message, StartSupply)
+    assert (go.topic, go.key, go.message.session_id) == (Topics.CP_COMMANDS, "CP001", "s1")
+    assert isinstance(started.message, SupplyStarted)
+    assert started.topic == Topics.DRIVER_UPDATES
     again = session.plugged("CP001", T0 + 2, T0 + 2)
     assert session.started_at == T0 + 1
     assert [type(s.message) for s in again.publish] == [EndSupply]

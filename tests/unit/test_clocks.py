@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from types import SimpleNamespace
 
 import pytest
 
-from EV_Central.clocks import HOPS, Clocks, Hops
+from EV_Central.clocks import HOPS, Clocks, Hops, PeerClock
 from EV_Central.metrics import render
 from shared.clock import (
     FIX,
@@ -143,17 +144,22 @@ async def test_central_shows_each_peer_against_the_network_and_warns_once() -> N
 
 async def test_central_warns_about_its_own_clock() -> None:
     warnings: list[str] = []
+    warned = asyncio.Event()
 
     async def warn(kind: str, peer_id: str, text: str) -> None:
         warnings.append(f"{kind} {text}")
+        warned.set()
 
     async def probe() -> float:
         return 1000.0 - 45.0
 
     clocks = Clocks(NetworkClock(probe, who="Central", clock=lambda: 1000.0), warn=warn)
     task = asyncio.create_task(clocks.run(interval=0.01))
-    await asyncio.sleep(0.05)
-    task.cancel()
+    try:
+        await asyncio.wait_for(warned.wait(), 5)
+        await asyncio.sleep(0.05)  # more rounds of measuring: still one warning
+    finally:
+        task.cancel()
     assert warnings == ["central Central's own clock is 45.0 s ahead of the network's"]
     assert clocks.as_api()["central"]["warning"] is True
 
@@ -201,3 +207,21 @@ def test_metrics_show_every_offset_and_hop() -> None:
     assert 'ev_clock_offset_seconds{kind="engine",id="CP001"} 60.0' in text
     assert 'id="user1"' not in text and 'id="CP002"' not in text
     assert 'ev_hop_seconds{hop="engine → Central",quantile="0.5"} 0.004' in text
+
+
+def test_a_cp_s_clocks_were_last_heard_with_its_monitor_s_last_heartbeat() -> None:
+    """Most heartbeats carry no measurement: the panel's "last heard" of a CP's monitor and
+    engine is the registry's last heartbeat; a driver's is its last measured message."""
+
+    def last_heard(cp_id: str) -> float | None:
+        return time.time() - 2.0 if cp_id == "CP001" else None
+
+    measured_long_ago = time.monotonic() - 100.0
+    for kind, peer_id, want in (
+        ("monitor", "CP001", 2.0),
+        ("engine", "CP001", 2.0),
+        ("monitor", "CP002", 100.0),  # not in the registry: when it was measured
+        ("driver", "CP001", 100.0),
+    ):
+        peer = PeerClock(kind, peer_id, "round trips", OffsetEstimate(), seen=measured_long_ago)
+        assert peer.age(last_heard) == pytest.approx(want, abs=0.5)

@@ -17,9 +17,19 @@ from typing import Any
 import pytest
 
 from EV_CP_E.config import EngineSettings, parse_settings
-from EV_CP_E.service import EngineService, Ledger
+from EV_CP_E.ledger import Ledger
+from EV_CP_E.service import EngineService
 from shared.lifecycle import Shutdown
-from shared.messages import AuthorizeSupply, CPAuthorisation, CPPlugged, Message, encode
+from shared.messages import (
+    AuthorizeSupply,
+    CPAuthorisation,
+    CPPlugged,
+    EndReason,
+    EndSupply,
+    Message,
+    StartSupply,
+    encode,
+)
 from shared.sealing import Sealer, new_key
 
 CP = "CP001"
@@ -53,7 +63,7 @@ class Engine:
 
         self.service._publish = spy  # type: ignore[method-assign]
 
-    def command(self, command: AuthorizeSupply) -> None:
+    def command(self, command: Message) -> None:
         stamped = time.time()
         self.service._on_record(
             SimpleNamespace(
@@ -66,6 +76,11 @@ class Engine:
                 offset=0,
             )
         )
+
+    def plug(self, session_id: str = "s1") -> None:
+        """The car plugs in and Central starts the supply."""
+        self.service._apply(self.service.machine.plug())
+        self.command(StartSupply(cp_id=CP, session_id=session_id))
 
     def lines(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.path.read_text().splitlines()]
@@ -97,7 +112,7 @@ def engine(tmp_path: Path) -> Iterator[Engine]:
 def test_a_supply_is_on_the_ledger_line_by_line_before_central_is_told(engine: Engine) -> None:
     service, machine = engine.service, engine.service.machine
     engine.command(authorisation(max_kwh=12.5))
-    service._apply(machine.plug())
+    engine.plug()
     for _ in range(3):
         service._apply(machine.tick(1.0))
     service._apply(machine.unplug())
@@ -175,7 +190,7 @@ def test_the_last_tick_and_the_end_keep_the_driver_when_the_balance_runs_out(
     has forgotten the authorisation by the time both lines are written."""
     service, machine = engine.service, engine.service.machine
     engine.command(authorisation(max_kwh=0.015))
-    service._apply(machine.plug())
+    engine.plug()
     service._apply(machine.tick(1.0))
     service._apply(machine.tick(1.0))
 
@@ -225,6 +240,26 @@ def test_an_authorisation_never_plugged_in_ends_on_the_ledger_with_no_energy(
     }
 
 
+def test_a_withdrawn_authorisation_meters_nothing_though_the_car_plugged_in(
+    engine: Engine,
+) -> None:
+    """Central gave up waiting for the acceptance (cp_no_answer) and sent a stop, which came
+    after the car plugged in: no energy, because Central never said start_supply."""
+    service, machine = engine.service, engine.service.machine
+    engine.command(authorisation())
+    service._apply(machine.plug())
+    for _ in range(5):  # what the ticker would do meanwhile
+        service._apply(machine.tick(1.0))
+    engine.command(EndSupply(cp_id=CP, session_id="s1", reason=EndReason.AUTHORIZATION_EXPIRED))
+
+    assert [(line["event"], line.get("kwh")) for line in engine.lines()] == [
+        ("authorised", None),
+        ("ended", 0.0),
+    ]
+    sent = [type(m).__name__ for _, m, _ in engine.service._outbox]
+    assert sent == ["CPAuthorisation", "CPPlugged", "CPSupplyEnded"]
+
+
 def test_lines_are_appended_to_what_the_file_holds(tmp_path: Path) -> None:
     path = tmp_path / "ledger.jsonl"
     path.write_text('{"event":"earlier"}\n')
@@ -252,6 +287,7 @@ def test_a_full_disk_is_logged_once_and_the_engine_goes_on(
         with caplog.at_level(logging.WARNING, logger="EV_CP_E.service"):
             service._apply(machine.authorize(authorisation()))
             service._apply(machine.plug())
+            service._apply(machine.start_supply(StartSupply(cp_id=CP, session_id="s1")))
             service._apply(machine.tick(1.0))
             service._apply(machine.unplug())
     finally:

@@ -21,6 +21,7 @@ from shared.messages import (
     EndSupply,
     Message,
     SetService,
+    StartSupply,
 )
 
 T0 = 1_700_000_000.0
@@ -88,6 +89,20 @@ def refusal(events: list[Message], session_id: str) -> str:
     return answer.reason
 
 
+def start(machine: EngineMachine, session_id: str = "s1") -> None:
+    """Central's word that the plugged-in supply may begin."""
+    assert machine.start_supply(StartSupply(cp_id="CP001", session_id=session_id)).events == []
+    assert state_of(machine) is EngineState.SUPPLYING
+
+
+def plug_and_start(machine: EngineMachine) -> None:
+    plugged = machine.plug()
+    assert plugged.refused is None
+    assert isinstance(only(plugged.events, CPPlugged), CPPlugged)
+    assert state_of(machine) is EngineState.PLUGGED
+    start(machine)
+
+
 def supplying(clock: Clock, **kwargs: Any) -> EngineMachine:
     machine = make_machine(clock, **kwargs)
     out = machine.authorize(authorise(clock))
@@ -95,10 +110,7 @@ def supplying(clock: Clock, **kwargs: Any) -> EngineMachine:
     assert isinstance(answer, CPAuthorisation) and answer.accepted
     assert out.refused is None
     assert state_of(machine) is EngineState.AUTHORISED
-    plugged = machine.plug()
-    assert plugged.refused is None
-    assert isinstance(only(plugged.events, CPPlugged), CPPlugged)
-    assert state_of(machine) is EngineState.SUPPLYING
+    plug_and_start(machine)
     return machine
 
 
@@ -204,14 +216,14 @@ def test_plug_refused_while_central_unreachable_then_allowed(clock: Clock) -> No
     assert state_of(machine) is EngineState.AUTHORISED
     machine.health_check(central_ok=True)
     assert machine.plug().refused is None
-    assert state_of(machine) is EngineState.SUPPLYING
+    assert state_of(machine) is EngineState.PLUGGED
 
 
 def test_max_kwh_caps_the_supply_with_balance_exhausted(clock: Clock) -> None:
     machine = make_machine(clock)
     cap = KW * 2.5 / 3600  # reached during the third tick
     machine.authorize(authorise(clock, max_kwh=cap))
-    machine.plug()
+    plug_and_start(machine)
     events = run_ticks(machine, clock, 3)
     ended = only(events, CPSupplyEnded)
     assert isinstance(ended, CPSupplyEnded)
@@ -304,6 +316,7 @@ def test_automatic_plug_and_unplug(clock: Clock) -> None:
     clock.advance(1.0)
     machine.health_check(central_ok=True)
     assert isinstance(only(machine.poll().events, CPPlugged), CPPlugged)
+    start(machine)
     run_ticks(machine, clock, 3)
     ended = only(machine.poll().events, CPSupplyEnded)
     assert isinstance(ended, CPSupplyEnded)
@@ -317,7 +330,7 @@ def test_request_from_menu_and_shutdown(clock: Clock) -> None:
     assert (request.cp_id, request.driver_id) == ("CP001", "user7")
     machine.authorize(authorise(clock))
     assert machine.request("user8").refused == "refused: authorised"
-    machine.plug()
+    plug_and_start(machine)
     run_ticks(machine, clock, 1)
     ended = only(machine.shutdown().events, CPSupplyEnded)
     assert isinstance(ended, CPSupplyEnded)
@@ -392,7 +405,7 @@ def test_speed_keeps_the_energy_cap_exact(clock: Clock) -> None:
     machine = make_machine(clock, speed=60.0)
     cap = KW * 2.5 * 60 / 3600  # reached during the third tick, as at real time
     machine.authorize(authorise(clock, max_kwh=cap))
-    machine.plug()
+    plug_and_start(machine)
     events = run_ticks(machine, clock, 3)
     ended = only(events, CPSupplyEnded)
     assert isinstance(ended, CPSupplyEnded)
@@ -407,6 +420,7 @@ def test_speed_leaves_real_time_timers_alone(clock: Clock) -> None:
     machine.authorize(authorise(clock))
     clock.advance(1.0)
     machine.poll()
+    start(machine)
     run_ticks(machine, clock, 2)
     assert state_of(machine) is EngineState.SUPPLYING
     run_ticks(machine, clock, 1)
@@ -429,3 +443,61 @@ def test_the_engine_rounds_amounts_as_central_bills_them(
 ) -> None:
     assert amount(kwh, price) == euros
     assert round(amount_cents(kwh, price) / 100, 2) == euros
+
+
+def test_a_plugged_vehicle_draws_nothing_until_central_starts_the_supply(clock: Clock) -> None:
+    machine = make_machine(clock)
+    machine.authorize(authorise(clock))
+    assert only(machine.plug().events, CPPlugged)
+    assert machine.plug().refused == "already plugged in, waiting for Central to start the supply"
+    assert run_ticks(machine, clock, 3) == []  # no telemetry, no energy
+    assert "waiting for Central" in machine.status_line()
+    # A word for another session changes nothing.
+    assert machine.start_supply(StartSupply(cp_id="CP001", session_id="s0")).events == []
+    assert state_of(machine) is EngineState.PLUGGED
+    start(machine)
+    [sample] = run_ticks(machine, clock, 1)
+    assert isinstance(sample, CPTelemetry)
+    assert (sample.seq, sample.kwh) == (1, pytest.approx(KW / 3600))
+    # A redelivered word does not restart the supply.
+    assert machine.start_supply(StartSupply(cp_id="CP001", session_id="s1")).events == []
+    assert machine.supply is not None and machine.supply.seq == 1
+
+
+def test_a_withdrawn_authorisation_ends_before_any_energy(clock: Clock) -> None:
+    # Central gave up waiting for the acceptance and stops the engine: the car had plugged in.
+    machine = make_machine(clock, auto_plug=1.0)
+    machine.authorize(authorise(clock))
+    clock.advance(1.0)
+    machine.health_check(central_ok=True)
+    assert only(machine.poll().events, CPPlugged)
+    run_ticks(machine, clock, 2)
+    out = machine.end_supply(
+        EndSupply(cp_id="CP001", session_id="s1", reason=EndReason.AUTHORIZATION_EXPIRED)
+    )
+    ended = only(out.events, CPSupplyEnded)
+    assert isinstance(ended, CPSupplyEnded)
+    assert (ended.kwh, ended.started_at) == (0.0, None)
+    assert state_of(machine) is EngineState.IDLE
+
+
+def test_a_supply_central_never_starts_ends_when_the_authorisation_lapses(clock: Clock) -> None:
+    machine = make_machine(clock)
+    machine.authorize(authorise(clock, expires_in=5.0))
+    machine.plug()
+    clock.advance(5.0)
+    machine.health_check(central_ok=True)
+    out = machine.poll()
+    ended = only(out.events, CPSupplyEnded)
+    assert isinstance(ended, CPSupplyEnded)
+    assert (ended.kwh, ended.reason) == (0.0, EndReason.AUTHORIZATION_EXPIRED)
+    assert state_of(machine) is EngineState.IDLE
+
+
+def test_unplugging_before_central_starts_the_supply_bills_nothing(clock: Clock) -> None:
+    machine = make_machine(clock)
+    machine.authorize(authorise(clock))
+    machine.plug()
+    ended = only(machine.unplug().events, CPSupplyEnded)
+    assert isinstance(ended, CPSupplyEnded)
+    assert (ended.kwh, ended.reason, ended.started_at) == (0.0, EndReason.UNPLUGGED, None)

@@ -121,6 +121,7 @@ SAMPLES: list[m.Message] = [
         max_kwh=10.0,
         expires_at=NOW,
     ),
+    m.StartSupply(cp_id="CP001", session_id="s1"),
     m.EndSupply(cp_id="CP001", session_id="s1", reason=m.EndReason.STOPPED_BY_ADMIN),
     m.SetService(cp_id="CP001", in_service=False),
     m.CPRequestDenied(

@@ -57,8 +57,8 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from EV_Central.admin_api import RegisterCP, ResetSecret
 from EV_Central.ctl import LoginRefused as AdminLoginRefused
 from EV_Central.ctl import admin_login
+from EV_CP_E.ledger import Ledger
 from EV_CP_E.machine import amount
-from EV_CP_E.service import Ledger
 from EV_Driver.session import DriverSession, LoginRefused, finish_login, start_login
 from shared.backoff import Backoff
 from shared.bus import Topics, consume_each
@@ -80,6 +80,7 @@ from shared.messages import (
     Message,
     MonitorAuth,
     RequestDenied,
+    StartSupply,
     SupplyAuthorized,
     SupplyRequest,
     Ticket,
@@ -295,6 +296,8 @@ class Supply:
     kwh: float = 0.0
     started: float = field(default_factory=time.monotonic)
     ends_at: float = 0.0
+    length: float = 0.0  # how long the car stays once Central starts the supply
+    going: bool = False  # Central said start_supply: energy flows (as an engine's PLUGGED)
 
 
 @dataclass(slots=True)
@@ -818,7 +821,10 @@ class Fleet:
                 price_eur_kwh=command.price_eur_kwh,
                 max_kwh=command.max_kwh,
             )
-            supply.ends_at = time.monotonic() + random.uniform(low, high)
+            supply.length = random.uniform(low, high)
+            # A car that Central never starts (its authorisation withdrawn) leaves when the
+            # authorisation would have lapsed, unless Central ends it first.
+            supply.ends_at = time.monotonic() + command.expires_at - command.ts
             self.supplies[cp_id] = supply
             self.supply_over[supply.session_id] = asyncio.Event()
             accepted = CPAuthorisation(cp_id=cp_id, session_id=supply.session_id, accepted=True)
@@ -833,6 +839,12 @@ class Fleet:
                 )
             self.send_event(cp_id, accepted)
             self.send_event(cp_id, CPPlugged(cp_id=cp_id, session_id=supply.session_id))
+        elif isinstance(command, StartSupply):
+            going = self.supplies.get(cp_id)
+            if going is not None and going.session_id == command.session_id and not going.going:
+                going.going = True
+                going.started = time.monotonic()
+                going.ends_at = going.started + going.length
         elif isinstance(command, EndSupply):
             ending = self.supplies.get(cp_id)
             if ending is not None and ending.session_id == command.session_id:
@@ -859,11 +871,14 @@ class Fleet:
             kwh=kwh,
             amount_eur=amount(kwh, supply.price_eur_kwh),
             reason=reason,
-            started_at=time.time() - (time.monotonic() - supply.started),
+            started_at=time.time() - (time.monotonic() - supply.started) if supply.going else None,
         )
         if self.ledger is not None:
             self.ledger.ended(ended, supply.driver_id)
-        if (self.ledger is not None or self.draining) and supply.session_id not in self.ticketed:
+        # A supply Central started is billed, even at 0 kWh; one it never started may have
+        # been denied (no ticket at all).
+        expected = supply.going and (self.ledger is not None or self.draining)
+        if expected and supply.session_id not in self.ticketed:
             self.unticketed[supply.session_id] = supply.driver_id
         self.send_event(supply.cp_id, ended)
         # The next car comes a moment later: Central has the end before the next request.
@@ -890,9 +905,9 @@ class Fleet:
                 if now >= supply.ends_at:
                     self.end_supply(supply, EndReason.UNPLUGGED)
                     continue
-                if now - supply.started < TICK_SECONDS:
-                    # The first sample a second after the plug, as an engine's: an authorisation
-                    # Central withdrew (it gave up waiting for the answer) ends before any energy.
+                if not supply.going or now - supply.started < TICK_SECONDS:
+                    # As an engine: no energy before Central's start_supply, and the first
+                    # sample a second after it.
                     continue
                 supply.seq += 1
                 supply.kwh += step
