@@ -1,6 +1,7 @@
 """`python -m EV_CP_M dashboard --broker HOST:PORT`: the site dashboard (:8003).
 
-Reads the monitors' health samples (ev.cp.health, from one hour ago) and Central's CP states
+Reads the monitors' health samples (ev.cp.health, from one hour ago; only those sealed with a
+key of a CP secret it was given, `--cp-secrets`, EV_CP_M/health.py) and Central's CP states
 (ev.cp.state, compacted, from the start) into a pure `Site`, and serves it with the shared web
 shell (shared/webshell.py): the page and its files, and /ws, which sends a snapshot and then the
 site every half second. Its own parts plug in: /healthz, /api/site, and the answers to a
@@ -9,13 +10,14 @@ browser's ping and snapshot requests. The site is public and read-only: no login
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
@@ -23,6 +25,7 @@ from aiokafka.errors import KafkaError
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from websockets.http11 import Response
 
+from EV_CP_M.health import HealthOpener
 from EV_CP_M.site import SILENCE_S, Site
 from shared.backoff import Backoff
 from shared.bus import KafkaBus, Records, Topics, consume, decode_record
@@ -30,17 +33,29 @@ from shared.clock import NetworkClock
 from shared.errors import ConfigError, MessageError
 from shared.lifecycle import Shutdown, run_service
 from shared.logs import setup_logging
-from shared.messages import CP_HEALTH, CP_STATE, decode
+from shared.messages import CP_STATE, decode
+from shared.sealing import SealError
 from shared.settings import (
     EnvArgumentParser,
     add_common_options,
     broker_address,
+    identifier,
     port_number,
     seconds,
 )
 from shared.tls import add_server_options, optional_server_context
 from shared.web import json_response
-from shared.webapp import HttpRequest, Limits, Listen, Route, WebApp, WebClient, server_fields
+from shared.webapp import (
+    PER_ADDRESS,
+    HttpRequest,
+    Limits,
+    Listen,
+    Route,
+    WebApp,
+    WebClient,
+    add_connection_options,
+    server_fields,
+)
 from shared.webshell import WebShell
 
 log = logging.getLogger(__name__)
@@ -53,6 +68,7 @@ MAX_INVALID = 20  # a client that keeps sending nonsense is closed
 CATCH_UP_LIMIT = 20.0  # seconds of history replay before live ticking starts anyway
 BUS_STOP_TIMEOUT = 2.0
 RTT_RECENT_S = 5.0  # round-trip points sent with each push (the page keeps the history)
+REFUSAL_LOG_INTERVAL = 10.0  # refused health samples are logged at most this often
 
 
 # --- settings ---------------------------------------------------------------------------------
@@ -68,6 +84,9 @@ class DashboardSettings:
     log_json: bool = False
     tls_cert: str | None = None  # HTTPS and WSS with both (docs/tls.md)
     tls_key: str | None = None
+    max_connections_per_address: int = PER_ADDRESS  # connections open at once from one host
+    # The site's CPs and their secrets: only their sealed health samples are shown.
+    cp_secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
 
 
 def build_parser(environ: Mapping[str, str] | None = None) -> EnvArgumentParser:
@@ -87,9 +106,29 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvArgumentParser:
         default=SILENCE_S,
         help="seconds without a health sample before a CP's monitor counts as lost",
     )
+    parser.add_option(
+        "--cp-secrets",
+        type=cp_secrets,
+        default={},
+        metavar="ID=SECRET,...",
+        help="the site's CPs and their secrets (as their monitors have them): only health "
+        "samples sealed by these CPs' monitors are shown",
+    )
     add_server_options(parser, "the site dashboard")
+    add_connection_options(parser)
     add_common_options(parser)
     return parser
+
+
+def cp_secrets(value: str) -> dict[str, str]:
+    """`CP001=secret1,CP002=secret2` as a mapping; argparse error for a malformed item."""
+    pairs: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        cp_id, equals, secret = item.partition("=")
+        if not equals or not cp_id or not secret:
+            raise argparse.ArgumentTypeError(f"expected CP_ID=SECRET, got {cp_id or item!r}")
+        pairs[identifier(cp_id)] = secret
+    return pairs
 
 
 def parse_settings(
@@ -98,7 +137,9 @@ def parse_settings(
     """Parse the command line; exits 2 on bad arguments, raises ConfigError on bad env."""
     parser = build_parser(environ)
     args = parser.parse_args(argv)
-    return DashboardSettings(**server_fields(args), monitor_timeout=args.monitor_timeout)
+    return DashboardSettings(
+        **server_fields(args), monitor_timeout=args.monitor_timeout, cp_secrets=args.cp_secrets
+    )
 
 
 # --- what a browser may send ------------------------------------------------------------------
@@ -166,6 +207,9 @@ class SiteDashboard(WebApp):
         self.ready = False  # the last hour of samples has been replayed
         self.consuming = False
         self.invalid_messages = 0
+        self.health = HealthOpener(settings.cp_secrets)
+        self.refused_samples = 0  # health samples not sealed by a known CP's monitor
+        self._refusal_logged = (-REFUSAL_LOG_INTERVAL, 0)  # when, and the count then
         self._invalid: dict[WebClient, int] = {}  # invalid messages of each open WebSocket
         self._broker_cache: tuple[float, bool] = (0.0, False)
         # Public and read-only: no logins, and any page may watch.
@@ -173,7 +217,13 @@ class SiteDashboard(WebApp):
         self.web = WebShell(
             self,
             Listen(settings.listen_host, settings.http_port, tls),
-            Limits(MAX_CLIENT_BYTES, MAX_CLIENTS, CLIENT_QUEUE, max_queue=4),
+            Limits(
+                MAX_CLIENT_BYTES,
+                MAX_CLIENTS,
+                CLIENT_QUEUE,
+                max_queue=4,
+                per_address=settings.max_connections_per_address,
+            ),
             routes={"/api/site": Route(self._api_site), "/healthz": Route(self._healthz)},
         )
 
@@ -183,6 +233,11 @@ class SiteDashboard(WebApp):
         return self.web.port
 
     async def run(self) -> None:
+        if not self.health.cps:
+            log.warning(
+                "no --cp-secrets: no health sample can be checked, so none is shown "
+                "(give the secrets of this site's CPs)"
+            )
         try:
             await self.web.run(self.shutdown, self._feed, self._push)
         finally:
@@ -289,9 +344,11 @@ class SiteDashboard(WebApp):
         """Validate one record into the Site; an invalid one is logged, counted, skipped."""
         try:
             if record.topic == Topics.CP_HEALTH:
-                self.site.on_sample(decode_record(CP_HEALTH, record))
+                self.site.on_sample(self.health.open(record.value or b""))
             elif record.topic == Topics.CP_STATE:
                 self.site.on_state(decode_record(CP_STATE, record))
+        except SealError as exc:
+            self._refused(exc)
         except MessageError as exc:
             self.invalid_messages += 1
             log.warning(
@@ -302,6 +359,19 @@ class SiteDashboard(WebApp):
                 exc,
             )
 
+    def _refused(self, exc: SealError) -> None:
+        """Count a refused health sample; log at most one line per interval, with the count."""
+        self.refused_samples += 1
+        now = time.monotonic()
+        logged_at, count = self._refusal_logged
+        if now - logged_at >= REFUSAL_LOG_INTERVAL:
+            log.warning(
+                "refused a health sample: %s (%d refused since the last such line)",
+                exc,
+                self.refused_samples - count,
+            )
+            self._refusal_logged = (now, self.refused_samples)
+
     # --- views ----------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
@@ -309,6 +379,7 @@ class SiteDashboard(WebApp):
             "ready": self.ready,
             "consuming": self.consuming,
             "invalid_messages": self.invalid_messages,
+            "refused_samples": self.refused_samples,
             "websocket_clients": self.web.client_count,
         }
 

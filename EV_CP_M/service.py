@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from EV_CP_M.config import MonitorSettings
+from EV_CP_M.health import HealthSealer
 from shared.backoff import Backoff
 from shared.bus import KafkaBus, Topics
 from shared.centrals import CentralRotation, Next
@@ -124,8 +125,14 @@ class MonitorService:
 
     async def run(self) -> None:
         self._started_at = asyncio.get_running_loop().time()  # the start-up grace counts from now
+        # Health samples go out sealed with a key of the CP's secret (EV_CP_M/health.py).
+        sealer = HealthSealer(self.settings.cp_id, self.settings.secret)
         bus = (
-            KafkaBus(self.settings.broker, f"monitor-{self.settings.cp_id}")
+            KafkaBus(
+                self.settings.broker,
+                f"monitor-{self.settings.cp_id}",
+                outgoing=sealer.outgoing,
+            )
             if self.settings.broker
             else None
         )

@@ -2,7 +2,7 @@
 python -m EV_Central ctl [--central HOST:HTTP_PORT] [--user admin] (stop|resume) (CP_ID|all)
 python -m EV_Central ctl ... (register CP_ID --location T --price EUR --max-kw KW |
                               revoke-key CP_ID | reset-secret CP_ID)
-python -m EV_Central user [--db PATH] (add ID --role driver|admin | passwd ID | list | unlock ID)
+python -m EV_Central user [--db PATH] (add ID --role driver|admin | passwd ID | list)
 python -m EV_Central audit (verify|show) [--db PATH]
 """
 

@@ -30,7 +30,7 @@ from EV_Central.gate import SealedGate
 from EV_Central.inbox import Inbox
 from EV_Central.keys import KeyStore
 from EV_Central.metrics import CentralStats
-from EV_Central.monitor_server import MonitorServer
+from EV_Central.monitor_server import MonitorLimits, MonitorServer
 from EV_Central.outbox import OutboxRelay
 from EV_Central.registry import Registry
 from EV_Central.session import Timers
@@ -243,6 +243,10 @@ async def serve(central: Central, settings: CentralSettings, until: Awaitable[ob
         tls,
         durable=central.outbox.durable,
         clocks=central.clocks,
+        limits=MonitorLimits(
+            unauthenticated_per_address=settings.max_unauthenticated,
+            failures_before_block=settings.auth_block_after,
+        ),
     )
     web = AdminWeb(
         central.context,
@@ -255,6 +259,7 @@ async def serve(central: Central, settings: CentralSettings, until: Awaitable[ob
         keep_sessions=central.stats.role == "active",
         durable=central.outbox.durable,
         cluster=cluster.status if cluster is not None else None,
+        per_address=settings.max_connections_per_address,
     )
     console = Console(
         central.registry, central.feed, central.cp_links, central.audit, settings.console

@@ -41,7 +41,7 @@ KEY_BYTES = 32
 ACTIONS = frozenset(
     {
         "login",
-        "lockout",
+        "throttle",
         "logout",
         "cp_auth",
         "key_issued",

@@ -39,7 +39,6 @@ REPLICATED: dict[str, tuple[str, ...]] = {
     "charging_points": ("id",),
     "users": ("id",),
     "sessions": ("id",),
-    "login_state": ("user_id",),
     "processed_messages": ("id",),
     "channel_keys": ("key_id",),
     "replay_guard": ("key_id", "stream"),

@@ -13,6 +13,7 @@ from shared.settings import (
     seconds,
 )
 from shared.tls import add_server_options, optional_server_context
+from shared.webapp import PER_ADDRESS, add_connection_options
 from shared.websession import add_session_options
 
 DEFAULT_DB = "data/ev_charging.db"
@@ -34,11 +35,17 @@ class CentralSettings:
     console: str
     log_level: str
     log_json: bool
-    # People logging in (EV_Central/auth.py, docs/web-auth.md).
+    # People logging in (EV_Central/auth.py, docs/web-auth.md): a source that fails this many
+    # times in a row on an account is blocked, for doubling times up to lockout_seconds.
     lockout_after: int = 5
     lockout_seconds: float = 300.0
     session_ttl: float = 8 * 3600.0
     allowed_origin: list[str] = field(default_factory=list)
+    # What one address may do on :5000 (EV_Central/monitor_server.py, docs/security.md).
+    max_unauthenticated: int = 256
+    auth_block_after: int = 20
+    # Connections open at once from one address on the admin web (shared/webshell.py).
+    max_connections_per_address: int = PER_ADDRESS
     cp_answer_timeout: float = 5.0
     # TLS on :5000 and the admin web (docs/tls.md): both files, or neither.
     tls_cert: str | None = None
@@ -55,7 +62,7 @@ def build_parser() -> EnvArgumentParser:
         prog="EV_Central",
         description="The control centre: monitors over TCP, drivers and engines over Kafka.",
         epilog="Subcommands: 'ctl (stop|resume|register|revoke-key|reset-secret) ...' sends an "
-        "admin command; 'user (add|passwd|list|unlock) ...' manages accounts; "
+        "admin command; 'user (add|passwd|list) ...' manages accounts; "
         "'ctl --help' and 'user --help' for details.",
     )
     parser.add_option("--port", type=port_number, default=5000, help="TCP port for monitors")
@@ -124,13 +131,28 @@ def build_parser() -> EnvArgumentParser:
         "--lockout-after",
         type=failure_count,
         default=5,
-        help="consecutive failed logins that lock an account",
+        help="failed logins in a row from one source (address, login key) on one account "
+        "before that source is blocked; the account itself is never locked",
     )
     parser.add_option(
         "--lockout-seconds",
         type=seconds,
         default=300.0,
-        help="how long a locked account stays locked",
+        help="the longest a failing source is blocked (blocks start at 30 s and double)",
+    )
+    parser.add_option(
+        "--max-unauthenticated",
+        type=connection_count,
+        default=256,
+        help="connections to the monitor port from one address that may wait to authenticate "
+        "at once (each has 5 s); more are refused on arrival",
+    )
+    parser.add_option(
+        "--auth-block-after",
+        type=failure_count,
+        default=20,
+        help="failed CP authentications in a row from one address before its new connections "
+        "are refused for a while (5 s, doubling up to 60 s)",
     )
     parser.add_option(
         "--ha",
@@ -154,8 +176,15 @@ def build_parser() -> EnvArgumentParser:
     )
     add_session_options(parser, "the admin panel (and ctl)")
     add_server_options(parser, "the monitor port and the admin web")
+    add_connection_options(parser)
     add_common_options(parser)
     return parser
+
+
+def connection_count(value: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= 100_000:
+        raise argparse.ArgumentTypeError(f"expected a number from 1 to 100000, got {value!r}")
+    return int(value)
 
 
 def failure_count(value: str) -> int:

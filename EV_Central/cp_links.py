@@ -8,7 +8,6 @@ revoke or reset their credentials. Whatever ends a supply goes through `Supplies
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import Protocol
@@ -24,9 +23,6 @@ from shared.bus import Topics
 from shared.messages import EndReason, SetService
 
 log = logging.getLogger(__name__)
-
-# A monitor that presents a wrong secret waits this long for its answer.
-CP_AUTH_FAILURE_DELAY = 0.5
 
 
 class MonitorLink(Protocol):
@@ -76,19 +72,42 @@ class CPLinks(Part):
     # --- the monitor's link --------------------------------------------------------------------
 
     async def authenticate(self, cp_id: str, secret: str, source: str) -> ChannelKey | str:
-        """Check a monitor's credentials; on success issue the CP's fresh key (rotation)."""
+        """Check a monitor's credentials; on success issue the CP's fresh key (rotation).
+
+        A failure only says why: the monitor port audits failures (`audit_failed`), a flood
+        of them as summaries."""
         cp = self._registry.get(cp_id)
         stored = await self._store.secret_hash(cp_id)
         if cp is None or not verify_secret(secret, stored):
-            why = "unknown CP or wrong secret" if stored or cp is None else "CP has no secret"
-            await self._audit.record("cp_auth", "failed", actor=cp_id, source=source, detail=why)
-            await asyncio.sleep(CP_AUTH_FAILURE_DELAY)
-            return why
+            return "unknown CP or wrong secret" if stored or cp is None else "CP has no secret"
         async with self._store.transaction() as tx:
             key = await self._keys.issue_cp_key(tx, cp_id)
         await self._audit.record("cp_auth", "ok", actor=cp_id, source=source)
         await self._audit.record("key_issued", "ok", actor=cp_id, source=source, detail=key.key_id)
         return key
+
+    async def audit_failed(self, cp_id: str, source: str, why: str) -> None:
+        """A monitor failed to authenticate as `cp_id` from `source`."""
+        await self._audit.record("cp_auth", "failed", actor=cp_id, source=source, detail=why)
+
+    async def audit_failures(self, source: str, count: int, window: float) -> None:
+        """One audit row for failed authentications from `source` that had no row each."""
+        await self._audit.record(
+            "cp_auth",
+            "failed",
+            source=source,
+            detail=f"{count} more failed authentications in {window:g} s (summarised)",
+        )
+
+    async def audit_block(self, source: str, failures: int, blocked_for: float) -> None:
+        """An address that keeps failing is refused for a while: say so in the audit log."""
+        await self._audit.record(
+            "throttle",
+            "blocked",
+            source=source,
+            detail=f"{failures} failed CP authentications: connections refused for "
+            f"{blocked_for:g} s",
+        )
 
     async def connected(self, cp: ChargingPoint, link: MonitorLink) -> None:
         """A monitor authenticated (a previous link of the CP's is closed first)."""

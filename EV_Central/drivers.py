@@ -1,8 +1,10 @@
 """What drivers ask Central besides a supply: log in, stop, status, history, ticket receipts.
 
-A login costs a slow password hash, so each runs as a task of its own beside the consumer
-(at most `LOGIN_CONCURRENCY` at once); this object owns those tasks and cancels and awaits
-them on `stop()`.
+A login costs a slow password hash, and a failure is answered late on purpose, so each runs
+as a task of its own beside the consumer (at most `MAX_LOGINS` at once: beyond, a login is
+refused at once as busy); this object owns those tasks and cancels and awaits them on
+`stop()`. The source a failed login is held against is the login's client key
+(EV_Central/auth.py).
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ from shared.sealing import SealError, b64, fingerprint, login_unwrap, seal_reply
 
 log = logging.getLogger(__name__)
 
-# Driver logins checked at once (each one is a scrypt hash in a worker thread).
-LOGIN_CONCURRENCY = 4
+# Driver logins in progress at once; PeopleAuth bounds how many hash a password at a time.
+MAX_LOGINS = 256
+BUSY = "Central has too many logins in progress; try again in a moment"
 
 
 class Drivers(Part):
@@ -64,7 +67,6 @@ class Drivers(Part):
         self._request_ttl = request_ttl
         self._session_ttl = session_ttl
         self._logins: set[asyncio.Task[None]] = set()
-        self._login_slots = asyncio.Semaphore(LOGIN_CONCURRENCY)
 
     async def stop(self) -> None:
         """Cancel the logins in progress and wait for them."""
@@ -87,6 +89,18 @@ class Drivers(Part):
                 async with self._store.transaction() as tx:
                     await tx.ack_ticket(request.session_id, request.driver_id, request.revision)
             case LoginRequest():
+                if len(self._logins) >= MAX_LOGINS:
+                    log.warning("refused a login of %s: too many in progress", request.driver_id)
+                    await self._answer(
+                        LoginResult(
+                            driver_id=request.driver_id,
+                            request_id=request.id,
+                            ok=False,
+                            reason=BUSY,
+                            retry_after=1.0,
+                        )
+                    )
+                    return
                 arrived = time.time() if at is None else at
                 task = asyncio.create_task(self._login_task(request, arrived), name="driver-login")
                 self._logins.add(task)
@@ -161,16 +175,15 @@ class Drivers(Part):
     # --- logins --------------------------------------------------------------------------------
 
     async def _login_task(self, request: LoginRequest, at: float) -> None:
-        async with self._login_slots:
-            try:
-                await self._login(request, at)
-            except SealError as exc:
-                self._stats.counters["rejected"] += 1
-                log.warning("rejected a login of %s: %s", request.driver_id, exc)
-                await self._gate.rejected(Topics.DRIVER_REQUESTS, request.driver_id, str(exc))
-            except Exception:
-                self._stats.counters["handler_errors"] += 1
-                log.exception("login of %s failed", request.driver_id)
+        try:
+            await self._login(request, at)
+        except SealError as exc:
+            self._stats.counters["rejected"] += 1
+            log.warning("rejected a login of %s: %s", request.driver_id, exc)
+            await self._gate.rejected(Topics.DRIVER_REQUESTS, request.driver_id, str(exc))
+        except Exception:
+            self._stats.counters["handler_errors"] += 1
+            log.exception("login of %s failed", request.driver_id)
 
     async def _login(self, request: LoginRequest, at: float) -> None:
         """A driver logs in: open its password, check it, and hand back a key of its own."""
@@ -203,8 +216,11 @@ class Drivers(Part):
                 await tx.mark_processed(request.id)
         if replayed:
             raise SealError("replayed login request")
+        # The asker's login key is all that tells one driver app (or dashboard host) from
+        # another: failures are held against it, not against the account.
+        source = f"login key {fingerprint(request.client_key)}"
         outcome = await self._people.login(
-            driver_id, password, source="kafka", channel="driver", role="driver"
+            driver_id, password, source=source, channel="driver", role="driver"
         )
         verdict = "ok" if outcome.ok else "refused"
         self._feed.note("login", f"login of {driver_id}: {verdict}", driver_id=driver_id)

@@ -3,6 +3,12 @@
 A monitor must authenticate its CP first; then it sends a heartbeat every second and
 reports faults and recoveries as they happen. Bad input gets NACK (see shared.framed) and
 closes at most its own connection.
+
+Abuse is held off per source address (`MonitorLimits`, docs/security.md "Abuse"): connections
+that have not authenticated yet are capped per address and get `AUTH_TIMEOUT` to do it; failed
+authentications are answered later and later, and an address that keeps failing has its new
+connections refused for a growing while (the CPs already connected are not touched); the audit
+log gets one row for the first failure of an address a minute and one summary of the rest.
 """
 
 from __future__ import annotations
@@ -13,11 +19,13 @@ import logging
 import ssl
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from EV_Central.clocks import Clocks
 from EV_Central.cp_links import CPLinks
 from EV_Central.feed import Feed
 from EV_Central.registry import ChargingPoint
+from shared.abuse import ConnectionCap, FailureDigest, Throttle, ThrottleRules
 from shared.errors import ConnectionLost, DeliveryFailed
 from shared.framed import FramedConnection, FramedServer, serve_framed
 from shared.framing import DEFAULT_MAX_FRAME
@@ -46,6 +54,22 @@ AUTH_TIMEOUT = 5.0
 # the round trip (EV_Central/clocks.py). Only ever in answer to the monitor: a frame to a
 # monitor that has stalled would wait for its ACK and end the link.
 CLOCK_PROBE_EVERY = 30
+DIGEST_EVERY = 5.0  # seconds between writes of the failure summaries that are due
+
+
+@dataclass(frozen=True)
+class MonitorLimits:
+    """What one address may do on :5000 (flags in EV_Central/config.py)."""
+
+    unauthenticated_per_address: int = 256  # connections open at once, not authenticated yet
+    failures_before_block: int = 20  # failed authentications in a row, then refused ...
+    first_block: float = 5.0  # ... for this long, doubling with each further failure ...
+    max_block: float = 60.0  # ... up to this
+    audit_window: float = 60.0  # one row, then one summary, per address and window
+
+
+def _host(peer: object) -> str:
+    return str(peer[0]) if isinstance(peer, tuple) else str(peer)
 
 
 class MonitorLink:
@@ -81,6 +105,7 @@ class MonitorServer:
         *,
         durable: Callable[[], Awaitable[bool]] | None = None,
         clocks: Clocks | None = None,
+        limits: MonitorLimits | None = None,
     ) -> None:
         self.links = links
         self.clocks = clocks if clocks is not None else Clocks()
@@ -92,6 +117,19 @@ class MonitorServer:
         self.ssl_context = ssl_context  # TLS when set (docs/tls.md)
         self._server: FramedServer[MonitorToCentral] | None = None
         self._closing = False
+        limits = limits or MonitorLimits()
+        self._unauthenticated = ConnectionCap(limits.unauthenticated_per_address)
+        self._failures: Throttle[str] = Throttle(
+            ThrottleRules(
+                limits.failures_before_block,
+                base_delay=0.5,
+                max_delay=2.0,
+                first_block=limits.first_block,
+                max_block=limits.max_block,
+            )
+        )
+        self._digest = FailureDigest(limits.audit_window)
+        self._summaries: asyncio.Task[None] | None = None
         feed.on_cps(self._on_cps_changed)
 
     async def start(self) -> None:
@@ -104,7 +142,9 @@ class MonitorServer:
             max_frame=DEFAULT_MAX_FRAME,
             ssl_context=self.ssl_context,
             ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
+            admit=self._admit,
         )
+        self._summaries = asyncio.create_task(self._write_summaries(), name="auth-summaries")
         self.port = bound_port(self._server.sockets, self.port)
         log.info(
             "listening for monitors on %s:%d%s",
@@ -119,6 +159,40 @@ class MonitorServer:
         self._closing = True
         await self._server.close()
         self._server = None
+        if self._summaries is not None:
+            self._summaries.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._summaries
+            self._summaries = None
+        await self._flush_summaries(float("inf"))  # what was counted is not lost
+
+    def _admit(self, conn: FramedConnection[MonitorToCentral]) -> bool:
+        """A connection arrives: refused at once from a blocked address, or from one that
+        already has its share of connections waiting to authenticate."""
+        host = _host(conn.peer)
+        if self._failures.retry_after(host, time.monotonic()):
+            log.debug("%s: refused on arrival: its address is blocked", conn.name)
+            return False
+        if not self._unauthenticated.open(host):
+            log.debug("%s: refused on arrival: its address has its share waiting", conn.name)
+            return False
+        return True
+
+    async def _write_summaries(self) -> None:
+        while True:
+            await asyncio.sleep(DIGEST_EVERY)
+            await self._flush_summaries(time.monotonic())
+
+    async def _flush_summaries(self, now: float) -> None:
+        for summary in self._digest.due(now):
+            log.warning(
+                "%d more failed authentications from %s in the last %g s",
+                summary.count,
+                summary.source,
+                summary.window,
+            )
+            with contextlib.suppress(Exception):  # an audit failure must not stop the port
+                await self.links.audit_failures(summary.source, summary.count, summary.window)
 
     def _on_cps_changed(self, cps: list[ChargingPoint]) -> None:
         for cp in cps:
@@ -130,7 +204,10 @@ class MonitorServer:
         link: MonitorLink | None = None
         why = "connection closed"
         try:
-            link = await self._authenticate(conn)
+            try:
+                link = await self._authenticate(conn)
+            finally:
+                self._unauthenticated.close(_host(conn.peer))
             if link is not None:
                 async with asyncio.TaskGroup() as tasks:
                     tasks.create_task(self._send_notices(link))
@@ -168,8 +245,26 @@ class MonitorServer:
         key = await self.links.authenticate(first.cp_id, first.secret or "", source)
         cp = self.links.cp(first.cp_id)
         if isinstance(key, str) or cp is None:
-            log.warning("%s: refused authentication of %s: %s", conn.name, first.cp_id, key)
-            self.feed.note("rejected", f"{first.cp_id}: refused at :5000 ({key})", first.cp_id)
+            host = _host(peer)
+            now = time.monotonic()
+            verdict = self._failures.failed(host, now)
+            # The first failure of an address in a window gets its own audit row, log line
+            # and event; the others are counted, and summarised when the window ends.
+            if self._digest.failed(host, now):
+                log.warning("%s: refused authentication of %s: %s", conn.name, first.cp_id, key)
+                self.feed.note("rejected", f"{first.cp_id}: refused at :5000 ({key})", first.cp_id)
+                with contextlib.suppress(Exception):  # an audit failure decides nothing here
+                    await self.links.audit_failed(first.cp_id, source, str(key))
+            if verdict.blocked_for:
+                log.warning(
+                    "%s: %d failed authentications: its connections are refused for %g s",
+                    host,
+                    verdict.failures,
+                    verdict.blocked_for,
+                )
+                with contextlib.suppress(Exception):
+                    await self.links.audit_block(host, verdict.failures, verdict.blocked_for)
+            await asyncio.sleep(verdict.delay)
             # One reason for every failure: a prober learns nothing about which CPs exist.
             await conn.send(
                 AuthResult(cp_id=first.cp_id, accepted=False, reason="unknown CP or wrong secret")

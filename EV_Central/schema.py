@@ -57,14 +57,9 @@ CREATE TABLE IF NOT EXISTS sessions (
 );
 CREATE INDEX IF NOT EXISTS sessions_by_driver ON sessions (driver_id, requested_at);
 CREATE INDEX IF NOT EXISTS sessions_by_status ON sessions (status);
--- Consecutive failed logins and lockouts per account (EV_Central/auth.py): they outlast a
--- restart. user_id is not a foreign key: unknown ids are counted too.
-CREATE TABLE IF NOT EXISTS login_state (
-    user_id      TEXT PRIMARY KEY,
-    failures     INTEGER NOT NULL DEFAULT 0,
-    last_failure REAL NOT NULL DEFAULT 0,
-    locked_until REAL NOT NULL DEFAULT 0
-);
+-- Accounts are no longer locked (failing sources are throttled in memory, EV_Central/auth.py):
+-- the lockout counters of older databases go.
+DROP TABLE IF EXISTS login_state;
 CREATE TABLE IF NOT EXISTS processed_messages (
     id           TEXT PRIMARY KEY,
     processed_at REAL NOT NULL

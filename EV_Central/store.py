@@ -153,24 +153,6 @@ class StoreTx:
         )
         return row is not None
 
-    async def save_login_state(
-        self, user_id: str, failures: int, at: float, locked_until: float, forget_before: float
-    ) -> None:
-        await self._tx.execute(
-            "INSERT INTO login_state (user_id, failures, last_failure, locked_until)"
-            " VALUES (?, ?, ?, ?) ON CONFLICT (user_id) DO UPDATE SET"
-            " failures = excluded.failures, last_failure = excluded.last_failure,"
-            " locked_until = excluded.locked_until",
-            (user_id, failures, at, locked_until),
-        )
-        await self._tx.execute(
-            "DELETE FROM login_state WHERE locked_until < ? AND last_failure < ?",
-            (at, forget_before),
-        )
-
-    async def clear_login_state(self, user_id: str) -> None:
-        await self._tx.execute("DELETE FROM login_state WHERE user_id = ?", (user_id,))
-
     async def ack_ticket(self, session_id: str, driver_id: str, revision: int) -> None:
         """The driver has seen `revision` of the ticket (not a correction made since)."""
         await self._tx.execute(
@@ -386,29 +368,6 @@ class Store:
         """A user's role and password hash, or None when no user has that id."""
         rows = await self.db.read("SELECT role, password_hash FROM users WHERE id = ?", (user_id,))
         return (rows[0]["role"], rows[0]["password_hash"]) if rows else None
-
-    async def login_state(self, user_id: str) -> tuple[int, float, float]:
-        """Failed logins in a row, when the last was, and until when the account is locked."""
-        rows = await self.db.read(
-            "SELECT failures, last_failure, locked_until FROM login_state WHERE user_id = ?",
-            (user_id,),
-        )
-        if not rows:
-            return 0, 0.0, 0.0
-        row = rows[0]
-        return int(row["failures"]), float(row["last_failure"]), float(row["locked_until"])
-
-    async def save_login_state(
-        self, user_id: str, failures: int, at: float, locked_until: float, *, forget_before: float
-    ) -> None:
-        """Record a failed login; forget counters whose last failure is older than
-        `forget_before` and that lock nothing any more."""
-        async with self.transaction() as tx:
-            await tx.save_login_state(user_id, failures, at, locked_until, forget_before)
-
-    async def clear_login_state(self, user_id: str) -> None:
-        async with self.transaction() as tx:
-            await tx.clear_login_state(user_id)
 
     async def driver_balance(self, driver_id: str) -> int | None:
         """A driver's balance in cents, or None when no driver has that id."""

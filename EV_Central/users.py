@@ -3,7 +3,6 @@
     user [--db PATH] add ID --role driver|admin [--balance EUR] [--password-file PATH]
     user [--db PATH] passwd ID [--password-file PATH]
     user [--db PATH] list
-    user [--db PATH] unlock ID
 
 Passwords are read from --password-file (its first line) or typed twice at a prompt; they
 are never taken from the command line, where other users of the machine could see them.
@@ -52,7 +51,7 @@ def balance_eur(value: str) -> float:
 def build_parser() -> EnvArgumentParser:
     parser = EnvArgumentParser(
         prog="EV_Central user",
-        description="Add accounts, set passwords, list accounts, unlock a locked account.",
+        description="Add accounts, set passwords, list accounts.",
     )
     parser.add_option("--db", default=DEFAULT_DB, help="Central's SQLite database file")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -61,12 +60,10 @@ def build_parser() -> EnvArgumentParser:
     add.add_argument("--role", choices=["driver", "admin"], required=True)
     add.add_argument("--balance", type=balance_eur, default=0.0, metavar="EUR")
     add.add_argument("--password-file", metavar="PATH", help="first line: the password")
-    passwd = commands.add_parser("passwd", help="set an account's password (and unlock it)")
+    passwd = commands.add_parser("passwd", help="set an account's password")
     passwd.add_argument("user_id", type=identifier)
     passwd.add_argument("--password-file", metavar="PATH", help="first line: the password")
     commands.add_parser("list", help="list the accounts")
-    unlock = commands.add_parser("unlock", help="forget an account's failed logins")
-    unlock.add_argument("user_id", type=identifier)
     return parser
 
 
@@ -146,34 +143,15 @@ def set_password(conn: sqlite3.Connection, user_id: str, password: str) -> str:
         )
         if cur.rowcount == 0:
             raise AccountError(f"no account {user_id}")
-        conn.execute("DELETE FROM login_state WHERE user_id = ?", (user_id,))
     return f"password of {user_id} changed"
 
 
-def unlock(conn: sqlite3.Connection, user_id: str) -> str:
-    with conn:
-        if not conn.execute("SELECT 1 FROM users WHERE id = ?", (user_id,)).fetchone():
-            raise AccountError(f"no account {user_id}")
-        conn.execute("DELETE FROM login_state WHERE user_id = ?", (user_id,))
-    return f"{user_id} unlocked"
-
-
 def listing(conn: sqlite3.Connection) -> str:
-    now = time.time()
-    rows = conn.execute(
-        "SELECT u.id, u.role, u.balance_cents, s.failures, s.locked_until FROM users u"
-        " LEFT JOIN login_state s ON s.user_id = u.id ORDER BY u.role, u.id"
-    ).fetchall()
-    lines = [f"{'account':<32} {'role':<6} {'balance':>12}  login"]
-    for user_id, role, cents, failures, locked_until in rows:
-        if locked_until and locked_until > now:
-            state = f"locked for {round(locked_until - now)} s"
-        elif failures:
-            state = f"{failures} failed"
-        else:
-            state = "ok"
+    rows = conn.execute("SELECT id, role, balance_cents FROM users ORDER BY role, id").fetchall()
+    lines = [f"{'account':<32} {'role':<6} {'balance':>12}"]
+    for user_id, role, cents in rows:
         balance = f"{cents / 100:.2f} €" if role == "driver" else "-"
-        lines.append(f"{user_id:<32} {role:<6} {balance:>12}  {state}")
+        lines.append(f"{user_id:<32} {role:<6} {balance:>12}")
     return "\n".join(lines)
 
 
@@ -195,8 +173,6 @@ def main(argv: list[str], stdin: TextIO | None = None) -> int:
         elif args.command == "passwd":
             password = read_new_password(args.password_file, stdin, args.user_id)
             print(set_password(conn, args.user_id, password))
-        elif args.command == "unlock":
-            print(unlock(conn, args.user_id))
         else:
             print(listing(conn))
     except AccountError as exc:

@@ -45,7 +45,18 @@ from EV_Central.metrics import render
 from EV_Central.registry import ChargingPoint
 from shared.messages import STATE_COLOURS
 from shared.web import error_response, json_response, response
-from shared.webapp import HttpRequest, Limits, Listen, Logins, Refusal, Route, WebApp, WebClient
+from shared.webapp import (
+    PER_ADDRESS,
+    HttpRequest,
+    Limits,
+    Listen,
+    Logins,
+    Refusal,
+    Route,
+    WebApp,
+    WebClient,
+    host_of,
+)
 from shared.websession import WebLogin, WebSession
 from shared.webshell import WebShell
 
@@ -77,9 +88,11 @@ class AdminWeb(WebApp, Part):
         keep_sessions: bool = False,
         durable: Callable[[], Awaitable[bool]] | None = None,
         cluster: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+        per_address: int = PER_ADDRESS,
     ) -> None:
         """`keep_sessions` (with --ha): logins are kept in the database, which the standby
-        has too, so that a take-over does not log the admins out."""
+        has too, so that a take-over does not log the admins out. `per_address`: connections
+        open at once from one client address."""
         Part.__init__(self, context)
         self._keep_sessions = keep_sessions
         self._durable = durable
@@ -93,7 +106,7 @@ class AdminWeb(WebApp, Part):
         self.shell = WebShell(
             self,
             listen,  # HTTPS and WSS when it has a TLS context (docs/tls.md)
-            Limits(MAX_COMMAND_BYTES, MAX_CLIENTS, CLIENT_QUEUE),
+            Limits(MAX_COMMAND_BYTES, MAX_CLIENTS, CLIENT_QUEUE, per_address=per_address),
             routes={
                 "/healthz": Route(self._healthz),
                 "/metrics": Route(self._metrics),
@@ -221,7 +234,10 @@ class AdminWeb(WebApp, Part):
     # --- Central: every read and action of the admin web ------------------------------------
 
     async def check_login(self, form: WebLogin, peer: str) -> LoginOutcome:
-        return await self._people.login(form.user, form.password, source=peer, channel="admin web")
+        # The client's host is the source a failure is held against (its port changes).
+        return await self._people.login(
+            form.user, form.password, source=host_of(peer), channel="admin web"
+        )
 
     async def on_refusal(self, refusal: Refusal) -> None:
         await self._audit_log.record(

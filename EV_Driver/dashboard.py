@@ -101,7 +101,13 @@ class DriverDashboard(WebApp):
         self.web = WebShell(
             self,
             Listen(settings.listen_host, settings.http_port, tls),
-            Limits(MAX_COMMAND_BYTES, MAX_CLIENTS, CLIENT_QUEUE, too_many="too many browsers"),
+            Limits(
+                MAX_COMMAND_BYTES,
+                MAX_CLIENTS,
+                CLIENT_QUEUE,
+                too_many="too many browsers",
+                per_address=settings.max_connections_per_address,
+            ),
             routes={"/healthz": Route(self._healthz)},
             logins=Logins(
                 COOKIE, DRIVER, "the dashboard", settings.session_ttl, settings.allowed_origin

@@ -14,7 +14,7 @@ from shared.settings import (
     seconds,
 )
 from shared.tls import add_server_options
-from shared.webapp import server_fields
+from shared.webapp import PER_ADDRESS, add_connection_options, server_fields
 from shared.websession import add_session_options
 
 
@@ -32,6 +32,7 @@ class DashboardSettings:
     central_key: str | None = None  # Central's identity key, pinned (else asked from Central)
     session_ttl: float = 8 * 3600.0  # seconds a browser's login lasts at most
     allowed_origin: tuple[str, ...] = ()  # other origins whose pages may use the WebSocket
+    max_connections_per_address: int = PER_ADDRESS  # connections open at once from one host
 
 
 def build_parser(environ: Mapping[str, str] | None = None) -> EnvArgumentParser:
@@ -81,6 +82,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvArgumentParser:
     )
     add_session_options(parser, "the driver dashboard")
     add_server_options(parser, "the driver dashboard")
+    add_connection_options(parser)
     add_common_options(parser)
     return parser
 

@@ -5,6 +5,10 @@ password goes to Central encrypted to its key, and the answer carries the driver
 key. This keeps one key per logged-in driver, seals each driver's requests with it and opens
 the updates sealed for it. The answer to a refused login keeps Central's `retry_after` as a
 number, all the way to the browser.
+
+Logins from one browser host go to Central with one login key of their own (kept for the
+dashboard's life): Central holds failures against that key, so a host that guesses slows down
+and blocks itself, not the drivers who log in from elsewhere on the same dashboard.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from EV_Driver.session import DriverSession, LoginRefused, finish_login, start_login
 from shared.bus import BusError, KafkaBus, Topics
@@ -26,12 +32,14 @@ from shared.messages import (
     encode,
 )
 from shared.sealing import SealError, is_sealed, parse
-from shared.webapp import LoginOutcome
+from shared.webapp import LoginOutcome, host_of
 from shared.websession import WebLogin, WebSession
 
 log = logging.getLogger(__name__)
 
 Answer = LoginResult | CentralIdentity
+
+MAX_CLIENT_KEYS = 10_000  # browser hosts with a login key kept (the least recent are dropped)
 
 
 class DriverKeys:
@@ -52,6 +60,7 @@ class DriverKeys:
         self._central_key = central_key
         self._ready = ready
         self._waiters: dict[str, asyncio.Future[Answer]] = {}
+        self._client_keys: dict[str, X25519PrivateKey] = {}
 
     def live(self, session: WebSession) -> bool:
         """Is the key of a browser session's driver still live? Without it nothing goes out."""
@@ -79,7 +88,9 @@ class DriverKeys:
                     "fingerprint %s",
                     identity.fingerprint,
                 )
-            pending = start_login(self._central_key, driver_id, form.password)
+            pending = start_login(
+                self._central_key, driver_id, form.password, self._client_key(host_of(peer))
+            )
             result = await self._ask(pending.request, pending.request.id)
             if not isinstance(result, LoginResult):
                 return _refused("Central answered something else")
@@ -101,6 +112,14 @@ class DriverKeys:
         self.sessions[driver_id] = session
         self._by_key[session.key_id] = session
         return LoginOutcome(True, driver_id, "driver")
+
+    def _client_key(self, host: str) -> X25519PrivateKey:
+        """The login key of a browser host (made at its first login)."""
+        key = self._client_keys.pop(host, None) or X25519PrivateKey.generate()
+        self._client_keys[host] = key  # the most recent last: dropped last
+        while len(self._client_keys) > MAX_CLIENT_KEYS:
+            del self._client_keys[next(iter(self._client_keys))]
+        return key
 
     async def _ask(self, message: Message, request_id: str) -> Answer:
         """Send a clear request (identity query, login) and wait for its answer."""

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
 from shared.errors import MessageError
 from shared.messages import (
     DRIVER_UPDATES,
@@ -132,10 +134,13 @@ class PendingLogin:
     reply_key: bytes
 
 
-def start_login(central_key: str, driver_id: str, password: str) -> PendingLogin:
-    """A login request for Central (encrypted to its key) and what opens its answer."""
+def start_login(
+    central_key: str, driver_id: str, password: str, client: X25519PrivateKey | None = None
+) -> PendingLogin:
+    """A login request for Central (encrypted to its key) and what opens its answer; `client`:
+    the asker's login key, the same for all its logins (a new one when None)."""
     request_id = new_id()
-    wrapped = login_wrap(central_key, driver_id, request_id, password)
+    wrapped = login_wrap(central_key, driver_id, request_id, password, client)
     request = LoginRequest(
         id=request_id,
         driver_id=driver_id,

@@ -52,9 +52,10 @@ start() {
     launch central "$PY" -m EV_Central --port "$CENTRAL_PORT" --http-port "$HTTP_PORT" \
         --broker "$BROKER" --db "$RUN/ev_charging.db" --console log --demo
     wait_http "http://127.0.0.1:$HTTP_PORT/healthz"
-    local n=0
+    local n=0 site_secrets=""
     for cp in $CPS; do
         n=$((n + 1))
+        site_secrets="$site_secrets${site_secrets:+,}$cp=demo-secret-$cp"
         local engine_port=$((6100 + n))
         launch "engine-$cp" "$PY" -m EV_CP_E --broker "$BROKER" \
             --listen "127.0.0.1:$engine_port" --auto-plug 2 --auto-unplug 10 \
@@ -64,7 +65,9 @@ start() {
             --secret "demo-secret-$cp"
     done
     launch driver-dashboard "$PY" -m EV_Driver dashboard --broker "$BROKER" --http-port "$DRIVER_PORT"
-    launch site-dashboard "$PY" -m EV_CP_M dashboard --broker "$BROKER" --http-port "$SITE_PORT"
+    # The site dashboard shows the health samples these CPs' monitors seal (demo secrets).
+    launch site-dashboard "$PY" -m EV_CP_M dashboard --broker "$BROKER" --http-port "$SITE_PORT" \
+        --cp-secrets "$site_secrets"
     wait_http "http://127.0.0.1:$DRIVER_PORT/healthz"
     wait_http "http://127.0.0.1:$SITE_PORT/healthz"
     cat <<MSG

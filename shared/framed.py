@@ -116,6 +116,12 @@ class FramedConnection(asyncio.Protocol, Generic[T]):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._ended), CLOSE_TIMEOUT)
 
+    def abort(self) -> None:
+        """Drop the connection at once, without sending what is left."""
+        self._closed = True
+        if self._transport is not None:
+            self._transport.abort()
+
     async def __aenter__(self) -> FramedConnection[T]:
         return self
 
@@ -272,9 +278,11 @@ class FramedServer(Generic[T]):
         handler: Callable[[FramedConnection[T]], Awaitable[None]],
         inbound: TypeAdapter[T],
         name: str,
+        admit: Callable[[FramedConnection[T]], bool] | None = None,
         **kwargs: Any,
     ) -> None:
         self._handler = handler
+        self._admit = admit
         self._inbound = inbound
         self._name = name
         self._kwargs = kwargs
@@ -308,6 +316,11 @@ class FramedServer(Generic[T]):
 
     def _start(self, conn: FramedConnection[T]) -> None:
         conn.name = f"{self._name} {conn.peer}"
+        if self._admit is not None and not self._admit(conn):
+            # Refused on arrival (too many from its address, or a blocked one): nothing read.
+            conn.close_reason = "refused on arrival"
+            conn.abort()
+            return
         task = asyncio.get_running_loop().create_task(self._serve(conn), name=conn.name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -345,9 +358,11 @@ async def serve_framed(
     name: str = "peer",
     ssl_context: ssl.SSLContext | None = None,
     ssl_handshake_timeout: float | None = None,
+    admit: Callable[[FramedConnection[T]], bool] | None = None,
     **kwargs: Any,
 ) -> FramedServer[T]:
-    """Listen on HOST:PORT; run `handler(connection)` for each framed connection that comes."""
-    server: FramedServer[T] = FramedServer(handler, inbound, name, **kwargs)
+    """Listen on HOST:PORT; run `handler(connection)` for each framed connection that comes
+    and that `admit` (when given) lets in: one it refuses is dropped on arrival."""
+    server: FramedServer[T] = FramedServer(handler, inbound, name, admit, **kwargs)
     await server.listen(host, port, ssl_context, ssl_handshake_timeout)
     return server

@@ -37,7 +37,7 @@ KEY_BYTES = 32
 NONCE_BYTES = 12
 MAX_SEALED_BYTES = 96 * 1024
 
-Channel = Literal["cp-event", "cp-command", "driver-request", "driver-update"]
+Channel = Literal["cp-event", "cp-command", "driver-request", "driver-update", "cp-health"]
 Principal = Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_.-]+$")]
 KeyId = Annotated[str, Field(min_length=8, max_length=32, pattern=r"^[A-Za-z0-9_-]+$")]
 Stream = Annotated[str, Field(min_length=16, max_length=16, pattern=r"^[0-9a-f]+$")]
@@ -185,6 +185,19 @@ class ReplayGuard:
             del self.last[where]
 
 
+# --- a monitor's health samples: sealed with a key of its CP's secret ---------------------
+
+
+def health_key(cp_id: str, secret: str) -> tuple[str, bytes]:
+    """The id and the key a CP's monitor seals its health samples with (`ch` "cp-health").
+
+    Derived from the CP's secret, so that the site dashboard, given the secrets of its site's
+    CPs, checks them without any key from Central; knowing it does not give the secret."""
+    root = hashlib.sha256(b"ev-health|" + secret.encode()).digest()
+    key = hmac.new(root, b"ev-health|" + cp_id.encode(), hashlib.sha256).digest()
+    return hashlib.sha256(b"ev-health-id|" + key).hexdigest()[:16], key
+
+
 # --- the monitor's hello to its engine: proof that it knows the CP's secret ---------------
 # The engine opens each connection with a fresh challenge (EngineChallenge) and the proof
 # covers it: a recorded hello is refused on any later connection, whatever the clocks say.
@@ -256,14 +269,22 @@ class LoginWrap:
 
 
 def login_wrap(
-    central_public_b64: str, driver_id: str, request_id: str, password: str
+    central_public_b64: str,
+    driver_id: str,
+    request_id: str,
+    password: str,
+    client: X25519PrivateKey | None = None,
 ) -> LoginWrap:
-    """Encrypt a password so that only Central (the identity key's holder) can read it."""
+    """Encrypt a password so that only Central (the identity key's holder) can read it.
+
+    `client` is the asker's key, kept across its logins so that Central can hold failures
+    against that asker alone (EV_Central/auth.py); a new one is made when None. Every login
+    still gets keys of its own: the request id goes into their derivation."""
     try:
         central = X25519PublicKey.from_public_bytes(unb64(central_public_b64, "Central's key"))
     except ValueError:
         raise SealError("Central's public key is not a valid X25519 key") from None
-    ephemeral = X25519PrivateKey.generate()
+    ephemeral = client if client is not None else X25519PrivateKey.generate()
     client_public = ephemeral.public_key().public_bytes(
         serialization.Encoding.Raw, serialization.PublicFormat.Raw
     )

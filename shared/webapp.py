@@ -23,6 +23,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
 from websockets.http11 import Response
 
+from shared.settings import EnvArgumentParser
 from shared.tls import optional_server_context
 from shared.websession import WebLogin, WebSession
 
@@ -77,9 +78,30 @@ class Listen:
     ssl_context: ssl.SSLContext | None = None
 
 
+PER_ADDRESS = 32  # connections open at once from one address, by default
+
+
+def add_connection_options(parser: EnvArgumentParser) -> None:
+    """--max-connections-per-address (EV_MAX_CONNECTIONS_PER_ADDRESS) of a web server."""
+    parser.add_option(
+        "--max-connections-per-address",
+        type=connection_share,
+        default=PER_ADDRESS,
+        help="connections open at once from one address (HTTP, WebSocket, and those still "
+        "in their handshake, which has 10 s); more are refused on arrival",
+    )
+
+
+def connection_share(value: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= 10_000:
+        raise argparse.ArgumentTypeError(f"expected a number from 1 to 10000, got {value!r}")
+    return int(value)
+
+
 class ServerFields(TypedDict):
-    """The settings every dashboard takes from the same flags (add_server_options and
-    add_common_options): its broker, where it listens, TLS, logs."""
+    """The settings every dashboard takes from the same flags (add_server_options,
+    add_connection_options and add_common_options): its broker, where it listens, TLS, how
+    many connections an address may open, logs."""
 
     broker: str
     http_port: int
@@ -88,6 +110,7 @@ class ServerFields(TypedDict):
     log_json: bool
     tls_cert: str | None
     tls_key: str | None
+    max_connections_per_address: int
 
 
 def server_fields(args: argparse.Namespace) -> ServerFields:
@@ -102,6 +125,7 @@ def server_fields(args: argparse.Namespace) -> ServerFields:
         "log_json": args.log_json,
         "tls_cert": tls_cert,
         "tls_key": tls_key,
+        "max_connections_per_address": args.max_connections_per_address,
     }
 
 
@@ -112,6 +136,7 @@ class Limits:
     client_queue: int  # pushes waiting for one browser before it is disconnected
     max_queue: int = 16  # messages read ahead from one browser (websockets' max_queue)
     too_many: str = "too many clients"
+    per_address: int = PER_ADDRESS  # connections open at once from one address, of any kind
 
 
 @dataclass(frozen=True)
@@ -233,6 +258,11 @@ class WebClient:
 def dumps(payload: Mapping[str, Any]) -> str:
     """A push as compact JSON text (non-ASCII kept as is)."""
     return json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+
+
+def host_of(peer: str) -> str:
+    """The host of a "host:port" peer: where a client is, whatever port it used this time."""
+    return peer.rpartition(":")[0] or peer
 
 
 def peer_of(conn: ServerConnection) -> str:

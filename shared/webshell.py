@@ -26,6 +26,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from shared.abuse import ConnectionCap
 from shared.errors import MessageError
 from shared.lifecycle import Shutdown, first_error
 from shared.tls import HANDSHAKE_TIMEOUT
@@ -40,6 +41,7 @@ from shared.webapp import (
     WebApp,
     WebClient,
     dumps,
+    host_of,
     peer_of,
 )
 from shared.websession import (
@@ -58,6 +60,8 @@ log = logging.getLogger(__name__)
 
 LOGIN_WAIT = 30.0  # seconds a /login connection may take to send its one message
 MAX_LOGINS = 100  # /login connections open at once
+LOGINS_PER_HOST = 8  # of which from one client host
+OPEN_TIMEOUT = 10.0  # seconds a connection has to send its whole HTTP request (or handshake)
 SESSION_CHECK = 2.0  # seconds between checks that each browser's session is still alive
 REFUSAL_AUDIT_INTERVAL = 10.0  # a refused upgrade is reported once per client host in this
 MAX_REFUSAL_HOSTS = 10_000
@@ -91,6 +95,8 @@ class WebShell:
             weakref.WeakKeyDictionary()
         )
         self._logins_open = 0
+        self._logins_by_host = ConnectionCap(LOGINS_PER_HOST)
+        self._per_address = ConnectionCap(limits.per_address)
         self._refusals_reported: dict[str, float] = {}
 
     @property
@@ -121,6 +127,8 @@ class WebShell:
             server_header=self.app.server_header,
             ssl=self.ssl_context,
             ssl_handshake_timeout=HANDSHAKE_TIMEOUT if self.ssl_context else None,
+            open_timeout=OPEN_TIMEOUT,
+            create_connection=_capped(self._per_address),
         )
         self.port = bound_port(self._server.sockets, self.port)
         if self.logins is not None:
@@ -249,7 +257,10 @@ class WebShell:
             self._refused(conn, path, f"Origin {origin!r}")
             return error_response(403, logins.origin_forbidden)
         if path == "/login":
-            if self._logins_open >= MAX_LOGINS:
+            if (
+                self._logins_open >= MAX_LOGINS
+                or self._logins_by_host.count(host_of(peer_of(conn))) >= LOGINS_PER_HOST
+            ):
                 return error_response(503, "too many logins at once; try again in a moment")
             return None
         session = self._session(request)
@@ -267,7 +278,7 @@ class WebShell:
         if self.logins is None:
             return
         source = peer_of(conn)
-        host = source.rpartition(":")[0] or source
+        host = host_of(source)
         now = time.monotonic()
         if now - self._refusals_reported.get(host, -1e9) < REFUSAL_AUDIT_INTERVAL:
             return
@@ -300,7 +311,9 @@ class WebShell:
 
     async def _serve_login(self, conn: ServerConnection) -> None:
         """One login per /login connection: a message in, a login_result out, closed."""
+        host = host_of(peer_of(conn))
         self._logins_open += 1
+        self._logins_by_host.open(host)
         try:
             try:
                 async with asyncio.timeout(LOGIN_WAIT):
@@ -321,6 +334,7 @@ class WebShell:
                 await conn.send(dumps(login_refused(outcome.reason, outcome.retry_after)))
         finally:
             self._logins_open -= 1
+            self._logins_by_host.close(host)
 
     def close_ended(self) -> None:
         """Close the WebSockets whose session ended (logout, expiry, backing gone)."""
@@ -378,6 +392,32 @@ class WebShell:
                 await client.conn.close(4001, "session ended")  # logged out or expired
                 return
             await self.app.on_message(client, data)
+
+
+def _capped(cap: ConnectionCap) -> type[ServerConnection]:
+    """websockets' server connection, counted against its address's share of `cap` from the
+    moment it arrives until it is gone: one over its share is dropped before a byte is read."""
+
+    class CappedConnection(ServerConnection):
+        _host: str | None = None
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            peer = transport.get_extra_info("peername")
+            host = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+            if cap.open(host):
+                self._host = host
+            else:
+                log.debug("refused a connection from %s: it has its share open", host)
+                self.transport.abort()  # the handshake then fails at once, quietly
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._host is not None:
+                cap.close(self._host)
+                self._host = None
+            super().connection_lost(exc)
+
+    return CappedConnection
 
 
 def _name(task: Callable[..., object]) -> str:

@@ -257,7 +257,7 @@
   // --- audit log -------------------------------------------------------------------------
 
   const MAX_AUDIT = 200;
-  const AUDIT_OUTCOME = { ok: "good", failed: "bad", locked: "bad", refused: "bad" };
+  const AUDIT_OUTCOME = { ok: "good", failed: "bad", blocked: "bad", locked: "bad", refused: "bad" };
   const audit = new Map(); // id -> entry, as the server sent it
 
   function auditRow(a, fresh) {

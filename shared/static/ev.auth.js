@@ -61,12 +61,12 @@ const EVAuth = (() => {
   }
 
   // Wire a login form. parts: {form, user, password, submit, error, onLogin({user, role})}.
-  // Every message is shown with textContent; a lockout counts down its "retry in N s".
+  // Every message is shown with textContent; a blocked login counts down its "retry in N s".
   function bindForm(parts) {
     let timer = null;
     const show = (text) => { parts.error.textContent = text; };
     function countdown(reason, seconds) {
-      const base = String(reason || "account locked").replace(/[,;]?\s*try again in \d+ s\.?/, "");
+      const base = String(reason || "too many failed logins").replace(/[,;]?\s*try again in \d+ s\.?/, "");
       const until = Date.now() + seconds * 1000;
       const tick = () => {
         const left = Math.ceil((until - Date.now()) / 1000);

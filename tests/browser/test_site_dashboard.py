@@ -26,6 +26,9 @@ def ms(seconds: float) -> float:
     return float(scaled(seconds) * 1000)
 
 
+SITE_CPS = [f"CP{n:03d}" for n in range(1, 11)]  # the demo CPs these tests start
+
+
 def start_dashboard(system: procs.Deployment, port: int) -> procs.ServiceProcess:
     proc = procs.ServiceProcess(
         "site-dashboard",
@@ -39,6 +42,8 @@ def start_dashboard(system: procs.Deployment, port: int) -> procs.ServiceProcess
             str(port),
             "--listen-host",
             "127.0.0.1",
+            "--cp-secrets",
+            ",".join(f"{cp}={system.secret(cp)}" for cp in SITE_CPS),
         ],
         system.workdir,
     ).start()

@@ -104,7 +104,7 @@ async def test_hostile_text_is_shown_as_text_on_both_pages(
     assert not errors, errors
 
 
-async def test_lockout_countdown_and_a_driver_gets_no_panel(
+async def test_a_blocked_address_counts_down_and_a_driver_gets_no_panel(
     central: Deployment, page: Page
 ) -> None:
     await page.goto(central.url("/"))
@@ -116,14 +116,16 @@ async def test_lockout_countdown_and_a_driver_gets_no_panel(
     await log_in(page, "user2", "guess-last")
     error = page.locator("#login-error")
     await expect(error).to_have_text(
-        re.compile(r"^account locked \(retry in \d+ s\)$"), timeout=ms(10)
+        re.compile(r"^too many failed logins \(retry in \d+ s\)$"), timeout=ms(10)
     )
     first = int(re.findall(r"\d+", await error.text_content() or "")[0])
     assert 25 <= first <= 30
-    await expect(error).not_to_have_text(f"account locked (retry in {first} s)", timeout=ms(3))
-    # Locked: the right password changes nothing.
+    await expect(error).not_to_have_text(
+        f"too many failed logins (retry in {first} s)", timeout=ms(3)
+    )
+    # This browser's address is blocked: the right password from it changes nothing.
     await log_in(page, "user2", "pass2")
-    await expect(error).to_contain_text("account locked", timeout=ms(10))
+    await expect(error).to_contain_text("too many failed logins", timeout=ms(10))
     await expect(page.locator("#app")).to_be_hidden()
 
     # A driver's right password: a session, but no admin panel and no admin WebSocket.

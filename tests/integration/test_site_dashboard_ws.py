@@ -1,13 +1,14 @@
 """The site dashboard's server with a raw WebSocket client, and the monitor's health samples.
 
 The dashboard runs in the test's event loop against the session broker; samples are published
-with the project's own KafkaBus, as a monitor would. The monitor tests run the real engine and
-monitor processes.
+with the project's own KafkaBus, sealed as a monitor seals them (EV_CP_M/health.py). The
+monitor tests run the real engine and monitor processes; forged samples must not show.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import urllib.error
 import urllib.request
@@ -22,10 +23,11 @@ from websockets.exceptions import ConnectionClosed
 
 import procs
 from EV_CP_M.dashboard import MAX_CLIENT_BYTES, DashboardSettings, SiteDashboard
+from EV_CP_M.health import HealthOpener, HealthSealer
 from helpers import free_port, scaled, wait_for
-from shared.bus import KafkaBus, Topics, decode_record
+from shared.bus import KafkaBus, Topics
 from shared.lifecycle import Shutdown
-from shared.messages import CP_HEALTH, CPState, CPStateUpdate, HealthSample
+from shared.messages import CPState, CPStateUpdate, HealthSample, encode
 
 pytestmark = pytest.mark.kafka
 
@@ -42,17 +44,34 @@ async def bus(kafka_bootstrap: str) -> AsyncIterator[KafkaBus]:
     await b.stop()
 
 
-@pytest.fixture
-async def dashboard(kafka_bootstrap: str, bus: KafkaBus) -> AsyncIterator[SiteDashboard]:
-    settings = DashboardSettings(broker=kafka_bootstrap, http_port=0, listen_host="127.0.0.1")
+# The CPs of the site the dashboard fixture watches, with their secrets (fresh ids each run:
+# the session broker keeps other runs' samples).
+SITE = {new_cp_id(): f"secret-{n}" for n in range(2)}
+CP_A, CP_B = SITE
+SEALERS = {cp_id: HealthSealer(cp_id, secret) for cp_id, secret in SITE.items()}
+
+
+@contextlib.asynccontextmanager
+async def site_dashboard(broker: str, secrets: dict[str, str]) -> AsyncIterator[SiteDashboard]:
+    settings = DashboardSettings(
+        broker=broker, http_port=0, listen_host="127.0.0.1", cp_secrets=secrets
+    )
     shutdown = Shutdown()
     service = SiteDashboard(settings, shutdown)
     task = asyncio.create_task(service.run())
     await wait_for(lambda: service.port != 0 and service.ready or task.done(), 60)
     assert not task.done(), task
-    yield service
-    shutdown.request()
-    await asyncio.wait_for(task, scaled(15))
+    try:
+        yield service
+    finally:
+        shutdown.request()
+        await asyncio.wait_for(task, scaled(15))
+
+
+@pytest.fixture
+async def dashboard(kafka_bootstrap: str, bus: KafkaBus) -> AsyncIterator[SiteDashboard]:
+    async with site_dashboard(kafka_bootstrap, SITE) as service:
+        yield service
 
 
 def url(service: SiteDashboard, path: str) -> str:
@@ -87,7 +106,10 @@ def cp_in(message: dict[str, Any], cp_id: str) -> dict[str, Any] | None:
 
 
 async def publish_samples(bus: KafkaBus, cp_id: str, **fields: Any) -> None:
-    await bus.send(Topics.CP_HEALTH, cp_id, HealthSample(cp_id=cp_id, **fields))
+    """A sample of a site CP, sealed as its monitor seals it."""
+    value = encode(HealthSample(cp_id=cp_id, **fields))
+    (sealed,) = SEALERS[cp_id].outgoing(Topics.CP_HEALTH, cp_id, value)
+    await bus.send_raw(Topics.CP_HEALTH, cp_id.encode(), sealed)
 
 
 # --- the WebSocket ----------------------------------------------------------------------------
@@ -96,7 +118,7 @@ async def publish_samples(bus: KafkaBus, cp_id: str, **fields: Any) -> None:
 async def test_snapshot_then_pushes_follow_the_samples(
     dashboard: SiteDashboard, bus: KafkaBus
 ) -> None:
-    cp_id = new_cp_id()
+    cp_id = CP_A
     await bus.send(
         Topics.CP_STATE,
         cp_id,
@@ -231,6 +253,9 @@ async def start_engine(tmp_path: Path, broker: str) -> tuple[procs.ServiceProces
     return engine, port
 
 
+MONITOR_SECRET = "unused-without-central"  # seals the health samples all the same
+
+
 def start_monitor(
     tmp_path: Path, cp_id: str, engine_port: int, broker: str
 ) -> procs.ServiceProcess:
@@ -250,25 +275,24 @@ def start_monitor(
             "--broker",
             broker,
             "--secret",
-            "unused-without-central",
+            MONITOR_SECRET,
         ],
         tmp_path,
     ).start()
 
 
-async def test_the_monitor_publishes_a_sample_after_every_check(
+async def test_the_monitor_publishes_a_sealed_sample_after_every_check(
     tmp_path: Path, kafka_bootstrap: str, bus: KafkaBus
 ) -> None:
     cp_id = new_cp_id()
     consumer = await bus.tail_consumer([Topics.CP_HEALTH])
     samples: list[HealthSample] = []
+    opener = HealthOpener({cp_id: MONITOR_SECRET})
 
     async def collect() -> None:
         async for record in consumer:
-            sample = decode_record(CP_HEALTH, record)
-            if sample.cp_id == cp_id:
-                assert record.key == cp_id.encode()
-                samples.append(sample)
+            if record.key == cp_id.encode():
+                samples.append(opener.open(record.value or b""))
 
     engine, port = await start_engine(tmp_path, kafka_bootstrap)
     monitor = start_monitor(tmp_path, cp_id, port, kafka_bootstrap)
@@ -321,6 +345,56 @@ async def test_the_monitor_checks_on_when_its_broker_is_down(
         assert monitor.running
         assert monitor.stop() == 0  # a broker that is down does not hold the exit
         assert "Traceback" not in monitor.output
+    finally:
+        monitor.stop()
+        engine.stop()
+
+
+async def test_a_forged_or_replayed_sample_does_not_reach_the_site_dashboard(
+    tmp_path: Path, kafka_bootstrap: str, bus: KafkaBus
+) -> None:
+    cp_id = new_cp_id()
+    copies = await bus.tail_consumer([Topics.CP_HEALTH])
+    engine, port = await start_engine(tmp_path, kafka_bootstrap)
+    monitor = start_monitor(tmp_path, cp_id, port, kafka_bootstrap)
+    try:
+        async with (
+            site_dashboard(kafka_bootstrap, {cp_id: MONITOR_SECRET}) as dashboard,
+            connect(ws_url(dashboard)) as ws,
+        ):
+            # The real monitor's samples show: its engine is OK.
+            await receive_until(ws, lambda m: (cp_in(m, cp_id) or {}).get("engine") == "OK", 20)
+            real = None
+            async with asyncio.timeout(scaled(10)):
+                while real is None:
+                    record = await copies.getone()
+                    real = record.value if record.key == cp_id.encode() else None
+            refused = dashboard.refused_samples
+
+            # Anyone on Kafka says the engine is KO: in clear, sealed with a made-up secret,
+            # or with the real monitor's key for another CP; and a real sample comes again.
+            forged = HealthSample(
+                cp_id=cp_id, engine_ok=False, central_ok=True, detail="forged", seq=10**6
+            )
+            clear = encode(forged)
+            (wrong_key,) = HealthSealer(cp_id, "a guess").outgoing("", "", clear)
+            other = encode(forged.model_copy(update={"cp_id": "CP001"}))
+            (moved,) = HealthSealer(cp_id, MONITOR_SECRET).outgoing("", "", other)
+            for value in (clear, wrong_key, moved, real):
+                await bus.send_raw(Topics.CP_HEALTH, cp_id.encode(), value)
+            await wait_for(lambda: dashboard.refused_samples >= refused + 4, 10)
+            # None of them reached the page: the engine stays OK, no fault opens.
+            with contextlib.suppress(TimeoutError):
+                await receive_until(
+                    ws,
+                    lambda m: (
+                        (cp_in(m, cp_id) or {}).get("engine") != "OK"
+                        or any(f["cp_id"] == cp_id for f in m.get("timeline", []))
+                    ),
+                    timeout=2,
+                )
+                pytest.fail("a forged health sample reached the site dashboard")
+            assert dashboard.status()["refused_samples"] >= refused + 4
     finally:
         monitor.stop()
         engine.stop()

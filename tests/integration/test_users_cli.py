@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import sqlite3
-import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,6 @@ import pytest
 import init_db
 from EV_Central import users
 from EV_Central.passwords import verify_password
-from EV_Central.schema import create_schema
 
 
 class Pipe(io.StringIO):
@@ -80,31 +78,32 @@ def test_accounts_are_added_with_a_real_password_only(
     assert verify_password("correct horse battery", str(stored))
 
 
-def test_a_new_password_replaces_the_old_one_and_unlocks(
+def test_a_new_password_replaces_the_old_one(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     db = tmp_path / "central.db"
     old = password_file(tmp_path, "first password")
     assert run(db, "add", "ana", "--role", "driver", "--password-file", old) == 0
-    with sqlite3.connect(db) as conn:
-        create_schema(conn)
-        conn.execute(
-            "INSERT INTO login_state (user_id, failures, last_failure, locked_until)"
-            " VALUES ('ana', 5, ?, ?)",
-            (time.time(), time.time() + 300),
-        )
-    assert run(db, "list") == 0
-    assert "locked for" in capsys.readouterr().out
     new = tmp_path / "new"
     new.write_text("second password\n")
     assert run(db, "passwd", "ana", "--password-file", str(new)) == 0
     ((stored,),) = rows(db, "SELECT password_hash FROM users WHERE id = 'ana'")
     assert verify_password("second password", str(stored))
     assert not verify_password("first password", str(stored))
-    assert rows(db, "SELECT * FROM login_state") == []
     assert run(db, "passwd", "nobody", "--password-file", str(new)) == 1
-    assert run(db, "unlock", "nobody") == 1
-    assert run(db, "unlock", "ana") == 0
+    assert run(db, "list") == 0
+    assert "ana" in capsys.readouterr().out
+
+
+def test_unlock_is_gone_since_accounts_are_never_locked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "central.db"
+    assert init_db.main(["--db", str(db)]) == 0
+    with pytest.raises(SystemExit) as exit_code:
+        run(db, "unlock", "user1")
+    assert exit_code.value.code == 2
+    assert "invalid choice: 'unlock'" in capsys.readouterr().err
 
 
 def test_a_standby_centrals_database_refuses_changes_and_names_the_active_one(
@@ -116,7 +115,6 @@ def test_a_standby_centrals_database_refuses_changes_and_names_the_active_one(
         conn.execute("INSERT INTO meta VALUES ('local.role', 'standby')")
         conn.execute("INSERT INTO meta VALUES ('active_central', '{\"name\": \"pc2:5000\"}')")
     before = rows(db, "SELECT id, password_hash, balance_cents FROM users ORDER BY id")
-    assert run(db, "unlock", "user1") == 1
     assert run(db, "passwd", "user1", "--password-file", password_file(tmp_path, "n3w-Pass!")) == 1
     err = capsys.readouterr().err
     assert "standby Central (--ha)" in err and "the active Central is pc2:5000" in err

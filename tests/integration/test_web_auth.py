@@ -1,6 +1,6 @@
 """People logging in (docs/web-auth.md), against a real Central and a real driver dashboard.
 
-One deployment for the whole module (a Central locking accounts after 4 failures for 3 s,
+One deployment for the whole module (a Central blocking a source after 4 failures for 3 s,
 and a dashboard process), reached with raw HTTP and WebSocket clients: every way in without
 the right session must fail, and the right session must work.
 """
@@ -84,10 +84,14 @@ async def get(
 
 
 async def ask_login(
-    port: int, user: str, password: str, origin: str | None = None
+    port: int, user: str, password: str, origin: str | None = None, source: str = "127.0.0.1"
 ) -> dict[str, Any]:
-    """The login_result /login answers to a login message."""
-    async with connect(f"ws://127.0.0.1:{port}/login", origin=origin) as ws:  # type: ignore[arg-type]
+    """The login_result /login answers to a login message sent from the address `source`."""
+    async with connect(
+        f"ws://127.0.0.1:{port}/login",
+        origin=origin,  # type: ignore[arg-type]
+        local_addr=(source, 0),
+    ) as ws:
         await ws.send(json.dumps({"type": "login", "user": user, "password": password}))
         async with asyncio.timeout(scaled(20)):
             answer: dict[str, Any] = json.loads(await ws.recv())
@@ -247,40 +251,46 @@ async def test_cookie_attributes_single_use_grants_and_logout(system: Deployment
     await wait_for(audited, 5, message="the logout and the refused WebSocket were not audited")
 
 
-async def test_brute_force_is_slowed_down_then_locked(system: Deployment) -> None:
+async def test_guessing_slows_and_blocks_the_guesser_not_the_admin(system: Deployment) -> None:
     port = system.http_port
+    attacker = "127.0.0.2"  # another address of the loopback: another machine to Central
     took = []
-    for attempt in range(LOCK_AFTER - 1):
+    answers = []
+    for attempt in range(6):
         started = time.monotonic()
-        answer = await ask_login(port, "user5", f"guess{attempt}")
+        answers.append(await ask_login(port, "admin", f"guess{attempt}", source=attacker))
         took.append(time.monotonic() - started)
-        assert answer == {"type": "login_result", "ok": False, "reason": "wrong user or password"}
-    # Each failure is answered later than the one before (0.2 s, 0.4 s, 0.8 s...).
+    assert not any(answer["ok"] for answer in answers), answers
+    # Each failure is answered later than the one before (0.2 s, 0.4 s, 0.8 s...) ...
+    assert [a["reason"] for a in answers[: LOCK_AFTER - 1]] == ["wrong user or password"] * 3
     assert took[1] > took[0] + 0.1 and took[2] > took[1] + 0.25, took
+    # ... then the guesser is blocked, and told for how long.
+    for answer in answers[LOCK_AFTER - 1 :]:
+        assert answer["reason"].startswith("too many failed logins; try again in"), answer
+        assert 1 <= answer["retry_after"] <= LOCK_SECONDS
+    blocked_at = time.monotonic()
     # The same words for an account that does not exist: nothing tells them apart.
-    unknown = await ask_login(port, "nobody", "guess")
+    unknown = await ask_login(port, "nobody", "guess", source=attacker)
     assert unknown["reason"] == "wrong user or password"
 
-    last = await ask_login(port, "user5", "guess-last")
-    assert last["ok"] is False and last["reason"].startswith("account locked")
-    assert 1 <= last["retry_after"] <= LOCK_SECONDS
-    locked_at = time.monotonic()
-    # Locked: even the right password is refused, with how long to wait.
-    right = await ask_login(port, "user5", "pass5")
-    assert right["ok"] is False and right["reason"].startswith("account locked"), right
-    assert "grant" not in right and 1 <= right["retry_after"] <= LOCK_SECONDS
-    locked = system.query("SELECT failures, locked_until FROM login_state WHERE user_id = 'user5'")
-    assert locked and locked[0][0] == LOCK_AFTER and locked[0][1] > time.time()
+    # The real admin, from elsewhere, gets in at once; the guesser does not, even with it.
+    started = time.monotonic()
+    assert (await ask_login(port, "admin", "admin"))["ok"] is True
+    assert time.monotonic() - started < scaled(1.5)
+    right = await ask_login(port, "admin", "admin", source=attacker)
+    assert right["ok"] is False and "grant" not in right and right["retry_after"] >= 1, right
     audited = system.query(
-        "SELECT action, outcome FROM audit_log WHERE actor = 'user5' ORDER BY id"
+        "SELECT action, outcome, source FROM audit_log WHERE actor = 'admin' ORDER BY id"
     )
-    assert ("lockout", "locked") in audited and ("login", "locked") in audited, audited
+    guesses = [(a, o) for a, o, src in audited if src == attacker]
+    # Every checked failure and the block are audited; the refusals while blocked are not.
+    assert guesses == [("login", "failed")] * LOCK_AFTER + [("throttle", "blocked")], guesses
+    assert ("login", "ok", "127.0.0.1") in audited
 
-    # Once the lock has run out, the right password works, and the count starts afresh.
-    await asyncio.sleep(max(0.0, LOCK_SECONDS + 0.2 - (time.monotonic() - locked_at)))
-    again = await ask_login(port, "user5", "pass5")
-    assert again["ok"] is True and again["role"] == "driver", again
-    assert not system.query("SELECT 1 FROM login_state WHERE user_id = 'user5'")
+    # Once the block has run out, the guesser's address may try again.
+    await asyncio.sleep(max(0.0, LOCK_SECONDS + 0.2 - (time.monotonic() - blocked_at)))
+    again = await ask_login(port, "admin", "admin", source=attacker)
+    assert again["ok"] is True and again["role"] == "admin", again
 
 
 async def test_ctl_logs_in_first(system: Deployment, tmp_path: Path) -> None:
@@ -391,10 +401,32 @@ async def test_dashboard_logout_closes_the_page_and_lockout_reaches_drivers(
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 4001
     assert await refused(dashboard, cookie) == 401
 
-    # Guessing a driver's password through the dashboard locks the account at Central too.
-    for attempt in range(LOCK_AFTER):
-        answer = await ask_login(dashboard, "user4", f"guess{attempt}")
+    # Guessing a driver's password through the dashboard, from one browser host, blocks that
+    # host at Central (the dashboard logs each host in with a key of its own) ...
+    for attempt in range(6):
+        answer = await ask_login(dashboard, "user4", f"guess{attempt}", source="127.0.0.3")
         assert answer["ok"] is False, answer
-    locked = await ask_login(dashboard, "user4", "pass4")
-    assert locked["ok"] is False and "locked" in locked["reason"], locked
-    assert locked.get("retry_after"), locked
+    blocked = await ask_login(dashboard, "user4", "pass4", source="127.0.0.3")
+    assert blocked["ok"] is False and "too many failed logins" in blocked["reason"], blocked
+    assert blocked.get("retry_after"), blocked
+    # ... not the driver on another host of the same dashboard, nor in its own app.
+    started = time.monotonic()
+    assert (await ask_login(dashboard, "user4", "pass4"))["ok"] is True
+    assert time.monotonic() - started < scaled(3)
+    app = system.start_driver(
+        "user4",
+        "--password",
+        "pass4",
+        "--token-file",
+        str(system.workdir / "user4.token"),
+        name="user4-login",
+        command="login",
+    )
+    assert await app.wait_exit(30) == 0, app.output
+    sources = {
+        src
+        for (src,) in system.query(
+            "SELECT source FROM audit_log WHERE actor = 'user4' AND action = 'throttle'"
+        )
+    }
+    assert len(sources) == 1 and next(iter(sources)).startswith("login key "), sources

@@ -182,9 +182,9 @@ LIBRARY_EOF_ASSERTION = re.compile(
 
 
 APPEND_ONLY = frozenset({"audit_log"})
-# What a refused login changes on purpose: the failure counters, and (for a login that came
-# over Kafka) the id of the message Central has handled.
-LOGIN_TABLES = ("login_state", "processed_messages")
+# What a refused login changes on purpose: (for a login that came over Kafka) the id of the
+# message Central has handled. Its failure counters are in Central's memory only.
+LOGIN_TABLES = ("processed_messages",)
 
 T = TypeVar("T", bound=Callable[..., Any])
 
@@ -266,6 +266,9 @@ def site_dashboard(system: Deployment, port: int) -> ServiceProcess:
     """The site dashboard (Deployment starts every other service)."""
     args = ["-m", "EV_CP_M", "dashboard", "--broker", system.broker]
     args += ["--http-port", str(port), "--listen-host", "127.0.0.1"]
+    # The demo CPs' secrets: their monitors' sealed health samples are shown.
+    demo_cps = [f"CP{n:03d}" for n in range(1, 11)]
+    args += ["--cp-secrets", ",".join(f"{cp}={system.secret(cp)}" for cp in demo_cps)]
     proc = ServiceProcess("site-dashboard", args, system.workdir).start()
     system.processes.append(proc)
     return proc

@@ -274,9 +274,12 @@ def test_the_engine_acts_on_no_forged_command(
 
 
 def site_invalid(stack: Stack) -> int:
+    """Records the site dashboard skipped: invalid ones, and health samples it refused (not
+    sealed by a CP's monitor)."""
     status, body = get(stack.site_port, "/healthz")
     assert status == 200, body
-    count: int = json.loads(body)["invalid_messages"]
+    status_of = json.loads(body)
+    count: int = status_of["invalid_messages"] + status_of["refused_samples"]
     return count
 
 

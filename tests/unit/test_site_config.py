@@ -70,3 +70,19 @@ def test_browser_messages_are_validated() -> None:
             parse_client_message(bad)
     with pytest.raises(MessageError, match="ref"):
         parse_client_message('{"type":"ping","ref":"' + "x" * 65 + '"}')
+
+
+def test_the_dashboard_takes_its_site_s_cp_secrets_and_refuses_malformed_ones(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    broker = ["--broker", "kafka:9092"]
+    settings = parse_dashboard([*broker, "--cp-secrets", "CP001=a, CP002=b=c"], environ={})
+    assert dict(settings.cp_secrets) == {"CP001": "a", "CP002": "b=c"}
+    from_env = parse_dashboard(broker, environ={"EV_CP_SECRETS": "CP003=hush"})
+    assert dict(from_env.cp_secrets) == {"CP003": "hush"}
+    assert "hush" not in repr(from_env)  # secrets stay out of logs
+    for bad in ("CP001", "CP001=", "=secret", "no spaces=secret"):
+        with pytest.raises(SystemExit) as exit_info:
+            parse_dashboard([*broker, "--cp-secrets", bad], environ={})
+        assert exit_info.value.code == 2
+        assert "--cp-secrets" in capsys.readouterr().err
