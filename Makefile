@@ -14,7 +14,7 @@ help:
 	@echo "make test-fast  unit tests only"
 	@echo "make bench      fleet benchmark of Central (BENCH_ARGS='--sizes 100,1000 --duration 20')"
 	@echo "make bench-failover  kills of the active HA Central and the cost of HA (FAILOVER_ARGS='--kills 3')"
-	@echo "make chaos      random faults and an auditor (DURATION=1800 SEED=7 CHAOS_ARGS='--ha')"
+	@echo "make chaos      random faults and an auditor (DURATION=1800 SEED=7 NET=1 CHAOS_ARGS='--ha')"
 
 # What the machine must have (scripts/prereqs.sh): as root it installs what is missing, otherwise
 # it stops the goal at once, before the venv, with one line naming what to install.
@@ -74,9 +74,11 @@ bench-failover: prereqs-run $(BENCH_STAMP) kafka-jars
 	$(PY) -m bench.run --failover $(FAILOVER_ARGS)
 
 # A chaos soak (tools/chaos, docs/reliability.md): random faults from a seed, then the auditor.
+# NET=1 runs it on three simulated PCs with network faults too (root).
 .PHONY: chaos
 DURATION ?= 120
 SEED ?=
+NET ?=
 CHAOS_ARGS ?=
 chaos: prereqs-test $(STAMP) kafka-jars
-	$(PY) -m tools.chaos --duration $(DURATION) $(if $(SEED),--seed $(SEED)) $(CHAOS_ARGS)
+	$(PY) -m tools.chaos --duration $(DURATION) $(if $(SEED),--seed $(SEED)) $(if $(NET),--net) $(CHAOS_ARGS)

@@ -52,6 +52,7 @@ ACTIONS = frozenset(
         "resume",
         "message_rejected",
         "ws_rejected",
+        "clock_skew",
     }
 )
 

@@ -28,6 +28,7 @@ PIECES=(
     "docker-compose (compose file checks)|docker-compose|have_compose|test"
     "ip (multi-host tests)|iproute2|have ip|test"
     "faketime (clock skew tests)|faketime|have faketime|test"
+    "iptables (chaos network faults)|iptables|have iptables|test"
 )
 
 usage() {

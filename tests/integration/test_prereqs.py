@@ -21,7 +21,17 @@ PREREQS = REPO_ROOT / "scripts" / "prereqs.sh"
 BASH = shutil.which("bash") or "/bin/bash"
 
 # What `make test` checks; `make run` needs the first three.
-TEST_TOOLS = ("python3", "java", "mvn", "make", "chromium", "docker-compose", "ip", "faketime")
+TEST_TOOLS = (
+    "python3",
+    "java",
+    "mvn",
+    "make",
+    "chromium",
+    "docker-compose",
+    "ip",
+    "faketime",
+    "iptables",
+)
 RUN_TOOLS = ("python3", "java", "mvn")
 SUDO = "" if os.geteuid() == 0 else "sudo "
 JAVA_17 = "echo 'openjdk version \"17.0.15\" 2025-04-15' >&2"
@@ -96,7 +106,8 @@ def test_run_needs_python_java_and_maven_only(tmp_path: Path) -> None:
     assert test.returncode == 1
     assert one_line(test).startswith(
         "make test: missing make, chromium (browser tests), docker-compose (compose file checks),"
-        " ip (multi-host tests), faketime (clock skew tests); install them with: "
+        " ip (multi-host tests), faketime (clock skew tests), iptables (chaos network faults);"
+        " install them with: "
     )
     missing_java = prereqs(bin_dir(tmp_path, ("python3", "mvn"), "nojava"), "run", "--check")
     assert missing_java.returncode == 1

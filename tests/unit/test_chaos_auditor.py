@@ -182,4 +182,3 @@ def test_energy_no_ticket_bills_is_a_violation_whatever_central_s_reason() -> No
     assert v["each ticket's kWh is the engine's metered energy (within one sample)"] == [
         "session s8 (CP003): Central billed 0.0000 kWh, the engine metered 0.0500 kWh"
     ]
-    assert not any(name.startswith("known:") for name in v)

@@ -9,7 +9,17 @@ from typing import Any
 
 import pytest
 
-from tools.chaos.report import faults_by_kind, in_progress, render_html, state_spans, write_report
+from tools.chaos.report import (
+    KIND_PALETTE,
+    STATE_COLOUR,
+    faults_by_kind,
+    in_progress,
+    kind_colours,
+    render_html,
+    state_spans,
+    write_report,
+)
+from tools.chaos.schedule import KINDS, NET_KINDS
 
 # matplotlib comes with the `bench` extra; the page and the pure parts are tested without it.
 draws = pytest.mark.skipif(
@@ -154,3 +164,26 @@ def test_state_spans_last_until_the_next_transition_or_the_end() -> None:
         ("PARADO", 60.0, 60.0),
     ]
     assert sum(width for _, _, width in spans["CP001"]) == pytest.approx(120.0)
+
+
+def test_every_kind_of_a_net_run_has_a_colour_of_its_own() -> None:
+    colours = kind_colours({"kinds": list(KINDS), "faults": []})
+    assert list(colours) == list(KINDS) and set(NET_KINDS) <= set(colours)
+    assert len(set(colours.values())) == len(KINDS) <= len(KIND_PALETTE)
+    assert not set(colours.values()) & {*STATE_COLOUR.values(), "navy"}
+
+
+@draws
+def test_network_faults_are_drawn_and_listed(tmp_path: Path) -> None:
+    run = results([])
+    run["kinds"] = list(KINDS)
+    run["faults"] += [
+        {"at": 20.0, "kind": "net-cut", "target": "pc3", "duration": 4.1, "detail": "pc3 off"},
+        {"at": 41.0, "kind": "net-loss", "target": "pc1", "duration": 9.0, "detail": "loss 25%"},
+        {"at": 70.0, "kind": "net-delay", "target": "pc3", "duration": 6.0, "detail": "delay"},
+    ]
+    paths = write_report(run, tmp_path)
+    assert paths["png"].read_bytes().startswith(PNG_MAGIC)
+    page = paths["html"].read_text()
+    for kind in NET_KINDS:
+        assert f"<td>{kind}</td><td class='num'>1</td>" in page

@@ -30,8 +30,6 @@ ACTIVE = {"ASKED", "AUTHORISED", "SUPPLYING", "ENDING"}
 SETTLED = {"COMPLETED", "ABORTED", "EXPIRED"}
 # A stopped CP's supply ends within this long (Central's end grace and the engine's tick).
 STOP_GRACE_S = 5.0
-# Open defects the auditor reports apart (their names start with "known:"), not as violations.
-KNOWN = "known: "
 
 
 @dataclass

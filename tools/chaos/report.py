@@ -14,9 +14,10 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from shared.messages import STATE_COLOURS
+from tools.chaos.schedule import NET_KINDS
 
 JSON_NAME = "results.json"
 PNG_NAME = "timeline.png"
@@ -26,7 +27,7 @@ HTML_NAME = "report.html"
 STATE_COLOUR: dict[str, str] = {str(state): colour for state, colour in STATE_COLOURS.items()}
 UNKNOWN_STATE_COLOUR = "tab:purple"
 # Fault kinds in colours that stand apart from the state bands (green, orange, red, grey) and
-# from the real supplies (navy).
+# from the real supplies (navy): one each for the eleven kinds of a --net run.
 KIND_PALETTE: tuple[str, ...] = (
     "tab:blue",
     "tab:purple",
@@ -38,6 +39,8 @@ KIND_PALETTE: tuple[str, ...] = (
     "goldenrod",
     "teal",
     "black",
+    "darkkhaki",
+    "indigo",
 )
 # Driver ids are written beside real supplies only when there are this few: beyond, they overlap.
 MAX_LABELLED_SUPPLIES = 40
@@ -280,6 +283,7 @@ def draw_timeline(results: Mapping[str, Any], path: Path) -> None:
                 transform=ax.get_xaxis_transform(),
                 colors=colour,
                 linewidth=0.8,
+                linestyles=_linestyle(kind),
                 alpha=line_alpha,
             )
         # An instant fault still gets a sliver, or it would not show in its lane.
@@ -311,7 +315,7 @@ def draw_timeline(results: Mapping[str, Any], path: Path) -> None:
         marks.append(
             Patch(facecolor="navy", hatch="////", edgecolor="white", label="supply never ended")
         )
-    kinds = [Line2D([], [], color=c, label=k) for k, c in colours.items()]
+    kinds = [Line2D([], [], color=c, linestyle=_linestyle(k), label=k) for k, c in colours.items()]
     main.legend(
         handles=states + marks + kinds,
         loc="upper left",
@@ -320,6 +324,11 @@ def draw_timeline(results: Mapping[str, Any], path: Path) -> None:
         frameon=False,
     )
     fig.savefig(path, dpi=FIGURE_DPI)
+
+
+def _linestyle(kind: str) -> Literal["dashed", "solid"]:
+    """The network's faults dashed: they hit a link, not a process."""
+    return "dashed" if kind in NET_KINDS else "solid"
 
 
 # --- the page -------------------------------------------------------------------------------

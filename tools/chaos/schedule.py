@@ -4,7 +4,8 @@ Pure: no processes, no clock. A schedule is a list of `Fault`s, each a kind, a t
 length, at a time from the start of the run. Faults arrive at random (a Poisson process of
 `rate` a minute), kinds are drawn evenly from those enabled, and targets among the parts of
 that kind; two faults may overlap (an engine dies while Central restarts), but one target is
-never hit again before it has recovered.
+never hit again before it has recovered. The network kinds (`NET_KINDS`) need the run's
+simulated PCs (--net): they are left out of "all" without them, and refused by name.
 """
 
 from __future__ import annotations
@@ -24,9 +25,14 @@ KINDS: dict[str, str] = {
     "pause": "SIGSTOP a process for a few seconds, then SIGCONT (a stalled PC)",
     "clock": "restart an engine, monitor or driver app with its clock shifted (libfaketime)",
     "stop-cp": "an admin puts a CP out of service, then back in service",
+    "net-cut": "take a simulated PC off the network (its bridge port down), then back (--net)",
+    "net-loss": "lose a share of a simulated PC's packets, both ways (--net)",
+    "net-delay": "delay a simulated PC's packets, both ways, with jitter (--net)",
 }
-# Kinds enabled by default (all of them).
-DEFAULT_KINDS: tuple[str, ...] = tuple(KINDS)
+# Faults of the network between the simulated PCs: only in a run on them (--net).
+NET_KINDS: tuple[str, ...] = ("net-cut", "net-loss", "net-delay")
+# Kinds enabled by default: all of them (the network ones with --net only).
+DEFAULT_KINDS: tuple[str, ...] = tuple(k for k in KINDS if k not in NET_KINDS)
 # How long each kind lasts (seconds): drawn evenly in the range.
 LENGTHS: dict[str, tuple[float, float]] = {
     "kill-central": (1.0, 4.0),
@@ -37,9 +43,17 @@ LENGTHS: dict[str, tuple[float, float]] = {
     "pause": (2.0, 5.0),
     "clock": (20.0, 40.0),  # how long the clock stays shifted before a normal restart
     "stop-cp": (3.0, 8.0),
+    "net-cut": (2.0, 8.0),
+    "net-loss": (5.0, 15.0),
+    "net-delay": (5.0, 15.0),
 }
 # Clock shifts (seconds, either sign) of a "clock" fault.
 CLOCK_SHIFTS = (30, 45, 60, 90)
+# A "net-loss" loses this share of the packets (percent, drawn evenly), each way.
+LOSS_PERCENT = (10, 40)
+# A "net-delay" holds each packet this long (ms, drawn evenly, in steps of 10), each way, give or
+# take a fifth of it.
+DELAY_MS = (100, 400)
 
 
 class ScheduleError(ValueError):
@@ -50,7 +64,7 @@ class ScheduleError(ValueError):
 class Fault:
     at: float  # seconds from the start of the run
     kind: str
-    target: str  # "central", "broker", "CP002", "engine CP002", "user3", ...
+    target: str  # "central", "broker", "CP002", "engine-CP002", "user3", "pc3", ...
     length: float  # seconds until the part is back
     detail: str = ""
 
@@ -62,16 +76,22 @@ class Fault:
         return asdict(self)
 
 
-def parse_kinds(text: str) -> tuple[str, ...]:
-    """A comma-separated list of kinds ("all" for every one); ScheduleError names a bad one."""
+def parse_kinds(text: str, net: bool = False) -> tuple[str, ...]:
+    """A comma-separated list of kinds ("all" for every one there is, the network ones only
+    with `net`); ScheduleError names a bad one, or a network one without `net`."""
     if text.strip() == "all":
-        return DEFAULT_KINDS
+        return tuple(KINDS) if net else DEFAULT_KINDS
     kinds = tuple(dict.fromkeys(k.strip() for k in text.split(",") if k.strip()))
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
         raise ScheduleError(f"unknown fault kind {unknown[0]!r}; the kinds are {', '.join(KINDS)}")
     if not kinds:
         raise ScheduleError(f"no fault kind given; the kinds are {', '.join(KINDS)}")
+    networked = [k for k in kinds if k in NET_KINDS]
+    if networked and not net:
+        raise ScheduleError(
+            f"fault kind {networked[0]!r} needs the simulated PCs: add --net (as root)"
+        )
     return kinds
 
 
@@ -115,6 +135,11 @@ def make_schedule(
         if kind == "clock":
             shift = rng.choice(CLOCK_SHIFTS) * rng.choice((-1, 1))
             detail = f"{shift:+d}s"
+        elif kind == "net-loss":
+            detail = f"loss {rng.randint(*LOSS_PERCENT)}%"
+        elif kind == "net-delay":
+            delay = rng.randrange(DELAY_MS[0], DELAY_MS[1] + 1, 10)
+            detail = f"delay {delay}ms {delay // 5}ms"
         busy_until[_part(kind, target)] = at + length + 2.0  # and a moment to come back
         faults.append(Fault(round(at, 2), kind, target, length, detail))
 
@@ -130,6 +155,9 @@ def _part(kind: str, target: str) -> str:
         return f"monitor-{target}"
     if kind == "kill-driver":
         return f"driver-{target}"
+    if kind in NET_KINDS:
+        # One at a time on a PC's link: a loss would replace a delay, a mend end a loss.
+        return f"net {target}"
     return target
 
 

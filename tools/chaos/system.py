@@ -4,6 +4,11 @@ Every part is a real process started the way an operator starts it, its output i
 its own (a restarted process appends to the same file, so a driver app's tickets and an
 engine's screen survive its deaths). `System` starts them, kills, pauses and restarts them for
 the faults, and keeps the drivers asking for supplies.
+
+With `Hosts` (--net) they run on three simulated PCs, as deployed: Kafka, Central and the fleet
+simulator on PC2, where the tool itself runs, the driver apps on PC1 and the real CPs on PC3,
+each started through `ip netns exec` (the same pid: a kill or a pause reaches it) and reaching
+the others at the PCs' addresses, so that the network between the PCs can fail.
 """
 
 from __future__ import annotations
@@ -11,9 +16,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import random
 import secrets
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -29,12 +36,82 @@ from tools.ports import free_port, free_port_run
 
 REPO = Path(__file__).resolve().parents[2]
 KAFKA_SH = REPO / "scripts" / "kafka.sh"
+NETNS_SH = REPO / "scripts" / "netns.sh"
 DEMO_ADMIN_PASSWORD = "admin"  # the demo seed's (README: demo only)
 STOP_WAIT = 20.0
+# A broker that exits while starting on its data (it happened to 8 of 53 restarts of a long
+# run) is started again: it then came up.
+BROKER_START_TRIES = 4
+BROKER_RETRY_PAUSE = 2.0
+PCS = ("pc1", "pc2", "pc3")
+NO_SUCH_CP = "CP000"  # no CP of the run has this id (CP001.., SIM0001..)
+
+log = logging.getLogger(__name__)
 
 
 class SystemError_(RuntimeError):
     """A part could not be started (the run cannot go on)."""
+
+
+@dataclass(frozen=True)
+class Hosts:
+    """The simulated PCs of a --net run (scripts/netns.sh): PREFIX-pc1..3 on 10.X.Y.1..3."""
+
+    prefix: str
+    subnet: str  # the first three numbers of the PCs' addresses
+
+    @classmethod
+    def for_this_run(cls) -> Hosts:
+        """Names of this process's own (evc<pid>: `netns.sh clean-stale` removes them once the
+        pid is gone), on a subnet apart from the multi-host tests' 10.231.x."""
+        pid = os.getpid()
+        return cls(f"evc{pid}", f"10.232.{pid % 250 + 1}")
+
+    @classmethod
+    def parse(cls, text: str) -> Hosts:
+        """From `as_arg`'s form, PREFIX,SUBNET."""
+        prefix, _, subnet = text.partition(",")
+        return cls(prefix, subnet)
+
+    def as_arg(self) -> str:
+        return f"{self.prefix},{self.subnet}"
+
+    def ns(self, pc: str) -> str:
+        return f"{self.prefix}-{pc}"
+
+    def ip(self, pc: str) -> str:
+        return f"{self.subnet}.{PCS.index(pc) + 1}"
+
+    def netns_sh(self, *args: str) -> str:
+        """scripts/netns.sh ARGS for these PCs; SystemError_ with its last words if it fails."""
+        env = {**os.environ, "EV_NETNS_SUBNET": self.subnet, "PYTHON": sys.executable}
+        done = subprocess.run(
+            [str(NETNS_SH), *args], env=env, capture_output=True, text=True, check=False
+        )
+        if done.returncode != 0:
+            raise SystemError_(f"netns.sh {' '.join(args)}: {done.stderr.strip()[-300:]}")
+        return done.stdout.strip()
+
+    def up(self) -> None:
+        self.netns_sh("up", self.prefix)
+
+    def down(self) -> None:
+        self.netns_sh("down", self.prefix)
+
+    def cut(self, pc: str) -> None:
+        self.netns_sh("cut", pc, self.prefix)
+
+    def mend(self, pc: str) -> None:
+        self.netns_sh("mend", pc, self.prefix)
+
+    def netem(self, pc: str, spec: str) -> None:
+        self.netns_sh("netem", pc, spec, self.prefix)
+
+    def clear(self, pc: str) -> str:
+        """End a netem on `pc`; what it did ("812 packets: 160 dropped, ...")."""
+        out = self.netns_sh("clear", pc, self.prefix)
+        done = [line for line in out.splitlines() if line.startswith("netem: done: ")]
+        return done[-1].removeprefix("netem: done: ") if done else ""
 
 
 @dataclass
@@ -46,6 +123,7 @@ class Proc:
     log: Path
     env: dict[str, str] = field(default_factory=dict)
     shift: str | None = None  # libfaketime's offset ("+60s"), None for the real clock
+    netns: str | None = None  # the simulated PC it runs on, None for this process's
     popen: subprocess.Popen[bytes] | None = None
     starts: int = 0
     paused: bool = False
@@ -54,11 +132,12 @@ class Proc:
         self.shift = shift
         self.starts += 1
         shifted = shifted_clock(shift) if shift else {}
+        on_pc = ["ip", "netns", "exec", self.netns] if self.netns else []
         with self.log.open("ab") as out:
             out.write(f"\n--- chaos: start {self.starts} {shift or ''}\n".encode())
             out.flush()
             self.popen = subprocess.Popen(
-                [sys.executable, *self.argv],
+                [*on_pc, sys.executable, *self.argv],
                 cwd=REPO,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
@@ -125,6 +204,17 @@ class Broker:
     base: int | None = None  # the cluster's base port
     up: bool = False
     paused: bool = False
+    restarting: bool = False  # a restart-broker fault has it, from its stop to its start's end
+
+    @property
+    def name(self) -> str:
+        return "broker" if self.base is None else f"broker-{self.index}"
+
+    @property
+    def run_dir(self) -> Path:
+        """kafka.sh's directory for this node (its pid file, its broker.log)."""
+        top = Path(self.env["EV_KAFKA_RUN_DIR"])
+        return top if self.base is None else top / f"node{self.index}"
 
     def _run(self, *args: str) -> None:
         done = subprocess.run(
@@ -133,12 +223,39 @@ class Broker:
         if done.returncode != 0:
             raise SystemError_(f"kafka.sh {' '.join(args)} failed: {done.stderr.strip()[-500:]}")
 
-    def start(self) -> None:
-        if self.base is None:
-            self._run("start", str(self.port))
-        else:
-            self._run("cluster", "start-node", str(self.index), str(self.base))
-        self.up = True
+    def start(self) -> list[str]:
+        """Start the node (on its data), tried again after a pause if it exits while starting;
+        the reasons of the tries that failed (none when the first did). SystemError_ when the
+        last try fails too."""
+        failures: list[str] = []
+        while True:
+            try:
+                if self.base is None:
+                    self._run("start", str(self.port))
+                else:
+                    self._run("cluster", "start-node", str(self.index), str(self.base))
+            except SystemError_ as exc:
+                # kafka.sh empties broker.log at each start: keep the failed one's.
+                kept = self.run_dir / f"broker.log.failed-start-{len(failures) + 1}"
+                with contextlib.suppress(OSError):
+                    (self.run_dir / "broker.log").replace(kept)
+                reason = (str(exc).splitlines() or ["?"])[-1].removeprefix("kafka.sh: ")
+                failures.append(reason)
+                if len(failures) >= BROKER_START_TRIES:
+                    raise
+                log.warning(
+                    "%s did not start (try %d of %d: %s; its log: %s); again in %g s",
+                    self.name,
+                    len(failures),
+                    BROKER_START_TRIES,
+                    reason,
+                    kept,
+                    BROKER_RETRY_PAUSE,
+                )
+                time.sleep(BROKER_RETRY_PAUSE)
+            else:
+                self.up = True
+                return failures
 
     def stop(self) -> None:
         self.resume()
@@ -149,10 +266,8 @@ class Broker:
         self.up = False
 
     def pid(self) -> int | None:
-        run_dir = Path(self.env["EV_KAFKA_RUN_DIR"])
-        for candidate in (run_dir / "broker.pid", run_dir / f"node-{self.index}" / "broker.pid"):
-            with contextlib.suppress(OSError, ValueError):
-                return int(candidate.read_text().split()[0])
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            return int((self.run_dir / "kafka.pid").read_text().split()[0])
         return None
 
     def pause(self) -> bool:
@@ -181,6 +296,7 @@ class Settings:
     fleet_supplying: float = 0.3
     ha: bool = False
     auto_unplug: tuple[float, float] = (3.0, 8.0)
+    hosts: Hosts | None = None  # --net: the simulated PCs, up already; None: all on loopback
 
 
 class System:
@@ -188,9 +304,12 @@ class System:
 
     def __init__(self, settings: Settings, seed: int) -> None:
         self.settings = settings
+        self.hosts = settings.hosts
         self.rng = random.Random(seed ^ 0x5EED)
         self.work = settings.out / "work"
-        self.work.mkdir(parents=True, exist_ok=True)
+        # A run starts afresh: an earlier run's ledgers and journals would be taken for this one.
+        shutil.rmtree(self.work, ignore_errors=True)
+        self.work.mkdir(parents=True)
         self.logs = self.work / "logs"
         self.logs.mkdir(exist_ok=True)
         self.brokers: list[Broker] = []
@@ -223,17 +342,31 @@ class System:
     def driver_log(self, driver_id: str) -> Path:
         return self.logs / f"driver-{driver_id}.log"
 
+    def host(self, pc: str) -> str:
+        """The address the parts on `pc` are reached at (the loopback without --net)."""
+        return self.hosts.ip(pc) if self.hosts else "127.0.0.1"
+
+    def netns(self, pc: str) -> str | None:
+        """The namespace a part of `pc` is started in; None for PC2, the tool's own."""
+        return self.hosts.ns(pc) if self.hosts and pc != "pc2" else None
+
     @property
     def admin(self) -> str:
+        """Central's admin web, for the tool and the fleet, both beside it on PC2."""
         return f"127.0.0.1:{self.active_http()}"
 
     @property
     def central_addresses(self) -> str:
-        return ",".join(f"127.0.0.1:{p}" for p in self.monitor_ports)
+        return ",".join(f"{self.host('pc2')}:{p}" for p in self.monitor_ports)
 
     # --- start ---------------------------------------------------------------------------
 
     def start(self, progress: Any = print) -> None:
+        if self.hosts:
+            progress(
+                f"on simulated PCs: drivers on {self.host('pc1')}, Kafka, Central and the fleet"
+                f" on {self.host('pc2')}, real CPs on {self.host('pc3')}"
+            )
         self._start_kafka()
         progress(f"kafka at {self.bootstrap}")
         self._seed()
@@ -253,6 +386,7 @@ class System:
             **os.environ,
             "EV_KAFKA_RUN_DIR": str(self.work / "kafka"),
             "EV_KAFKA_KEEP_DATA": "1",
+            "EV_KAFKA_LISTEN_HOST": self.host("pc2"),
         }
         if self.settings.ha:
             base = free_port_run(3)
@@ -270,7 +404,7 @@ class System:
             broker = Broker(0, free_port(), env)
             broker.start()
             self.brokers = [broker]
-        self.bootstrap = ",".join(f"127.0.0.1:{b.port}" for b in self.brokers)
+        self.bootstrap = ",".join(f"{self.host('pc2')}:{b.port}" for b in self.brokers)
 
     def _seed(self) -> None:
         for argv in (
@@ -300,12 +434,14 @@ class System:
             if index == 0:
                 self.db.replace(db)
             self.dbs.append(db)
-            ha = ["--ha", "--advertise", "127.0.0.1"] if self.settings.ha else []
+            ha = ["--ha", "--advertise", self.host("pc2")] if self.settings.ha else []
+            # On PC2, every address: the other PCs at PC2's, the tool at the loopback.
+            listen = "0.0.0.0" if self.hosts else "127.0.0.1"
             proc = Proc(
                 name,
                 ["-m", "EV_Central", *ha, "--broker", self.bootstrap, "--db", str(db)]
                 + ["--port", str(port), "--http-port", str(http)]
-                + ["--listen-host", "127.0.0.1", "--console", "off"],
+                + ["--listen-host", listen, "--console", "off"],
                 self.logs / f"{name}.log",
             )
             self.centrals.append(proc)
@@ -330,18 +466,21 @@ class System:
         low, high = self.settings.auto_unplug
         engine = Proc(
             f"engine-{cp_id}",
-            ["-m", "EV_CP_E", "--broker", self.bootstrap, "--listen", f"127.0.0.1:{port}"]
+            ["-m", "EV_CP_E", "--broker", self.bootstrap, "--listen", f"{self.host('pc3')}:{port}"]
             + ["--secret", secret, "--auto-plug", "1"]
             + ["--auto-unplug", f"{self.rng.uniform(low, high):.1f}"]
-            + ["--ledger", str(self.ledger(cp_id))],
+            + ["--ledger", str(self.ledger(cp_id))]
+            + ["--journal", str(self.work / f"engine-{cp_id}.journal")],
             self.logs / f"engine-{cp_id}.log",
+            netns=self.netns("pc3"),
         )
         monitor = Proc(
             f"monitor-{cp_id}",
-            ["-m", "EV_CP_M", "--engine", f"127.0.0.1:{port}"]
+            ["-m", "EV_CP_M", "--engine", f"{self.host('pc3')}:{port}"]
             + ["--central", self.central_addresses, "--cp-id", cp_id, "--secret", secret]
             + ["--broker", self.bootstrap],
             self.logs / f"monitor-{cp_id}.log",
+            netns=self.netns("pc3"),
         )
         self.engines[cp_id], self.monitors[cp_id] = engine, monitor
         engine.start()
@@ -383,6 +522,7 @@ class System:
             [],
             self.driver_log(driver_id),
             env={"EV_PASSWORD": password},
+            netns=self.netns("pc1"),
         )
         self.driver_apps[driver_id] = app
         while self.driving:
@@ -407,11 +547,13 @@ class System:
                 await task
 
     async def collect_unseen_tickets(self) -> None:
-        """Each real driver's app once more, without a request: it shows the tickets it had
-        not seen (a supply that ended while its app was dead)."""
+        """Each real driver's app once more: at login it shows the tickets it had not seen (a
+        supply that ended while its app was dead, a ticket corrected after its app ended)."""
         for driver_id, app in self.driver_apps.items():
+            # The app needs a request to run (--cp or --file): one for a CP Central does not
+            # know is denied, after the tickets, and starts nothing.
             app.argv = ["-m", "EV_Driver", "--broker", self.bootstrap, "--driver-id", driver_id]
-            app.argv += ["--json", "--reply-timeout", "10"]
+            app.argv += ["--json", "--reply-timeout", "10", "--cp", NO_SUCH_CP]
             app.start(None)
             await wait_until(lambda a=app: not a.alive, 60)
             app.stop()

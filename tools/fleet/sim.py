@@ -113,6 +113,7 @@ CP_TURNAROUND_S = 1.0  # after a supply ends, its CP and its driver wait this lo
 DRAIN_POLL_S = 0.05  # how often the drain looks whether every ticket and answer has come
 HELD_COMMANDS = 16  # commands held per CP until its new key comes (as EV_CP_E)
 KAFKA_STALL_S = 5.0  # the outbox making no progress this long is said in the log
+STOP_TIMEOUT_S = 2.0  # each Kafka client gets this long to stop (as the engine's BUS_STOP_TIMEOUT)
 
 
 class FleetError(Exception):
@@ -297,7 +298,7 @@ class Supply:
     started: float = field(default_factory=time.monotonic)
     ends_at: float = 0.0
     length: float = 0.0  # how long the car stays once Central starts the supply
-    going: bool = False  # Central said start_supply: energy flows (as an engine's PLUGGED)
+    going: bool = False  # Central said start_supply: energy flows (an engine's SUPPLYING)
 
 
 @dataclass(slots=True)
@@ -378,6 +379,8 @@ class Fleet:
         # them): cp id -> the records, opened again once a new key comes.
         self.held: dict[str, collections.deque[ConsumerRecord[bytes, bytes]]] = {}
         self.rekeyed: asyncio.Queue[str] = asyncio.Queue()
+        # A CP's events that could not be sealed (its key revoked): sent when a new one comes.
+        self.unsealed: dict[str, list[Outgoing]] = {}
         # What the engines and drivers send, in order: a broker that is away holds up the
         # sending, not the simulation.
         self.outbox: collections.deque[Outgoing] = collections.deque()
@@ -601,8 +604,13 @@ class Fleet:
         channel = self.channels.get(cp_id)
         if channel is None:
             channel = self.channels[cp_id] = CPChannel(cp_id)
-        if channel.take_key(key_id, key_b64) and cp_id in self.held:
-            self.rekeyed.put_nowait(cp_id)
+        if channel.take_key(key_id, key_b64):
+            waiting = self.unsealed.pop(cp_id, [])
+            if waiting:  # first, and in their order
+                self.outbox.extendleft(reversed(waiting))
+                self.outbox_changed.set()
+            if cp_id in self.held:
+                self.rekeyed.put_nowait(cp_id)
 
     async def heartbeats(self) -> None:
         """Every CP sends one heartbeat a second, spread evenly over the second."""
@@ -683,9 +691,11 @@ class Fleet:
                 del self.queued_telemetry[item.key]  # on its way: a newer sample waits apart
             try:
                 value = self.seal(item)
-            except SealError as exc:  # no key to seal with: cannot be sent
+            except SealError as exc:  # no key to seal with: telemetry dropped, the rest waits
                 log.warning("cannot seal %s for %s: %s", type(item.message).__name__, item.key, exc)
                 self.outbox.popleft()
+                if item.reliable and item.topic == Topics.CP_EVENTS:
+                    self.unsealed.setdefault(item.key, []).append(item)
                 continue
             try:
                 delivery = await self.producer.send(item.topic, value, key=item.key.encode())
@@ -768,7 +778,8 @@ class Fleet:
             return
 
     async def read_commands(self, consumer: AIOKafkaConsumer) -> None:
-        """The simulated engines: accept authorisations and plug in, end supplies on request."""
+        """The simulated engines: accept authorisations and plug in, start supplying on
+        Central's start_supply, end supplies on request."""
         await consume_each(consumer, self.on_command, what="Central's commands")
 
     async def replay_held(self) -> None:
@@ -903,7 +914,10 @@ class Fleet:
                 if hash(cp_id) % TICK_GROUPS != slot:
                     continue
                 if now >= supply.ends_at:
-                    self.end_supply(supply, EndReason.UNPLUGGED)
+                    # The car leaves; one Central never started leaves as an engine's lapsed
+                    # authorisation does.
+                    lapsed = EndReason.AUTHORIZATION_EXPIRED
+                    self.end_supply(supply, EndReason.UNPLUGGED if supply.going else lapsed)
                     continue
                 if not supply.going or now - supply.started < TICK_SECONDS:
                     # As an engine: no energy before Central's start_supply, and the first
@@ -1417,7 +1431,7 @@ class Fleet:
                 await asyncio.sleep(config.warmup)
                 self.heartbeat_rtt.clear()
                 self.measuring = True
-                before = self.metrics()
+                before = await asyncio.to_thread(self.metrics)
                 cpu_before = _cpu_of(config.central_pid)
                 m0 = time.monotonic()
                 own0 = time.process_time()
@@ -1431,7 +1445,7 @@ class Fleet:
                     await self.cut_monitors()
                     await asyncio.sleep(min(8.0, config.duration))
                 window = time.monotonic() - m0
-                after = self.metrics()
+                after = await asyncio.to_thread(self.metrics)
                 # None when Central is gone or was restarted (its figures are then not measured).
                 cpu_after = _cpu_of(config.central_pid)
                 own_cpu = time.process_time() - own0
@@ -1460,10 +1474,16 @@ class Fleet:
             for client in self.monitors.values():
                 if client.transport is not None:
                     client.transport.close()
-            await commands.stop()
-            await updates.stop()
+            # Bounded, as an engine's: with Kafka away a flush could wait a long time.
+            clients: list[Any] = [commands, updates]
             if self.producer is not None:  # None only while a broken one was being replaced
-                await self.producer.stop()
+                clients.append(self.producer)
+            for client in clients:
+                try:
+                    async with asyncio.timeout(STOP_TIMEOUT_S):
+                        await client.stop()
+                except (TimeoutError, KafkaError) as exc:
+                    log.warning("a Kafka client did not stop cleanly: %s", exc or "timed out")
         return result
 
     async def drain(self) -> dict[str, Any]:
