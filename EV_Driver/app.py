@@ -26,7 +26,13 @@ from EV_Driver.flow import (
     update_driver_id,
 )
 from EV_Driver.output import Output
-from EV_Driver.session import DriverSession, LoginRefused, finish_login, start_login
+from EV_Driver.session import (
+    DriverSession,
+    LoginRefused,
+    finish_login,
+    login_key,
+    start_login,
+)
 from shared.backoff import Backoff
 from shared.bus import BusError, KafkaBus, Topics, consume_each
 from shared.clock import NetworkClock
@@ -176,7 +182,8 @@ class DriverApp:
                 getpass.getpass, f"password for {settings.driver_id}: "
             )
         central_key = settings.central_key or await self._central_key()
-        pending = start_login(central_key, settings.driver_id, password)
+        client = login_key(settings.login_key_file) if settings.login_key_file else None
+        pending = start_login(central_key, settings.driver_id, password, client)
         await self._send_clear(pending.request)
         reply = await self._answer(LoginResult, pending.request.id, "the login")
         try:

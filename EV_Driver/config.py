@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -73,6 +74,7 @@ class DriverSettings:
     file_problems: tuple[LineProblem, ...] = ()
     password: str | None = field(default=None, repr=False)
     token_file: str | None = None
+    login_key_file: Path | None = None  # the app's login key (None: a new one each run)
     central_key: str | None = None
     login_only: bool = False  # `python -m EV_Driver login`: log in, save the token, stop
 
@@ -172,6 +174,14 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvArgumentParser:
         help="keep the login in this file (mode 0600) and reuse it until it expires",
     )
     parser.add_option(
+        "--login-key-file",
+        default=None,
+        metavar="PATH",
+        help="keep this app's login key in PATH (mode 0600), so that Central knows it from "
+        "earlier logins when someone else guesses the password (default: driver-ID.key in "
+        "$XDG_STATE_HOME/ev-charging, else ~/.local/state/ev-charging)",
+    )
+    parser.add_option(
         "--central-key",
         default=None,
         metavar="BASE64",
@@ -215,6 +225,12 @@ def _choose_target(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     raise AssertionError("unreachable")  # parser.error exits
 
 
+def default_login_key_file(driver_id: str, environ: Mapping[str, str]) -> Path:
+    """Where the app keeps a driver's login key unless told: XDG's state home."""
+    state = environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "ev-charging" / f"driver-{driver_id}.key"
+
+
 def parse_settings(
     argv: Sequence[str] | None = None,
     environ: Mapping[str, str] | None = None,
@@ -256,6 +272,9 @@ def parse_settings(
         file_problems=problems,
         password=_password(parser, args),
         token_file=args.token_file,
+        login_key_file=Path(args.login_key_file)
+        if args.login_key_file
+        else default_login_key_file(args.driver_id, os.environ if environ is None else environ),
         central_key=args.central_key,
         login_only=login_only,
     )

@@ -9,6 +9,7 @@ to Central's identity key and the key Central hands back is encrypted for the re
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
 from shared.errors import MessageError
 from shared.messages import (
@@ -39,6 +41,8 @@ from shared.sealing import (
     parse,
     unb64,
 )
+
+log = logging.getLogger(__name__)
 
 # A token file older than this margin before its key expires is not worth using.
 EXPIRY_MARGIN_S = 60.0
@@ -126,6 +130,36 @@ class DriverSession:
         if session.expires_at - EXPIRY_MARGIN_S < time.time():
             return None
         return session, central_key
+
+
+def login_key(path: Path) -> X25519PrivateKey:
+    """This app's login key for a driver, kept in PATH (mode 0600), made on first use.
+
+    Central slows down and blocks the *source* of failed logins, and over Kafka a source is
+    the login key; sources that have never logged in to an account share a budget of
+    failures. A key kept from one run to the next makes this app a source that logged in
+    before, so a guesser who makes up a new key per guess cannot hold it back
+    (docs/security.md, "Abuse"). A key that cannot be read is replaced; one that cannot be
+    written is used for this run only (logged).
+    """
+    try:
+        return X25519PrivateKey.from_private_bytes(unb64(path.read_text().strip(), "login key"))
+    except FileNotFoundError:
+        pass
+    except (OSError, MessageError, ValueError) as exc:
+        log.warning("the login key %s is unusable (%s): making a new one", path, exc)
+    key = X25519PrivateKey.generate()
+    raw = key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(b64(raw) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("cannot keep the login key in %s (%s): a new one each run", path, exc)
+    return key
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,14 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer
 
+from EV_Central.auth import UNKNOWN_SOURCE_BUDGET
+from EV_Driver.session import start_login
 from helpers import wait_for
 from procs import Deployment
 from shared.bus import KafkaBus, Topics
 from shared.messages import CPSupplyEnded, CPTelemetry, EndReason, StatusQuery, encode
 from shared.sealing import Sealer, is_sealed, new_key
+from tools.fleet.sim import central_key_from_db
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kafka]
 
@@ -222,3 +225,43 @@ async def first_authorised(driver: Any) -> None:
         return any(e["event"] in ("authorized", "accepted") for e in driver.json_events())
 
     await wait_for(found, 30, message=f"the token did not work:\n{driver.output[-2000:]}")
+
+
+async def test_a_guesser_with_a_new_key_per_guess_does_not_hold_back_a_known_app(
+    system: Deployment,
+) -> None:
+    """Over Kafka a login's source is its key. A guesser who makes up a key per guess spends
+    the budget of sources that never logged in to the account; the driver's own app keeps its
+    key between runs (--login-key-file), so it is a known source and gets in at once."""
+    await system.start_central()
+    first = system.start_driver("user1", name="login-first", command="login")
+    assert await first.wait_exit(30) == 0, first.output
+    central_key = central_key_from_db(str(system.db_path))
+    assert central_key is not None
+    bus = KafkaBus(system.broker, "guesser")
+    await bus.start(ensure_topics=False)
+    try:
+        for n in range(UNKNOWN_SOURCE_BUDGET + 2):
+            guess = start_login(central_key, "user1", f"guess{n}")  # a new key each time
+            await bus.send_raw(Topics.DRIVER_REQUESTS, b"user1", encode(guess.request))
+    finally:
+        await bus.stop()
+
+    def failures() -> int:
+        [(count,)] = system.query(
+            "SELECT COUNT(*) FROM audit_log WHERE action = 'login' AND outcome = 'failed'"
+            " AND actor = 'user1'"
+        )
+        return int(count)
+
+    await wait_for(lambda: failures() >= UNKNOWN_SOURCE_BUDGET, 60, message="guesses not seen")
+    # A new app (a key Central never saw) with the right password waits...
+    stranger = system.workdir / "stranger.key"
+    new = system.start_driver(
+        "user1", "--login-key-file", str(stranger), name="login-new", command="login"
+    )
+    assert await new.wait_exit(30) != 0
+    assert "too many failed logins" in new.output
+    # ...the driver's own app does not.
+    again = system.start_driver("user1", name="login-again", command="login")
+    assert await again.wait_exit(30) == 0, again.output

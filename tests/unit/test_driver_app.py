@@ -15,13 +15,14 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from EV_Driver import __main__ as cli
 from EV_Driver.app import DriverApp, outcome_exit_code
-from EV_Driver.config import DriverSettings, ExitCode
+from EV_Driver.config import DriverSettings, ExitCode, parse_settings
 from EV_Driver.flow import Outcome
 from EV_Driver.output import Output
-from EV_Driver.session import DriverSession
+from EV_Driver.session import DriverSession, login_key
 from shared import messages as m
 from shared.bus import Topics
 from shared.lifecycle import Shutdown
@@ -364,3 +365,28 @@ def test_the_process_exit_code(
     argv = ["--broker", "fake:1", "--driver-id", D, "--cp", "CP001", "--reply-timeout", "0.2"]
     assert cli.main(argv) == code
     assert shown in capsys.readouterr().out
+
+
+def test_the_login_key_is_kept_between_runs_for_the_owner_only(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    def public(key: Any) -> bytes:
+        return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+    settings = parse_settings(
+        ["--broker", "127.0.0.1:9092", "--driver-id", "user1", "--cp", "CP001"],
+        {"XDG_STATE_HOME": str(tmp_path)},
+    )
+    path = settings.login_key_file
+    assert path == tmp_path / "ev-charging" / "driver-user1.key"
+    first = login_key(path)
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert public(login_key(path)) == public(first)  # the next run is the same source
+    path.write_text("not a key")
+    replaced = login_key(path)  # unusable: a new one, said in the log
+    assert public(replaced) != public(first) and "unusable" in caplog.text
+    assert public(login_key(path)) == public(replaced)
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    assert login_key(blocked / "driver-user1.key") is not None  # this run only
+    assert "a new one each run" in caplog.text

@@ -310,6 +310,9 @@ class System:
         # A run starts afresh: an earlier run's ledgers and journals would be taken for this one.
         shutil.rmtree(self.work, ignore_errors=True)
         self.work.mkdir(parents=True)
+        # What the services keep between runs (an engine's journal, a driver app's login key)
+        # is this run's own.
+        os.environ["XDG_STATE_HOME"] = str(self.work / "state")
         self.logs = self.work / "logs"
         self.logs.mkdir(exist_ok=True)
         self.brokers: list[Broker] = []
