@@ -227,7 +227,7 @@ class MonitorClient(asyncio.Protocol):
         for event in self.decoder.feed(data):
             if isinstance(event, Ack):
                 sent = self.pending.popleft() if self.pending else -1.0
-                if sent >= 0:
+                if sent >= 0 and fleet.measuring:  # only the window's: a long run stays small
                     fleet.heartbeat_rtt.append(time.perf_counter() - sent)
             elif isinstance(event, Nack):
                 fleet.nacks += 1
@@ -1122,7 +1122,8 @@ class Fleet:
                 if self.draining:
                     return  # the run is over
                 self.request_timeouts += 1
-                self.requests_log.append((sent_at, None, "timeout"))
+                if self.failover:  # the failover report's timeline; nobody else reads it
+                    self.requests_log.append((sent_at, None, "timeout"))
                 self.leave(cp_id, driver_id)
                 continue
             finally:
@@ -1130,7 +1131,8 @@ class Fleet:
             if self.draining:
                 return  # the run is over: no more supplies
             outcome = "authorised" if isinstance(update, SupplyAuthorized) else "denied"
-            self.requests_log.append((sent_at, time.perf_counter() - sent, outcome))
+            if self.failover:
+                self.requests_log.append((sent_at, time.perf_counter() - sent, outcome))
             if not isinstance(update, SupplyAuthorized):
                 self.denied += 1
                 self.leave(cp_id, driver_id)
