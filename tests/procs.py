@@ -148,6 +148,19 @@ def http_get(
         return exc.code, json.loads(exc.read() or b"null")
 
 
+async def wait_healthy(proc: ServiceProcess, port: int) -> None:
+    """Wait until the dashboard `proc` answers 200 on /healthz (at most 60 s, scaled)."""
+
+    async def healthy() -> bool:
+        try:
+            status, _ = await asyncio.to_thread(http_get, f"http://127.0.0.1:{port}/healthz", 2)
+        except OSError:
+            return False
+        return bool(status == 200)
+
+    await wait_for(healthy, 60, interval=0.3, message=f"dashboard not healthy:\n{proc.output}")
+
+
 # A driver started with any of these flags logs in by itself.
 LOGIN_FLAGS = ("--password", "--token-file")
 

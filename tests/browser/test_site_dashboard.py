@@ -14,7 +14,7 @@ from conftest import screenshot
 from playwright.async_api import Page, expect
 
 import procs
-from helpers import free_port, scaled, wait_for
+from helpers import free_port, scaled
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e, pytest.mark.kafka, pytest.mark.slow]
 
@@ -51,19 +51,6 @@ def start_dashboard(system: procs.Deployment, port: int) -> procs.ServiceProcess
     return proc
 
 
-async def wait_healthy(proc: procs.ServiceProcess, port: int) -> None:
-    async def healthy() -> bool:
-        try:
-            status, _ = await asyncio.to_thread(
-                procs.http_get, f"http://127.0.0.1:{port}/healthz", 2
-            )
-        except OSError:
-            return False
-        return bool(status == 200)
-
-    await wait_for(healthy, 60, interval=0.3, message=f"dashboard not healthy:\n{proc.output}")
-
-
 async def start_cp(system: procs.Deployment, cp_id: str, *engine_flags: str) -> None:
     system.start_engine(cp_id, *engine_flags)
     system.start_monitor(cp_id, "--broker", system.broker)
@@ -72,7 +59,7 @@ async def start_cp(system: procs.Deployment, cp_id: str, *engine_flags: str) -> 
 async def open_dashboard(system: procs.Deployment, page: Page) -> tuple[procs.ServiceProcess, int]:
     port = free_port()
     proc = start_dashboard(system, port)
-    await wait_healthy(proc, port)
+    await procs.wait_healthy(proc, port)
     await page.goto(f"http://127.0.0.1:{port}/")
     await expect(page.locator("#connection")).to_have_text("live", timeout=ms(10))
     return proc, port
@@ -193,7 +180,7 @@ async def test_dashboard_restart_reconnects_and_keeps_the_last_hour(
     # Start it again on the same port: the page reconnects by itself, and the fault of
     # before the restart is still there (the last hour is read again from Kafka).
     restarted = start_dashboard(system, port)
-    await wait_healthy(restarted, port)
+    await procs.wait_healthy(restarted, port)
     await expect(page.locator("#connection")).to_have_text("live", timeout=ms(10))
     await expect(page.locator("#reconnecting")).to_be_hidden()
     await expect(cp1).to_have_attribute("data-engine", "OK", timeout=ms(5))

@@ -21,7 +21,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidHandshake
 
 import procs
-from helpers import free_port, scaled, wait_for
+from helpers import free_port, scaled
 from procs import Deployment
 from shared.framing import encode_frame
 from shared.messages import MonitorAuth, encode
@@ -156,17 +156,7 @@ async def site_dashboard(broker: str, workdir: Path, *flags: str) -> AsyncIterat
         + ["--listen-host", "127.0.0.1", *flags],
         workdir,
     ).start()
-
-    async def healthy() -> bool:
-        try:
-            status, _ = await asyncio.to_thread(
-                procs.http_get, f"http://127.0.0.1:{port}/healthz", 2
-            )
-        except OSError:
-            return False
-        return bool(status == 200)
-
-    await wait_for(healthy, 60, interval=0.3, message=f"dashboard not healthy:\n{proc.output}")
+    await procs.wait_healthy(proc, port)
     try:
         yield port
     finally:

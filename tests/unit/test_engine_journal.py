@@ -64,8 +64,9 @@ def command(service: EngineService, sealer: Sealer, message: Message) -> None:
     )
 
 
-def supplying(service: EngineService, ticks: int) -> None:
-    """An authorised supply, plugged in, started by Central, `ticks` samples metered."""
+def authorised(service: EngineService) -> Sealer:
+    """The engine named by its monitor, holding the CP's key and an accepted authorisation
+    (session s1); what seals Central's further commands."""
     hello(service)
     key = new_key()
     service._channel_of(CP).take_key(KEY_ID, key)
@@ -80,6 +81,12 @@ def supplying(service: EngineService, ticks: int) -> None:
         expires_at=time.time() + 60,
     )
     command(service, sealer, authorise)
+    return sealer
+
+
+def supplying(service: EngineService, ticks: int) -> None:
+    """An authorised supply, plugged in, started by Central, `ticks` samples metered."""
+    sealer = authorised(service)
     service._apply(service.machine.plug())
     command(service, sealer, StartSupply(cp_id=CP, session_id="s1"))
     for _ in range(ticks):
@@ -216,21 +223,7 @@ def test_an_unwritable_journal_is_refused_at_start(
 def test_authorisation_answers_in_the_journal_are_the_engine_s_own(tmp_path: Path) -> None:
     """An accepted authorisation never plugged in ends at 0 kWh after a crash."""
     path = tmp_path / "engine.journal"
-    service = engine(path)
-    hello(service)
-    key = new_key()
-    service._channel_of(CP).take_key(KEY_ID, key)
-    service.machine.health_check(True)
-    sealer = Sealer("cp-command", CP, KEY_ID, key)
-    authorise = AuthorizeSupply(
-        cp_id=CP,
-        session_id="s9",
-        driver_id="user2",
-        price_eur_kwh=0.35,
-        max_kw=KW,
-        expires_at=time.time() + 60,
-    )
-    command(service, sealer, authorise)
+    authorised(engine(path))
     recovered = Journal(path).load()
     assert recovered is not None
     assert [type(e) for e in recovered.events] == [CPAuthorisation, CPSupplyEnded]
