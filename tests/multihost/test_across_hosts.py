@@ -205,7 +205,9 @@ async def test_central_stopped_during_supply_loses_nothing(
     assert ended.group(1) == "unplugged", engine.output[-3000:]
     engine_kwh = float(ended.group(2))
     ((max_kw,),) = system.query("SELECT max_kw FROM charging_points WHERE id = 'CP002'")
-    assert max_kw * 2 / 3600 < engine_kwh < max_kw * 5 / 3600  # about 3 s at full power
+    # About 3 s at full power: whole samples of 1 s, and the third may come after the unplug
+    # when the PC is busy (the engine meters by samples); its screen shows four decimals.
+    assert max_kw * 2 / 3600 - 0.0001 < engine_kwh < max_kw * 5 / 3600
     await system.monitors["CP002"].wait_output("cannot reach Central", 10)
     assert not events_of(driver, "ticket")
 
