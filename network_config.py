@@ -32,6 +32,8 @@ DEFAULTS: dict[str, str] = {
     "CENTRAL_HTTP_PORT": "8002",
     "DRIVER_HTTP_PORT": "8001",
     "MONITOR_HTTP_PORT": "8003",
+    # EV_Registry's REST API (HTTPS) on PC2 (docs/registry.md).
+    "REGISTRY_PORT": "8004",
     # CP n of PC3 (1-based) has its engine listen on ENGINE_BASE_PORT + n - 1.
     "ENGINE_BASE_PORT": "6101",
     # Kafka's listeners inside the one-host Docker network (docker-compose.yml): containers
@@ -90,7 +92,13 @@ KAFKA_NODE_PORTS = ("KAFKA_PORT", "KAFKA_CONTROLLER_PORT")
 CENTRAL_PORTS = ("CENTRAL_PORT", "CENTRAL_HTTP_PORT")
 PC_PORTS: dict[str, tuple[str, ...]] = {
     "pc1": ("DRIVER_HTTP_PORT", *CENTRAL_PORTS, *KAFKA_NODE_PORTS),
-    "pc2": ("KAFKA_PORT", "KAFKA_UI_PORT", *CENTRAL_PORTS, "KAFKA_CONTROLLER_PORT"),
+    "pc2": (
+        "KAFKA_PORT",
+        "KAFKA_UI_PORT",
+        *CENTRAL_PORTS,
+        "KAFKA_CONTROLLER_PORT",
+        "REGISTRY_PORT",
+    ),
     "pc3": ("MONITOR_HTTP_PORT", *KAFKA_NODE_PORTS),
 }
 PCS = tuple(PC_PORTS)

@@ -9,15 +9,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shared.kafka_access import KafkaLogin
 from shared.messages import MAX_SPEED
 from shared.settings import (
     EnvArgumentParser,
     add_common_options,
+    add_kafka_login_options,
     broker_address,
     host_port,
     positive_float,
     read_secret,
     seconds,
+    take_kafka_login,
 )
 
 
@@ -35,6 +38,7 @@ class EngineSettings:
     journal: Path | None = None  # what must survive a crash (the command line's default: on)
     log_level: str = "INFO"
     log_json: bool = False
+    kafka: KafkaLogin | None = None  # a secured broker's login (docs/security.md)
 
 
 def time_scale(value: str) -> float:
@@ -131,6 +135,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvArgumentParser:
         default=False,
         help="keep no journal: a crash loses what Kafka had not taken",
     )
+    add_kafka_login_options(parser)
     add_common_options(parser)
     return parser
 
@@ -196,4 +201,5 @@ def parse_settings(
         journal=journal,
         log_level=args.log_level,
         log_json=args.log_json,
+        kafka=take_kafka_login(args),
     )

@@ -82,7 +82,7 @@ class EngineService:
             auto_unplug=settings.auto_unplug,
             speed=settings.speed,
         )
-        self.bus = KafkaBus(settings.broker, client_id="ev-cp-engine")
+        self.bus = KafkaBus(settings.broker, client_id="ev-cp-engine", login=settings.kafka)
         self.ledger: Ledger | None = None
         if settings.ledger is not None:
             try:

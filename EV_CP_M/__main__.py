@@ -7,8 +7,9 @@ import sys
 from collections.abc import Sequence
 
 from EV_CP_M.config import parse_settings
+from EV_CP_M.enrolment import enrol
 from EV_CP_M.service import MonitorService
-from shared.errors import ConfigError
+from shared.errors import ConfigError, EVError
 from shared.lifecycle import Shutdown, run_service
 from shared.logs import setup_logging
 
@@ -25,6 +26,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"EV_CP_M: error: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level, settings.log_json)
+    if settings.enrolment_token:  # a new CP: its secret from the registry, once
+        try:
+            settings = enrol(settings)
+        except ConfigError as exc:  # the token refused
+            print(f"EV_CP_M: error: {exc}", file=sys.stderr)
+            return 2
+        except EVError as exc:  # the registry could not be asked
+            print(f"EV_CP_M: error: {exc}", file=sys.stderr)
+            return 1
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)
 

@@ -31,6 +31,7 @@ from shared.backoff import Backoff
 from shared.bus import KafkaBus, Records, Topics, consume, decode_record
 from shared.clock import NetworkClock
 from shared.errors import ConfigError, MessageError
+from shared.kafka_access import KafkaLogin
 from shared.lifecycle import Shutdown, run_service
 from shared.logs import setup_logging
 from shared.messages import CP_STATE, decode
@@ -38,6 +39,7 @@ from shared.sealing import SealError
 from shared.settings import (
     EnvArgumentParser,
     add_common_options,
+    add_kafka_login_options,
     broker_address,
     identifier,
     port_number,
@@ -87,6 +89,7 @@ class DashboardSettings:
     max_connections_per_address: int = PER_ADDRESS  # connections open at once from one host
     # The site's CPs and their secrets: only their sealed health samples are shown.
     cp_secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
+    kafka: KafkaLogin | None = None  # a secured broker's login (docs/security.md)
 
 
 def build_parser(environ: Mapping[str, str] | None = None) -> EnvArgumentParser:
@@ -116,6 +119,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvArgumentParser:
     )
     add_server_options(parser, "the site dashboard")
     add_connection_options(parser)
+    add_kafka_login_options(parser)
     add_common_options(parser)
     return parser
 
@@ -199,7 +203,7 @@ class SiteDashboard(WebApp):
         measures it (shared/clock.py), on which the monitors' samples are placed."""
         self.settings = settings
         self.shutdown = shutdown
-        self.bus = KafkaBus(settings.broker, "site-dashboard")
+        self.bus = KafkaBus(settings.broker, "site-dashboard", login=settings.kafka)
         self.network = NetworkClock(self.bus.probe_clock, who="site dashboard")
         self._measuring: asyncio.Task[None] | None = None
         self.clock = clock or self.network.now
@@ -263,7 +267,9 @@ class SiteDashboard(WebApp):
         backoff = Backoff(maximum=5.0)
         while True:
             try:
-                await self.bus.start()
+                await self.bus.start(
+                    ensure_topics=self.bus.login is None
+                )  # Central's job when secured
                 if self._measuring is None:
                     await self.network.measure()  # before the last hour is placed in time
                     self._measuring = asyncio.create_task(self.network.run(), name="clock")
@@ -345,6 +351,8 @@ class SiteDashboard(WebApp):
         try:
             if record.topic == Topics.CP_HEALTH:
                 self.site.on_sample(self.health.open(record.value or b""))
+            elif record.topic == Topics.CP_STATE and record.value is None:
+                self.site.on_removed((record.key or b"").decode("utf-8", "replace"))
             elif record.topic == Topics.CP_STATE:
                 self.site.on_state(decode_record(CP_STATE, record))
         except SealError as exc:

@@ -27,6 +27,7 @@ from shared.messages import (
     AuthResult,
     CentralToMonitor,
     ClockProbe,
+    CPRemoved,
     CPState,
     CPStatusNotice,
     EngineChallenge,
@@ -121,6 +122,7 @@ class MonitorService:
         # The engine's clock minus this one's, from the health checks' round trips.
         self._engine_clock = OffsetEstimate()
         self._clock_warned = False
+        self._removed: str | None = None  # why Central removed this CP (cp_removed), if it did
         self._started_at = 0.0  # loop time the monitor started (set by run)
 
     async def run(self) -> None:
@@ -132,6 +134,7 @@ class MonitorService:
                 self.settings.broker,
                 f"monitor-{self.settings.cp_id}",
                 outgoing=sealer.outgoing,
+                login=self.settings.kafka,
             )
             if self.settings.broker
             else None
@@ -351,7 +354,9 @@ class MonitorService:
         backoff = Backoff(maximum=RETRY_MAX)
         while True:
             try:
-                await bus.start()  # retries by itself until the broker answers
+                # retries by itself until the broker answers; on a secured broker only
+                # Central creates topics
+                await bus.start(ensure_topics=bus.login is None)
                 backoff.reset()
                 while True:
                     await self._sample_ready.wait()
@@ -383,6 +388,14 @@ class MonitorService:
         while True:
             host, port = rotation.current
             failure = await self._try_central(host, port, tls, backoff)
+            if self._removed is not None:
+                # Central would refuse it from now on, and refusals in a row get the PC's
+                # address blocked for every CP on it: this monitor stops trying.
+                self._say(
+                    f"Central removed {self.settings.cp_id} ({self._removed}): this monitor "
+                    "no longer connects to Central; stop it"
+                )
+                await asyncio.Event().wait()  # until the monitor is stopped
             if failure.served:
                 rotation.served()
             step = rotation.fail(failure.active)
@@ -486,6 +499,9 @@ class MonitorService:
                 self._on_notice(message)
             elif isinstance(message, ClockProbe):
                 self._on_probe(message)
+            elif isinstance(message, CPRemoved) and message.cp_id == self.settings.cp_id:
+                self._removed = message.reason or "deregistered"
+                raise ConnectionLost(f"{message.cp_id} was removed at Central")
             else:
                 log.debug("ignoring %s from Central", message.type)
 

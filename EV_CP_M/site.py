@@ -142,6 +142,10 @@ class Site:
         """Central's latest view of a CP (state, location, price, live supply)."""
         self._cp(update.cp_id).central = update
 
+    def on_removed(self, cp_id: str) -> None:
+        """Central deregistered the CP (a tombstone on the state topic): it leaves the site."""
+        self.cps.pop(cp_id, None)
+
     def on_sample(self, sample: HealthSample) -> None:
         """One health check reported by a CP's monitor."""
         now = self.clock()

@@ -4,13 +4,15 @@ python -m EV_Central ctl ... (register CP_ID --location T --price EUR --max-kw K
                               revoke-key CP_ID | reset-secret CP_ID)
 python -m EV_Central user [--db PATH] (add ID --role driver|admin | passwd ID | list)
 python -m EV_Central audit (verify|show) [--db PATH]
+python -m EV_Central kafka-access --broker B --kafka-ca CA --kafka-password-file F (setup DIR |
+                                  cp CP_ID DIR | withdraw NAME)
 """
 
 from __future__ import annotations
 
 import sys
 
-from EV_Central import audit_cli, config, ctl, users
+from EV_Central import audit_cli, config, ctl, kafka_cli, users
 from shared.errors import ConfigError
 from shared.lifecycle import run_service
 from shared.logs import setup_logging
@@ -25,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
             return audit_cli.main(args[1:])
         if args[:1] == ["user"]:
             return users.main(args[1:])
+        if args[:1] == ["kafka-access"]:
+            return kafka_cli.main(args[1:])
         settings = config.parse(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -11,6 +11,9 @@ ADMIN_COOKIE = "ev_admin_session"  # the admin web's session cookie (docs/web-au
 
 CPId = Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_.-]+$")]
 Ref = Annotated[str, Field(max_length=64)]
+# The address of the client a service acts for (EV_Registry passes its HTTP caller's): the audit
+# log then names "CALLER via PEER". Informative only: who is checked is the session or the peer.
+Caller = Annotated[str, Field(max_length=45, pattern=r"^[0-9A-Fa-f.:]*$")]
 
 
 class AdminCommand(BaseModel):
@@ -34,6 +37,7 @@ class RegisterCP(BaseModel):
     location: Annotated[str, Field(min_length=1, max_length=120)]
     price_eur_kwh: Annotated[float, Field(ge=0, le=10)]
     max_kw: Annotated[float, Field(gt=0, le=1000)]
+    caller: Caller = ""
     ref: Ref = ""
 
 
@@ -57,7 +61,78 @@ class ResetSecret(BaseModel):
     ref: Ref = ""
 
 
+class DeregisterCP(BaseModel):
+    """Remove a CP for good: a supply in progress is settled with its ticket first, its keys,
+    secret and enrolment token go, its monitor is closed and refused (docs/registry.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["deregister_cp"] = "deregister_cp"
+    target: CPId
+    caller: Caller = ""
+    ref: Ref = ""
+
+
+class IssueEnrolment(BaseModel):
+    """A one-time enrolment token for a registered CP (in the result, once), valid `ttl_s`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["issue_enrolment"] = "issue_enrolment"
+    target: CPId
+    ttl_s: Annotated[int, Field(ge=60, le=7 * 24 * 3600)] = 900
+    caller: Caller = ""
+    ref: Ref = ""
+
+
+class ListCPs(BaseModel):
+    """Every CP, or the one `target` names, as /api/cps shows them; audited, unlike a GET."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["list_cps"] = "list_cps"
+    target: CPId | None = None
+    caller: Caller = ""
+    ref: Ref = ""
+
+
+def failure_code(exc: Exception) -> str:
+    """The `code` of a failed command's result: `not_found` (no such CP) or `conflict`
+    (the command does not fit the CP's state, e.g. an id registered already)."""
+    return "not_found" if isinstance(exc, LookupError) else "conflict"
+
+
 AdminRequest = Annotated[
-    AdminCommand | RegisterCP | RevokeKey | ResetSecret, Field(discriminator="type")
+    AdminCommand | RegisterCP | RevokeKey | ResetSecret | DeregisterCP | IssueEnrolment | ListCPs,
+    Field(discriminator="type"),
 ]
 ADMIN_REQUEST: TypeAdapter[AdminRequest] = TypeAdapter(AdminRequest)
+
+
+# --- enrolment: the admin web's public /enrol WebSocket (no login; EV_Central/enrolment.py) --
+
+ENROL_PATH = "/enrol"
+
+
+class EnrolRequest(BaseModel):
+    """The one message on /enrol: a CP's id and its one-time token."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["enrol"] = "enrol"
+    cp_id: CPId
+    token: Annotated[str, Field(min_length=16, max_length=128, pattern=r"^[A-Za-z0-9_-]+$")]
+    caller: Caller = ""
+
+
+class EnrolResult(BaseModel):
+    """The answer: the CP's new secret (once), or why not."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["enrol_result"] = "enrol_result"
+    cp_id: str
+    ok: bool
+    secret: str | None = None
+    reason: str = ""
+    retry_after: float | None = None

@@ -28,6 +28,7 @@ from EV_Central.drivers import Drivers
 from EV_Central.feed import Feed
 from EV_Central.gate import SealedGate
 from EV_Central.inbox import Inbox
+from EV_Central.kafka_logins import CpKafkaLogins
 from EV_Central.keys import KeyStore
 from EV_Central.metrics import CentralStats
 from EV_Central.monitor_server import MonitorLimits, MonitorServer
@@ -36,6 +37,7 @@ from EV_Central.registry import Registry
 from EV_Central.session import Timers
 from EV_Central.store import Store
 from EV_Central.supplies import Supplies
+from EV_Central.weather_stops import WeatherStops
 from EV_Central.web import AdminWeb
 from shared.bus import KafkaBus
 from shared.clock import FIX, NetworkClock
@@ -96,7 +98,9 @@ class Central:
         self.keys = KeyStore(self.store)
         self.gate = SealedGate(self.keys, self.audit)
         # Every message to an engine or a driver is sealed on its way out.
-        self.bus = KafkaBus(settings.broker, "ev-central", outgoing=self.gate.seal_outgoing)
+        self.bus = KafkaBus(
+            settings.broker, "ev-central", outgoing=self.gate.seal_outgoing, login=settings.kafka
+        )
         self.outbox = OutboxRelay(
             db,
             self.bus,
@@ -121,7 +125,9 @@ class Central:
             self.audit,
             self.supplies,
             heartbeat_timeout=settings.heartbeat_timeout,
+            kafka_logins=CpKafkaLogins(settings.broker, settings.kafka),
         )
+        self.weather = WeatherStops(context, self.supplies)
         self.drivers = Drivers(
             context,
             self.keys,
@@ -149,6 +155,7 @@ class Central:
             fingerprint(self.keys.identity_public),
         )
         cps = await self.cp_links.load()
+        await self.weather.load()  # after the CPs: frost at a CP's place holds it
         sessions = await self.supplies.load()
         self.feed.note("start", f"loaded {cps} CPs, {sessions} live sessions")
         # Publish every CP's state once, so that readers of the compacted state topic (the
@@ -234,7 +241,7 @@ async def serve(central: Central, settings: CentralSettings, until: Awaitable[ob
     if central.stats.role == "active":
         from EV_Central.ha import ClusterView
 
-        cluster = ClusterView(settings.broker)
+        cluster = ClusterView(settings.broker, central.bus.client_options)
     monitors = MonitorServer(
         central.cp_links,
         central.feed,
@@ -260,6 +267,7 @@ async def serve(central: Central, settings: CentralSettings, until: Awaitable[ob
         durable=central.outbox.durable,
         cluster=cluster.status if cluster is not None else None,
         per_address=settings.max_connections_per_address,
+        weather=central.weather,
     )
     console = Console(
         central.registry, central.feed, central.cp_links, central.audit, settings.console

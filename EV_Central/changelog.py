@@ -45,6 +45,8 @@ REPLICATED: dict[str, tuple[str, ...]] = {
     "audit_log": ("id",),
     "consumer_positions": ("topic", "partition"),
     "web_sessions": ("key",),
+    "enrolment_tokens": ("token_hash",),
+    "weather": ("place",),
 }
 LOCAL_META = "local.%"
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
+from shared.kafka_access import KafkaLogin
 from shared.settings import (
     EnvArgumentParser,
     add_common_options,
+    add_kafka_login_options,
     port_number,
     positive_float,
     seconds,
+    take_kafka_login,
 )
 from shared.tls import add_server_options, optional_server_context
 from shared.webapp import PER_ADDRESS, add_connection_options
@@ -55,6 +58,8 @@ class CentralSettings:
     ha: bool = False
     advertise: str = ""
     lease_timeout: float = 3.0
+    # A secured Kafka (docs/security.md, "Kafka"): Central's login, None for a plain broker.
+    kafka: KafkaLogin | None = None
 
 
 def build_parser() -> EnvArgumentParser:
@@ -177,6 +182,7 @@ def build_parser() -> EnvArgumentParser:
     add_session_options(parser, "the admin panel (and ctl)")
     add_server_options(parser, "the monitor port and the admin web")
     add_connection_options(parser)
+    add_kafka_login_options(parser)
     add_common_options(parser)
     return parser
 
@@ -199,4 +205,5 @@ def parse(argv: list[str] | None) -> CentralSettings:
     args.tls_cert, args.tls_key = args.tls_cert or None, args.tls_key or None
     # Bad TLS files stop Central now, with one line, not after it has opened its ports.
     optional_server_context(args.tls_cert, args.tls_key)
-    return CentralSettings(**vars(args))
+    kafka = take_kafka_login(args)
+    return CentralSettings(**vars(args), kafka=kafka)

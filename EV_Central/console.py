@@ -109,7 +109,7 @@ class Console:
             if verb in ("stop", "resume") and len(words) == 2:
                 try:
                     affected = await self.links.set_service(words[1], verb == "resume")
-                except LookupError as exc:
+                except (LookupError, ValueError) as exc:  # unknown CP; frost holds it
                     self._say(f"error: {exc}")
                     outcome, detail = "failed", f"{words[1]}: {exc}"
                 else:

@@ -14,11 +14,13 @@ from typing import Protocol
 
 from EV_Central.audit import AuditLog
 from EV_Central.context import Context, Part
+from EV_Central.kafka_logins import CpKafkaLogins, KafkaLoginError
 from EV_Central.keys import ChannelKey, KeyStore
 from EV_Central.passwords import hash_secret, new_secret, verify_secret
 from EV_Central.registry import ChargingPoint
-from EV_Central.store import RegisteredCP
+from EV_Central.store import RegisteredCP, StoreTx
 from EV_Central.supplies import Supplies
+from EV_Central.weather import resume_refusal
 from shared.bus import Topics
 from shared.messages import EndReason, SetService
 
@@ -30,6 +32,8 @@ class MonitorLink(Protocol):
 
     async def close(self) -> None: ...
 
+    async def removed(self, reason: str) -> None: ...
+
 
 class CPLinks(Part):
     def __init__(
@@ -40,11 +44,14 @@ class CPLinks(Part):
         supplies: Supplies,
         *,
         heartbeat_timeout: float,
+        kafka_logins: CpKafkaLogins | None = None,
     ) -> None:
         super().__init__(context)
         self._keys = keys
         self._audit = audit
         self._supplies = supplies
+        # The CPs' engines' logins on a secured Kafka (EV_Central/kafka_logins.py).
+        self._kafka_logins = kafka_logins or CpKafkaLogins("", None)
         self._heartbeat_timeout = heartbeat_timeout
         self._links: dict[str, MonitorLink] = {}  # the current monitor link of each CP
         self._counters = context.stats.counters  # at hand: every heartbeat counts itself
@@ -119,7 +126,7 @@ class CPLinks(Part):
         cp.last_heartbeat = time.time()
         self._feed.changed(cp)
         self._feed.note("connected", f"{cp.id}: monitor authenticated", cp.id)
-        if not cp.in_service:
+        if not cp.serving:
             # A restarted engine reads commands from the end: tell it again that it is stopped.
             await self._bus.post(
                 Topics.CP_COMMANDS, cp.id, SetService(cp_id=cp.id, in_service=False)
@@ -186,13 +193,22 @@ class CPLinks(Part):
     # --- administration --------------------------------------------------------------------------
 
     async def set_service(self, target: str, in_service: bool) -> list[str]:
-        """Stop (PARADO) or resume one CP or all; returns the CP ids affected."""
+        """Stop (PARADO) or resume one CP or all; returns the CP ids affected.
+
+        Resuming a CP that frost holds is refused (ValueError, with the reason); `resume all`
+        leaves such CPs as they are (EV_Central/weather.py).
+        """
         if target.lower() == "all":
             cps = self._registry.sorted()
+            if in_service:
+                cps = [cp for cp in cps if resume_refusal(cp.id, cp.weather_hold) is None]
         else:
             cp = self._registry.get(target)
             if cp is None:
                 raise LookupError(f"unknown CP {target!r}")
+            refusal = resume_refusal(cp.id, cp.weather_hold) if in_service else None
+            if refusal is not None:
+                raise ValueError(refusal)
             cps = [cp]
         async with self._store.transaction() as tx:
             await tx.set_in_service([cp.id for cp in cps], in_service)
@@ -200,7 +216,7 @@ class CPLinks(Part):
             cp.in_service = in_service
             self._feed.changed(cp)
             await self._bus.post(
-                Topics.CP_COMMANDS, cp.id, SetService(cp_id=cp.id, in_service=in_service)
+                Topics.CP_COMMANDS, cp.id, SetService(cp_id=cp.id, in_service=cp.serving)
             )
             if not in_service:
                 await self._supplies.end(cp, EndReason.STOPPED_BY_ADMIN)
@@ -212,25 +228,35 @@ class CPLinks(Part):
 
     async def register(
         self, cp_id: str, location: str, price_eur_kwh: float, max_kw: float
-    ) -> tuple[ChargingPoint, str]:
-        """Register a new CP and issue its secret (returned once, stored only as a hash).
+    ) -> tuple[ChargingPoint, str, tuple[str, str] | None]:
+        """Register a new CP and issue its secret (returned once, stored only as a hash), and
+        on a secured Kafka its engine's login (user, password: returned once, kept by Kafka).
 
-        The CP shows DESCONECTADO until its monitor authenticates with that secret.
+        The CP shows DESCONECTADO until its monitor authenticates with that secret. When Kafka
+        does not make the login, nothing is registered (ValueError).
         """
         if self._registry.get(cp_id) is not None:
             raise ValueError(f"CP {cp_id} is already registered")
+        try:
+            kafka = await self._kafka_logins.issue(cp_id)
+        except KafkaLoginError as exc:
+            raise ValueError(str(exc)) from None
         secret = new_secret()
-        async with self._store.transaction() as tx:
-            await tx.insert_cp(
-                RegisteredCP(cp_id, location, price_eur_kwh, max_kw, in_service=True),
-                hash_secret(secret),
-                time.time(),
-            )
+        try:
+            async with self._store.transaction() as tx:
+                await tx.insert_cp(
+                    RegisteredCP(cp_id, location, price_eur_kwh, max_kw, in_service=True),
+                    hash_secret(secret),
+                    time.time(),
+                )
+        except BaseException:
+            await self._kafka_logins.withdraw(cp_id)
+            raise
         cp = ChargingPoint(id=cp_id, location=location, price_eur_kwh=price_eur_kwh, max_kw=max_kw)
         self._registry.add(cp)
         self._feed.changed(cp)
         self._feed.note("registered", f"{cp_id}: registered at {location}", cp_id)
-        return cp, secret
+        return cp, secret, kafka
 
     async def revoke_key(self, cp_id: str) -> None:
         """Revoke a CP's keys: it is out of service until its monitor authenticates again."""
@@ -246,13 +272,60 @@ class CPLinks(Part):
     async def reset_secret(self, cp_id: str) -> str:
         """Issue a CP a new secret (returned once); the old one and its keys stop working."""
         self._known(cp_id)
-        secret = new_secret()
         async with self._store.transaction() as tx:
-            await tx.set_secret_hash(cp_id, hash_secret(secret))
-            await self._keys.revoke_principal(tx, "cp", cp_id)
+            secret = await self._replace_secret(tx, cp_id)
         self._feed.note("secret", f"{cp_id}: new secret issued, keys revoked", cp_id)
         await self._disconnect(cp_id)
         return secret
+
+    async def redeem_enrolment(self, cp_id: str, token_hash: str) -> str | None:
+        """A new secret for the CP in exchange for its enrolment token (used up in the same
+        transaction), as `reset_secret`; None when the CP or a valid token is not there."""
+        if self._registry.get(cp_id) is None:
+            return None
+        async with self._store.transaction() as tx:
+            if not await tx.consume_enrolment(token_hash, cp_id, time.time()):
+                return None
+            secret = await self._replace_secret(tx, cp_id)
+        self._feed.note("enrolled", f"{cp_id}: enrolled with a one-time token", cp_id)
+        await self._disconnect(cp_id)
+        return secret
+
+    async def _replace_secret(self, tx: StoreTx, cp_id: str) -> str:
+        secret = new_secret()
+        await tx.set_secret_hash(cp_id, hash_secret(secret))
+        await self._keys.revoke_principal(tx, "cp", cp_id)
+        return secret
+
+    async def deregister(self, cp_id: str) -> str | None:
+        """Remove a CP for good; returns the id of the supply it settled, if any.
+
+        A supply in progress is ended as an admin's stop does and settled (its ticket goes to
+        the driver) before anything else, while the CP's key still opens the engine's final
+        figures. Then, in one transaction (with --ha, in the changelog together): its keys are
+        revoked, its row with its secret and its enrolment token deleted, and its state
+        tombstoned on the state topic, so the dashboards drop it. Its monitor is closed last;
+        its next authentication finds no such CP.
+        """
+        cp = self._known(cp_id)
+        cp.in_service = False  # no new supply while the current one is settled
+        self._feed.changed(cp)
+        settled = await self._supplies.end_and_settle(cp, EndReason.STOPPED_BY_ADMIN)
+        async with self._store.transaction() as tx:
+            await self._keys.revoke_principal(tx, "cp", cp_id)
+            await tx.delete_cp(cp_id)
+        self._registry.cps.pop(cp_id, None)
+        self._feed.note("deregistered", f"{cp_id}: deregistered", cp_id)
+        link = self._links.get(cp_id)
+        if link is not None:  # told first, so that it stops instead of being refused again
+            await link.removed("deregistered by an admin")
+        await self._disconnect(cp_id)
+        # Its engine's Kafka login goes too: the broker refuses it from now on.
+        if not await self._kafka_logins.withdraw(cp_id):
+            self._feed.note(
+                "deregistered", f"{cp_id}: Kafka did not remove its engine's login", cp_id
+            )
+        return settled
 
     def _known(self, cp_id: str) -> ChargingPoint:
         cp = self._registry.get(cp_id)

@@ -39,7 +39,12 @@ MAX_PASSWORD_FILE = 4096
 
 
 class LoginRefused(EVError):
-    """Central refused the login (wrong user or password, locked account, not an admin)."""
+    """Central refused the login (wrong user or password, a blocked source, not an admin);
+    `retry_after`: seconds until the source may try again, when it is blocked."""
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
 
 
 def build_parser() -> EnvArgumentParser:
@@ -134,7 +139,11 @@ async def admin_login(
     if not isinstance(answer, dict) or answer.get("type") != "login_result":
         raise ConnectionError("Central answered the login with something unexpected")
     if not answer.get("ok"):
-        raise LoginRefused(str(answer.get("reason") or "login refused"))
+        retry_after = answer.get("retry_after")
+        raise LoginRefused(
+            str(answer.get("reason") or "login refused"),
+            float(retry_after) if isinstance(retry_after, int | float) else None,
+        )
     grant = str(answer.get("grant", ""))
     return await asyncio.to_thread(_redeem, host, port, grant, wait_s, tls)
 
@@ -277,5 +286,11 @@ def main(
         print(
             f"Give it to {cp_id}'s monitor as --secret or EV_CP_SECRET now: it is not shown "
             "again (reset-secret issues a new one)."
+        )
+    if reply.get("kafka_user"):
+        print(f"Kafka login of its engine: {reply['kafka_user']} {reply.get('kafka_password')}")
+        print(
+            "Give them to the engine as --kafka-user and --kafka-password-file now: the password"
+            ' is not shown again (docs/security.md, "Kafka").'
         )
     return 0

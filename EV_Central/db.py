@@ -72,6 +72,15 @@ class Transaction:
         )
         self.outgoing += 1
 
+    async def publish_tombstone(self, topic: str, key: str) -> None:
+        """Queue a tombstone (a record with no value) for `key` on a compacted topic: its
+        readers forget the key, and compaction drops its older records."""
+        await self.execute(
+            "INSERT INTO outbox (topic, key, payload, created_at) VALUES (?, ?, ?, ?)",
+            (topic, key, b"", time.time()),
+        )
+        self.outgoing += 1
+
 
 class Database:
     def __init__(self, path: str | Path, *, demo: bool = True) -> None:

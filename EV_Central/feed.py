@@ -108,6 +108,7 @@ class Feed:
             for subscriber in self._cp_subscribers:
                 subscriber(cps)
             for cp in cps:
-                await self._bus.post(Topics.CP_STATE, cp.id, cp.state_message())
+                if self._registry.get(cp.id) is cp:  # not deregistered meanwhile (tombstoned)
+                    await self._bus.post(Topics.CP_STATE, cp.id, cp.state_message())
             if self.hops is not None and cps:
                 self.hops.add("Central → dashboards", time.monotonic() - since)

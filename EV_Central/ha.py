@@ -9,7 +9,7 @@ docs/high-availability.md explains the design; in short:
   claiming the newest term, so it stays where it is when a standby joins or a deposed Central
   comes back.
 - **Fencing.** The active Central sends everything in transactions of fixed transactional ids
-  (`TRANSACTIONAL_ID`-0, -1, -2). Starting those producers aborts whatever the previous holder
+  (`TRANSACTIONAL_ID`-0 to -7). Starting those producers aborts whatever the previous holder
   had open and makes all it tries later fail: a deposed Central that has not noticed yet
   reaches nobody.
 - **Replication.** What the active Central changes in SQLite goes to `ev.central.changelog`
@@ -67,7 +67,7 @@ LEASE = TopicPartition(Topics.CENTRAL_LEASE, 0)
 # The active Central's transactional producers (ids ev-central-0 ...), used in turn (see
 # EV_Central/outbox.py); a Central taking over starts every one of them, fencing them all.
 TRANSACTIONAL_ID = "ev-central"
-TRANSACTIONAL_PRODUCERS = 3
+TRANSACTIONAL_PRODUCERS = 8
 PREVIOUS_SUFFIX = ".previous"
 AUTH_TIMEOUT = 5.0
 # Central's event loop proves it runs this often; without a sign for WATCHDOG_SECONDS the lease
@@ -90,10 +90,18 @@ class Lease:
     claiming its old term) does not take the lease from the one that took over from it.
     """
 
-    def __init__(self, bootstrap: str, client_id: str, timeout: float) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        client_id: str,
+        timeout: float,
+        client_options: dict[str, Any] | None = None,
+    ) -> None:
         self.bootstrap = bootstrap
         self.client_id = client_id
         self.timeout = timeout
+        # A secured broker's login (shared/kafka_access.py); none for a plain one.
+        self.client_options = client_options or {}
         self.held = asyncio.Event()
         self.lost = asyncio.Event()  # set when the lease, once held, went to another Central
         self.term = 0
@@ -154,6 +162,7 @@ class Lease:
                 # A lease topic created a moment ago may have no partitions in the first
                 # metadata; the group is joined again when a later one has them.
                 metadata_max_age_ms=5_000,
+                **self.client_options,
             )
             try:
                 await consumer.start()
@@ -253,8 +262,9 @@ class ClusterView:
 
     CACHE_SECONDS = 5.0
 
-    def __init__(self, bootstrap: str) -> None:
+    def __init__(self, bootstrap: str, client_options: dict[str, Any]) -> None:
         self.bootstrap = bootstrap
+        self.client_options = client_options
         self._admin: AIOKafkaAdminClient | None = None
         self._asked_at = -1e9
         self._last: dict[str, Any] = {}
@@ -274,7 +284,9 @@ class ClusterView:
     async def _ask(self) -> dict[str, Any]:
         if self._admin is None:
             admin = AIOKafkaAdminClient(
-                bootstrap_servers=self.bootstrap, client_id="ev-central-cluster-view"
+                bootstrap_servers=self.bootstrap,
+                client_id="ev-central-cluster-view",
+                **self.client_options,
             )
             await admin.start()
             self._admin = admin
@@ -521,9 +533,14 @@ async def _term(settings: CentralSettings, stopping: asyncio.Future[None]) -> No
     changelog.stop_capture(db.conn)
     await _put_meta(store, ROLE_KEY, "standby")
     identity = advertised(settings)
-    bus = KafkaBus(settings.broker, f"ev-central-{identity['name']}")
+    bus = KafkaBus(settings.broker, f"ev-central-{identity['name']}", login=settings.kafka)
     replica = Replica(bus, db)
-    lease = Lease(settings.broker, f"ev-central-lease-{identity['name']}", settings.lease_timeout)
+    lease = Lease(
+        settings.broker,
+        f"ev-central-lease-{identity['name']}",
+        settings.lease_timeout,
+        bus.client_options,
+    )
     standby = Standby(settings, db, replica)
     central: Central | None = None
     producers: list[AIOKafkaProducer] = []

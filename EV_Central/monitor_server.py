@@ -26,13 +26,14 @@ from EV_Central.cp_links import CPLinks
 from EV_Central.feed import Feed
 from EV_Central.registry import ChargingPoint
 from shared.abuse import ConnectionCap, FailureDigest, Throttle, ThrottleRules
-from shared.errors import ConnectionLost, DeliveryFailed
+from shared.errors import ConnectionLost, DeliveryFailed, EVError
 from shared.framed import FramedConnection, FramedServer, serve_framed
 from shared.framing import DEFAULT_MAX_FRAME
 from shared.messages import (
     MONITOR_TO_CENTRAL,
     AuthResult,
     ClockProbe,
+    CPRemoved,
     CPState,
     CPStatusNotice,
     FaultReport,
@@ -92,6 +93,12 @@ class MonitorLink:
 
     async def close(self) -> None:
         await self.conn.close()
+
+    async def removed(self, reason: str) -> None:
+        """Tell the monitor its CP is gone (best effort: it may be gone already)."""
+        with contextlib.suppress(EVError, OSError, TimeoutError):
+            async with asyncio.timeout(2.0):
+                await self.conn.send(CPRemoved(cp_id=self.cp.id, reason=reason))
 
 
 class MonitorServer:

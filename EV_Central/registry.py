@@ -26,6 +26,22 @@ class ChargingPoint:
     # The engine's time scale (its --speed), from the monitor's heartbeats: the screens mark a
     # CP whose figures run faster than real time.
     speed: float = 1.0
+    # A frost alert at the CP's place (EV_Central/weather.py): its text while it holds. It is
+    # independent of `in_service`, an admin's stop: the CP is PARADO while either holds.
+    weather_hold: str = ""
+
+    @property
+    def serving(self) -> bool:
+        """In service: neither an admin nor the weather has stopped it."""
+        return self.in_service and not self.weather_hold
+
+    @property
+    def stop_reason(self) -> str:
+        """Why the CP is out of service ("" when it is not): every hold that stands."""
+        reasons = [] if self.in_service else ["stopped by an admin"]
+        if self.weather_hold:
+            reasons.append(self.weather_hold)
+        return "; ".join(reasons)
 
     @property
     def state(self) -> CPState:
@@ -36,7 +52,7 @@ class ChargingPoint:
             return CPState.AVERIADO
         if self.session is not None and self.session.status == SessionStatus.SUPPLYING:
             return CPState.SUMINISTRANDO
-        if not self.in_service:
+        if not self.serving:
             return CPState.PARADO
         return CPState.ACTIVADO
 
@@ -59,6 +75,8 @@ class ChargingPoint:
             return f"{self.id} is reserved for another driver"
         if self.state == CPState.ACTIVADO and self.session is not None:
             return f"{self.id} is finishing another supply"
+        if self.state == CPState.PARADO:
+            return f"{self.id} is PARADO ({self.stop_reason})"
         return f"{self.id} is {self.state.value}"
 
     def as_api(self) -> dict[str, object]:
@@ -71,6 +89,8 @@ class ChargingPoint:
             "connected": self.connected,
             "engine_ok": self.engine_ok,
             "in_service": self.in_service,
+            "weather_hold": self.weather_hold,
+            "stop_reason": self.stop_reason,
             "reserved": self.reserved,
             "speed": self.speed,
         }
@@ -98,6 +118,7 @@ class ChargingPoint:
             kw=s.kw if s else 0.0,
             kwh=round(s.kwh, 4) if s else 0.0,
             speed=self.speed,
+            stop_reason=self.stop_reason,
         )
 
     def summary(self) -> CPSummary:

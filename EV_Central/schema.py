@@ -27,7 +27,7 @@ CREATE TABLE IF NOT EXISTS charging_points (
 );
 CREATE TABLE IF NOT EXISTS users (
     id            TEXT PRIMARY KEY,
-    role          TEXT NOT NULL CHECK (role IN ('driver', 'admin')),
+    role          TEXT NOT NULL CHECK (role IN ('driver', 'admin', 'weather')),
     password_hash TEXT NOT NULL,
     balance_cents INTEGER NOT NULL DEFAULT 0 CHECK (balance_cents >= 0),
     created_at    REAL NOT NULL
@@ -95,6 +95,25 @@ CREATE TABLE IF NOT EXISTS web_sessions (
     key        TEXT PRIMARY KEY,
     user_id    TEXT NOT NULL,
     role       TEXT NOT NULL,
+    expires_at REAL NOT NULL
+);
+-- The weather service's last report of each place and its frost alert (EV_Central/weather.py,
+-- docs/weather.md): replicated, so that a standby Central keeps the same CPs stopped.
+CREATE TABLE IF NOT EXISTS weather (
+    place       TEXT PRIMARY KEY,
+    temperature REAL,
+    provider    TEXT NOT NULL DEFAULT '',
+    updated_at  REAL NOT NULL DEFAULT 0,
+    checked_at  REAL NOT NULL DEFAULT 0,
+    error       TEXT NOT NULL DEFAULT '',
+    frozen_at   REAL
+);
+-- One-time enrolment tokens (EV_Central/enrolment.py, docs/registry.md): the SHA-256 of each
+-- token, never the token; a redeemed or replaced token's row is deleted. Replicated.
+CREATE TABLE IF NOT EXISTS enrolment_tokens (
+    token_hash TEXT PRIMARY KEY,
+    cp_id      TEXT NOT NULL,
+    issued_at  REAL NOT NULL,
     expires_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS outbox (
@@ -175,7 +194,23 @@ def connect(path: str | Path) -> sqlite3.Connection:
     return conn
 
 
+def _allow_weather_role(conn: sqlite3.Connection) -> None:
+    """Widen an older users table's role check to take the weather service's account.
+
+    SQLite cannot alter a CHECK constraint: the table is copied into one with the new check.
+    """
+    row = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'users'")
+    sql = row.fetchone()
+    if sql is None or "'weather'" in sql[0]:
+        return
+    conn.execute("ALTER TABLE users RENAME TO users_before_weather")
+    conn.executescript(SCHEMA)
+    conn.execute("INSERT INTO users SELECT * FROM users_before_weather")
+    conn.execute("DROP TABLE users_before_weather")
+
+
 def create_schema(conn: sqlite3.Connection) -> None:
+    _allow_weather_role(conn)
     conn.executescript(SCHEMA)
     for table, column, declaration in MIGRATIONS:
         columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}

@@ -22,6 +22,7 @@ from typing import Any
 
 from EV_Central.db import Database, Transaction
 from EV_Central.session import ACTIVE_STATUSES, Send, Session, SessionStatus
+from shared.bus import Topics
 from shared.messages import TicketData
 
 # Columns of the sessions table that `save_session` writes (all but the id and the request).
@@ -224,6 +225,36 @@ class StoreTx:
         await self._tx.execute(
             "UPDATE charging_points SET secret_hash = ? WHERE id = ?", (secret_hash, cp_id)
         )
+
+    async def delete_cp(self, cp_id: str) -> None:
+        """Deregister a CP: its row and enrolment tokens go, and its state on the compacted
+        state topic is tombstoned (its sessions stay, with their tickets)."""
+        await self._tx.execute("DELETE FROM enrolment_tokens WHERE cp_id = ?", (cp_id,))
+        await self._tx.execute("DELETE FROM charging_points WHERE id = ?", (cp_id,))
+        await self._tx.publish_tombstone(Topics.CP_STATE, cp_id)
+
+    # --- enrolment tokens ---------------------------------------------------------------------
+
+    async def replace_enrolment(
+        self, token_hash: str, cp_id: str, issued_at: float, expires_at: float
+    ) -> None:
+        """The CP's one enrolment token from now on (an earlier one, or any expired, goes)."""
+        await self._tx.execute(
+            "DELETE FROM enrolment_tokens WHERE cp_id = ? OR expires_at <= ?", (cp_id, issued_at)
+        )
+        await self._tx.execute(
+            "INSERT INTO enrolment_tokens (token_hash, cp_id, issued_at, expires_at)"
+            " VALUES (?, ?, ?, ?)",
+            (token_hash, cp_id, issued_at, expires_at),
+        )
+
+    async def consume_enrolment(self, token_hash: str, cp_id: str, now: float) -> bool:
+        """Use up the CP's token with this hash: True when it was there and still valid."""
+        cursor = await self._tx.execute(
+            "DELETE FROM enrolment_tokens WHERE token_hash = ? AND cp_id = ? AND expires_at > ?",
+            (token_hash, cp_id, now),
+        )
+        return cursor.rowcount == 1
 
     # --- channel keys ---------------------------------------------------------------------------
 

@@ -8,6 +8,8 @@ notices that the next one replaces are posted after the commit, without waiting.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -35,6 +37,8 @@ class Supplies(Part):
         self._timers = timers
         # Telemetry of one consumer poll, written in one transaction (latest per session).
         self._telemetry: dict[str, tuple[ChargingPoint, Session]] = {}
+        # Sessions someone waits to see released from their CP (`end_and_settle`).
+        self._released: dict[str, asyncio.Event] = {}
 
     async def load(self) -> int:
         """Give each CP the session it was busy with when Central stopped; returns how many."""
@@ -192,6 +196,30 @@ class Supplies(Part):
             await self._write(tx, session, effects)
         await self._after(cp, session, effects)
 
+    async def end_and_settle(self, cp: ChargingPoint, reason: EndReason) -> str | None:
+        """End a CP's session and wait until it is settled (a CP being deregistered).
+
+        The engine's final figures are waited for as after any end (`end_grace`, plus a
+        second for the message's way); without them the session is settled with its last
+        telemetry's energy. Returns the settled session's id, or None when there was none.
+        """
+        session = cp.session
+        if session is None:
+            return None
+        released = self._released[session.session_id] = asyncio.Event()
+        try:
+            await self.end(cp, reason)
+            if cp.session is session:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(released.wait(), self._timers.end_grace + 1.0)
+        finally:
+            del self._released[session.session_id]
+        if cp.session is session:
+            await self.settle_now(cp)
+        if cp.session is session:  # still not settled (nothing to settle): let it go
+            cp.session = None
+        return session.session_id
+
     async def settle_now(self, cp: ChargingPoint) -> None:
         """Settle an ending session with the energy of its last telemetry."""
         session = cp.session
@@ -265,5 +293,7 @@ class Supplies(Part):
             and cp.session.session_id == session.session_id
         ):
             cp.session = None
+            if (released := self._released.get(session.session_id)) is not None:
+                released.set()
         if cp.session is session or effects.release:
             self._feed.changed(cp)

@@ -1,6 +1,6 @@
 """`python -m EV_Central user`: people's accounts in Central's database.
 
-    user [--db PATH] add ID --role driver|admin [--balance EUR] [--password-file PATH]
+    user [--db PATH] add ID --role driver|admin|weather [--balance EUR] [--password-file PATH]
     user [--db PATH] passwd ID [--password-file PATH]
     user [--db PATH] list
 
@@ -57,7 +57,8 @@ def build_parser() -> EnvArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add = commands.add_parser("add", help="add an account (asks for its password)")
     add.add_argument("user_id", type=identifier)
-    add.add_argument("--role", choices=["driver", "admin"], required=True)
+    # weather: the weather service's account (EV_W), which may only report the weather.
+    add.add_argument("--role", choices=["driver", "admin", "weather"], required=True)
     add.add_argument("--balance", type=balance_eur, default=0.0, metavar="EUR")
     add.add_argument("--password-file", metavar="PATH", help="first line: the password")
     passwd = commands.add_parser("passwd", help="set an account's password")
@@ -148,10 +149,10 @@ def set_password(conn: sqlite3.Connection, user_id: str, password: str) -> str:
 
 def listing(conn: sqlite3.Connection) -> str:
     rows = conn.execute("SELECT id, role, balance_cents FROM users ORDER BY role, id").fetchall()
-    lines = [f"{'account':<32} {'role':<6} {'balance':>12}"]
+    lines = [f"{'account':<32} {'role':<7} {'balance':>12}"]
     for user_id, role, cents in rows:
         balance = f"{cents / 100:.2f} €" if role == "driver" else "-"
-        lines.append(f"{user_id:<32} {role:<6} {balance:>12}")
+        lines.append(f"{user_id:<32} {role:<7} {balance:>12}")
     return "\n".join(lines)
 
 

@@ -29,21 +29,30 @@ from websockets.http11 import Response
 from EV_Central.admin_api import (
     ADMIN_COOKIE,
     ADMIN_REQUEST,
+    ENROL_PATH,
     MAX_COMMAND_BYTES,
     AdminCommand,
     AdminRequest,
+    DeregisterCP,
+    EnrolRequest,
+    EnrolResult,
     RegisterCP,
     ResetSecret,
     RevokeKey,
+    failure_code,
 )
 from EV_Central.audit import AuditLog
 from EV_Central.auth import LoginOutcome, PeopleAuth
 from EV_Central.context import Context, Part
 from EV_Central.cp_links import CPLinks
+from EV_Central.enrolment import Enrolments
 from EV_Central.feed import CentralEvent
 from EV_Central.metrics import render
 from EV_Central.registry import ChargingPoint
+from EV_Central.registry_commands import REGISTRY_COMMANDS, RegistryCommands, source_of
+from EV_Central.weather_stops import WeatherStops
 from shared.messages import STATE_COLOURS
+from shared.weather_api import WEATHER_REQUEST, WEATHER_ROLE, PlacesQuery, WeatherRequest
 from shared.web import error_response, json_response, response
 from shared.webapp import (
     PER_ADDRESS,
@@ -68,12 +77,16 @@ COOKIE = ADMIN_COOKIE
 RECENT_SESSIONS = 40  # sessions in a panel's snapshot and pushes
 ADMIN = frozenset({"admin"})
 ANYONE = frozenset({"admin", "driver"})  # a driver reads its own sessions (and whoami)
+# Who may open /ws: admins, and the weather service, which may only report the weather and
+# is sent nothing but its results (docs/weather.md).
+WS_ROLES = frozenset({"admin", WEATHER_ROLE})
 
 
 class AdminWeb(WebApp, Part):
     web_name = "admin web"
     static_package = "EV_Central"
     server_header = "EV_Central"
+    one_shot_paths = frozenset({ENROL_PATH})  # a CP's enrolment: no login, a token
 
     def __init__(
         self,
@@ -89,17 +102,23 @@ class AdminWeb(WebApp, Part):
         durable: Callable[[], Awaitable[bool]] | None = None,
         cluster: Callable[[], Awaitable[dict[str, Any]]] | None = None,
         per_address: int = PER_ADDRESS,
+        weather: WeatherStops | None = None,
     ) -> None:
         """`keep_sessions` (with --ha): logins are kept in the database, which the standby
         has too, so that a take-over does not log the admins out. `per_address`: connections
-        open at once from one client address."""
+        open at once from one client address. `weather`: the weather service's reports."""
         Part.__init__(self, context)
         self._keep_sessions = keep_sessions
         self._durable = durable
         self._cluster = cluster  # with --ha: the Kafka cluster as the panel shows it
         self._cp_links = cp_links
+        self._weather = weather
         self._people = people
         self._audit_log = audit
+        self._enrolments = Enrolments(context.store, cp_links, audit)
+        self._registry_commands = RegistryCommands(
+            context.registry, cp_links, self._enrolments, audit
+        )
         self._health_cache: tuple[float, bool] = (0.0, False)
         self._sessions_dirty = asyncio.Event()
         admins_only = "admins only"
@@ -117,19 +136,23 @@ class AdminWeb(WebApp, Part):
                 "/api/drivers": Route(self._drivers_api, ADMIN, admins_only),
                 "/api/audit": Route(self._audit, ADMIN, admins_only),
                 "/api/status": Route(self._status_api, ADMIN, admins_only),
+                "/api/weather": Route(self._weather_api, ADMIN, admins_only),
             },
             logins=Logins(
                 COOKIE,
-                ADMIN,
+                WS_ROLES,
                 "the admin WebSocket",
                 session_ttl,
                 allowed_origins,
+                who="admins and the weather service",
             ),
         )
         self._feed.on_cps(self._on_cps_changed)
         self._feed.on_event(self._on_event)
         self._feed.on_sessions(self._sessions_dirty.set)
         audit.on_record(self._on_audit)
+        if weather is not None:
+            weather.on_change(self._push_weather)
         if keep_sessions:
             self.shell.sessions.changed = self._session_changed
 
@@ -216,11 +239,19 @@ class AdminWeb(WebApp, Part):
                     last_status = time.monotonic()
                     status = await self._status(cluster=True)
                     self.shell.broadcast({"type": "status", "status": status})
+                    self._push_weather()  # a place whose reports stopped turns stale
             except Exception:
                 log.exception("admin refresh failed")
 
+    def _push_weather(self) -> None:
+        if self._weather is not None and self.shell.client_count:
+            self.shell.broadcast({"type": "weather", "weather": self._weather.as_api()})
+
     async def on_message(self, client: WebClient, raw: str | bytes) -> None:
-        assert client.session is not None  # only admins' sessions open /ws
+        assert client.session is not None  # only admins' and the weather service's sessions
+        if client.session.role == WEATHER_ROLE:
+            client.push(await self._weather_request(raw, client.session, client.peer))
+            return
         try:
             command = ADMIN_REQUEST.validate_json(raw)
         except ValidationError as exc:
@@ -239,6 +270,18 @@ class AdminWeb(WebApp, Part):
             form.user, form.password, source=host_of(peer), channel="admin web"
         )
 
+    async def one_shot(self, path: str, data: str | bytes, peer: str) -> dict[str, Any]:
+        """/enrol: a CP's id and one-time token for its new secret (EV_Central/enrolment.py)."""
+        try:
+            request = EnrolRequest.model_validate_json(data)
+        except ValidationError as exc:
+            first = exc.errors(include_url=False)[0]
+            where = ".".join(str(p) for p in first["loc"]) or "message"
+            reason = f"invalid enrolment at {where}: {first['msg']}"
+            return EnrolResult(cp_id="", ok=False, reason=reason).model_dump()
+        answer = await self._enrolments.redeem(request, host_of(peer))
+        return answer.model_dump(exclude_none=True)
+
     async def on_refusal(self, refusal: Refusal) -> None:
         await self._audit_log.record(
             "ws_rejected",
@@ -252,6 +295,9 @@ class AdminWeb(WebApp, Part):
         await self._audit_log.record("logout", "ok", actor=session.user_id, source=peer)
 
     async def on_connect(self, client: WebClient) -> None:
+        if client.session is not None and client.session.role == WEATHER_ROLE:
+            client.watching = False  # it gets its results, never the panel's pushes
+            return
         client.push(
             {
                 "type": "snapshot",
@@ -262,11 +308,44 @@ class AdminWeb(WebApp, Part):
                 "status": await self._status(cluster=True),
                 "audit": await self._audit_log.recent(100),
                 "colours": {state.value: colour for state, colour in STATE_COLOURS.items()},
+                "weather": self._weather.as_api() if self._weather is not None else [],
             }
         )
 
     async def _cps(self, request: HttpRequest) -> Response:
         return json_response([cp.as_api() for cp in self._registry.sorted()])
+
+    async def _weather_api(self, request: HttpRequest) -> Response:
+        """Every watched place's weather and frost alert (docs/weather.md)."""
+        return json_response(self._weather.as_api() if self._weather is not None else [])
+
+    async def _weather_request(
+        self, raw: str | bytes, session: WebSession, source: str
+    ) -> dict[str, Any]:
+        """A weather service's message: the places to watch, or one place's report."""
+        try:
+            request: WeatherRequest = WEATHER_REQUEST.validate_json(raw)
+        except ValidationError as exc:
+            first = exc.errors(include_url=False)[0]
+            where = ".".join(str(p) for p in first["loc"]) or "message"
+            return {"type": "result", "ok": False, "detail": f"invalid at {where}: {first['msg']}"}
+        result: dict[str, Any] = {"type": "result", "ref": request.ref, "ok": True}
+        if self._weather is None:
+            return {**result, "ok": False, "detail": "this Central takes no weather reports"}
+        if isinstance(request, PlacesQuery):
+            return {**result, "places": self._weather.watched()}
+        try:
+            changes = await self._weather.report(request)
+        except LookupError as exc:
+            return {**result, "ok": False, "detail": str(exc)}
+        for action, cps in (
+            ("weather_stop", changes["stopped"]),
+            ("weather_resume", changes["resumed"]),
+        ):
+            if cps:
+                detail = f"{request.place} {request.temperature} °C: {', '.join(cps)}"
+                await self._record(action, "ok", session, source, detail)
+        return {**result, **changes, "detail": f"{request.place}: recorded"}
 
     async def _status_api(self, request: HttpRequest) -> Response:
         """The panel's status line: health, role and (--ha) the Kafka cluster."""
@@ -345,6 +424,14 @@ class AdminWeb(WebApp, Part):
         A secret (register_cp, reset_secret) goes only into this result, to this connection,
         never into the audit log or a broadcast.
         """
+        if isinstance(command, REGISTRY_COMMANDS):  # deregister, enrolment, audited reads
+            answer = await self._registry_commands.execute(command, session.user_id, source)
+            if isinstance(command, DeregisterCP) and answer["ok"]:
+                cps = [cp.as_api() for cp in self._registry.sorted()]
+                self.shell.broadcast({"type": "cps", "full": True, "cps": cps})
+            return answer
+        if isinstance(command, RegisterCP):
+            source = source_of(command.caller, source)
         result: dict[str, Any] = {"type": "result", "ref": command.ref, "ok": True}
         match command:
             case RegisterCP():
@@ -359,10 +446,12 @@ class AdminWeb(WebApp, Part):
         try:
             match command:
                 case RegisterCP():
-                    cp, secret = await self._cp_links.register(
+                    cp, secret, kafka = await self._cp_links.register(
                         command.id, command.location, command.price_eur_kwh, command.max_kw
                     )
                     result.update(detail=f"registered {cp.id}", cps=[cp.id], secret=secret)
+                    if kafka is not None:  # a secured Kafka: the engine's login, once
+                        result.update(kafka_user=kafka[0], kafka_password=kafka[1])
                 case RevokeKey():
                     await self._cp_links.revoke_key(command.target)
                     result.update(detail=f"revoked the keys of {target}", cps=[target])
@@ -376,7 +465,13 @@ class AdminWeb(WebApp, Part):
                     result.update(detail=f"{command.action} {command.target}", cps=affected)
         except (LookupError, ValueError) as exc:
             await self._record(action, "failed", session, source, f"{detail}: {exc}")
-            return {"type": "result", "ref": command.ref, "ok": False, "detail": str(exc)}
+            return {
+                "type": "result",
+                "ref": command.ref,
+                "ok": False,
+                "detail": str(exc),
+                "code": failure_code(exc),
+            }
         await self._record(action, "ok", session, source, detail)
         return result
 

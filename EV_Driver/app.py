@@ -92,7 +92,9 @@ class DriverApp:
         self.settings = settings
         self.output = output
         self.shutdown = shutdown
-        self.bus = bus or KafkaBus(settings.broker, client_id=f"ev-driver-{settings.driver_id}")
+        self.bus = bus or KafkaBus(
+            settings.broker, client_id=f"ev-driver-{settings.driver_id}", login=settings.kafka
+        )
         self.flow = DriverFlow(settings.driver_id)
         self._failed = False  # the app gave up by itself: no login, or an unknown driver
         self._logged_in = False  # `login`: the login is done (and saved)
@@ -129,7 +131,7 @@ class DriverApp:
             await self.bus.stop()
 
     async def _main(self) -> None:
-        await self.bus.start()
+        await self.bus.start(ensure_topics=self.bus.login is None)  # Central's job when secured
         # Positioned at the end before anything is sent, so no answer can be missed.
         consumer = await self.bus.tail_consumer([Topics.DRIVER_UPDATES])
         assert self._group is not None

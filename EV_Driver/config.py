@@ -18,12 +18,15 @@ from EV_Driver.requests_file import (
     load_requests,
 )
 from shared.errors import ConfigError
+from shared.kafka_access import KafkaLogin
 from shared.settings import (
     EnvArgumentParser,
     add_common_options,
+    add_kafka_login_options,
     broker_address,
     positive_float,
     seconds,
+    take_kafka_login,
 )
 
 
@@ -77,6 +80,7 @@ class DriverSettings:
     login_key_file: Path | None = None  # the app's login key (None: a new one each run)
     central_key: str | None = None
     login_only: bool = False  # `python -m EV_Driver login`: log in, save the token, stop
+    kafka: KafkaLogin | None = None  # a secured broker's login (docs/security.md)
 
 
 class _StoreGiven(argparse.Action):
@@ -188,6 +192,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvArgumentParser:
         help="Central's identity key, pinned (Central logs it at start-up); "
         "without it the key is asked from Central and its fingerprint shown",
     )
+    add_kafka_login_options(parser)
     add_common_options(parser)
     return parser
 
@@ -277,4 +282,5 @@ def parse_settings(
         else default_login_key_file(args.driver_id, os.environ if environ is None else environ),
         central_key=args.central_key,
         login_only=login_only,
+        kafka=take_kafka_login(args),
     )

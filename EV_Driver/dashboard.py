@@ -83,7 +83,9 @@ class DriverDashboard(WebApp):
 
     def __init__(self, settings: DashboardSettings, bus: KafkaBus | None = None) -> None:
         self.settings = settings
-        self.bus = bus or KafkaBus(settings.broker, client_id="ev-driver-dashboard")
+        self.bus = bus or KafkaBus(
+            settings.broker, client_id="ev-driver-dashboard", login=settings.kafka
+        )
         self.rooms: dict[str, DriverRoom] = {}
         self.room_of: dict[WebClient, DriverRoom] = {}
         self.cp_states: dict[str, CPStateUpdate] = {}
@@ -142,7 +144,7 @@ class DriverDashboard(WebApp):
         await self.bus.stop()
 
     async def _connect(self) -> None:
-        await self.bus.start()
+        await self.bus.start(ensure_topics=self.bus.login is None)  # Central's job when secured
         # Both positioned before `ready`: no answer to a login sent after it can be missed.
         updates = await self.bus.tail_consumer([Topics.DRIVER_UPDATES])
         states = await self.bus.tail_consumer([Topics.CP_STATE], from_start=True)

@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from shared.kafka_access import KafkaLogin
 from shared.settings import (
     EnvArgumentParser,
     add_common_options,
+    add_kafka_login_options,
     broker_address,
     port_number,
     positive_float,
@@ -33,6 +35,7 @@ class DashboardSettings:
     session_ttl: float = 8 * 3600.0  # seconds a browser's login lasts at most
     allowed_origin: tuple[str, ...] = ()  # other origins whose pages may use the WebSocket
     max_connections_per_address: int = PER_ADDRESS  # connections open at once from one host
+    kafka: KafkaLogin | None = None  # a secured broker's login (docs/security.md)
 
 
 def build_parser(environ: Mapping[str, str] | None = None) -> EnvArgumentParser:
@@ -83,6 +86,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvArgumentParser:
     add_session_options(parser, "the driver dashboard")
     add_server_options(parser, "the driver dashboard")
     add_connection_options(parser)
+    add_kafka_login_options(parser)
     add_common_options(parser)
     return parser
 

@@ -122,6 +122,7 @@ def cp_view(update: CPStateUpdate, mine_cp: str | None) -> Push:
         "reserved": update.reserved,
         "mine": update.cp_id == mine_cp,
         "speed": update.speed,
+        "stop_reason": update.stop_reason,  # why a PARADO CP is out of service
     }
 
 

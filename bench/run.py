@@ -35,6 +35,8 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from bench.security import FLEET_LOGIN, SecureKafka, make_keys, make_logins
+from bench.security import report_lines as security_lines
 from tools.fleet import procstat
 from tools.fleet.sim import central_key_from_db
 from tools.fleet.stats import summarise
@@ -48,9 +50,11 @@ DEMO_ADMIN_PASSWORD = "admin"
 
 
 class Broker:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, secure: SecureKafka | None = None) -> None:
         self.port = free_port()
         self.env = {**os.environ, "EV_KAFKA_RUN_DIR": str(root / f"kafka-{self.port}")}
+        if secure is not None:  # TLS, SCRAM logins and ACLs (bench/security.py)
+            self.env["EV_KAFKA_SECURE_DIR"] = str(secure.keys)
         self.bootstrap = f"127.0.0.1:{self.port}"
 
     def __enter__(self) -> Broker:
@@ -153,10 +157,16 @@ def run_fleet(
     supplying: float,
     root: Path,
     profile: Path | None = None,
+    secure: SecureKafka | None = None,
 ) -> dict[str, Any]:
+    """One fleet against one broker and one Central (`secure`: both secured, logged in)."""
     work = Path(tempfile.mkdtemp(prefix=f"fleet-{size}-", dir=root))
     db, credentials = seed_fleet(work / "central.db", size, supplying)
-    with Broker(root) as broker:
+    with Broker(root, secure) as broker:
+        central_login, fleet_login = [], []
+        if secure is not None:
+            make_logins(secure, broker.bootstrap, REPO)
+            central_login, fleet_login = secure.flags("central"), secure.flags(FLEET_LOGIN)
         port, http = free_port(), free_port()
         log = (work / "central.log").open("wb")
         profiler = [] if profile is None else ["-m", "cProfile", "-o", str(profile)]
@@ -164,7 +174,8 @@ def run_fleet(
             [sys.executable, *profiler, "-m", "EV_Central", "--port", str(port)]
             + ["--broker", broker.bootstrap]
             + ["--db", str(db), "--http-port", str(http), "--listen-host", "127.0.0.1"]
-            + ["--console", "off", "--log-level", "WARNING"],
+            + ["--console", "off", "--log-level", "WARNING"]
+            + central_login,
             cwd=REPO,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -183,7 +194,8 @@ def run_fleet(
                 + ["--duration", str(duration), "--warmup", str(warmup)]
                 + ["--supply-seconds", SUPPLY_SECONDS]
                 + ["--credentials", str(credentials), "--central-key", central_key]
-                + ["--central-pid", str(central.pid), "--out", str(out)],
+                + ["--central-pid", str(central.pid), "--out", str(out)]
+                + fleet_login,
                 cwd=REPO,
                 capture_output=True,
                 text=True,
@@ -402,6 +414,8 @@ def report(results: dict[str, Any], command: str, plot_name: str) -> str:
     lines += ["", "## Targets", ""]
     lines += [f"- {t}" for t in results.get("targets", [])]
     lines += failover_report(results)
+    if results.get("kafka_security"):
+        lines += security_lines(results["kafka_security"], fmt)
     lines += ["", ANALYSIS]
     return "\n".join(lines)
 
@@ -818,6 +832,14 @@ def main(argv: list[str] | None = None) -> int:
         help="fleet size of the HA-vs-single comparison (0: no comparison)",
     )
     p.add_argument(
+        "--kafka-security",
+        action="store_true",
+        help="measure the cost of a secured Kafka only (bench/security.py) and add it to --out",
+    )
+    p.add_argument(
+        "--security-cps", type=int, default=1000, help="fleet size of the secured-Kafka run"
+    )
+    p.add_argument(
         "--keep", action="store_true", help="--failover: keep the run's files (logs) at the end"
     )
     p.add_argument(
@@ -831,6 +853,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.failover:
         return main_failover(a, argv if argv is not None else sys.argv[1:])
+    if a.kafka_security:
+        return main_security(a, argv if argv is not None else sys.argv[1:])
     sizes = [int(s) for s in a.sizes.split(",")]
     command = "make bench  # = .venv/bin/python -m bench.run " + " ".join(
         argv if argv is not None else sys.argv[1:]
@@ -936,6 +960,38 @@ def main_failover(a: argparse.Namespace, argv: list[str]) -> int:
     # The fleets' figures did not change: their plot stays as it is.
     write_report(results, a.plot, a.doc, draw=False)
     print("\n".join(failover_targets(results)))
+    return 0
+
+
+def main_security(a: argparse.Namespace, argv: list[str]) -> int:
+    """The cost of a secured Kafka; its figures join the others in --out."""
+    results: dict[str, Any] = (
+        json.loads(a.out.read_text())
+        if a.out.exists()
+        else {"machine": machine(), "command": "make bench", "fleets": [], "baseline": []}
+    )
+    revision = subprocess.run(
+        ["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
+    with tempfile.TemporaryDirectory(prefix="ev-bench-secure-") as tmp:
+        root = Path(tmp)
+        size = a.security_cps
+        plain = run_fleet(size, a.duration, a.warmup, a.supplying, root)
+        print("plain:", json.dumps(plain), flush=True)
+        secured = run_fleet(
+            size, a.duration, a.warmup, a.supplying, root, secure=make_keys(root, REPO)
+        )
+        print("secure:", json.dumps(secured), flush=True)
+    results["kafka_security"] = {
+        "cps": size,
+        "plain": plain,
+        "secure": secured,
+        "command": "make bench-secure  # = .venv/bin/python -m bench.run " + " ".join(argv),
+        "revision": revision,
+    }
+    a.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_report(results, a.plot, a.doc, draw=False)
+    print("\n".join(security_lines(results["kafka_security"], fmt)))
     return 0
 
 

@@ -18,7 +18,16 @@
 # Environment: EV_KAFKA_CACHE (jar cache), EV_KAFKA_RUN_DIR (runtime dir: per port, or per
 # cluster with a sub-directory a node), EV_KAFKA_LISTEN_HOST (bind host, default 127.0.0.1),
 # EV_KAFKA_ADVERTISED_HOST, EV_KAFKA_START_TIMEOUT (seconds, default 90), EV_KAFKA_KEEP_DATA=1
-# (stop keeps the data, start restarts on it), JAVA, PYTHON.
+# (stop keeps the data, start restarts on it), EV_KAFKA_REPLICA_FETCH_WAIT_MS (default 20; Kafka's
+# own default is 500: bench/transactions.py compares them), JAVA, PYTHON.
+#
+# EV_KAFKA_SECURE_DIR=DIR starts the nodes secured (docs/security.md, "Kafka"): clients connect
+# with TLS and a SCRAM-SHA-512 login (SASL_SSL), the nodes talk to each other with mutual TLS,
+# and the broker's own authorizer allows only what ACLs grant. DIR holds ca.crt, kafka.crt and
+# kafka.key (the nodes' certificate, valid for the listen host: scripts/make-certs.py --server
+# kafka=...) and kafka-admin.password, the password of the `admin` principal that is written
+# into the storage when a node is formatted; `python -m EV_Central kafka-access` makes them
+# and grants every other principal its ACLs.
 set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -54,6 +63,23 @@ LISTEN_HOST="${EV_KAFKA_LISTEN_HOST:-127.0.0.1}"
 CONNECT_HOST="$LISTEN_HOST"; [[ "$LISTEN_HOST" == 0.0.0.0 ]] && CONNECT_HOST=127.0.0.1
 ADV_HOST="${EV_KAFKA_ADVERTISED_HOST:-$CONNECT_HOST}"
 JOPTS=(-Xms256m -Xmx512m -Djava.awt.headless=true)
+
+SECURE="${EV_KAFKA_SECURE_DIR:-}"
+if [[ -n "$SECURE" ]]; then
+    for f in ca.crt kafka.crt kafka.key kafka-admin.password; do
+        [[ -r "$SECURE/$f" ]] || die "EV_KAFKA_SECURE_DIR=$SECURE has no readable $f"
+    done
+    SECURE="$(cd "$SECURE" && pwd)"
+fi
+
+# The admin principal's password: one line of letters, digits, '-' and '_' (it goes into a
+# JAAS line and the storage tool's --add-scram as it is).
+secure_password() {
+    local password; password="$(head -n 1 "$SECURE/kafka-admin.password")"
+    [[ "$password" =~ ^[A-Za-z0-9_-]{16,}$ ]] \
+        || die "$SECURE/kafka-admin.password: 16 or more of A-Z a-z 0-9 - _ on one line"
+    echo "$password"
+}
 
 # --- one node -----------------------------------------------------------------------------------
 
@@ -91,15 +117,17 @@ start_node() {
     local keep=0; [[ "${EV_KAFKA_KEEP_DATA:-0}" == 1 && -f "$data/meta.properties" ]] && keep=1
     (( keep )) || rm -rf "$data"
     : > "$log"                # truncate so readiness never matches a previous run's line
+    local client=PLAINTEXT controller=PLAINTEXT scram=()
+    [[ -n "$SECURE" ]] && { client=SASL_SSL; controller=SSL; }
     cat > "$dir/server.properties" <<EOF
 process.roles=broker,controller
 node.id=$id
 controller.quorum.voters=$voters
-listeners=PLAINTEXT://$LISTEN_HOST:$port,CONTROLLER://$LISTEN_HOST:$cport
-advertised.listeners=PLAINTEXT://$ADV_HOST:$port
-inter.broker.listener.name=PLAINTEXT
+listeners=$client://$LISTEN_HOST:$port,CONTROLLER://$LISTEN_HOST:$cport
+advertised.listeners=$client://$ADV_HOST:$port
+inter.broker.listener.name=$client
 controller.listener.names=CONTROLLER
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listener.security.protocol.map=$client:$client,CONTROLLER:$controller
 log.dirs=$data
 num.partitions=1
 default.replication.factor=$replicas
@@ -119,7 +147,37 @@ auto.create.topics.enable=false
 # (9 s by default): the time a failed broker's partitions are unwritable.
 broker.heartbeat.interval.ms=1000
 broker.session.timeout.ms=4000
+# A follower asks its leader for new records again after at most 20 ms (500 ms by default).
+# A transaction's commit markers reach the followers only with their next fetch, and the
+# coordinator refuses the transactional id's next transaction until they have: with the
+# default, each transactional id of an active Central could begin one every 0.3-1 s
+# (docs/high-availability.md, "Measured").
+replica.fetch.wait.max.ms=${EV_KAFKA_REPLICA_FETCH_WAIT_MS:-20}
 EOF
+    if [[ -n "$SECURE" ]]; then
+        local password; password="$(secure_password)"
+        # Kafka reads a PEM key store as the private key followed by its certificate.
+        (umask 077; cat "$SECURE/kafka.key" "$SECURE/kafka.crt" > "$dir/kafka.pem")
+        cat >> "$dir/server.properties" <<EOF
+# Secured (EV_KAFKA_SECURE_DIR): TLS everywhere, SCRAM logins for clients, mutual TLS between
+# the nodes (the controller listener cannot use SCRAM: its logins live in the metadata it
+# serves), and nothing allowed that no ACL grants.
+sasl.enabled.mechanisms=SCRAM-SHA-512
+sasl.mechanism.inter.broker.protocol=SCRAM-SHA-512
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username="admin" password="$password";
+ssl.keystore.type=PEM
+ssl.keystore.location=$dir/kafka.pem
+ssl.truststore.type=PEM
+ssl.truststore.location=$SECURE/ca.crt
+listener.name.controller.ssl.client.auth=required
+# A node's certificate names it: CN=kafka is the principal User:kafka.
+ssl.principal.mapping.rules=RULE:^CN=([^,]+),.*\$/\$1/,DEFAULT
+authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
+allow.everyone.if.no.acl.found=false
+super.users=User:admin;User:kafka
+EOF
+        scram=(--add-scram "SCRAM-SHA-512=[name=admin,password=$password]")
+    fi
     # Kafka 4 logs through log4j2 (the old log4j 1.x log4j.properties is not read).
     # log4j-core parses the .properties format without extra jars; YAML would need jackson-yaml.
     cat > "$dir/log4j2.properties" <<EOF
@@ -142,7 +200,7 @@ logger.config.level = WARN
 EOF
     local jopts=("${JOPTS[@]}" "-Dlog4j2.configurationFile=$dir/log4j2.properties")
     (( keep )) || "$JAVA" "${jopts[@]}" -cp "$LIBS/*" kafka.tools.StorageTool format \
-        -t "$cid" -c "$dir/server.properties" >> "$log" 2>&1 \
+        -t "$cid" -c "$dir/server.properties" "${scram[@]}" >> "$log" 2>&1 \
         || { tail -n 40 "$log" >&2; die "storage format failed"; }
     # setsid: own session, so the broker survives the caller's terminal/process group.
     # All std streams are redirected so callers capturing our output never block on it.

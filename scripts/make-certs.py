@@ -5,13 +5,14 @@
 
 Each --server NAME=... writes NAME.crt and NAME.key for a server known by those names (DNS
 names and IP addresses, e.g. central=central,localhost,127.0.0.1,192.168.1.20). Without
---server it makes the three of a deployment from network_config.py's addresses (PC1_IP,
+--server it makes the four of a deployment from network_config.py's addresses (PC1_IP,
 PC2_IP, PC3_IP, overridable by the environment as there), each also valid for localhost and
 127.0.0.1:
 
     central           Central's :5000 and admin web :8002   (central, PC2_IP)
     driver-dashboard  the drivers' dashboard :8001          (PC1_IP)
     site-dashboard    the site dashboard :8003              (PC3_IP)
+    registry          EV_Registry's REST API :8004          (registry, PC2_IP)
 
 The CA is ca.crt (give it to every client: monitors, ctl, health checks, browsers) and ca.key
 (keep it on this machine). Keys are written with mode 0600. Running it again changes nothing:
@@ -112,7 +113,7 @@ def unique(values: Iterable[str]) -> tuple[str, ...]:
 
 
 def deployment_servers() -> list[ServerRequest]:
-    """The three servers of a deployment, at network_config.py's addresses."""
+    """The four servers of a deployment, at network_config.py's addresses."""
     sys.path.insert(0, str(ROOT))
     import network_config
 
@@ -124,6 +125,7 @@ def deployment_servers() -> list[ServerRequest]:
         ServerRequest("central", unique(["central", *LOCAL_NAMES, config["PC2_IP"]])),
         ServerRequest("driver-dashboard", unique([*LOCAL_NAMES, config["PC1_IP"]])),
         ServerRequest("site-dashboard", unique([*LOCAL_NAMES, config["PC3_IP"]])),
+        ServerRequest("registry", unique(["registry", *LOCAL_NAMES, config["PC2_IP"]])),
     ]
 
 
@@ -266,7 +268,13 @@ def make_server_cert(
             ),
             critical=True,
         )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        # Also a client's: Kafka's nodes show theirs to each other (mutual TLS).
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
@@ -374,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="NAME=SAN,SAN,...",
         help="a server certificate NAME.crt valid for these DNS names and IP addresses "
-        "(repeatable); default: central, driver-dashboard and site-dashboard at "
+        "(repeatable); default: central, driver-dashboard, site-dashboard and registry at "
         "network_config.py's addresses",
     )
     parser.add_argument(

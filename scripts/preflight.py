@@ -290,6 +290,7 @@ class Preflight:
             self.driver_dashboard,
             self.site_dashboard,
             self.kafka_ui,
+            self.registry,
         ]
         return checks
 
@@ -670,6 +671,23 @@ class Preflight:
             )
         status = OK if answer.status < 400 else WARN
         return Result(status, "kafka ui", f"{url} answered {answer.status}")
+
+    def registry(self) -> Result:
+        # EV_Registry (HTTPS only) runs when it is asked for (the compose profile `registry`,
+        # docs/registry.md): a warning at most.
+        url = f"https://{self.pc2}:{self.config['REGISTRY_PORT']}/healthz"
+        try:
+            answer = http_get(url, self.timeout, self.tls)
+        except OSError as exc:
+            return Result(
+                WARN,
+                "registry",
+                f"{url} did not answer: {exc}",
+                "start it (COMPOSE_PROFILES=registry scripts/deploy.sh pc2 up), open PC2's "
+                "firewall for REGISTRY_PORT, and give --tls-ca certs/ca.crt (docs/registry.md)",
+            )
+        status = OK if answer.status == 200 else WARN
+        return Result(status, "registry", f"{url} answered {answer.status}")
 
 
 def main(argv: list[str] | None = None) -> int:

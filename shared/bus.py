@@ -27,6 +27,7 @@ from pydantic import TypeAdapter
 from shared.backoff import Backoff
 from shared.clock import LOG_APPEND_TIME
 from shared.errors import EVError, MessageError
+from shared.kafka_access import KafkaLogin
 from shared.messages import MAX_MESSAGE_BYTES, Message, decode, encode
 
 log = logging.getLogger(__name__)
@@ -169,9 +170,13 @@ class KafkaBus:
         *,
         retry_max: float = 5.0,
         outgoing: Outgoing | None = None,
+        login: KafkaLogin | None = None,
     ) -> None:
         self.bootstrap = bootstrap
         self.client_id = client_id
+        # Every client of a secured broker logs in (TLS and SCRAM); none does on a plain one.
+        self.login = login
+        self.client_options: dict[str, Any] = login.client_options() if login else {}
         self._retry_max = retry_max
         self._producer: AIOKafkaProducer | None = None
         self._renewing = asyncio.Lock()
@@ -186,6 +191,13 @@ class KafkaBus:
     def values(self, topic: str, key: str, value: bytes) -> list[bytes]:
         """What to publish for one outgoing value (sealed copies, the value, or nothing)."""
         return [value] if self._outgoing is None else self._outgoing(topic, key, value)
+
+    def _values_or_tombstone(
+        self, topic: str, key: bytes | None, value: bytes
+    ) -> list[bytes | None]:
+        if not value:
+            return [None]
+        return list(self.values(topic, (key or b"").decode("utf-8", "replace"), value))
 
     async def start(self, *, ensure_topics: bool = True) -> None:
         """Connect, retrying with backoff until the broker answers."""
@@ -241,6 +253,7 @@ class KafkaBus:
             bootstrap_servers=self.bootstrap,
             client_id=self.client_id,
             **options,
+            **self.client_options,
             acks="all",
             # Retries never duplicate or reorder a key's records (the broker deduplicates by
             # producer id and sequence number), also across a broker failover.
@@ -310,7 +323,9 @@ class KafkaBus:
         counts once two of them have it (`min.insync.replicas`): any one broker may fail
         without losing or refusing anything. On one or two brokers, one copy.
         """
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, client_id=self.client_id)
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=self.bootstrap, client_id=self.client_id, **self.client_options
+        )
         await admin.start()
         try:
             existing = set(await admin.list_topics())
@@ -389,6 +404,7 @@ class KafkaBus:
         """Hand (topic, key, value) records to the producer, in order, without waiting.
 
         Returns a future that completes when the broker has them all, or fails with BusError.
+        An empty value is sent as a tombstone (no value), neither sealed nor dropped.
         """
         producer = self._producer
         try:
@@ -397,7 +413,7 @@ class KafkaBus:
             deliveries = [
                 await producer.send(topic, sealed, key=key)
                 for topic, key, value in records
-                for sealed in self.values(topic, (key or b"").decode("utf-8", "replace"), value)
+                for sealed in self._values_or_tombstone(topic, key, value)
             ]
         except (KafkaError, BusError) as exc:
             await self._renew_after(producer, exc)
@@ -457,6 +473,7 @@ class KafkaBus:
                 isolation_level=ISOLATION,
                 max_partition_fetch_bytes=MAX_MESSAGE_BYTES * 4,
                 **options,
+                **self.client_options,
             ),
         )
         self._consumers.append(consumer)

@@ -76,6 +76,7 @@ class EndReason(StrEnum):
     DRIVER_STOP = "driver_stop"
     BALANCE_EXHAUSTED = "balance_exhausted"
     AUTHORIZATION_EXPIRED = "authorization_expired"
+    WEATHER = "weather"  # Central put the CP out of service for frost (EV_W, docs/weather.md)
 
 
 class Message(BaseModel):
@@ -164,10 +165,21 @@ class CPStatusNotice(Message):
     state: CPState
 
 
+class CPRemoved(Message):
+    """Central tells an authenticated monitor that its CP was deregistered: from now on Central
+    refuses it, so the monitor stops trying (its retries would get its PC's address blocked)."""
+
+    type: Literal["cp_removed"] = "cp_removed"
+    cp_id: Identifier
+    reason: Annotated[str, Field(max_length=200)] = ""
+
+
 MonitorToCentral = Annotated[
     MonitorAuth | Heartbeat | FaultReport | RecoveryReport, Field(discriminator="type")
 ]
-CentralToMonitor = Annotated[AuthResult | CPStatusNotice | ClockProbe, Field(discriminator="type")]
+CentralToMonitor = Annotated[
+    AuthResult | CPStatusNotice | ClockProbe | CPRemoved, Field(discriminator="type")
+]
 
 
 # --- socket frames: monitor <-> engine ----------------------------------------------------
@@ -582,6 +594,8 @@ class CPStateUpdate(Message):
     kwh: Energy = 0.0
     amount_eur: Money = 0.0
     speed: TimeScale = 1.0  # the engine's time scale, as its monitor reports it
+    # Why a PARADO CP is out of service ("stopped by an admin", "weather: -2.0 °C at …").
+    stop_reason: Text = ""
 
 
 class HealthSample(Message):

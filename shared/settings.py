@@ -7,13 +7,15 @@ A flag `--http-port` reads `EV_HTTP_PORT` when it is not given on the command li
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
-from shared.errors import ConfigError
+from shared.errors import ConfigError, EVError
+from shared.kafka_access import KafkaLogin
 
 IDENTIFIER = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
 
@@ -115,11 +117,57 @@ def identifier(value: str) -> str:
     return value
 
 
+def is_loopback(host: str) -> bool:
+    """True for a loopback address (or "localhost"): what only this machine can reach."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def log_level(value: str) -> str:
     level = value.strip().upper()
     if level not in LOG_LEVELS:
         raise argparse.ArgumentTypeError(f"expected one of {', '.join(LOG_LEVELS)}, got {value!r}")
     return level
+
+
+def add_kafka_login_options(parser: EnvArgumentParser) -> None:
+    """How a service logs in to a secured Kafka (docs/security.md, "Kafka"); plain without."""
+    parser.add_option(
+        "--kafka-user",
+        default="",
+        metavar="NAME",
+        help="log in to Kafka as NAME over TLS (SCRAM-SHA-512); empty: plain, no login",
+    )
+    parser.add_option(
+        "--kafka-password-file",
+        default="",
+        metavar="FILE",
+        help="the Kafka login's password, on the first line of FILE",
+    )
+    parser.add_option(
+        "--kafka-ca",
+        default="",
+        metavar="FILE",
+        help="the CA certificate that signed the Kafka brokers' certificates",
+    )
+
+
+def take_kafka_login(args: argparse.Namespace) -> KafkaLogin | None:
+    """The login the --kafka-* options give (None for a plain broker), taken out of `args`."""
+    user, password_file, ca = args.kafka_user, args.kafka_password_file, args.kafka_ca
+    del args.kafka_user, args.kafka_password_file, args.kafka_ca
+    if not user:
+        return None
+    if not password_file or not ca:
+        raise ConfigError("--kafka-user needs --kafka-password-file and --kafka-ca")
+    try:
+        return KafkaLogin.from_files(user, password_file, ca)
+    except (OSError, EVError) as exc:
+        raise ConfigError(f"cannot use the Kafka login: {exc}") from None
 
 
 def add_common_options(parser: EnvArgumentParser) -> None:

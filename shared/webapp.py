@@ -23,7 +23,8 @@ from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
 from websockets.http11 import Response
 
-from shared.settings import EnvArgumentParser
+from shared.kafka_access import KafkaLogin
+from shared.settings import EnvArgumentParser, take_kafka_login
 from shared.tls import optional_server_context
 from shared.websession import WebLogin, WebSession
 
@@ -100,10 +101,11 @@ def connection_share(value: str) -> int:
 
 class ServerFields(TypedDict):
     """The settings every dashboard takes from the same flags (add_server_options,
-    add_connection_options and add_common_options): its broker, where it listens, TLS, how
-    many connections an address may open, logs."""
+    add_connection_options, add_kafka_login_options and add_common_options): its broker and
+    login there, where it listens, TLS, how many connections an address may open, logs."""
 
     broker: str
+    kafka: KafkaLogin | None
     http_port: int
     listen_host: str
     log_level: str
@@ -119,6 +121,7 @@ def server_fields(args: argparse.Namespace) -> ServerFields:
     optional_server_context(tls_cert, tls_key)
     return {
         "broker": args.broker,
+        "kafka": take_kafka_login(args),
         "http_port": args.http_port,
         "listen_host": args.listen_host,
         "log_level": args.log_level,
@@ -150,6 +153,7 @@ class Logins:
     what: str
     session_ttl: float
     allowed_origins: Iterable[str] = ()  # normalised (shared.websession.origin_list)
+    who: str = ""  # who may open it, in refusals ("admins and the weather service")
 
     @property
     def origin_forbidden(self) -> str:
@@ -157,7 +161,7 @@ class Logins:
 
     @property
     def role_forbidden(self) -> str:
-        return f"{self.what} is for {' and '.join(sorted(self.ws_roles))}s only"
+        return f"{self.what} is for {self.who or ' and '.join(sorted(self.ws_roles)) + 's'} only"
 
 
 @dataclass(frozen=True)
@@ -184,6 +188,9 @@ class WebApp(ABC):
     web_name: ClassVar[str]  # for the logs: "admin web", "driver dashboard", ...
     static_package: ClassVar[str]  # whose static/ folder (and index.html) is served
     server_header: ClassVar[str]
+    # Public WebSocket paths that take one message and give one answer, as /login does (the
+    # admin web's /enrol): they share the caps of logins, and no session is needed.
+    one_shot_paths: ClassVar[frozenset[str]] = frozenset()
 
     @abstractmethod
     async def on_connect(self, client: WebClient) -> None:
@@ -200,6 +207,10 @@ class WebApp(ABC):
     async def check_login(self, form: WebLogin, peer: str) -> LoginAnswer:
         """Check one login (only asked when the shell has Logins)."""
         return LoginOutcome(False, form.user, reason="no logins here")
+
+    async def one_shot(self, path: str, data: str | bytes, peer: str) -> Mapping[str, Any]:
+        """The answer to the one message of a one-shot path (`one_shot_paths`)."""
+        return {"type": "error", "detail": f"{path} takes nothing here"}
 
     async def session_made(self, session: WebSession) -> None:
         """A login became a session; its cookie goes out when this returns."""
@@ -229,6 +240,9 @@ class WebClient:
         self.session = session
         self.peer = peer_of(conn)
         self.ended = asyncio.Event()  # set when the session ends: the connection closes
+        # False for a client that is not a screen (a service on the admin WebSocket): it gets
+        # answers to what it sends, never the broadcasts.
+        self.watching = True
         self._queue: asyncio.Queue[str] = asyncio.Queue(maxsize=size)
         self._dropped = False
 

@@ -190,7 +190,8 @@ class WebShell:
 
     def broadcast_text(self, text: str) -> None:
         for client in list(self._clients):
-            client.send_text(text)
+            if client.watching:
+                client.send_text(text)
 
     # --- HTTP -------------------------------------------------------------------------------
 
@@ -198,6 +199,8 @@ class WebShell:
         path, query = split_path(request.path)
         if path == "/ws" or (path == "/login" and self.logins is not None):
             return self._check_upgrade(conn, request, path)
+        if path in self.app.one_shot_paths:
+            return self._check_one_shot(conn, request, path)
         if self.logins is not None:
             if path == "/session":
                 return await self._redeem(conn, query)
@@ -257,12 +260,7 @@ class WebShell:
             self._refused(conn, path, f"Origin {origin!r}")
             return error_response(403, logins.origin_forbidden)
         if path == "/login":
-            if (
-                self._logins_open >= MAX_LOGINS
-                or self._logins_by_host.count(host_of(peer_of(conn))) >= LOGINS_PER_HOST
-            ):
-                return error_response(503, "too many logins at once; try again in a moment")
-            return None
+            return self._one_shot_room(conn)
         session = self._session(request)
         if session is None:
             self._refused(conn, path, "no session")
@@ -271,6 +269,23 @@ class WebShell:
             self._refused(conn, path, f"role {session.role}", actor=session.user_id)
             return error_response(403, logins.role_forbidden)
         self._upgrades[conn] = session
+        return None
+
+    def _check_one_shot(
+        self, conn: ServerConnection, request: Request, path: str
+    ) -> Response | None:
+        """A one-shot path of the app's: no session, but the Origin and the logins' caps."""
+        if not origin_allowed(request.headers, self._allowed_origins):
+            return error_response(403, f"this page's origin may not use {path}")
+        return self._one_shot_room(conn)
+
+    def _one_shot_room(self, conn: ServerConnection) -> Response | None:
+        """None when another one-message connection (/login or a one-shot path) may open."""
+        if (
+            self._logins_open >= MAX_LOGINS
+            or self._logins_by_host.count(host_of(peer_of(conn))) >= LOGINS_PER_HOST
+        ):
+            return error_response(503, "too many logins at once; try again in a moment")
         return None
 
     def _refused(self, conn: ServerConnection, path: str, why: str, *, actor: str = "") -> None:
@@ -309,8 +324,12 @@ class WebShell:
             self.close_ended()
         return logout_response(self.logins.cookie, self.tls)
 
-    async def _serve_login(self, conn: ServerConnection) -> None:
-        """One login per /login connection: a message in, a login_result out, closed."""
+    async def _serve_one(
+        self,
+        conn: ServerConnection,
+        answer: Callable[[str | bytes], Coroutine[Any, Any, Mapping[str, Any]]],
+    ) -> None:
+        """One message in, one answer out, closed: /login and the app's one-shot paths."""
         host = host_of(peer_of(conn))
         self._logins_open += 1
         self._logins_by_host.open(host)
@@ -319,22 +338,24 @@ class WebShell:
                 async with asyncio.timeout(LOGIN_WAIT):
                     raw = await conn.recv()
             except TimeoutError:
-                await conn.close(1008, "no login message")
+                await conn.close(1008, "no message")
                 return
-            try:
-                form = parse_login(raw)
-            except MessageError as exc:
-                await conn.send(dumps(login_refused(str(exc))))
-                return
-            outcome = await self.app.check_login(form, peer_of(conn))
-            if outcome.ok and outcome.role is not None:
-                grant = self.sessions.grant(outcome.user_id, outcome.role)
-                await conn.send(dumps(login_ok(grant, outcome.user_id, outcome.role)))
-            else:
-                await conn.send(dumps(login_refused(outcome.reason, outcome.retry_after)))
+            await conn.send(dumps(await answer(raw)))
         finally:
             self._logins_open -= 1
             self._logins_by_host.close(host)
+
+    async def _login_answer(self, conn: ServerConnection, raw: str | bytes) -> dict[str, Any]:
+        """A login message checked: a one-time grant, or the refusal."""
+        try:
+            form = parse_login(raw)
+        except MessageError as exc:
+            return login_refused(str(exc))
+        outcome = await self.app.check_login(form, peer_of(conn))
+        if outcome.ok and outcome.role is not None:
+            grant = self.sessions.grant(outcome.user_id, outcome.role)
+            return login_ok(grant, outcome.user_id, outcome.role)
+        return login_refused(outcome.reason, outcome.retry_after)
 
     def close_ended(self) -> None:
         """Close the WebSockets whose session ended (logout, expiry, backing gone)."""
@@ -358,11 +379,18 @@ class WebShell:
     # --- WebSocket ----------------------------------------------------------------------------
 
     async def _serve_ws(self, conn: ServerConnection) -> None:
-        if self.logins is not None and conn.request is not None:
-            if split_path(conn.request.path)[0] == "/login":
-                with contextlib.suppress(ConnectionClosed):
-                    await self._serve_login(conn)
-                return
+        path = split_path(conn.request.path)[0] if conn.request is not None else ""
+        if path in self.app.one_shot_paths or (path == "/login" and self.logins is not None):
+            peer = peer_of(conn)
+
+            async def answer(raw: str | bytes) -> Mapping[str, Any]:
+                if path == "/login":
+                    return await self._login_answer(conn, raw)
+                return await self.app.one_shot(path, raw, peer)
+
+            with contextlib.suppress(ConnectionClosed):
+                await self._serve_one(conn, answer)
+            return
         session = self._upgrades.pop(conn, None)
         if self.logins is not None and session is None:  # no /ws gets through without one
             await conn.close(1008, "log in first")

@@ -179,8 +179,11 @@ class Deployment:
         self.tls_ca = tls_ca
         self.tls_context = client_context(str(tls_ca) if tls_ca else None) if self.tls else None
         self.db_path = workdir / "central.db"
-        self.central_port = free_port()
-        self.http_port = free_port()
+        # Every port this deployment hands out is its own: free_port() only finds a port free
+        # now, and a later call could find the same one again before anything listens on it.
+        self._ports: set[int] = set()
+        self.central_port = self._port()
+        self.http_port = self._port()
         self.central_flags = central_flags
         self.processes: list[ServiceProcess] = []
         self.central: ServiceProcess | None = None
@@ -192,10 +195,17 @@ class Deployment:
         self.admin_password = "admin"  # the demo seed's admin (README: demo only)
         self._admin_cookie: str | None = None
         self.dashboard: ServiceProcess | None = None
-        self.dashboard_port = free_port()
+        self.dashboard_port = self._port()
         # Clocks shifted with libfaketime, by process name ("central", "engine-CP001",
         # "monitor-CP001", "driver-user3", "driver-dashboard"): {"engine-CP001": "+60s"}.
         self.clocks: dict[str, str] = {}
+
+    def _port(self) -> int:
+        """A free port that no other part of this deployment was given."""
+        while (port := free_port()) in self._ports:
+            pass
+        self._ports.add(port)
+        return port
 
     def _add(self, proc: ServiceProcess) -> ServiceProcess:
         proc.clock = proc.clock or self.clocks.get(proc.name)
@@ -331,7 +341,9 @@ class Deployment:
         await wait_for(reached, timeout, interval=0.2, message=f"{cp_id} never became {state}")
 
     def start_engine(self, cp_id: str, *flags: str) -> ServiceProcess:
-        port = self.engine_ports.setdefault(cp_id, free_port())
+        if cp_id not in self.engine_ports:  # a restarted engine keeps its port
+            self.engine_ports[cp_id] = self._port()
+        port = self.engine_ports[cp_id]
         proc = self._add(
             ServiceProcess(
                 f"engine-{cp_id}",

@@ -30,7 +30,7 @@
     registered: "info", connected: "good", authorised: "good", started: "good",
     ticket: "good", recovered: "good", resumed: "good", login: "info", start: "info",
     denied: "bad", fault: "bad", disconnected: "bad", stopped: "warn", ending: "warn",
-    corrected: "warn", clock: "warn",
+    corrected: "warn", clock: "warn", weather: "warn",
   };
   const MAX_EVENTS = 200;
   const CHART_SPAN = 120; // seconds
@@ -61,6 +61,7 @@
     t.speed = el("span", { class: "sim-time", dataset: { field: "speed" }, hidden: true,
       title: "This CP's engine runs a simulated clock: its energy and cost grow that much faster" });
     t.note = el("div", { class: "note" });
+    t.weather = el("div", { class: "weather-line", dataset: { field: "weather" } });
     t.driver = el("span", { dataset: { field: "driver" } });
     t.kw = el("b", { dataset: { field: "kw" } });
     t.kwh = el("b", { dataset: { field: "kwh" } });
@@ -77,7 +78,7 @@
     t.reset = el("button", { type: "button", dataset: { action: "reset_secret", target: id },
       title: "Issue a new secret (shown once); the old one stops working" }, "Reset secret");
     t.root = el("article", { class: "tile", dataset: { cp: id } },
-      el("div", { class: "tile-head" }, t.id, t.state), t.loc, t.meta, t.speed, t.note, t.live,
+      el("div", { class: "tile-head" }, t.id, t.state), t.loc, t.meta, t.weather, t.speed, t.note, t.live,
       el("div", { class: "actions" }, t.stop, t.resume),
       el("div", { class: "actions keys" }, t.revoke, t.reset));
     return t;
@@ -110,10 +111,52 @@
       t.kwh.textContent = EV.kwh(cp.kwh);
       t.eur.textContent = EV.euro(cp.amount_eur);
     }
-    t.note.textContent = busy ? "" : TILE_NOTE[state] || "";
+    const why = state === "PARADO" && cp.stop_reason ? `Out of service: ${cp.stop_reason}` : "";
+    t.note.textContent = busy ? "" : why || TILE_NOTE[state] || "";
     t.note.hidden = busy;
+    const line = weatherLine(weatherOf(cp.id));
+    t.weather.textContent = line;
+    t.weather.hidden = !line;
     t.stop.disabled = cp.in_service === false;
     t.resume.disabled = cp.in_service !== false;
+  }
+
+  // --- weather (EV_W) ------------------------------------------------------------------------
+
+  let weather = []; // every watched place, as Central last pushed it
+
+  const celsius = (v) => (v === null || v === undefined ? "–" : `${num(v).toFixed(1)} °C`);
+
+  function weatherOf(cpId) {
+    return weather.find((w) => (w.cps || []).includes(cpId));
+  }
+
+  function weatherLine(w) {
+    if (!w) return "";
+    const why = w.error ? `: ${w.error}` : "";
+    if (w.temperature === null || w.temperature === undefined) return `${w.place}: no weather yet${why}`;
+    return `${w.place} ${celsius(w.temperature)}${w.stale ? ` (stale${why})` : ""}`;
+  }
+
+  function renderWeather() {
+    const rows = weather.map((w) => el("tr", { dataset: { place: w.place }, class: w.frozen ? "frozen" : w.stale ? "stale" : "" },
+      el("td", {}, w.place),
+      el("td", { class: "num", dataset: { field: "temperature" } }, celsius(w.temperature)),
+      el("td", {}, w.provider || "–"),
+      el("td", { dataset: { field: "updated" } }, (w.updated_at ? EV.time(w.updated_at) : "never") +
+        (w.stale ? ` (stale${w.error ? ": " + w.error : ""})` : "")),
+      el("td", {}, (w.cps || []).join(", "))));
+    replace($("weather"), rows);
+    $("weather-empty").hidden = weather.some((w) => w.updated_at || w.error);
+    replace($("weather-alerts"), weather.filter((w) => w.frozen).map((w) =>
+      el("li", { class: "weather-alert", dataset: { place: w.place } },
+        `Frost at ${w.place}: ${celsius(w.temperature)} since ${EV.time(w.frozen_at)}; `,
+        `${(w.cps || []).join(", ")} out of service`)));
+    for (const [id, t] of tiles) {
+      const line = weatherLine(weatherOf(id));
+      t.weather.textContent = line;
+      t.weather.hidden = !line;
+    }
   }
 
   function renderLegend() {
@@ -559,10 +602,12 @@
         replace($("events"), (message.events || []).slice(-MAX_EVENTS).reverse().map((e) => eventItem(e, false)));
         renderStatus(message.status);
         setAudit(message.audit || []);
+        weather = message.weather || [];
+        renderWeather();
         drawChart();
         break;
-      case "cps":
-        applyCps(message.cps || [], false);
+      case "cps": // `full` after a CP was deregistered: the others are dropped
+        applyCps(message.cps || [], Boolean(message.full));
         drawChart();
         break;
       case "event":
@@ -581,6 +626,10 @@
         break;
       case "status":
         renderStatus(message.status);
+        break;
+      case "weather":
+        weather = message.weather || [];
+        renderWeather();
         break;
       case "result":
         onResult(message);

@@ -21,6 +21,7 @@
     engine_lost: "charging point lost",
     monitor_lost: "charging point monitor lost",
     stopped_by_admin: "stopped by Central",
+    weather: "stopped for the weather (frost)",
     driver_stop: "stopped by you",
     balance_exhausted: "balance exhausted",
     authorization_expired: "not plugged in time",
@@ -128,7 +129,8 @@
       const clickable = cp.available && !busy();
       const cta = cp.mine ? "your supply"
         : cp.available ? "tap to charge"
-        : cp.reserved ? "reserved for another driver" : "not available";
+        : cp.reserved ? "reserved for another driver"
+        : cp.state === "PARADO" && cp.stop_reason ? `out of service: ${cp.stop_reason}` : "not available";
       return EV.el("button", {
         type: "button",
         class: `tile cp state-${cp.state}${cp.available ? " available" : ""}${cp.mine ? " mine" : ""}`,
@@ -136,7 +138,7 @@
         disabled: !clickable,
         title: cp.available ? `Ask for a supply at ${cp.cp_id}`
           : cp.reserved && !cp.mine ? `${cp.cp_id} is reserved for another driver`
-          : `${cp.cp_id} is ${cp.state}`,
+          : `${cp.cp_id} is ${cp.state}${cp.stop_reason ? " (" + cp.stop_reason + ")" : ""}`,
         onclick: () => requestSupply(cp.cp_id),
       },
       EV.el("div", { class: "tile-top" },

@@ -29,6 +29,8 @@ from EV_CP_E import config as engine_config
 from EV_CP_M import config as monitor_config
 from EV_CP_M import dashboard as site_config
 from EV_Driver import dashboard_config as driver_config
+from EV_Registry import config as registry_config
+from EV_W import config as weather_config
 from helpers import missing_tool, scaled
 from shared.bus import HA_TOPICS, TOPICS
 from shared.settings import env_name
@@ -56,6 +58,7 @@ PUBLISHED = {
     "central": {"CENTRAL_PORT", "CENTRAL_HTTP_PORT"},
     "driver-dashboard": {"DRIVER_HTTP_PORT"},
     "site-dashboard": {"MONITOR_HTTP_PORT"},
+    "registry": {"REGISTRY_PORT"},
 }
 
 
@@ -101,6 +104,19 @@ TARGETS: dict[str, tuple[list[str], Parse, Callable[[], Any]]] = {
         ["EV_Driver", "dashboard"],
         lambda env: driver_config.parse_settings([], environ=env),
         lambda: driver_config.build_parser({}),
+    ),
+    "registry": (
+        ["EV_Registry"],
+        lambda env: registry_config.parse_settings([], environ=env),
+        lambda: registry_config.build_parser({}),
+    ),
+    # The weather account's password file is the deployment's (secrets/): a stand-in here.
+    "weather": (
+        ["EV_W"],
+        lambda env: weather_config.parse_settings(
+            [], environ={**env, "EV_WEATHER_PASSWORD_FILE": "", "EV_WEATHER_PASSWORD": "x"}
+        ),
+        lambda: weather_config.build_parser({}),
     ),
 }
 
@@ -281,10 +297,11 @@ def test_the_right_services_wait_for_each_other() -> None:
     for name in PC_FILES:
         svcs = services(name)
         assert set(svcs["kafka-init"]["depends_on"]) == {"kafka"}, name
-        # Nothing of ours starts before the topics exist with three copies: every service
-        # creates the ones it misses, with one copy while a node is missing.
+        # Nothing of ours that reads Kafka starts before the topics exist with three copies:
+        # every service creates the ones it misses, with one copy while a node is missing.
         for svc_name, svc in svcs.items():
-            if build_target(svc) is not None and not svc_name.startswith("monitor-"):
+            reads_kafka = "EV_BROKER" in environment(svc)
+            if build_target(svc) and reads_kafka and not svc_name.startswith("monitor-"):
                 assert "kafka-init" in svc.get("depends_on", {}), (name, svc_name)
     for name in CENTRAL_PCS:
         central = services(name)["central"]
@@ -327,6 +344,18 @@ def test_container_settings_are_accepted_by_the_service(name: str, svc_name: str
 
     # One host: the broker's internal listener. Three PCs: the three nodes, from every PC.
     broker = substitute(INTERNAL_BROKER) if name == "all" else CONFIG["KAFKA_BROKERS"]
+    if target == "registry":  # no broker: it reaches Central's admin web
+        assert settings.central == ("central", int(CONFIG["CENTRAL_HTTP_PORT"]))
+        assert settings.http_port == int(CONFIG["REGISTRY_PORT"])
+        assert settings.scheme == "https" and settings.tls_cert == "/certs/registry.crt"
+        return
+    if target == "weather":  # no broker either: a client of Central's admin web
+        port = int(CONFIG["CENTRAL_HTTP_PORT"])
+        standby = () if name == "all" else ((CONFIG["PC1_IP"], port),)
+        assert settings.central == (("central", port), *standby)
+        assert settings.provider == "file" and str(settings.file) == "/weather/weather.json"
+        assert "./weather:/weather:ro" in svc["volumes"], "a directory: `set` renames the file"
+        return
     assert settings.broker == broker, svc_name
     if target == "central":
         assert settings.port == int(CONFIG["CENTRAL_PORT"])
@@ -447,9 +476,12 @@ def test_each_pc_runs_one_node_of_a_three_voter_quorum(name: str) -> None:
         f"{CONFIG['KAFKA_CONTROLLER_PORT']}"
         for pc in PC_FILES
     ]
-    # Other PCs dial this node at this PC's address, clients and brokers alike.
+    # Other PCs dial this node at this PC's address, clients and brokers alike, and the other
+    # controllers this controller at the address it advertises (not its host name, `kafka`,
+    # which on every PC is that PC's own node).
     assert kafka["KAFKA_ADVERTISED_LISTENERS"] == (
-        f"EXTERNAL://{CONFIG[f'{name.upper()}_IP']}:{CONFIG['KAFKA_PORT']}"
+        f"EXTERNAL://{CONFIG[f'{name.upper()}_IP']}:{CONFIG['KAFKA_PORT']},"
+        f"CONTROLLER://{CONFIG[f'{name.upper()}_IP']}:{CONFIG['KAFKA_CONTROLLER_PORT']}"
     )
     listeners = dict(item.split("://") for item in kafka["KAFKA_LISTENERS"].split(","))
     assert listeners == {
@@ -609,8 +641,18 @@ def test_a_real_compose_accepts_the_file_with_network_config_s_env(
     config = network_config.load(overrides)
     env_file = tmp_path / ".env"
     env_file.write_text(network_config.env_file(config))
+    # Every profile on, so that the services started on request are checked too.
+    profiles = sorted({p for svc in services(name).values() for p in svc.get("profiles", [])})
     proc = subprocess.run(
-        [*compose_command(), "--env-file", str(env_file), "-f", str(COMPOSE_FILES[name]), "config"],
+        [
+            *compose_command(),
+            "--env-file",
+            str(env_file),
+            "-f",
+            str(COMPOSE_FILES[name]),
+            *[arg for profile in profiles for arg in ("--profile", profile)],
+            "config",
+        ],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,

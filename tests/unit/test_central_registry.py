@@ -167,7 +167,8 @@ def test_a_cp_finishing_a_supply_is_not_reserved_nor_available() -> None:
 
 
 def test_an_unavailable_cp_says_its_state() -> None:
-    assert make_cp(in_service=False).unavailable_detail() == "CP001 is PARADO"
+    stopped = make_cp(in_service=False)
+    assert stopped.unavailable_detail() == "CP001 is PARADO (stopped by an admin)"
     assert make_cp(phase=SessionPhase.SUPPLYING).unavailable_detail() == "CP001 is SUMINISTRANDO"
 
 
@@ -272,6 +273,8 @@ def test_as_api_without_a_session_has_no_supply_figures() -> None:
         "connected": True,
         "engine_ok": True,
         "in_service": False,
+        "weather_hold": "",
+        "stop_reason": "stopped by an admin",
         "reserved": False,
         "speed": 1.0,
     }

@@ -78,7 +78,7 @@ def test_a_ca_and_server_certificates_with_their_names(tmp_path: Path) -> None:
     ]
     assert not central.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     usage = central.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    assert list(usage) == [ExtendedKeyUsageOID.SERVER_AUTH]
+    assert list(usage) == [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
     private = serialization.load_pem_private_key((out / "central.key").read_bytes(), None)
     assert public_der(central) == private.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -126,6 +126,7 @@ def test_the_default_is_a_deployment_at_network_config_s_addresses(tmp_path: Pat
         "central": {"central", "localhost", "127.0.0.1", "10.0.0.12"},
         "driver-dashboard": {"localhost", "127.0.0.1", "10.0.0.11"},
         "site-dashboard": {"localhost", "127.0.0.1", "pc3.lan"},
+        "registry": {"registry", "localhost", "127.0.0.1", "10.0.0.12"},
     }
     for name, sans in expected.items():
         server = cert(tmp_path / f"{name}.crt")

@@ -47,6 +47,7 @@ SAMPLES: list[m.Message] = [
     m.FaultReport(cp_id="CP001", detail="engine KO"),
     m.RecoveryReport(cp_id="CP001"),
     m.CPStatusNotice(cp_id="CP001", state=m.CPState.PARADO),
+    m.CPRemoved(cp_id="CP001", reason="deregistered by an admin"),
     m.ClockProbe(cp_id="CP001", your_offset_s=-0.25),
     m.EngineChallenge(nonce="0123456789abcdef0123456789abcdef"),
     m.EngineHello(cp_id="CP001"),

@@ -120,13 +120,14 @@ def test_each_pc_serves_its_own_ports() -> None:
     # Every PC: its Kafka node (clients, and the other nodes' controllers). PC1 and PC2: a
     # Central (PC1's is the standby).
     assert network_config.pc_ports(config, "pc1") == [8001, 5000, 8002, 19092, 29093]
-    assert network_config.pc_ports(config, "pc2") == [19092, 8080, 5000, 8002, 29093]
+    assert network_config.pc_ports(config, "pc2") == [19092, 8080, 5000, 8002, 29093, 8004]
     assert network_config.pc_ports(config, "pc3") == [8003, 19092, 29093]
     assert sorted(network_config.pc_ports(config, "all")) == [
         5000,
         8001,
         8002,
         8003,
+        8004,
         8080,
         19092,
         29093,
@@ -252,7 +253,7 @@ def test_cli_writes_the_env_file_with_overrides(tmp_path: Path) -> None:
 
 def test_cli_prints_ports_and_refuses_bad_settings_in_one_line() -> None:
     proc = run_cli("--ports", "pc2", env={"CENTRAL_HTTP_PORT": "18002"})
-    assert (proc.returncode, proc.stdout) == (0, "9092 8080 5000 18002 29093\n")
+    assert (proc.returncode, proc.stdout) == (0, "9092 8080 5000 18002 29093 8004\n")
     proc = run_cli(env={"PC2_IP": "192.168.1.300"})
     assert proc.returncode == 2
     assert proc.stderr == "error: PC2_IP='192.168.1.300' is not a valid IPv4 address\n"

@@ -20,6 +20,7 @@ from typing import Any
 
 from EV_Central.ctl import LoginRefused, read_password
 from shared.errors import EVError
+from shared.kafka_access import KafkaLogin
 from shared.lifecycle import run_loop
 from shared.settings import positive_float
 from tools.fleet.accounts import Credentials, CredentialsError, seed_database
@@ -81,6 +82,14 @@ def main(argv: list[str] | None = None) -> int:
         " Central a standby names)",
     )
     p.add_argument("--broker", required=True, help="Kafka HOST:PORT")
+    p.add_argument(
+        "--kafka-user",
+        default="",
+        help="log in to a secured Kafka as this user (its ACLs must cover both the engines'"
+        ' and the drivers\' topics: docs/security.md, "Kafka")',
+    )
+    p.add_argument("--kafka-password-file", default="", help="that login's password")
+    p.add_argument("--kafka-ca", default="", help="the CA of the brokers' certificates")
     p.add_argument(
         "--admin",
         help="Central's admin HOST:PORT; without it (failover runs, where the Central changes)"
@@ -159,7 +168,12 @@ def main(argv: list[str] | None = None) -> int:
             password = read_password(a.admin_password_file, os.environ, sys.stdin, a.admin_user)
         credentials = Credentials.load(a.credentials) if a.credentials else Credentials()
         addresses = parse_addresses(a.central)
-    except (CredentialsError, OSError, ValueError) as exc:
+        kafka = (
+            KafkaLogin.from_files(a.kafka_user, a.kafka_password_file, a.kafka_ca)
+            if a.kafka_user
+            else None
+        )
+    except (CredentialsError, EVError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if password is None:
@@ -196,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         on_event=print_event if a.events else None,
         ledger=a.ledger,
         drain=a.drain,
+        kafka=kafka,
     )
     failure: BaseException | None = None
     try:

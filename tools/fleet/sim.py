@@ -65,6 +65,7 @@ from shared.bus import Topics, consume_each
 from shared.cp_channel import CPChannel, KeyNotKnown
 from shared.errors import MessageError
 from shared.framing import ACK_BYTE, Ack, Frame, FrameDecoder, Nack, encode_frame
+from shared.kafka_access import KafkaLogin
 from shared.messages import (
     DRIVER_UPDATES,
     AuthorizeSupply,
@@ -152,6 +153,7 @@ class FleetConfig:
     # At the end: seconds to wait for the tickets of the supplies ended then (and the answers
     # to the requests in flight).
     drain: float = 20.0
+    kafka: KafkaLogin | None = None  # a secured broker's login (shared/kafka_access.py)
 
 
 def cp_ids(prefix: str, n: int) -> list[str]:
@@ -351,6 +353,7 @@ class Window:
 class Fleet:
     def __init__(self, config: FleetConfig) -> None:
         self.config = config
+        self.kafka_options = config.kafka.client_options() if config.kafka else {}
         self.cp_ids = cp_ids(config.prefix, config.cps)
         slots = max(1, round(config.cps * config.supplying)) if config.supplying > 0 else 0
         self.slots = slots
@@ -630,7 +633,11 @@ class Fleet:
     def new_producer(self) -> AIOKafkaProducer:
         # As the real engines and driver apps publish: every in-sync copy, no duplicates.
         return AIOKafkaProducer(
-            bootstrap_servers=self.config.broker, linger_ms=0, acks="all", enable_idempotence=True
+            bootstrap_servers=self.config.broker,
+            linger_ms=0,
+            acks="all",
+            enable_idempotence=True,
+            **self.kafka_options,
         )
 
     async def send(self, topic: str, key: str, value: bytes) -> None:
@@ -1388,12 +1395,14 @@ class Fleet:
             bootstrap_servers=config.broker,
             auto_offset_reset="latest",
             isolation_level="read_committed",
+            **self.kafka_options,
         )
         updates = AIOKafkaConsumer(
             Topics.DRIVER_UPDATES,
             bootstrap_servers=config.broker,
             auto_offset_reset="latest",
             isolation_level="read_committed",
+            **self.kafka_options,
         )
         try:
             await self.producer.start()

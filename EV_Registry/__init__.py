@@ -1,0 +1,1 @@
+"""EV_Registry: charging points registered, deregistered and enrolled over a REST API."""
