@@ -22,7 +22,8 @@
 # (PC2_IP=192.168.1.20 scripts/deploy.sh pc3 up). The two Centrals share an audit key,
 # secrets/central.audit-key: `pc2 up` creates it when missing, and it must be copied to PC1
 # before `pc1 up`. Environment: PYTHON (python3), EV_DEPLOY_WAIT (seconds `up` waits for
-# health, default 180).
+# health, default 180), EV_COMPOSE (the compose command, e.g. "scripts/podman-setup.sh compose";
+# default `docker compose`, else docker-compose) and DOCKER (docker; podman for Podman).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -49,7 +50,12 @@ case "$ACTION" in up|down|status|logs|attach|config) ;; *) usage ;; esac
 PROJECT="ev-$PC"
 PYTHON="${PYTHON:-python3}"
 
-if docker compose version >/dev/null 2>&1; then
+DOCKER="${DOCKER:-docker}"
+if [[ -n "${EV_COMPOSE:-}" ]]; then
+    # e.g. Podman (docs/deployment.md, "Tested with Podman"): EV_COMPOSE="scripts/podman-setup.sh
+    # compose" DOCKER=podman
+    read -r -a COMPOSE <<<"$EV_COMPOSE"
+elif docker compose version >/dev/null 2>&1; then
     COMPOSE=(docker compose)
 elif command -v docker-compose >/dev/null; then
     COMPOSE=(docker-compose)
@@ -91,7 +97,7 @@ audit_key() {
 unhealthy() {
     local id state
     for id in $(compose ps -q); do
-        state="$(docker inspect -f '{{.Name}} {{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{else}}-{{end}} {{.State.ExitCode}}' "$id")"
+        state="$("$DOCKER" inspect -f '{{.Name}} {{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{else}}-{{end}} {{.State.ExitCode}}' "$id")"
         read -r name status health code <<<"$state"
         if [[ "$status" == exited && "$code" == 0 ]]; then continue; fi
         if [[ "$status" != running || ( "$health" != healthy && "$health" != - ) ]]; then
@@ -109,7 +115,7 @@ case "$ACTION" in
 up)
     write_env
     audit_key
-    docker info >/dev/null 2>&1 || die "the Docker engine does not answer: start Docker (Desktop) first"
+    "$DOCKER" info >/dev/null 2>&1 || die "the Docker engine does not answer: start Docker (Desktop) first"
     if (( BUILD )); then compose build --pull; fi
     compose up -d --build --remove-orphans
     deadline=$(( $(date +%s) + ${EV_DEPLOY_WAIT:-180} ))
@@ -135,7 +141,7 @@ attach)
     id="$(compose ps -q "$SERVICE")"
     [[ -n "$id" ]] || die "$SERVICE is not running in $PROJECT (scripts/deploy.sh $PC status)"
     echo "deploy: attached to $SERVICE; detach with Ctrl-P Ctrl-Q (Ctrl-C would stop it)" >&2
-    docker attach "$id"
+    "$DOCKER" attach "$id"
     ;;
 config) write_env >&2; compose config ;;
 esac

@@ -29,6 +29,10 @@ PIECES=(
     "ip (multi-host tests)|iproute2|have ip|test"
     "faketime (clock skew tests)|faketime|have faketime|test"
     "iptables (chaos network faults)|iptables|have iptables|test"
+    "podman (compose run)|podman|have podman|test"
+    "buildah (compose run)|buildah|have buildah|test"
+    "debootstrap (compose run)|debootstrap|have debootstrap|test"
+    "runc (compose run)|runc|have runc|test"
 )
 
 usage() {

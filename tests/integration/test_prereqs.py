@@ -31,6 +31,10 @@ TEST_TOOLS = (
     "ip",
     "faketime",
     "iptables",
+    "podman",
+    "buildah",
+    "debootstrap",
+    "runc",
 )
 RUN_TOOLS = ("python3", "java", "mvn")
 SUDO = "" if os.geteuid() == 0 else "sudo "
@@ -106,8 +110,9 @@ def test_run_needs_python_java_and_maven_only(tmp_path: Path) -> None:
     assert test.returncode == 1
     assert one_line(test).startswith(
         "make test: missing make, chromium (browser tests), docker-compose (compose file checks),"
-        " ip (multi-host tests), faketime (clock skew tests), iptables (chaos network faults);"
-        " install them with: "
+        " ip (multi-host tests), faketime (clock skew tests), iptables (chaos network faults),"
+        " podman (compose run), buildah (compose run), debootstrap (compose run), runc (compose"
+        " run); install them with: "
     )
     missing_java = prereqs(bin_dir(tmp_path, ("python3", "mvn"), "nojava"), "run", "--check")
     assert missing_java.returncode == 1
