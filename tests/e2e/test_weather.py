@@ -81,6 +81,11 @@ async def test_frost_stops_a_supply_and_the_thaw_keeps_an_admins_stop(
     driver = system.start_driver("user1", "--cp", "CP001")
     await system.wait_state("CP001", "SUMINISTRANDO", timeout=30)
 
+    async def metered() -> bool:  # energy on the meter, so that the ticket has some
+        return any(e["event"] == "telemetry" for e in driver.json_events())
+
+    await wait_for(metered, 20, interval=0.2, message=f"no telemetry:\n{driver.output[-2000:]}")
+
     # Frost during the supply: both Alicante CPs PARADO for the weather within 6 s.
     await set_temperature(places, "Alicante", "-2")
     frozen_at = time.monotonic()
