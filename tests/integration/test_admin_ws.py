@@ -244,7 +244,8 @@ async def test_key_commands_issue_a_secret_once_and_are_audited(system: Deployme
     system.cp_secrets["CP001"] = secret
     system.start_engine("CP001")
     system.start_monitor("CP001")
-    await system.wait_state("CP001", "ACTIVADO", timeout=15)
+    # Two processes start again and connect to Kafka and Central: allow a busy machine time.
+    await system.wait_state("CP001", "ACTIVADO", timeout=30)
 
 
 async def test_http_answers_carry_the_content_security_policy(system: Deployment) -> None:
