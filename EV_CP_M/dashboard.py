@@ -267,9 +267,7 @@ class SiteDashboard(WebApp):
         backoff = Backoff(maximum=5.0)
         while True:
             try:
-                await self.bus.start(
-                    ensure_topics=self.bus.login is None
-                )  # Central's job when secured
+                await self.bus.start()
                 if self._measuring is None:
                     await self.network.measure()  # before the last hour is placed in time
                     self._measuring = asyncio.create_task(self.network.run(), name="clock")

@@ -354,9 +354,7 @@ class MonitorService:
         backoff = Backoff(maximum=RETRY_MAX)
         while True:
             try:
-                # retries by itself until the broker answers; on a secured broker only
-                # Central creates topics
-                await bus.start(ensure_topics=bus.login is None)
+                await bus.start()  # retries by itself until the broker answers
                 backoff.reset()
                 while True:
                     await self._sample_ready.wait()

@@ -277,7 +277,7 @@ async def serve(central: Central, settings: CentralSettings, until: Awaitable[ob
         # Serve monitors and the admin page at once; Kafka may still be coming up.
         await monitors.start()
         await web.start()
-        await central.bus.start()
+        await central.bus.start(ensure_topics=True)  # Central makes the topics, also when secured
         log.info(
             "Central ready: monitors on :%d, admin on :%d, Kafka at %s",
             monitors.port,

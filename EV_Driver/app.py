@@ -131,7 +131,7 @@ class DriverApp:
             await self.bus.stop()
 
     async def _main(self) -> None:
-        await self.bus.start(ensure_topics=self.bus.login is None)  # Central's job when secured
+        await self.bus.start()
         # Positioned at the end before anything is sent, so no answer can be missed.
         consumer = await self.bus.tail_consumer([Topics.DRIVER_UPDATES])
         assert self._group is not None

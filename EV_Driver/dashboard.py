@@ -144,7 +144,7 @@ class DriverDashboard(WebApp):
         await self.bus.stop()
 
     async def _connect(self) -> None:
-        await self.bus.start(ensure_topics=self.bus.login is None)  # Central's job when secured
+        await self.bus.start()
         # Both positioned before `ready`: no answer to a login sent after it can be missed.
         updates = await self.bus.tail_consumer([Topics.DRIVER_UPDATES])
         states = await self.bus.tail_consumer([Topics.CP_STATE], from_start=True)

@@ -199,11 +199,15 @@ class KafkaBus:
             return [None]
         return list(self.values(topic, (key or b"").decode("utf-8", "replace"), value))
 
-    async def start(self, *, ensure_topics: bool = True) -> None:
-        """Connect, retrying with backoff until the broker answers."""
+    async def start(self, *, ensure_topics: bool | None = None) -> None:
+        """Connect, retrying with backoff until the broker answers, and make the topics that
+        are missing: by default only on a plain broker; on a secured one only Central (which
+        passes True) and `kafka-access` may create topics (docs/security.md, "Kafka")."""
         if self._producer is not None:
             return
         self._producer = await self._retry("connect the producer", self._new_producer)
+        if ensure_topics is None:
+            ensure_topics = self.login is None
         if not ensure_topics:
             return
         backoff = Backoff(maximum=self._retry_max)

@@ -79,6 +79,7 @@ class KafkaLogin:
 
 
 class Resource(IntEnum):
+    ANY = 1  # in a filter
     TOPIC = 2
     GROUP = 3
     CLUSTER = 4
@@ -379,7 +380,7 @@ class KafkaAccess:
     async def revoke_all(self, principal: str) -> int:
         """Remove every ACL of `principal`; how many there were."""
         any_filter: tuple[Any, ...] = (
-            1,
+            Resource.ANY,
             None,
             Pattern.ANY,
             f"User:{principal}",

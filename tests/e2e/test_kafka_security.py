@@ -11,7 +11,7 @@ import asyncio
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,10 +94,10 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecuredBroker]
         kafka_sh(["stop", str(port)], env, scaled(60))
 
 
-async def _refused(what: str, attempt: asyncio.Future[object] | object) -> KafkaError:
+async def _refused(what: str, attempt: Awaitable[object]) -> KafkaError:
     """The error Kafka answers `attempt` with (the test fails if it is let through)."""
     try:
-        await asyncio.wait_for(attempt, scaled(20))  # type: ignore[arg-type]
+        await asyncio.wait_for(attempt, scaled(20))
     except KafkaError as exc:
         return exc
     raise AssertionError(f"the broker let {what} through")

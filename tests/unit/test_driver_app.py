@@ -63,14 +63,13 @@ class FakeBus:
     def __init__(self, consumer: FakeConsumer, respond: Responder) -> None:
         self.bootstrap = "fake:1"
         self.client_id = "test"
-        self.login = None  # a plain broker
         self.consumer = consumer
         self.respond = respond
         self.sent: list[m.Message] = []
         self.started = self.stopped = False
         self.sealer = Sealer("driver-update", D, KEY_ID, KEY)
 
-    async def start(self, *, ensure_topics: bool = True) -> None:
+    async def start(self) -> None:
         self.started = True
 
     async def stop(self) -> None:
