@@ -197,16 +197,19 @@ def connect(path: str | Path) -> sqlite3.Connection:
 def _allow_weather_role(conn: sqlite3.Connection) -> None:
     """Widen an older users table's role check to take the weather service's account.
 
-    SQLite cannot alter a CHECK constraint: the table is copied into one with the new check.
+    SQLite cannot alter a CHECK constraint: the table is copied into one with the new check,
+    in one transaction, so that a crash half-way leaves the accounts where they were.
     """
     row = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'users'")
     sql = row.fetchone()
     if sql is None or "'weather'" in sql[0]:
         return
-    conn.execute("ALTER TABLE users RENAME TO users_before_weather")
-    conn.executescript(SCHEMA)
-    conn.execute("INSERT INTO users SELECT * FROM users_before_weather")
-    conn.execute("DROP TABLE users_before_weather")
+    conn.executescript(
+        "BEGIN; ALTER TABLE users RENAME TO users_before_weather;"
+        f"{SCHEMA}"
+        "INSERT INTO users SELECT * FROM users_before_weather;"
+        "DROP TABLE users_before_weather; COMMIT;"
+    )
 
 
 def create_schema(conn: sqlite3.Connection) -> None:

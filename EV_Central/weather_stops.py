@@ -51,9 +51,16 @@ class WeatherStops(Part):
             cp.weather_hold = weather.hold() if weather is not None else ""
         return len(self.places)
 
+    def _by_place(self) -> dict[str, list[ChargingPoint]]:
+        """The registered CPs grouped by place, places and CPs sorted: one pass over them."""
+        groups: dict[str, list[ChargingPoint]] = {}
+        for cp in self._registry.sorted():
+            groups.setdefault(place_of(cp.location), []).append(cp)
+        return dict(sorted(groups.items()))
+
     def watched(self) -> list[str]:
         """The places of the registered CPs, which the weather service is to watch."""
-        return sorted({place_of(cp.location) for cp in self._registry.cps.values()})
+        return list(self._by_place())
 
     def cps_at(self, place: str) -> list[ChargingPoint]:
         return [cp for cp in self._registry.sorted() if place_of(cp.location) == place]
@@ -62,10 +69,8 @@ class WeatherStops(Part):
         """The weather of every watched place (never reported yet: no temperature, stale)."""
         now = time.time()
         return [
-            self.places.get(place, PlaceWeather(place)).as_api(
-                [cp.id for cp in self.cps_at(place)], now
-            )
-            for place in self.watched()
+            self.places.get(place, PlaceWeather(place)).as_api([cp.id for cp in cps], now)
+            for place, cps in self._by_place().items()
         ]
 
     async def report(self, report: WeatherReport) -> dict[str, Any]:

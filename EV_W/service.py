@@ -21,7 +21,7 @@ from EV_W.providers import FileProvider, OpenWeatherProvider, Provider, Provider
 from shared.backoff import Backoff
 from shared.lifecycle import Shutdown
 from shared.tls import client_context, describe_failure
-from shared.weather_api import PlacesQuery, WeatherReport
+from shared.weather_api import MAX_ERROR, PlacesQuery, WeatherReport
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,11 @@ def make_provider(settings: WeatherSettings) -> Provider:
             settings.api_key, settings.openweather_url, settings.timeout, settings.country
         )
     return FileProvider(settings.file)
+
+
+def unreachable(exc: BaseException) -> str:
+    """Why Central could not be reached, in a few words (a bare timeout has no message)."""
+    return describe_failure(exc) or str(exc) or "timed out"
 
 
 class WeatherService:
@@ -66,7 +71,7 @@ class WeatherService:
                 except InvalidStatus as exc:
                     why = f"refused the WebSocket (HTTP {exc.response.status_code})"
                 except (OSError, TimeoutError, WebSocketException, ConnectionError) as exc:
-                    why = f"cannot reach it: {describe_failure(exc) or exc or 'timed out'}"
+                    why = f"cannot reach it: {unreachable(exc)}"
                 turn += 1
                 delay = backoff.next_delay()
                 log.warning("Central at %s: %s; retrying in %.0f s", link.address, why, delay)
@@ -86,12 +91,15 @@ class WeatherService:
         places = (await link.request(PlacesQuery(ref=link.next_ref())))["places"]
         readings = await self.provider.temperatures([str(place) for place in places])
         for place, reading in readings.items():
-            failed = isinstance(reading, ProviderError)
+            if isinstance(reading, ProviderError):
+                temperature, error = None, str(reading)[:MAX_ERROR]
+            else:
+                temperature, error = reading, ""
             report = WeatherReport(
                 place=place,
                 provider=self.provider.name,
-                temperature=None if isinstance(reading, ProviderError) else reading,
-                error=str(reading)[:200] if failed else "",
+                temperature=temperature,
+                error=error,
                 ref=link.next_ref(),
             )
             try:

@@ -114,9 +114,7 @@
     const why = state === "PARADO" && cp.stop_reason ? `Out of service: ${cp.stop_reason}` : "";
     t.note.textContent = busy ? "" : why || TILE_NOTE[state] || "";
     t.note.hidden = busy;
-    const line = weatherLine(weatherOf(cp.id));
-    t.weather.textContent = line;
-    t.weather.hidden = !line;
+    showWeather(t, cp.id);
     t.stop.disabled = cp.in_service === false;
     t.resume.disabled = cp.in_service !== false;
   }
@@ -124,11 +122,20 @@
   // --- weather (EV_W) ------------------------------------------------------------------------
 
   let weather = []; // every watched place, as Central last pushed it
+  let weatherByCp = new Map(); // CP id -> its place's entry of `weather`
 
   const celsius = (v) => (v === null || v === undefined ? "–" : `${num(v).toFixed(1)} °C`);
 
-  function weatherOf(cpId) {
-    return weather.find((w) => (w.cps || []).includes(cpId));
+  function setWeather(places) {
+    weather = places;
+    weatherByCp = new Map(weather.flatMap((w) => (w.cps || []).map((id) => [id, w])));
+    renderWeather();
+  }
+
+  function showWeather(t, cpId) {
+    const line = weatherLine(weatherByCp.get(cpId));
+    t.weather.textContent = line;
+    t.weather.hidden = !line;
   }
 
   function weatherLine(w) {
@@ -152,11 +159,7 @@
       el("li", { class: "weather-alert", dataset: { place: w.place } },
         `Frost at ${w.place}: ${celsius(w.temperature)} since ${EV.time(w.frozen_at)}; `,
         `${(w.cps || []).join(", ")} out of service`)));
-    for (const [id, t] of tiles) {
-      const line = weatherLine(weatherOf(id));
-      t.weather.textContent = line;
-      t.weather.hidden = !line;
-    }
+    for (const [id, t] of tiles) showWeather(t, id);
   }
 
   function renderLegend() {
@@ -602,8 +605,7 @@
         replace($("events"), (message.events || []).slice(-MAX_EVENTS).reverse().map((e) => eventItem(e, false)));
         renderStatus(message.status);
         setAudit(message.audit || []);
-        weather = message.weather || [];
-        renderWeather();
+        setWeather(message.weather || []);
         drawChart();
         break;
       case "cps": // `full` after a CP was deregistered: the others are dropped
@@ -628,8 +630,7 @@
         renderStatus(message.status);
         break;
       case "weather":
-        weather = message.weather || [];
-        renderWeather();
+        setWeather(message.weather || []);
         break;
       case "result":
         onResult(message);

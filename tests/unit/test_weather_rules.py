@@ -16,6 +16,7 @@ from EV_W.__main__ import main as ev_w
 from EV_W.config import parse_settings
 from EV_W.places_file import PlacesFileError, parse_places, parse_temperature, set_place
 from EV_W.providers import FileProvider, ProviderError, parse_openweather
+from EV_W.service import unreachable
 from shared.messages import CPState
 
 
@@ -164,3 +165,28 @@ def test_an_older_database_takes_the_weather_role(tmp_path: Path) -> None:
         conn.execute("INSERT INTO users VALUES ('weather', 'weather', 'h', 0, 2.0)")
         rows = conn.execute("SELECT id, role, balance_cents FROM users ORDER BY id").fetchall()
     assert rows == [("ana", "driver", 500), ("weather", "weather", 0)]
+
+
+def test_a_widening_that_fails_leaves_the_accounts_where_they_were(tmp_path: Path) -> None:
+    path = tmp_path / "odd.db"
+    with sqlite3.connect(path) as conn:  # a column this Central does not know: the copy fails
+        conn.execute(
+            "CREATE TABLE users (id TEXT PRIMARY KEY,"
+            " role TEXT NOT NULL CHECK (role IN ('driver', 'admin')),"
+            " password_hash TEXT NOT NULL, balance_cents INTEGER NOT NULL DEFAULT 0,"
+            " created_at REAL NOT NULL, nickname TEXT)"
+        )
+        conn.execute("INSERT INTO users VALUES ('ana', 'driver', 'h', 500, 1.0, 'A')")
+    with pytest.raises(sqlite3.OperationalError):
+        schema.initialise(path, seed=False)
+    with sqlite3.connect(path) as conn:
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+        rows = conn.execute("SELECT id, balance_cents FROM users").fetchall()
+    assert "users_before_weather" not in tables and rows == [("ana", 500)]
+
+
+def test_a_central_that_does_not_answer_in_time_is_said_so() -> None:
+    assert unreachable(TimeoutError()) == "timed out"
+    assert unreachable(ConnectionRefusedError(111, "Connection refused")) == (
+        "[Errno 111] Connection refused"
+    )
