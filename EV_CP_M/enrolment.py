@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from urllib.parse import quote
 
-from EV_CP_M.config import MonitorSettings, check_registry_url
+from EV_CP_M.config import MonitorSettings
 from shared.errors import ConfigError, EVError
 from shared.tls import client_context, describe_failure
 
@@ -62,8 +62,9 @@ def enrol(settings: MonitorSettings, timeout: float = ENROL_TIMEOUT) -> MonitorS
 
 
 def redeem(registry: str, cp_id: str, token: str, ca: str | None, timeout: float) -> str:
-    """The CP's new secret, in exchange for its one-time token."""
-    url = f"{check_registry_url(registry)}/cps/{quote(cp_id, safe='')}/enrol"
+    """The CP's new secret, in exchange for its one-time token; `registry` is the URL
+    EV_CP_M/config.py checked (https://, no trailing slash)."""
+    url = f"{registry}/cps/{quote(cp_id, safe='')}/enrol"
     body = json.dumps({"token": token}).encode()
     request = urllib.request.Request(
         url, data=body, method="POST", headers={"Content-Type": "application/json"}

@@ -14,6 +14,18 @@ Ref = Annotated[str, Field(max_length=64)]
 # The address of the client a service acts for (EV_Registry passes its HTTP caller's): the audit
 # log then names "CALLER via PEER". Informative only: who is checked is the session or the peer.
 Caller = Annotated[str, Field(max_length=45, pattern=r"^[0-9A-Fa-f.:]*$")]
+# A CP's figures and an enrolment's limits, shared with EV_Registry's REST bodies.
+Location = Annotated[str, Field(min_length=1, max_length=120)]
+PricePerKWh = Annotated[float, Field(ge=0, le=10)]
+MaxKW = Annotated[float, Field(gt=0, le=1000)]
+EnrolmentTTL = Annotated[int, Field(ge=60, le=7 * 24 * 3600)]  # seconds
+# A one-time enrolment token: URL-safe text (EV_Central/enrolment.py makes them).
+EnrolmentToken = Annotated[str, Field(min_length=16, max_length=128, pattern=r"^[A-Za-z0-9_-]+$")]
+
+
+def source_of(caller: str, peer: str) -> str:
+    """Where a command or an enrolment came from, for the audit log: "CALLER via PEER"."""
+    return f"{caller} via {peer}" if caller else peer
 
 
 class AdminCommand(BaseModel):
@@ -34,9 +46,9 @@ class RegisterCP(BaseModel):
 
     type: Literal["register_cp"] = "register_cp"
     id: CPId
-    location: Annotated[str, Field(min_length=1, max_length=120)]
-    price_eur_kwh: Annotated[float, Field(ge=0, le=10)]
-    max_kw: Annotated[float, Field(gt=0, le=1000)]
+    location: Location
+    price_eur_kwh: PricePerKWh
+    max_kw: MaxKW
     caller: Caller = ""
     ref: Ref = ""
 
@@ -80,7 +92,7 @@ class IssueEnrolment(BaseModel):
 
     type: Literal["issue_enrolment"] = "issue_enrolment"
     target: CPId
-    ttl_s: Annotated[int, Field(ge=60, le=7 * 24 * 3600)] = 900
+    ttl_s: EnrolmentTTL = 900
     caller: Caller = ""
     ref: Ref = ""
 
@@ -121,7 +133,7 @@ class EnrolRequest(BaseModel):
 
     type: Literal["enrol"] = "enrol"
     cp_id: CPId
-    token: Annotated[str, Field(min_length=16, max_length=128, pattern=r"^[A-Za-z0-9_-]+$")]
+    token: EnrolmentToken
     caller: Caller = ""
 
 

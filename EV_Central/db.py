@@ -66,18 +66,17 @@ class Transaction:
 
     async def publish(self, topic: str, key: str, message: Message) -> None:
         """Queue a message; the outbox relay sends it once this transaction commits."""
-        await self.execute(
-            "INSERT INTO outbox (topic, key, payload, created_at) VALUES (?, ?, ?, ?)",
-            (topic, key, encode(message), time.time()),
-        )
-        self.outgoing += 1
+        await self._queue(topic, key, encode(message))
 
     async def publish_tombstone(self, topic: str, key: str) -> None:
         """Queue a tombstone (a record with no value) for `key` on a compacted topic: its
         readers forget the key, and compaction drops its older records."""
+        await self._queue(topic, key, b"")
+
+    async def _queue(self, topic: str, key: str, payload: bytes) -> None:
         await self.execute(
             "INSERT INTO outbox (topic, key, payload, created_at) VALUES (?, ?, ?, ?)",
-            (topic, key, b"", time.time()),
+            (topic, key, payload, time.time()),
         )
         self.outgoing += 1
 

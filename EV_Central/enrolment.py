@@ -25,7 +25,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from EV_Central.admin_api import EnrolRequest, EnrolResult
+from EV_Central.admin_api import EnrolRequest, EnrolResult, source_of
 from EV_Central.audit import AuditLog
 from EV_Central.cp_links import CPLinks
 from EV_Central.store import Store
@@ -85,7 +85,7 @@ class Enrolments:
         now = time.monotonic()
         source = (host, request.caller)
         wait = self._failures.retry_after(source, now)
-        where = f"{request.caller} via {host}" if request.caller else host
+        where = source_of(request.caller, host)
         if wait:
             return EnrolResult(
                 cp_id=request.cp_id,

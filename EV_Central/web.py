@@ -36,10 +36,13 @@ from EV_Central.admin_api import (
     DeregisterCP,
     EnrolRequest,
     EnrolResult,
+    IssueEnrolment,
+    ListCPs,
     RegisterCP,
     ResetSecret,
     RevokeKey,
     failure_code,
+    source_of,
 )
 from EV_Central.audit import AuditLog
 from EV_Central.auth import LoginOutcome, PeopleAuth
@@ -49,7 +52,6 @@ from EV_Central.enrolment import Enrolments
 from EV_Central.feed import CentralEvent
 from EV_Central.metrics import render
 from EV_Central.registry import ChargingPoint
-from EV_Central.registry_commands import REGISTRY_COMMANDS, RegistryCommands, source_of
 from EV_Central.weather_stops import WeatherStops
 from shared.messages import STATE_COLOURS
 from shared.weather_api import WEATHER_REQUEST, WEATHER_ROLE, PlacesQuery, WeatherRequest
@@ -116,9 +118,6 @@ class AdminWeb(WebApp, Part):
         self._people = people
         self._audit_log = audit
         self._enrolments = Enrolments(context.store, cp_links, audit)
-        self._registry_commands = RegistryCommands(
-            context.registry, cp_links, self._enrolments, audit
-        )
         self._health_cache: tuple[float, bool] = (0.0, False)
         self._sessions_dirty = asyncio.Event()
         admins_only = "admins only"
@@ -208,14 +207,14 @@ class AdminWeb(WebApp, Part):
     # --- WebSocket --------------------------------------------------------------------------
 
     def _on_cps_changed(self, cps: list[ChargingPoint]) -> None:
-        if self.shell.client_count:
+        if self.shell.watched:
             self.shell.broadcast({"type": "cps", "cps": [cp.as_api() for cp in cps]})
 
     def _on_audit(self, entry: dict[str, Any]) -> None:
         self.shell.broadcast({"type": "audit", "entry": entry})
 
     def _on_event(self, event: CentralEvent) -> None:
-        if self.shell.client_count:
+        if self.shell.watched:
             self.shell.broadcast({"type": "event", "event": event.as_api()})
 
     async def _refresh(self) -> None:
@@ -224,7 +223,7 @@ class AdminWeb(WebApp, Part):
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._sessions_dirty.wait(), 2.0)
-            if not self.shell.client_count:
+            if not self.shell.watched:  # no panel open (the weather service watches none)
                 self._sessions_dirty.clear()
                 continue
             try:
@@ -244,7 +243,7 @@ class AdminWeb(WebApp, Part):
                 log.exception("admin refresh failed")
 
     def _push_weather(self) -> None:
-        if self._weather is not None and self.shell.client_count:
+        if self._weather is not None and self.shell.watched:
             self.shell.broadcast({"type": "weather", "weather": self._weather.as_api()})
 
     async def on_message(self, client: WebClient, raw: str | bytes) -> None:
@@ -255,9 +254,7 @@ class AdminWeb(WebApp, Part):
         try:
             command = ADMIN_REQUEST.validate_json(raw)
         except ValidationError as exc:
-            first = exc.errors(include_url=False)[0]
-            where = ".".join(str(p) for p in first["loc"]) or "message"
-            detail = f"invalid command at {where}: {first['msg']}"
+            detail = f"invalid command at {_first_error(exc)}"
             client.push({"type": "result", "ok": False, "detail": detail})
             return
         client.push(await self._execute(command, client.session, client.peer))
@@ -275,9 +272,7 @@ class AdminWeb(WebApp, Part):
         try:
             request = EnrolRequest.model_validate_json(data)
         except ValidationError as exc:
-            first = exc.errors(include_url=False)[0]
-            where = ".".join(str(p) for p in first["loc"]) or "message"
-            reason = f"invalid enrolment at {where}: {first['msg']}"
+            reason = f"invalid enrolment at {_first_error(exc)}"
             return EnrolResult(cp_id="", ok=False, reason=reason).model_dump()
         answer = await self._enrolments.redeem(request, host_of(peer))
         return answer.model_dump(exclude_none=True)
@@ -421,16 +416,11 @@ class AdminWeb(WebApp, Part):
     ) -> dict[str, Any]:
         """Run one admin command for `session`'s user; audit it; build its result.
 
-        A secret (register_cp, reset_secret) goes only into this result, to this connection,
-        never into the audit log or a broadcast.
+        A secret (register_cp, reset_secret) or an enrolment token (issue_enrolment) goes only
+        into this result, to this connection, never into the audit log or a broadcast.
+        EV_Registry's commands name the client it acts for (`caller`), which the audit names.
         """
-        if isinstance(command, REGISTRY_COMMANDS):  # deregister, enrolment, audited reads
-            answer = await self._registry_commands.execute(command, session.user_id, source)
-            if isinstance(command, DeregisterCP) and answer["ok"]:
-                cps = [cp.as_api() for cp in self._registry.sorted()]
-                self.shell.broadcast({"type": "cps", "full": True, "cps": cps})
-            return answer
-        if isinstance(command, RegisterCP):
+        if isinstance(command, RegisterCP | DeregisterCP | IssueEnrolment | ListCPs):
             source = source_of(command.caller, source)
         result: dict[str, Any] = {"type": "result", "ref": command.ref, "ok": True}
         match command:
@@ -443,6 +433,13 @@ class AdminWeb(WebApp, Part):
                 action, target, detail = "secret_reset", command.target, command.target
             case AdminCommand():
                 action, target, detail = command.action, command.target, command.target
+            case DeregisterCP():
+                action, target, detail = "cp_deregistered", command.target, command.target
+            case IssueEnrolment():
+                action, target, detail = "enrolment_issued", command.target, command.target
+            case ListCPs():
+                action = "cps_listed"
+                target = detail = command.target or "all"
         try:
             match command:
                 case RegisterCP():
@@ -463,6 +460,24 @@ class AdminWeb(WebApp, Part):
                         command.target, in_service=command.action == "resume"
                     )
                     result.update(detail=f"{command.action} {command.target}", cps=affected)
+                case DeregisterCP():
+                    settled = await self._cp_links.deregister(target)
+                    result.update(
+                        detail=f"deregistered {target}", cps=[target], settled_session=settled
+                    )
+                    if settled:
+                        detail = f"{target} (settled session {settled})"
+                case IssueEnrolment():
+                    issued = await self._enrolments.issue(target, command.ttl_s)
+                    result.update(
+                        detail=f"enrolment token for {target}",
+                        cps=[target],
+                        token=issued.token,
+                        expires_at=issued.expires_at,
+                    )
+                    detail = f"{target}, valid {command.ttl_s} s"
+                case ListCPs():
+                    result.update(detail="CPs", charging_points=self._listed(command.target))
         except (LookupError, ValueError) as exc:
             await self._record(action, "failed", session, source, f"{detail}: {exc}")
             return {
@@ -473,7 +488,19 @@ class AdminWeb(WebApp, Part):
                 "code": failure_code(exc),
             }
         await self._record(action, "ok", session, source, detail)
+        if isinstance(command, DeregisterCP):  # the panels drop its tile
+            cps = [cp.as_api() for cp in self._registry.sorted()]
+            self.shell.broadcast({"type": "cps", "full": True, "cps": cps})
         return result
+
+    def _listed(self, cp_id: str | None) -> list[dict[str, object]]:
+        """Every CP, or the one `cp_id` names (LookupError when unknown), as /api/cps."""
+        if cp_id is None:
+            return [cp.as_api() for cp in self._registry.sorted()]
+        cp = self._registry.get(cp_id)
+        if cp is None:
+            raise LookupError(f"unknown CP {cp_id!r}")
+        return [cp.as_api()]
 
     async def _record(
         self, action: str, outcome: str, session: WebSession, source: str, detail: str
@@ -484,6 +511,13 @@ class AdminWeb(WebApp, Part):
             )
         except Exception:  # the command happened; a failing audit must not hide that
             log.exception("could not audit %s by %s", action, session.user_id)
+
+
+def _first_error(exc: ValidationError) -> str:
+    """Where a message is invalid and why (its first error), for the answer."""
+    first = exc.errors(include_url=False)[0]
+    where = ".".join(str(p) for p in first["loc"]) or "message"
+    return f"{where}: {first['msg']}"
 
 
 def _limit(query: dict[str, str]) -> int:

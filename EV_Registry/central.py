@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import ssl
 from typing import Any
 
@@ -25,10 +24,11 @@ from EV_Central.admin_api import ADMIN_COOKIE, ENROL_PATH, EnrolRequest, EnrolRe
 from EV_Central.ctl import LoginRefused, admin_login, send_command
 from shared.errors import EVError
 from shared.tls import describe_failure
+from shared.websession import TOKEN_PATTERN
 
-# A session token of Central's (shared/websession.py makes them URL-safe).
-SESSION_TOKEN = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
 MAX_ANSWER = 64 * 1024  # bytes of Central's answer on /enrol
+# What "Central did not answer" looks like (TimeoutError and ConnectionError are OSErrors).
+UNREACHABLE = (OSError, WebSocketException)
 
 __all__ = ["CentralClient", "CentralUnreachable", "LoginRefused", "SessionRefused"]
 
@@ -58,13 +58,13 @@ class CentralClient:
         """Log in at Central; the new session's token. LoginRefused when Central says no."""
         try:
             cookie = await admin_login(self.host, self.port, user, password, self.timeout, self.tls)
-        except (OSError, TimeoutError, WebSocketException, ConnectionError) as exc:
+        except UNREACHABLE as exc:
             raise self._unreachable(exc) from None
         return cookie.partition("=")[2]
 
     async def command(self, token: str, command: BaseModel) -> dict[str, Any]:
         """Send one admin command with the session of `token`; Central's result."""
-        if not SESSION_TOKEN.match(token):
+        if not TOKEN_PATTERN.match(token):  # not one of Central's session tokens
             raise SessionRefused(401, "not a session token")
         cookie = f"{ADMIN_COOKIE}={token}"
         try:
@@ -75,7 +75,7 @@ class CentralClient:
                 why = "log in first" if status == 401 else "for admins only"
                 raise SessionRefused(status, why) from None
             raise CentralUnreachable(f"Central answered HTTP {status}") from None
-        except (OSError, TimeoutError, WebSocketException, ConnectionError) as exc:
+        except UNREACHABLE as exc:
             raise self._unreachable(exc) from None
 
     async def enrol(self, request: EnrolRequest) -> EnrolResult:
@@ -94,7 +94,7 @@ class CentralClient:
             return EnrolResult.model_validate(json.loads(raw))
         except (ValidationError, ValueError):
             raise CentralUnreachable("Central answered the enrolment with nonsense") from None
-        except (OSError, TimeoutError, WebSocketException, ConnectionError) as exc:
+        except UNREACHABLE as exc:
             raise self._unreachable(exc) from None
 
     def _unreachable(self, exc: BaseException) -> CentralUnreachable:

@@ -28,8 +28,7 @@ class RegistrySettings:
     tls_cert: str | None = None
     tls_key: str | None = None
     insecure_http: bool = False  # plain HTTP, on a loopback address only (tests, development)
-    central_tls: bool = False  # wss:// to Central, verifying it with `central_ca`
-    central_ca: str | None = None
+    central_ca: str | None = None  # wss:// to Central, verifying it with this CA
     timeout: float = 10.0  # seconds Central has to answer one call
     max_body: int = MAX_BODY
     log_level: str = "INFO"
@@ -38,6 +37,10 @@ class RegistrySettings:
     @property
     def scheme(self) -> str:
         return "http" if self.insecure_http else "https"
+
+    @property
+    def central_tls(self) -> bool:
+        return self.central_ca is not None
 
 
 def build_parser(environ: Mapping[str, str] | None = None) -> EnvArgumentParser:
@@ -107,7 +110,6 @@ def parse_settings(
         tls_cert=tls_cert,
         tls_key=tls_key,
         insecure_http=args.insecure_http,
-        central_tls=central_ca is not None,
         central_ca=central_ca,
         timeout=args.timeout,
         log_level=args.log_level,

@@ -10,10 +10,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from EV_Central.admin_api import CPId
-
-Username = Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_.-]+$")]
-Token = Annotated[str, Field(min_length=16, max_length=128, pattern=r"^[A-Za-z0-9_-]+$")]
+from EV_Central.admin_api import CPId, EnrolmentToken, EnrolmentTTL, Location, MaxKW, PricePerKWh
+from shared.messages import Identifier
 
 
 class Strict(BaseModel):
@@ -23,7 +21,7 @@ class Strict(BaseModel):
 class LoginForm(Strict):
     """An admin's account at Central and its password."""
 
-    username: Username
+    username: Identifier  # as Central's /login takes it (shared/websession.py, WebLogin)
     password: Annotated[str, Field(min_length=1, max_length=256)]
 
 
@@ -38,9 +36,9 @@ class NewCP(Strict):
     """A charging point to register."""
 
     id: CPId
-    location: Annotated[str, Field(min_length=1, max_length=120)]
-    price_eur_kwh: Annotated[float, Field(ge=0, le=10)]
-    max_kw: Annotated[float, Field(gt=0, le=1000)]
+    location: Location
+    price_eur_kwh: PricePerKWh
+    max_kw: MaxKW
 
 
 class CP(BaseModel):
@@ -75,7 +73,7 @@ class Deregistered(Strict):
 class EnrolmentRequest(Strict):
     """How long the one-time token stays valid (seconds, 1 min to 7 days; 15 min)."""
 
-    ttl_s: Annotated[int, Field(ge=60, le=7 * 24 * 3600)] = 900
+    ttl_s: EnrolmentTTL = 900
 
 
 class Enrolment(Strict):
@@ -89,7 +87,7 @@ class Enrolment(Strict):
 class Redemption(Strict):
     """What a CP's monitor presents to enrol itself."""
 
-    token: Token
+    token: EnrolmentToken
 
 
 class CPSecret(Strict):

@@ -26,7 +26,7 @@ from shared.tls import client_context
 
 log = logging.getLogger(__name__)
 
-GRACEFUL_SECONDS = 5.0  # what a request in flight has to finish at shutdown
+GRACEFUL_SECONDS = 5  # what a request in flight has to finish at shutdown
 
 
 class _Server(uvicorn.Server):
@@ -57,7 +57,7 @@ async def serve(settings: RegistrySettings, shutdown: Shutdown) -> None:
         access_log=False,  # Central's audit log records every call
         lifespan="off",
         server_header=False,
-        timeout_graceful_shutdown=int(GRACEFUL_SECONDS),
+        timeout_graceful_shutdown=GRACEFUL_SECONDS,
     )
     sock = bind(settings.listen_host, settings.http_port)
     server = _Server(config)

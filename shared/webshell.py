@@ -109,6 +109,12 @@ class WebShell:
         return len(self._clients)
 
     @property
+    def watched(self) -> bool:
+        """True when an open WebSocket takes the broadcasts (a service's does not): whether
+        a push is worth building."""
+        return any(client.watching for client in self._clients)
+
+    @property
     def running(self) -> bool:
         return self._server is not None
 
@@ -185,7 +191,7 @@ class WebShell:
 
     def broadcast(self, payload: Mapping[str, Any]) -> None:
         """Push to every open WebSocket (a slow one is disconnected, the others go on)."""
-        if self._clients:
+        if self.watched:
             self.broadcast_text(dumps(payload))
 
     def broadcast_text(self, text: str) -> None:
