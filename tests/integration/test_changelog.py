@@ -13,10 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from changelog_setup import capturing_database, queued, replay
 from EV_Central import changelog, schema
-from EV_Central.db import Database
 from EV_Central.ha import adopt, fresh_database
-from shared.bus import Topics
 
 
 def table_rows(path: Path, table: str) -> list[tuple[Any, ...]]:
@@ -24,28 +23,9 @@ def table_rows(path: Path, table: str) -> list[tuple[Any, ...]]:
         return conn.execute(f"SELECT * FROM {table} ORDER BY 1, 2").fetchall()
 
 
-async def queued(db: Database) -> list[tuple[bytes, bytes | None]]:
-    """The changelog records waiting in the outbox, as the relay would send them."""
-    rows = await db.read(
-        "SELECT key, payload FROM outbox WHERE topic = ? ORDER BY seq", (Topics.CENTRAL_CHANGELOG,)
-    )
-    return [(r["key"].encode(), r["payload"].encode() or None) for r in rows]
-
-
-def replay(records: list[tuple[bytes, bytes | None]], path: Path) -> int:
-    schema.initialise(path, seed=False)
-    with sqlite3.connect(path) as conn:
-        return changelog.apply(conn, records)
-
-
 async def test_every_change_to_a_replicated_table_is_replayed_exactly(tmp_path: Path) -> None:
     source = tmp_path / "active.db"
-    schema.initialise(source, seed=False)
-    db = Database(source, demo=False)
-    await db.start()
-    try:
-        changelog.start_capture(db.conn)
-        db.capturing = True
+    async with capturing_database(source) as db:
         precise = time.time() + 0.123456789  # more digits than json_object() prints
         async with db.transaction() as tx:
             schema.seed_demo(tx.conn)
@@ -73,8 +53,6 @@ async def test_every_change_to_a_replicated_table_is_replayed_exactly(tmp_path: 
             await tx.execute("UPDATE sessions SET status = 'COMPLETED' WHERE id = 's1'")
             await tx.execute("DELETE FROM processed_messages WHERE id = 'm1'")
         records = await queued(db)
-    finally:
-        await db.stop()
 
     replica = tmp_path / "standby.db"
     assert replay(records, replica) == len(records)

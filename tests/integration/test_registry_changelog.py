@@ -11,10 +11,8 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from test_changelog import queued, replay
-
-from EV_Central import changelog, schema
-from EV_Central.db import Database
+from changelog_setup import capturing_database, queued, replay
+from EV_Central import schema
 from EV_Central.enrolment import token_hash
 from EV_Central.store import Store
 from shared.bus import Topics
@@ -27,12 +25,7 @@ def rows(path: Path, sql: str) -> list[tuple[object, ...]]:
 
 async def test_tokens_and_deregistrations_are_in_the_changelog(tmp_path: Path) -> None:
     source = tmp_path / "active.db"
-    schema.initialise(source, seed=False)
-    db = Database(source, demo=False)
-    await db.start()
-    try:
-        changelog.start_capture(db.conn)
-        db.capturing = True
+    async with capturing_database(source) as db:
         async with db.transaction() as seeding:
             schema.seed_demo(seeding.conn)
         store = Store(db)
@@ -50,8 +43,6 @@ async def test_tokens_and_deregistrations_are_in_the_changelog(tmp_path: Path) -
         tombstones = await db.read(
             "SELECT key, payload FROM outbox WHERE topic = ?", (Topics.CP_STATE,)
         )
-    finally:
-        await db.stop()
 
     assert [(r["key"], bytes(r["payload"])) for r in tombstones] == [("CP003", b"")]
     replica = tmp_path / "standby.db"

@@ -10,9 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from test_changelog import queued, replay
-
-from EV_Central import changelog, schema
+from changelog_setup import capturing_database, queued, replay
+from EV_Central import schema
 from EV_Central.context import Context
 from EV_Central.db import Database
 from EV_Central.feed import Feed
@@ -51,21 +50,14 @@ def demo_registry() -> Registry:
 
 async def test_a_standby_loads_the_same_weather_holds(tmp_path: Path) -> None:
     source = tmp_path / "active.db"
-    schema.initialise(source, seed=False)
-    db = Database(source, demo=False)
-    await db.start()
     bus = PostedCommands()
-    try:
-        changelog.start_capture(db.conn)
-        db.capturing = True
+    async with capturing_database(source) as db:
         active = weather_part(db, demo_registry(), bus)
         result = await active.report(
             WeatherReport(place="Alicante", provider="file", temperature=-2.0)
         )
         await active.report(WeatherReport(place="Elche", provider="file", temperature=None))
         records = await queued(db)
-    finally:
-        await db.stop()
     assert result["stopped"] == ["CP001", "CP002", "CP003", "CP004"]
     assert [(key, m.in_service) for _, key, m in bus.posted] == [
         (cp_id, False) for cp_id in result["stopped"]
