@@ -314,7 +314,7 @@ class CPLinks(Part):
         async with self._store.transaction() as tx:
             await self._keys.revoke_principal(tx, "cp", cp_id)
             await tx.delete_cp(cp_id)
-        self._registry.cps.pop(cp_id, None)
+        self._registry.remove(cp_id)
         self._feed.note("deregistered", f"{cp_id}: deregistered", cp_id)
         link = self._links.get(cp_id)
         if link is not None:  # told first, so that it stops instead of being refused again

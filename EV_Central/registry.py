@@ -137,6 +137,10 @@ class Registry:
     def add(self, cp: ChargingPoint) -> None:
         self.cps[cp.id] = cp
 
+    def remove(self, cp_id: str) -> None:
+        """Forget a deregistered CP (nothing happens for one that is not here)."""
+        self.cps.pop(cp_id, None)
+
     def get(self, cp_id: str) -> ChargingPoint | None:
         return self.cps.get(cp_id)
 
