@@ -10,7 +10,8 @@
 #   scripts/netns.sh clear PC [PREFIX]  end it (prints how many packets it dropped and delayed)
 #   scripts/netns.sh status [PREFIX]
 #   scripts/netns.sh clean-stale     delete every evt<PID>-* or evc<PID>-* set (the multi-host
-#                                    tests', the chaos tool's) whose PID no longer runs
+#                                    tests', the chaos tool's) and evp<PID> namespace (the compose
+#                                    run's, scripts/podman-setup.sh) whose PID no longer runs
 #
 # PREFIX defaults to "evnet". The bridge lives in a fourth namespace, PREFIX-br, so nothing is
 # added to the root namespace and deleting the namespaces removes every veth and the bridge.
@@ -235,8 +236,9 @@ clear)
     echo "netns.sh: $PREFIX-$PC netem cleared"
     ;;
 clean-stale)
-    # Namespaces of a crashed test or chaos run: ev(t|c)<PID>-(pc1|pc2|pc3|br) whose PID is gone.
-    stale='^ev[tc][0-9]+-(pc[123]|br)$'
+    # Namespaces of a crashed test, chaos or compose run whose PID is gone:
+    # ev(t|c)<PID>-(pc1|pc2|pc3|br), and the compose run's one evp<PID>.
+    stale='^ev[tc][0-9]+-(pc[123]|br)$|^evp[0-9]+$'
     for ns in $(ip netns list | awk '{print $1}' | grep -E "$stale" || true); do
         pid="${ns#ev?}"; pid="${pid%%-*}"
         kill -0 "$pid" 2>/dev/null && continue

@@ -44,7 +44,8 @@ SUBNET="${EV_PODMAN_SUBNET:-10.232.0}"
 COMPOSE_VERSION=2.40.3
 SUITE=bookworm
 BASE_IMAGE=docker.io/library/python:3.11-slim
-KAFKA_IMAGE=docker.io/apache/kafka:4.1.1
+KAFKA_VERSION=4.1.1
+KAFKA_IMAGE=docker.io/apache/kafka:$KAFKA_VERSION
 if [[ -z "${PYTHON:-}" ]]; then
     PYTHON=python3
     [[ -x "$ROOT/.venv/bin/python" ]] && PYTHON="$ROOT/.venv/bin/python"
@@ -143,24 +144,23 @@ base_image() {
         || { cat "$RUN_DIR/import.log" >&2; die "podman import failed"; }
 }
 
-# apache/kafka:4.1.1 from docker/kafka/Dockerfile: the jars of scripts/kafka-pom.xml and the
-# kafka-tools jar (its own dependencies are the broker's), resolved through Maven.
+# apache/kafka:4.1.1 from docker/kafka/Dockerfile: the broker jars scripts/kafka.sh resolves
+# (scripts/kafka-pom.xml, cached) and the kafka-tools jar alone (its own dependencies are the
+# broker's), fetched once through Maven.
 kafka_image() {
     need mvn
-    local ctx="$CACHE/kafka-context"
-    mkdir -p "$ctx"
-    sed 's#^  </dependencies>#    <dependency>\n      <groupId>org.apache.kafka</groupId>\n      <artifactId>kafka-tools</artifactId>\n      <version>${kafka.version}</version>\n      <exclusions><exclusion><groupId>*</groupId><artifactId>*</artifactId></exclusion></exclusions>\n    </dependency>\n  </dependencies>#' \
-        "$ROOT/scripts/kafka-pom.xml" > "$ctx/pom.xml.new"
-    if ! cmp -s "$ctx/pom.xml.new" "$ctx/pom.xml" || [[ ! -d "$ctx/libs" ]]; then
-        say "resolving Kafka's jars (and kafka-tools) with Maven"
-        rm -rf "$ctx/libs"
-        mvn -q -B -f "$ctx/pom.xml.new" dependency:copy-dependencies -DincludeScope=runtime \
-            -DoutputDirectory="$ctx/libs" > "$RUN_DIR/kafka-mvn.log" 2>&1 \
+    local ctx="$CACHE/kafka-context" tools="$CACHE/kafka-tools-$KAFKA_VERSION.jar" libs
+    libs="$("$ROOT/scripts/kafka.sh" jars)" || die "scripts/kafka.sh jars failed"
+    libs="${libs#kafka.sh: jars in }"
+    if [[ ! -s "$tools" ]]; then
+        say "fetching kafka-tools $KAFKA_VERSION with Maven"
+        mvn -q -B dependency:copy -Dartifact="org.apache.kafka:kafka-tools:$KAFKA_VERSION" \
+            -DoutputDirectory="$CACHE" > "$RUN_DIR/kafka-mvn.log" 2>&1 \
             || { cat "$RUN_DIR/kafka-mvn.log" >&2; die "mvn failed"; }
-        mv "$ctx/pom.xml.new" "$ctx/pom.xml"
     fi
-    rm -f "$ctx/pom.xml.new"
-    rm -rf "$ctx/bin" "$ctx/config"
+    rm -rf "$ctx"
+    mkdir -p "$ctx/libs"
+    cp "$libs"/*.jar "$tools" "$ctx/libs/"
     cp -r "$ROOT/docker/kafka/bin" "$ROOT/docker/kafka/config" "$ctx/"
     say "building $KAFKA_IMAGE"
     podman build --quiet --layers -f "$ROOT/docker/kafka/Dockerfile" \
@@ -181,29 +181,17 @@ project_images() {
     done < <(images_of "$env_file")
 }
 
-# "IMAGE TARGET" for every service with a build section, each image once.
+# "IMAGE TARGET" for every service with a build section, each image once (its first target).
 images_of() {
     local env_file=$1 f
     for f in "$ROOT"/docker-compose*.yml; do
-        compose --env-file "$env_file" -f "$f" config --format json
-        echo
-    done | "$PYTHON" -c '
+        compose --env-file "$env_file" -f "$f" config --format json | "$PYTHON" -c '
 import json, sys
-seen = {}
-decoder = json.JSONDecoder()
-text = sys.stdin.read()
-pos = 0
-while True:
-    while pos < len(text) and text[pos].isspace():
-        pos += 1
-    if pos >= len(text):
-        break
-    doc, pos = decoder.raw_decode(text, pos)
-    for svc in doc["services"].values():
-        build = svc.get("build")
-        if build and "target" in build:
-            seen.setdefault(svc.get("image") or build["target"], build["target"])
-for image, target in seen.items():
+for svc in json.load(sys.stdin)["services"].values():
+    target = (svc.get("build") or {}).get("target")
+    if not target:
+        continue
+    image = svc.get("image") or target
     # The full name Docker, and the Docker API of Podman that compose talks to, give a short name.
     first = image.split("/")[0]
     if "/" not in image:
@@ -212,6 +200,7 @@ for image, target in seen.items():
         image = "docker.io/" + image
     print(image, target)
 '
+    done | awk '!seen[$1]++'
 }
 
 images() {

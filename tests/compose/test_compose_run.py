@@ -21,7 +21,7 @@ import select
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,12 +54,13 @@ class Podman:
             "EV_PODMAN_RUN": str(run_dir),
             "EV_PODMAN_SUBNET": SUBNET,
         }
-        cache = os.environ.get("EV_PODMAN_CACHE") or str(
-            Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-            / "ev-charging"
-            / "podman"
-        )
-        self.env["CONTAINERS_CONF"] = str(Path(cache) / "containers.conf")
+        # The podman commands here read the script's containers.conf, as its own do: where it
+        # is, the script says (`env`: "export CONTAINERS_CONF=... DOCKER_HOST=...").
+        exports = subprocess.run(
+            [str(SETUP), "env"], env=self.env, capture_output=True, text=True, check=True
+        ).stdout.splitlines()[0]
+        variables = dict(item.split("=", 1) for item in exports.split()[1:])
+        self.env["CONTAINERS_CONF"] = variables["CONTAINERS_CONF"]
 
     def setup(self, *args: str, timeout: float) -> None:
         result = subprocess.run(
@@ -174,17 +175,33 @@ def pending(project: Project, services: list[str]) -> list[str]:
     return waiting
 
 
-def wait_healthy(projects: list[Project], timeout: float) -> None:
+def until(
+    condition: Callable[[], bool], timeout: float, interval: float, failure: Callable[[], str]
+) -> None:
+    """Check `condition` every `interval` s until it holds; once the scaled `timeout` has passed,
+    fail with `failure()`, the state then. The synchronous kin of helpers.wait_for: these tests
+    drive subprocesses, not an event loop."""
     deadline = time.monotonic() + scaled(timeout)
-    wanted = {p.name: p.services() for p in projects}
-    while True:
-        left = {p.name: pending(p, wanted[p.name]) for p in projects}
-        if not any(left.values()):
-            return
+    while not condition():
         if time.monotonic() > deadline:
-            logs = "\n".join(p.logs() for p in projects)
-            pytest.fail(f"not healthy after {timeout}s: {left}\n{logs}")
-        time.sleep(2)
+            raise AssertionError(failure())
+        time.sleep(interval)
+
+
+def wait_healthy(projects: list[Project], timeout: float) -> None:
+    wanted = {p.name: p.services() for p in projects}
+
+    def left() -> dict[str, list[str]]:
+        return {p.name: pending(p, wanted[p.name]) for p in projects}
+
+    until(
+        lambda: not any(left().values()),
+        timeout,
+        interval=2,
+        failure=lambda: (
+            f"not healthy after {timeout}s: {left()}\n" + "\n".join(p.logs() for p in projects)
+        ),
+    )
 
 
 def driver(project: Project, service: str, user: str, cp: str, *extra: str) -> list[str]:
@@ -317,13 +334,19 @@ def test_all_in_one_stack_supplies_and_survives_a_central_crash(
             assert started is not None, "".join(lines)
             central = podman.containers("ev-all")["central"]
             os.kill(central["State"]["Pid"], 9)
-            deadline = time.monotonic() + scaled(120)
-            while True:
+
+            def central_back() -> bool:
                 central = podman.containers("ev-all")["central"]
-                if central["RestartCount"] >= 1 and health(central) == "healthy":
-                    break
-                assert time.monotonic() < deadline, f"Central not back: {central['State']}"
-                time.sleep(1)
+                return bool(central["RestartCount"] >= 1 and health(central) == "healthy")
+
+            until(
+                central_back,
+                120,
+                interval=1,
+                failure=lambda: (
+                    f"Central not back: {podman.containers('ev-all')['central']['State']}"
+                ),
+            )
             out, _ = follow.communicate(timeout=scaled(120))
         finally:
             if follow.poll() is None:
@@ -425,10 +448,12 @@ def test_three_pcs_start_pc2_first_and_supply_across_them(podman: Podman, tmp_pa
         # Both Centrals answer /healthz as soon as they serve; one of them must also have
         # become the active one (its transactional producer started: on a busy machine the
         # cluster's transaction log, fifty partitions of three copies, takes a while).
-        deadline = time.monotonic() + scaled(300)
-        while (roles := central_roles(podman)).count("active") != 1:
-            assert time.monotonic() < deadline, f"no active Central: {roles}"
-            time.sleep(3)
+        until(
+            lambda: central_roles(podman).count("active") == 1,
+            300,
+            interval=3,
+            failure=lambda: f"no active Central: {central_roles(podman)}",
+        )
         report(podman, f"three PCs: a Central active {time.monotonic() - podman.started:.0f}s")
 
         # PC1's driver app, at a CP of PC3, through the active Central: accepted, authorised

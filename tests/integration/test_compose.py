@@ -83,40 +83,28 @@ def _parse_central(environ: Mapping[str, str]) -> Any:
         return central_config.parse([])
 
 
+def _target(
+    argv: list[str], config: Any, **extra: str
+) -> tuple[list[str], Parse, Callable[[], Any]]:
+    """A target whose config module has parse_settings(argv, environ=) and build_parser(environ);
+    `extra` stands in for what only the deployment has."""
+    return (
+        argv,
+        lambda env: config.parse_settings([], environ={**env, **extra}),
+        lambda: config.build_parser({}),
+    )
+
+
 TARGETS: dict[str, tuple[list[str], Parse, Callable[[], Any]]] = {
     "central": (["EV_Central"], _parse_central, central_config.build_parser),
-    "engine": (
-        ["EV_CP_E"],
-        lambda env: engine_config.parse_settings([], environ=env),
-        lambda: engine_config.build_parser({}),
-    ),
-    "monitor": (
-        ["EV_CP_M"],
-        lambda env: monitor_config.parse_settings([], environ=env),
-        lambda: monitor_config.build_parser({}),
-    ),
-    "site": (
-        ["EV_CP_M", "dashboard"],
-        lambda env: site_config.parse_settings([], environ=env),
-        lambda: site_config.build_parser({}),
-    ),
-    "driver": (
-        ["EV_Driver", "dashboard"],
-        lambda env: driver_config.parse_settings([], environ=env),
-        lambda: driver_config.build_parser({}),
-    ),
-    "registry": (
-        ["EV_Registry"],
-        lambda env: registry_config.parse_settings([], environ=env),
-        lambda: registry_config.build_parser({}),
-    ),
+    "engine": _target(["EV_CP_E"], engine_config),
+    "monitor": _target(["EV_CP_M"], monitor_config),
+    "site": _target(["EV_CP_M", "dashboard"], site_config),
+    "driver": _target(["EV_Driver", "dashboard"], driver_config),
+    "registry": _target(["EV_Registry"], registry_config),
     # The weather account's password file is the deployment's (secrets/): a stand-in here.
-    "weather": (
-        ["EV_W"],
-        lambda env: weather_config.parse_settings(
-            [], environ={**env, "EV_WEATHER_PASSWORD_FILE": "", "EV_WEATHER_PASSWORD": "x"}
-        ),
-        lambda: weather_config.build_parser({}),
+    "weather": _target(
+        ["EV_W"], weather_config, EV_WEATHER_PASSWORD_FILE="", EV_WEATHER_PASSWORD="x"
     ),
 }
 
