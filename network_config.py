@@ -5,7 +5,8 @@ Each value can be overridden by an environment variable of the same name (for ex
 writes them as a .env file for the Docker Compose files; `--ports pc2` prints the TCP ports
 that PC serves to the others (what its firewall must let in); `--three-pcs` refuses settings
 the three-PC deployment cannot run on; `--audit-key FILE` creates the audit key the two
-Centrals share, unless FILE exists.
+Centrals share, unless FILE exists; `--kafka-passwords DIR` creates the Kafka logins' passwords
+that are missing in DIR (secure by default: docs/security.md, "The deployment").
 
 Standard library only: it runs on any PC with Python 3.11, without the project installed.
 """
@@ -56,10 +57,15 @@ DEFAULTS: dict[str, str] = {
     # minutes, a ticket of kWh rather than Wh; the dashboards mark such CPs. Empty: 60 with
     # the demo data (DEMO=1), real time (1) without it.
     "CP_SPEED": "",
-    # TLS (docs/tls.md), off while empty: paths INSIDE the containers of the certificates the
-    # operator mounts (e.g. /certs/central.crt). Central's pair turns on TLS for :5000 and the
-    # admin web; the monitors then verify Central with CENTRAL_TLS_CA. Each dashboard has its
-    # own pair.
+    # 1 (the default): TLS on :5000, the dashboards and Kafka, and Kafka's logins and ACLs
+    # (docs/security.md, "The deployment"); the deploy scripts make the certificates and
+    # passwords on the first `up`. 0 turns all of it off, on purpose: a trusted test bench only.
+    "SECURE": "1",
+    # TLS (docs/tls.md), off while empty: paths INSIDE the containers of the certificates (the
+    # compose files' one-shot `keys` service copies ./certs into the volume mounted at /keys).
+    # Central's pair turns on TLS for :5000 and the admin web; the monitors then verify
+    # Central with CENTRAL_TLS_CA. Each dashboard has its own pair. Unset, they are the paths
+    # below with SECURE=1 and empty with SECURE=0.
     "CENTRAL_TLS_CERT": "",
     "CENTRAL_TLS_KEY": "",
     "CENTRAL_TLS_CA": "",
@@ -72,6 +78,19 @@ DEFAULTS: dict[str, str] = {
 # Settings that may stay empty (TLS off); every other one needs a value (KAFKA_BROKERS gets
 # one from the addresses when empty).
 OPTIONAL = frozenset(key for key in DEFAULTS if "_TLS_" in key)
+# Where the certificates are in the containers when SECURE=1 (scripts/make-certs.py's names).
+SECURE_TLS = {
+    "CENTRAL_TLS_CERT": "/keys/central.crt",
+    "CENTRAL_TLS_KEY": "/keys/central.key",
+    "CENTRAL_TLS_CA": "/keys/ca.crt",
+    "DRIVER_TLS_CERT": "/keys/driver-dashboard.crt",
+    "DRIVER_TLS_KEY": "/keys/driver-dashboard.key",
+    "SITE_TLS_CERT": "/keys/site-dashboard.crt",
+    "SITE_TLS_KEY": "/keys/site-dashboard.key",
+}
+# The shared Kafka logins (EV_Central/kafka_cli.py's SHARED_ROLES) and the broker's own
+# super user; each CP's engine has one more, cp-ID.
+KAFKA_LOGINS = ("admin", "central", "monitor", "driver", "site", "kafka-ui")
 # A certificate and its key: both set or both empty.
 TLS_PAIRS = (
     ("CENTRAL_TLS_CERT", "CENTRAL_TLS_KEY"),
@@ -197,6 +216,14 @@ def load(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """
     env = os.environ if environ is None else environ
     config = {key: env.get(key, value).strip() for key, value in DEFAULTS.items()}
+    if config["SECURE"] not in ("0", "1"):
+        raise ValueError(
+            f"SECURE={config['SECURE']!r}: 1 turns TLS and Kafka's logins on, 0 off (on purpose)"
+        )
+    secure = config["SECURE"] == "1"
+    for key, path in SECURE_TLS.items():
+        if key not in env and secure:
+            config[key] = path
     for key in ("PC1_IP", "PC2_IP", "PC3_IP"):
         check_host(key, config[key])
     ports = {key: check_port(key, value) for key, value in config.items() if key.endswith("_PORT")}
@@ -246,7 +273,74 @@ def load(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     config["CENTRAL_ADDRESSES"] = ",".join(
         f"{config[f'{pc.upper()}_IP']}:{config['CENTRAL_PORT']}" for pc in CENTRAL_PCS
     )
+    # Kafka secured or not: the compose files read these (an empty KAFKA_SECURE leaves every
+    # service's Kafka login empty: `${KAFKA_SECURE:+...}`).
+    config["KAFKA_SECURE"] = "1" if secure else ""
+    config["KAFKA_CLIENT_PROTOCOL"] = "SASL_SSL" if secure else "PLAINTEXT"
+    config["KAFKA_CONTROLLER_PROTOCOL"] = "SSL" if secure else "PLAINTEXT"
+    config["KAFKA_AUTHORIZER"] = (
+        "org.apache.kafka.metadata.authorizer.StandardAuthorizer" if secure else ""
+    )
+    # Each service's Kafka login, empty (plain) with SECURE=0; its password file is
+    # /keys/kafka-LOGIN.password (docker/install-keys.sh). Plain variables, not
+    # `${KAFKA_SECURE:+...}`: docker-compose 1.x does not know that form.
+    config["KAFKA_CA"] = "/keys/ca.crt" if secure else ""
+    for name in ("central", "monitor", "driver", "site"):
+        config[f"KAFKA_USER_{name.upper()}"] = name if secure else ""
+    for n, cp in enumerate(ids, start=1):
+        config[f"CP{n}_KAFKA_USER"] = f"cp-{cp}" if secure else ""
     return config
+
+
+def kafka_logins(config: Mapping[str, str]) -> list[str]:
+    """Every Kafka login of the deployment: the shared ones and each of PC3's engines'."""
+    return [*KAFKA_LOGINS, *(f"cp-{cp}" for cp in config["PC3_CPS"].split(","))]
+
+
+def pc_files(config: Mapping[str, str], pc: str) -> list[str]:
+    """The certificates and secrets PC `pc` needs, relative to the repository; PC2's deploy
+    makes them all (PC2 keeps the CA's key), and the operator copies these to PC1 and PC3."""
+    secure = config["SECURE"] == "1"
+    files = ["secrets/central.audit-key"] if pc in CENTRAL_PCS else []
+    if not secure:
+        return files
+    files += ["certs/ca.crt", "certs/kafka.crt", "certs/kafka.key", "secrets/kafka-admin.password"]
+    servers = {
+        "pc1": ["central", "driver-dashboard"],
+        "pc2": ["central", "registry"],
+        "pc3": ["site-dashboard"],
+    }[pc]
+    # kafka-ui: the read-only login Kafka UI and scripts/preflight.py use, on every PC.
+    logins = {
+        "pc1": ["central", "driver", "kafka-ui"],
+        "pc2": [name for name in kafka_logins(config) if name != "admin"],
+        "pc3": [
+            "monitor",
+            "site",
+            "kafka-ui",
+            *(f"cp-{cp}" for cp in config["PC3_CPS"].split(",")),
+        ],
+    }[pc]
+    files += [f"certs/{name}.{ext}" for name in servers for ext in ("crt", "key")]
+    files += [f"secrets/kafka-{name}.password" for name in logins]
+    return files
+
+
+def ensure_kafka_passwords(directory: str, config: Mapping[str, str]) -> list[str]:
+    """Create DIR/kafka-NAME.password (mode 0600) for each login that has none; the names of
+    those created now. A password is URL-safe base64 (what kafka.sh's JAAS line accepts)."""
+    os.makedirs(directory, exist_ok=True)
+    created = []
+    for name in kafka_logins(config):
+        path = os.path.join(directory, f"kafka-{name}.password")
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            continue
+        with os.fdopen(fd, "w", encoding="ascii") as out:
+            out.write(secrets.token_urlsafe(24) + "\n")
+        created.append(name)
+    return created
 
 
 def three_pc_problem(config: Mapping[str, str]) -> str | None:
@@ -313,6 +407,17 @@ def main(argv: list[str] | None = None) -> int:
         help="create the audit key the two Centrals share in FILE unless it exists",
     )
     parser.add_argument(
+        "--kafka-passwords",
+        metavar="DIR",
+        help="create the Kafka logins' passwords missing in DIR (kafka-NAME.password)",
+    )
+    parser.add_argument(
+        "--needs",
+        metavar="PC",
+        choices=PCS,
+        help="print the certificates and secrets PC needs (made on PC2), one per line",
+    )
+    parser.add_argument(
         "--ports",
         metavar="PC",
         choices=[*PCS, "all"],
@@ -331,13 +436,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.audit_key:
         created = ensure_audit_key(args.audit_key)
         print(f"{'created' if created else 'kept'} {args.audit_key}")
-    if args.ports:
+    if args.kafka_passwords:
+        made = ensure_kafka_passwords(args.kafka_passwords, config)
+        print(f"created {', '.join(made)}" if made else "kept every Kafka password")
+    if args.needs:
+        print("\n".join(pc_files(config, args.needs)))
+    elif args.ports:
         print(" ".join(str(port) for port in pc_ports(config, args.ports)))
     elif args.env:
         with open(args.env, "w", encoding="utf-8") as out:
             out.write(env_file(config))
         print(f"wrote {args.env}")
-    elif not args.audit_key:
+    elif not (args.audit_key or args.kafka_passwords):
         sys.stdout.write(env_file(config))
     return 0
 

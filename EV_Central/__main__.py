@@ -4,8 +4,9 @@ python -m EV_Central ctl ... (register CP_ID --location T --price EUR --max-kw K
                               revoke-key CP_ID | reset-secret CP_ID)
 python -m EV_Central user [--db PATH] (add ID --role driver|admin | passwd ID | list)
 python -m EV_Central audit (verify|show) [--db PATH]
-python -m EV_Central kafka-access --broker B --kafka-ca CA --kafka-password-file F (setup DIR |
-                                  cp CP_ID DIR | withdraw NAME)
+python -m EV_Central kafka-access --broker B --kafka-ca CA --kafka-password-file F
+                                  (setup DIR [CP_ID ...] | cp CP_ID DIR | password NAME DIR |
+                                  withdraw NAME)
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@
       scripts\deploy.ps1 -Pc pc3 logs [-Service S]   follow the logs
       scripts\deploy.ps1 -Pc pc3 attach -Service engine-cp1   an engine's menu (Ctrl-P Ctrl-Q detaches)
       scripts\deploy.ps1 -Pc pc2 config              the compose file with .env applied
+      scripts\deploy.ps1 -Pc pc2 keys                what up does first: make (pc2, all) or check
+                                                    (pc1, pc3) the certificates and secrets
       scripts\deploy.ps1 -Pc pc2 up -Build           build the images on a freshly pulled base first
       scripts\deploy.ps1 -Pc pc2 up -Follow          once healthy, follow the logs (Ctrl-C stops following)
 
@@ -19,14 +21,16 @@
     this one host (one broker, one Central). Addresses and ports come from network_config.py,
     overridden by environment variables ($env:PC2_IP = "192.168.1.20").
 
-    The two Centrals share an audit key, secrets\central.audit-key: up on pc2 creates it when
-    missing, and it must be copied to PC1 before up on pc1.
+    Secure by default: up on pc2 (or all) makes the local CA, the certificates, the Kafka
+    passwords and the audit key the two Centrals share when they are missing (certs\,
+    secrets\), and names the files to copy to PC1 and PC3 before their up (docs/security.md,
+    "The deployment"; SECURE=0 turns TLS and Kafka's logins off).
 
 .PARAMETER Pc
     pc1, pc2, pc3 or all: which PC's compose file (all: docker-compose.yml).
 
 .PARAMETER Action
-    up, down, status, logs, attach or config (status when omitted).
+    up, down, status, logs, attach, config or keys (status when omitted).
 
 .PARAMETER Service
     The service for logs and attach (e.g. engine-cp1), and for up -Follow; all when omitted.
@@ -45,7 +49,7 @@
 [CmdletBinding()]
 param(
     [Parameter(Position = 0)]
-    [ValidateSet("up", "down", "status", "logs", "attach", "config")]
+    [ValidateSet("up", "down", "status", "logs", "attach", "config", "keys")]
     [string]$Action = "status",
 
     [Parameter(Mandatory = $true)]
@@ -111,22 +115,55 @@ function Write-EnvFile {
     Write-Host "deploy: .env written"
 }
 
-# The audit key both Centrals share (Central reads it beside its database; the compose files
-# copy it into Central's volume): made once on PC2, copied to PC1 by the operator.
-$AuditKey = "secrets/central.audit-key"
-function Confirm-AuditKey {
-    if ($Pc -eq "pc2") {
-        $py = Find-Python
-        $pyArgs = @($py | Select-Object -Skip 1)
-        $said = & $py[0] @pyArgs network_config.py --audit-key $AuditKey
-        if ($LASTEXITCODE -ne 0) { Fail "network_config.py could not create $AuditKey" }
-        if ("$said" -like "created*") {
-            Write-Host "deploy: created $AuditKey, the audit key both Centrals share. Copy it to PC1 (the same path in its copy of this repository) before scripts\deploy.ps1 -Pc pc1 up; keep it secret, like the TLS keys" -ForegroundColor Yellow
+function Invoke-Python {
+    $py = Find-Python
+    $pyArgs = @($py | Select-Object -Skip 1)
+    & $py[0] @pyArgs @args
+}
+
+function Get-Setting([string]$Name) {
+    $line = Get-Content .env | Where-Object { $_ -like "$Name=*" } | Select-Object -First 1
+    return "$line" -replace "^$Name=", ""
+}
+
+# Secure by default (docs/security.md, "The deployment"): on the first up, PC2 (or all) makes
+# what is missing of the local CA and the certificates (certs\), the Kafka logins' passwords
+# and the audit key both Centrals share (secrets\), and says which files to copy to PC1 and
+# PC3; their up checks that they have them. SECURE=0 (network_config.py) turns TLS and Kafka's
+# logins off: then only the audit key is made (PC2) and copied (PC1).
+function Confirm-Keys {
+    $made = @()
+    if ($Pc -in @("pc2", "all")) {
+        if ((Get-Setting "SECURE") -eq "1") {
+            if (-not (Test-Path certs/ca.crt)) { $made += "the local CA (certs\ca.crt; its key certs\ca.key stays on this PC)" }
+            Invoke-Python scripts/make-certs.py --out certs | Out-Null
+            if ($LASTEXITCODE -ne 0) { Fail "scripts\make-certs.py failed (above): it needs Python's cryptography package (py -3 -m pip install cryptography); with new addresses, add --force to issue new certificates" }
+            $said = Invoke-Python network_config.py --kafka-passwords secrets
+            if ($LASTEXITCODE -ne 0) { Fail "network_config.py could not make the Kafka passwords" }
+            if ("$said" -like "created*") { $made += "Kafka passwords: $("$said".Substring(8))" }
+        }
+        if ($Pc -eq "pc2") {
+            $said = Invoke-Python network_config.py --audit-key secrets/central.audit-key
+            if ($LASTEXITCODE -ne 0) { Fail "network_config.py could not create secrets\central.audit-key" }
+            if ("$said" -like "created*") { $made += "the audit key both Centrals share" }
         }
     }
-    elseif ($Pc -eq "pc1" -and -not (Test-Path $AuditKey -PathType Leaf)) {
-        Fail "$AuditKey is missing: copy it from PC2 (scripts\deploy.ps1 -Pc pc2 up creates it there); the standby Central needs the active one's audit key"
+    if ($Pc -eq "pc2" -and $made.Count -gt 0) {
+        foreach ($line in $made) { Write-Host "deploy: made $line" -ForegroundColor Yellow }
+        Write-Host "deploy: keep certs\ and secrets\ private (the CA's key never leaves this PC)" -ForegroundColor Yellow
+        foreach ($other in @("pc1", "pc3")) {
+            $needs = Invoke-Python network_config.py --needs $other
+            Write-Host "deploy: copy to $($other.ToUpper()) (the same paths in its copy of this repository) before scripts\deploy.ps1 -Pc $other up: $($needs -join ' ')" -ForegroundColor Yellow
+        }
     }
+    elseif ($Pc -in @("pc1", "pc3")) {
+        $missing = @(Invoke-Python network_config.py --needs $Pc | Where-Object { $_ -and -not ((Test-Path $_ -PathType Leaf) -and (Get-Item $_).Length -gt 0) })
+        if ($missing.Count -gt 0) { Fail "missing $($missing -join ' '): copy them from PC2 (scripts\deploy.ps1 -Pc pc2 up makes them there; docs/security.md, ""The deployment"")" }
+    }
+    # Kafka UI (PC2) takes its password only in its configuration (docker-compose.pc2.yml).
+    if (Test-Path secrets/kafka-kafka-ui.password) { $env:KAFKA_UI_PASSWORD = Get-Content secrets/kafka-kafka-ui.password -TotalCount 1 }
+    # The keys service mounts both, also when empty (SECURE=0).
+    New-Item -ItemType Directory -Force certs, secrets | Out-Null
 }
 
 # Containers of this project that are not (yet) healthy; one-shot services that exited 0 are done.
@@ -148,7 +185,7 @@ function Get-Unhealthy {
 }
 
 # down, status, logs and attach read the .env the last `up` wrote; without one, a fresh one.
-if ($Action -notin @("up", "config") -and -not (Test-Path .env)) {
+if ($Action -notin @("up", "config", "keys") -and -not (Test-Path .env)) {
     $py = Find-Python
     $pyArgs = @($py | Select-Object -Skip 1)
     & $py[0] @pyArgs network_config.py --env .env | Out-Null
@@ -158,7 +195,7 @@ if ($Action -notin @("up", "config") -and -not (Test-Path .env)) {
 switch ($Action) {
     "up" {
         Write-EnvFile
-        Confirm-AuditKey
+        Confirm-Keys
         & docker info *> $null
         if ($LASTEXITCODE -ne 0) { Fail "the Docker engine does not answer: start Docker Desktop first" }
         if ($Build) { Invoke-Compose build --pull }
@@ -199,5 +236,9 @@ switch ($Action) {
     "config" {
         Write-EnvFile
         Invoke-Compose config
+    }
+    "keys" {
+        Write-EnvFile
+        Confirm-Keys
     }
 }

@@ -12,6 +12,8 @@
 #            logs     follow the logs (of SERVICE, or all)
 #            attach   attach to SERVICE's terminal, e.g. an engine's menu (Ctrl-P Ctrl-Q detaches)
 #            config   print the compose file with .env applied (what `up` would run)
+#            keys     what `up` does first: make (pc2, all) or check (pc1, pc3) the
+#                     certificates and secrets, without starting anything
 #   --build  with up: build the images first, on a freshly pulled base image
 #            (docker compose build --pull), then start
 #   --follow with up: once healthy, follow the logs (of SERVICE, or all) until Ctrl-C; the
@@ -19,9 +21,11 @@
 #   --help   this text
 #
 # Addresses and ports come from network_config.py, overridden by environment variables
-# (PC2_IP=192.168.1.20 scripts/deploy.sh pc3 up). The two Centrals share an audit key,
-# secrets/central.audit-key: `pc2 up` creates it when missing, and it must be copied to PC1
-# before `pc1 up`. Environment: PYTHON (python3), EV_DEPLOY_WAIT (seconds `up` waits for
+# (PC2_IP=192.168.1.20 scripts/deploy.sh pc3 up). Secure by default: `pc2 up` (or `all up`)
+# makes the local CA, the certificates, the Kafka passwords and the audit key the two Centrals
+# share when they are missing (certs/, secrets/), and names the files to copy to PC1 and PC3
+# before their `up` (docs/security.md, "The deployment"; SECURE=0 turns TLS and Kafka's logins
+# off). Environment: PYTHON (python3), EV_DEPLOY_WAIT (seconds `up` waits for
 # health, default 180), EV_COMPOSE (the compose command, e.g. "scripts/podman-setup.sh compose";
 # default `docker compose`, else docker-compose) and DOCKER (docker; podman for Podman).
 set -euo pipefail
@@ -44,7 +48,7 @@ done
 (( ${#POSITIONAL[@]} <= 3 )) || usage "too many arguments: ${POSITIONAL[*]}"
 PC="${POSITIONAL[0]:-}"; ACTION="${POSITIONAL[1]:-}"; SERVICE="${POSITIONAL[2]:-}"
 case "$PC" in pc1|pc2|pc3) FILE="docker-compose.$PC.yml" ;; all) FILE=docker-compose.yml ;; *) usage ;; esac
-case "$ACTION" in up|down|status|logs|attach|config) ;; *) usage ;; esac
+case "$ACTION" in up|down|status|logs|attach|config|keys) ;; *) usage ;; esac
 (( BUILD == 0 )) || [[ "$ACTION" == up ]] || usage "--build goes with up"
 (( FOLLOW == 0 )) || [[ "$ACTION" == up || "$ACTION" == logs ]] || usage "--follow goes with up (logs always follows)"
 PROJECT="ev-$PC"
@@ -73,23 +77,49 @@ write_env() {
     echo "deploy: .env written ($(tr '\n' ' ' < .env | cut -c1-120)...)"
 }
 
-# The audit key both Centrals share (Central reads it beside its database; the compose files
-# copy it into Central's volume): made once on PC2, copied to PC1 by the operator.
-AUDIT_KEY=secrets/central.audit-key
-audit_key() {
-    case "$PC" in
-    pc2)
-        if [[ "$("$PYTHON" network_config.py --audit-key "$AUDIT_KEY")" == created* ]]; then
-            echo "deploy: created $AUDIT_KEY, the audit key both Centrals share. Copy it to PC1" \
-                "(the same path in its copy of this repository) before scripts/deploy.sh pc1 up;" \
-                "keep it secret, like the TLS keys" >&2
+# Secure by default (docs/security.md, "The deployment"): on the first `up`, PC2 (or `all`)
+# makes what is missing of the local CA and the certificates (certs/), the Kafka logins'
+# passwords and the audit key both Centrals share (secrets/), and says which files to copy to
+# PC1 and PC3; their `up` checks that they have them. SECURE=0 (network_config.py) turns TLS
+# and Kafka's logins off: then only the audit key is made (PC2) and copied (PC1).
+setting() { sed -n "s/^$1=//p" .env; }
+make_keys() {
+    local made=() missing=() file
+    if [[ "$PC" == pc2 || "$PC" == all ]]; then
+        if [[ "$(setting SECURE)" == 1 ]]; then
+            [[ -f certs/ca.crt ]] || made+=("the local CA (certs/ca.crt; its key certs/ca.key stays on this PC)")
+            "$PYTHON" scripts/make-certs.py --out certs >/dev/null || die "scripts/make-certs.py" \
+                "failed (above): it needs Python's cryptography package (pip install cryptography," \
+                "or PYTHON=.venv/bin/python); with new addresses, add --force to issue new certificates"
+            local said; said="$("$PYTHON" network_config.py --kafka-passwords secrets)"
+            [[ "$said" == created* ]] && made+=("Kafka passwords: ${said#created }")
         fi
-        ;;
-    pc1)
-        [[ -f "$AUDIT_KEY" ]] || die "$AUDIT_KEY is missing: copy it from PC2 (scripts/deploy.sh" \
-            "pc2 up creates it there); the standby Central needs the active one's audit key"
-        ;;
-    esac
+        if [[ "$PC" == pc2 && "$("$PYTHON" network_config.py --audit-key secrets/central.audit-key)" == created* ]]; then
+            made+=("the audit key both Centrals share")
+        fi
+    fi
+    if [[ "$PC" == pc2 ]]; then
+        if (( ${#made[@]} )); then
+            printf 'deploy: made %s\n' "${made[@]}" >&2
+            echo "deploy: keep certs/ and secrets/ private (the CA's key never leaves this PC)" >&2
+            for other in pc1 pc3; do
+                echo "deploy: copy to ${other^^} (the same paths in its copy of this repository)" \
+                    "before scripts/deploy.sh $other up:" $("$PYTHON" network_config.py --needs "$other") >&2
+            done
+        fi
+    elif [[ "$PC" != all ]]; then
+        for file in $("$PYTHON" network_config.py --needs "$PC"); do
+            [[ -s "$file" ]] || missing+=("$file")
+        done
+        (( ${#missing[@]} == 0 )) || die "missing ${missing[*]}: copy them from PC2" \
+            "(scripts/deploy.sh pc2 up makes them there; docs/security.md, \"The deployment\")"
+    fi
+    # Kafka UI (PC2) takes its password only in its configuration (docker-compose.pc2.yml).
+    if [[ -f secrets/kafka-kafka-ui.password ]]; then
+        KAFKA_UI_PASSWORD="$(head -n 1 secrets/kafka-kafka-ui.password)"
+        export KAFKA_UI_PASSWORD
+    fi
+    mkdir -p certs secrets  # the keys service mounts both, also when empty (SECURE=0)
 }
 
 # The names of this project's services that are not (yet) healthy; one-shot services that
@@ -107,14 +137,14 @@ unhealthy() {
 }
 
 # down, status, logs and attach read the .env the last `up` wrote; without one, a fresh one.
-if [[ "$ACTION" != up && "$ACTION" != config && ! -f .env ]]; then
+if [[ "$ACTION" != up && "$ACTION" != config && "$ACTION" != keys && ! -f .env ]]; then
     "$PYTHON" network_config.py --env .env >/dev/null || die "network_config.py refused the settings"
 fi
 
 case "$ACTION" in
 up)
     write_env
-    audit_key
+    make_keys
     "$DOCKER" info >/dev/null 2>&1 || die "the Docker engine does not answer: start Docker (Desktop) first"
     if (( BUILD )); then compose build --pull; fi
     compose up -d --build --remove-orphans
@@ -144,4 +174,5 @@ attach)
     "$DOCKER" attach "$id"
     ;;
 config) write_env >&2; compose config ;;
+keys)   write_env >&2; make_keys ;;
 esac

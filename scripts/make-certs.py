@@ -5,14 +5,17 @@
 
 Each --server NAME=... writes NAME.crt and NAME.key for a server known by those names (DNS
 names and IP addresses, e.g. central=central,localhost,127.0.0.1,192.168.1.20). Without
---server it makes the four of a deployment from network_config.py's addresses (PC1_IP,
+--server it makes the five of a deployment from network_config.py's addresses (PC1_IP,
 PC2_IP, PC3_IP, overridable by the environment as there), each also valid for localhost and
 127.0.0.1:
 
-    central           Central's :5000 and admin web :8002   (central, PC2_IP)
+    central           Central's :5000 and admin web :8002   (central, PC2_IP, PC1_IP: the
+                      active Central and its standby present the same certificate)
     driver-dashboard  the drivers' dashboard :8001          (PC1_IP)
     site-dashboard    the site dashboard :8003              (PC3_IP)
     registry          EV_Registry's REST API :8004          (registry, PC2_IP)
+    kafka             every Kafka node, to clients and to each other (kafka, PC1_IP, PC2_IP,
+                      PC3_IP; CN=kafka is the nodes' principal, User:kafka)
 
 The CA is ca.crt (give it to every client: monitors, ctl, health checks, browsers) and ca.key
 (keep it on this machine). Keys are written with mode 0600. Running it again changes nothing:
@@ -113,7 +116,7 @@ def unique(values: Iterable[str]) -> tuple[str, ...]:
 
 
 def deployment_servers() -> list[ServerRequest]:
-    """The four servers of a deployment, at network_config.py's addresses."""
+    """The five servers of a deployment, at network_config.py's addresses."""
     sys.path.insert(0, str(ROOT))
     import network_config
 
@@ -122,10 +125,16 @@ def deployment_servers() -> list[ServerRequest]:
     except ValueError as exc:
         raise CertError(f"network_config.py: {exc}") from None
     return [
-        ServerRequest("central", unique(["central", *LOCAL_NAMES, config["PC2_IP"]])),
+        ServerRequest(
+            "central", unique(["central", *LOCAL_NAMES, config["PC2_IP"], config["PC1_IP"]])
+        ),
         ServerRequest("driver-dashboard", unique([*LOCAL_NAMES, config["PC1_IP"]])),
         ServerRequest("site-dashboard", unique([*LOCAL_NAMES, config["PC3_IP"]])),
         ServerRequest("registry", unique(["registry", *LOCAL_NAMES, config["PC2_IP"]])),
+        ServerRequest(
+            "kafka",
+            unique(["kafka", *LOCAL_NAMES, *(config[f"PC{n}_IP"] for n in (1, 2, 3))]),
+        ),
     ]
 
 
@@ -382,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="NAME=SAN,SAN,...",
         help="a server certificate NAME.crt valid for these DNS names and IP addresses "
-        "(repeatable); default: central, driver-dashboard, site-dashboard and registry at "
+        "(repeatable); default: central, driver-dashboard, site-dashboard, registry and kafka at "
         "network_config.py's addresses",
     )
     parser.add_argument(

@@ -2,6 +2,7 @@
 """Preflight: can this PC reach every part of the EV charging network, and do the clocks agree?
 
     python scripts/preflight.py [--pc pc1|pc2|pc3] [--env-file .env] [--timeout 3] [--tls-ca CA]
+                                [--kafka-user kafka-ui] [--kafka-password-file FILE]
 
 Reads the addresses and ports as network_config.py sees them (the environment, then the .env
 that deploy wrote, then its defaults) and checks, one line each with a fix when it fails:
@@ -13,14 +14,20 @@ Central's answer), the dashboards and Kafka UI. `--pc` names the PC this runs on
 then checked to be one of this machine's. A web server whose certificate is set in the settings
 (CENTRAL_TLS_CERT, DRIVER_TLS_CERT, SITE_TLS_CERT: TLS on, docs/tls.md) is checked over https,
 its certificate verified against `--tls-ca` (the deployment's ca.crt; the system's CAs without
-it). Exit 0 when nothing failed (warnings allowed), 1 when something did. Standard library
-only: any Python 3.11 runs it, without the project installed.
+it). A secured Kafka (SECURE=1, the deployment's default) is asked over TLS, verified with
+the same CA (certs/ca.crt when --tls-ca is not given), after logging in (SCRAM-SHA-512) as
+`kafka-ui`, the read-only login, with secrets/kafka-kafka-ui.password. Exit 0 when nothing
+failed (warnings allowed), 1 when something did. Standard library only: any Python 3.11 runs
+it, without the project installed.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import email.utils
+import hashlib
+import hmac
 import json
 import os
 import socket
@@ -44,6 +51,14 @@ MAX_KAFKA_FRAME = 1 << 20
 OK, WARN, FAIL, SKIP = "OK", "WARN", "FAIL", "SKIP"
 # Each web server's certificate setting: set means it serves https only (docs/tls.md).
 WEB_TLS = {"central": "CENTRAL_TLS_CERT", "pc1": "DRIVER_TLS_CERT", "pc3": "SITE_TLS_CERT"}
+# A secured Kafka's login: the read-only one Kafka UI uses too (it may describe the cluster,
+# every topic and group, and read no record), which every PC has (network_config.py --needs).
+KAFKA_LOGIN = "kafka-ui"
+KAFKA_LOGIN_FIX = (
+    "give the password PC2's deploy made (secrets/kafka-kafka-ui.password, "
+    "--kafka-password-file) and the CA (--tls-ca certs/ca.crt); for a plain Kafka "
+    "(make run), SECURE=0"
+)
 
 
 @dataclass(frozen=True)
@@ -185,21 +200,109 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytes:
     return bytes(data)
 
 
-def kafka_metadata(host: str, port: int, timeout: float, all_topics: bool = False) -> Metadata:
-    """What the broker at host:port says about the cluster (and every topic, if asked)."""
-    correlation_id = int(time.time()) & 0x7FFFFFFF
-    with socket.create_connection((host, port), timeout=timeout) as sock:
-        sock.settimeout(timeout)
-        sock.sendall(metadata_request(correlation_id, all_topics=all_topics))
-        (size,) = struct.unpack(">i", _recv_exactly(sock, 4))
-        if not 0 < size <= MAX_KAFKA_FRAME:
-            raise ValueError(f"implausible answer size {size}: is this a Kafka broker?")
-        return parse_metadata(_recv_exactly(sock, size), correlation_id)
+@dataclass(frozen=True)
+class KafkaLogin:
+    """A secured broker's login (docs/security.md, "Kafka"): TLS verified by `tls`, then
+    SCRAM-SHA-512 as `user`."""
+
+    user: str
+    password: str
+    tls: ssl.SSLContext
 
 
-def kafka_brokers(host: str, port: int, timeout: float) -> list[tuple[int, str, int]]:
+class KafkaLoginRefused(OSError):
+    """The broker refused the login (a wrong password or an unknown user)."""
+
+
+def _request(api_key: int, version: int, correlation_id: int, body: bytes) -> bytes:
+    """A Kafka request with a v1 header (the non-flexible versions used here)."""
+    client = b"ev-preflight"
+    header = struct.pack(">hhih", api_key, version, correlation_id, len(client)) + client
+    return struct.pack(">i", len(header) + len(body)) + header + body
+
+
+def _answer(sock: socket.socket, correlation_id: int) -> bytes:
+    """The body of the answer to request `correlation_id` (after its correlation id)."""
+    (size,) = struct.unpack(">i", _recv_exactly(sock, 4))
+    if not 0 < size <= MAX_KAFKA_FRAME:
+        raise ValueError(f"implausible answer size {size}: is this a Kafka broker?")
+    payload = _recv_exactly(sock, size)
+    (got,) = struct.unpack_from(">i", payload, 0)
+    if got != correlation_id:
+        raise ValueError(f"answer to request {got}, expected {correlation_id}")
+    return payload[4:]
+
+
+def _sasl_step(sock: socket.socket, correlation_id: int, message: bytes) -> bytes:
+    """One SaslAuthenticate v0 round: our bytes out, the broker's back."""
+    sock.sendall(_request(36, 0, correlation_id, struct.pack(">i", len(message)) + message))
+    body = _answer(sock, correlation_id)
+    (error,) = struct.unpack_from(">h", body, 0)
+    text, offset = _kafka_string(body, 2)
+    if error:
+        raise KafkaLoginRefused(f"the broker refused the login: {text or f'error {error}'}")
+    (length,) = struct.unpack_from(">i", body, offset)
+    return body[offset + 4 : offset + 4 + max(length, 0)]
+
+
+def scram_login(sock: socket.socket, login: KafkaLogin, correlation_id: int) -> None:
+    """SCRAM-SHA-512 (RFC 5802, as Kafka speaks it) on a connected socket; raises
+    KafkaLoginRefused when the broker says no, ValueError when its answer is not SCRAM."""
+    mechanism = b"SCRAM-SHA-512"
+    sock.sendall(_request(17, 1, correlation_id, struct.pack(">h", len(mechanism)) + mechanism))
+    (error,) = struct.unpack_from(">h", _answer(sock, correlation_id), 0)
+    if error:
+        raise KafkaLoginRefused(f"the broker does not offer {mechanism.decode()} (error {error})")
+    name = login.user.replace("=", "=3D").replace(",", "=2C")
+    nonce = base64.b64encode(os.urandom(24)).decode()
+    first_bare = f"n={name},r={nonce}"
+    server_first = _sasl_step(sock, correlation_id + 1, f"n,,{first_bare}".encode()).decode()
+    fields = dict(part.split("=", 1) for part in server_first.split(","))
+    if not fields.get("r", "").startswith(nonce) or "s" not in fields or "i" not in fields:
+        raise ValueError(f"not a SCRAM answer: {server_first[:80]!r}")
+    salted = hashlib.pbkdf2_hmac(
+        "sha512", login.password.encode(), base64.b64decode(fields["s"]), int(fields["i"])
+    )
+    client_key = hmac.digest(salted, b"Client Key", "sha512")
+    final_bare = f"c=biws,r={fields['r']}"
+    auth = f"{first_bare},{server_first},{final_bare}".encode()
+    signature = hmac.digest(hashlib.sha512(client_key).digest(), auth, "sha512")
+    proof = base64.b64encode(bytes(a ^ b for a, b in zip(client_key, signature, strict=True)))
+    server_final = _sasl_step(sock, correlation_id + 2, f"{final_bare},p={proof.decode()}".encode())
+    expected = hmac.digest(hmac.digest(salted, b"Server Key", "sha512"), auth, "sha512")
+    if server_final.decode() != "v=" + base64.b64encode(expected).decode():
+        raise ValueError("the broker's SCRAM answer does not prove it knows the login")
+
+
+def kafka_metadata(
+    host: str,
+    port: int,
+    timeout: float,
+    all_topics: bool = False,
+    login: KafkaLogin | None = None,
+) -> Metadata:
+    """What the broker at host:port says about the cluster (and every topic, if asked), over
+    TLS with a login when the broker is secured."""
+    correlation_id = int(time.time()) & 0x3FFFFFFF
+    with socket.create_connection((host, port), timeout=timeout) as plain:
+        plain.settimeout(timeout)
+        sock = login.tls.wrap_socket(plain, server_hostname=host) if login else plain
+        with sock:
+            if login:
+                scram_login(sock, login, correlation_id)
+                correlation_id += 3
+            sock.sendall(metadata_request(correlation_id, all_topics=all_topics))
+            (size,) = struct.unpack(">i", _recv_exactly(sock, 4))
+            if not 0 < size <= MAX_KAFKA_FRAME:
+                raise ValueError(f"implausible answer size {size}: is this a Kafka broker?")
+            return parse_metadata(_recv_exactly(sock, size), correlation_id)
+
+
+def kafka_brokers(
+    host: str, port: int, timeout: float, login: KafkaLogin | None = None
+) -> list[tuple[int, str, int]]:
     """The brokers (and the addresses they advertise) that the bootstrap server reports."""
-    return kafka_metadata(host, port, timeout).brokers
+    return kafka_metadata(host, port, timeout, login=login).brokers
 
 
 def host_port(address: str) -> tuple[str, int]:
@@ -257,6 +360,7 @@ class Preflight:
         pc: str | None,
         timeout: float,
         tls_ca: str | None = None,
+        kafka_login: tuple[str, str] | None = None,
     ) -> None:
         self.config = config
         self.pc = pc
@@ -264,6 +368,10 @@ class Preflight:
         self.tls_ca = tls_ca
         # Raises OSError (ssl.SSLError) when the CA file is missing or holds no certificate.
         self.tls = ssl.create_default_context(cafile=tls_ca)
+        # A secured Kafka (SECURE=1): TLS with the same CA, and a login (user, password).
+        self.kafka_login = (
+            KafkaLogin(kafka_login[0], kafka_login[1], self.tls) if kafka_login else None
+        )
         self.pc2 = config["PC2_IP"]
         self.central_health: HttpAnswer | None = None
         self.kafka_reachable = False
@@ -385,7 +493,9 @@ class Preflight:
         if not self.kafka_reachable:
             return Result(SKIP, "kafka advertised", "not checked: the bootstrap does not answer")
         try:
-            brokers = kafka_brokers(*host_port(self.bootstrap), self.timeout)
+            brokers = kafka_brokers(*host_port(self.bootstrap), self.timeout, self.kafka_login)
+        except KafkaLoginRefused as exc:
+            return Result(FAIL, "kafka advertised", str(exc), KAFKA_LOGIN_FIX)
         except (OSError, ValueError, struct.error) as exc:
             return Result(
                 FAIL,
@@ -419,7 +529,7 @@ class Preflight:
         silent = []
         for address in self.brokers:
             try:
-                metadata = kafka_metadata(*host_port(address), self.timeout)
+                metadata = kafka_metadata(*host_port(address), self.timeout, login=self.kafka_login)
             except (OSError, ValueError, struct.error) as exc:
                 silent.append(f"{address} ({exc})")
                 continue
@@ -455,7 +565,9 @@ class Preflight:
         if not self.kafka_reachable:
             return Result(SKIP, "kafka replication", "not checked: the bootstrap does not answer")
         try:
-            metadata = kafka_metadata(*host_port(self.bootstrap), self.timeout, all_topics=True)
+            metadata = kafka_metadata(
+                *host_port(self.bootstrap), self.timeout, all_topics=True, login=self.kafka_login
+            )
         except (OSError, ValueError, struct.error) as exc:
             return Result(
                 FAIL, "kafka replication", f"{self.bootstrap} gave no topic metadata: {exc}"
@@ -705,14 +817,33 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("EV_TLS_CA") or None,
         help="the CA file (certs/ca.crt) that verifies the web servers with TLS on [env EV_TLS_CA]",
     )
+    parser.add_argument(
+        "--kafka-password-file",
+        type=Path,
+        default=REPO_ROOT / "secrets" / f"kafka-{KAFKA_LOGIN}.password",
+        help=f"with a secured Kafka (SECURE=1): the password of the {KAFKA_LOGIN} login",
+    )
+    parser.add_argument("--kafka-user", default=KAFKA_LOGIN, help="that login's name")
     args = parser.parse_args(argv)
     try:
         config = settings(args.env_file, os.environ)
     except ValueError as exc:
         print(Result(FAIL, "configuration", str(exc), "fix network_config.py or .env").line())
         return 1
+    login = None
+    if config.get("KAFKA_SECURE"):
+        default_ca = REPO_ROOT / "certs" / "ca.crt"
+        if args.tls_ca is None and default_ca.is_file():
+            args.tls_ca = str(default_ca)
+        try:
+            password = args.kafka_password_file.read_text(encoding="utf-8").splitlines()[0]
+        except (OSError, IndexError) as exc:
+            detail = f"no password in {args.kafka_password_file}: {exc}"
+            print(Result(FAIL, "kafka login", detail, KAFKA_LOGIN_FIX).line())
+            return 1
+        login = (args.kafka_user, password.strip())
     try:
-        preflight = Preflight(config, args.pc, args.timeout, args.tls_ca)
+        preflight = Preflight(config, args.pc, args.timeout, args.tls_ca, login)
     except OSError as exc:
         print(
             Result(

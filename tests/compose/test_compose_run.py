@@ -4,6 +4,11 @@ No Docker engine and no image registry here: the images are built on a debootstr
 Kafka's from Maven's jars, and Docker Compose v2 drives `podman system service`. Everything
 runs inside a network namespace of the test's own, with the three PC addresses on it.
 
+Both run the secure default (docs/security.md, "The deployment"): the certificates and Kafka
+passwords made as scripts/deploy.sh makes them, TLS on :5000 and the dashboards, Kafka secured
+with SCRAM logins and ACLs; for three PCs, PC1 and PC3 get only the files `network_config.py
+--needs` names for them, copied from PC2's.
+
 First docker-compose.yml (everything on one host): every service healthy, a supply from the
 driver app's container to its ticket, then Central's process killed during a supply: its
 restart policy brings it back and the supply is settled. Then the three per-PC files as three
@@ -20,6 +25,7 @@ import os
 import select
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -38,7 +44,7 @@ SUBNET = "10.232.0"
 PC_IPS = {"pc1": f"{SUBNET}.1", "pc2": f"{SUBNET}.2", "pc3": f"{SUBNET}.3"}
 # Services whose image cannot be had without a registry.
 UNAVAILABLE = {"kafka-ui"}
-ONE_SHOT = {"kafka-init", "central-key"}
+ONE_SHOT = {"keys", "kafka-format", "kafka-init", "kafka-access"}
 
 
 class Podman:
@@ -276,6 +282,41 @@ def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
         p.setup("netns", "down", p.netns, timeout=60)
 
 
+def make_keys(directory: Path, env: dict[str, str]) -> None:
+    """What `scripts/deploy.sh pc2 up` (or `all up`) makes first, in `directory`: the CA and
+    certificates, the Kafka passwords and the audit key; and the two scripts the compose files
+    mount from the repository (the project's directory stands in for it)."""
+    for args in (
+        [str(REPO_ROOT / "scripts" / "make-certs.py"), "--out", str(directory / "certs")],
+        [str(REPO_ROOT / "network_config.py"), "--kafka-passwords", str(directory / "secrets")],
+        [str(REPO_ROOT / "network_config.py"), "--audit-key"]
+        + [str(directory / "secrets" / "central.audit-key")],
+    ):
+        subprocess.run([sys.executable, *args], check=True, capture_output=True, env=env)
+    (directory / "docker").mkdir(exist_ok=True)
+    for script in ("install-keys.sh", "kafka-format.sh"):
+        shutil.copy(REPO_ROOT / "docker" / script, directory / "docker" / script)
+
+
+def copy_needed(source: Path, target: Path, pc: str, env: dict[str, str]) -> None:
+    """What the operator copies from PC2 to `pc`: the files network_config.py names for it."""
+    needs = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "network_config.py"), "--needs", pc],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+    ).stdout.split()
+    assert needs, f"{pc} needs nothing from PC2?"
+    for name in needs:
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source / name, target / name)
+    (target / "certs").mkdir(exist_ok=True)
+    (target / "docker").mkdir(exist_ok=True)
+    for script in ("install-keys.sh", "kafka-format.sh"):
+        shutil.copy(REPO_ROOT / "docker" / script, target / "docker" / script)
+
+
 def report(podman: Podman, line: str) -> None:
     """Timings, kept beside the run's logs (and shown with pytest -s)."""
     print(line)
@@ -291,12 +332,14 @@ def test_all_in_one_stack_supplies_and_survives_a_central_crash(
 ) -> None:
     directory = tmp_path / "all"
     directory.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_IP")}
     subprocess.run(
         ["python3", str(REPO_ROOT / "network_config.py"), "--env", str(directory / ".env")],
         check=True,
         capture_output=True,
-        env={k: v for k, v in os.environ.items() if not k.endswith("_IP")},
+        env=env,
     )
+    make_keys(directory, env)
     project = Project(podman, "ev-all", "docker-compose.yml", directory)
     try:
         up = project.up()
@@ -372,9 +415,9 @@ def central_roles(podman: Podman) -> list[str]:
                 central["Id"] if central else f"ev-{pc}-central-1",
                 "python",
                 "-c",
-                "import json, os, urllib.request; print(json.load(urllib.request.urlopen("
-                "'http://127.0.0.1:%s/healthz' % os.environ['EV_HTTP_PORT'], timeout=5))"
-                ".get('role', ''))",
+                "import json, os, ssl, urllib.request; print(json.load(urllib.request.urlopen("
+                "'https://127.0.0.1:%s/healthz' % os.environ['EV_HTTP_PORT'], timeout=5, "
+                "context=ssl.create_default_context(cafile='/keys/ca.crt'))).get('role', ''))",
             ],
             env=podman.env,
             capture_output=True,
@@ -424,14 +467,10 @@ def test_three_pcs_start_pc2_first_and_supply_across_them(podman: Podman, tmp_pa
         projects[pc] = Project(
             podman, f"ev-{pc}", f"docker-compose.{pc}.yml", directory, pc_override(pc, directory)
         )
-    # The audit key PC2's deploy creates and the operator copies to PC1.
-    key = tmp_path / "pc2" / "secrets" / "central.audit-key"
-    subprocess.run(
-        ["python3", str(REPO_ROOT / "network_config.py"), "--audit-key", str(key)],
-        check=True,
-        capture_output=True,
-    )
-    shutil.copy(key, tmp_path / "pc1" / "secrets" / "central.audit-key")
+    # What PC2's deploy makes, and the operator copies to PC1 and PC3.
+    make_keys(tmp_path / "pc2", env)
+    for pc in ("pc1", "pc3"):
+        copy_needed(tmp_path / "pc2", tmp_path / pc, pc, env)
     ups: list[subprocess.Popen[str]] = []
     try:
         for pc, project in projects.items():
@@ -440,7 +479,7 @@ def test_three_pcs_start_pc2_first_and_supply_across_them(podman: Podman, tmp_pa
             ups.append(project.up())
             time.sleep(2)
         for up, project in zip(ups, projects.values(), strict=True):
-            code = up.wait(timeout=scaled(420))
+            code = up.wait(timeout=scaled(540))
             assert code == 0, (podman.run_dir / f"{project.name}-up.log").read_text()[-4000:]
         wait_healthy(list(projects.values()), timeout=240)
         report(podman, f"three PCs healthy {time.monotonic() - podman.started:.0f}s")

@@ -194,6 +194,64 @@ async def test_a_withdrawn_cp_login_is_refused_by_the_broker(secured: SecuredBro
         assert await access.revoke_all("cp-CP009") == 0  # nothing left to remove
 
 
+async def test_a_rotated_password_logs_in_and_the_old_one_is_refused(
+    secured: SecuredBroker,
+) -> None:
+    secured.access("cp", "CP010", str(secured.creds))
+    old = secured.login("cp-CP010")
+    said = secured.access("password", "cp-CP010", str(secured.creds))
+    assert "cp-CP010: a new password in" in said, said
+    new = secured.login("cp-CP010")
+    assert new.password != old.password
+    assert secured.password_file("cp-CP010").stat().st_mode & 0o777 == 0o600
+    stale = AIOKafkaProducer(bootstrap_servers=secured.bootstrap, **old.client_options())
+    refused = await _refused("a rotated-away password", stale.start())
+    await stale.stop()
+    assert isinstance(refused, KafkaConnectionError)
+    fresh = AIOKafkaProducer(bootstrap_servers=secured.bootstrap, **new.client_options())
+    await fresh.start()
+    try:  # the login keeps its ACLs: its events still go in
+        await fresh.send_and_wait(Topics.CP_EVENTS, b"{}", key=b"CP010")
+    finally:
+        await fresh.stop()
+
+
+def test_preflight_logs_in_to_a_secured_broker_and_says_when_it_cannot(
+    secured: SecuredBroker, tmp_path: Path
+) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text(
+        f"KAFKA_BROKERS={secured.bootstrap}\nPC1_IP=127.0.0.1\nPC2_IP=127.0.0.1\n"
+        "PC3_IP=127.0.0.1\nSECURE=1\n"
+    )
+
+    def kafka_lines(password_file: Path) -> dict[str, str]:
+        done = subprocess.run(
+            [sys.executable, "scripts/preflight.py", "--env-file", str(env_file)]
+            + ["--tls-ca", str(secured.ca), "--kafka-password-file", str(password_file)]
+            + ["--timeout", str(scaled(5))],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=scaled(120),
+            check=False,
+        )
+        lines = [line for line in done.stdout.splitlines() if "] kafka " in line]
+        return {line.split("]")[1].split()[1]: line for line in lines}
+
+    good = kafka_lines(secured.password_file("kafka-ui"))
+    for check in ("bootstrap", "advertised", "quorum"):
+        assert good[check].startswith("[OK"), good
+    # One broker, one copy of everything: the topics kafka-access made, described to this login.
+    assert good["replication"].startswith("[OK"), good
+    wrong = tmp_path / "wrong.password"
+    wrong.write_text("not-the-password\n")
+    bad = kafka_lines(wrong)
+    assert bad["advertised"].startswith("[FAIL"), bad
+    assert "refused the login" in bad["advertised"], bad
+    assert "secrets/kafka-kafka-ui.password" in bad["advertised"], bad
+
+
 async def test_a_supply_end_to_end_with_every_service_logged_in(
     secured: SecuredBroker, tmp_path: Path
 ) -> None:

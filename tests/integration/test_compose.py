@@ -15,6 +15,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -45,7 +46,10 @@ COMPOSE_FILES = {
 }
 CONFIG = network_config.load({})
 VARIABLE = re.compile(r"\$\{([^}]*)\}")
-ONE_SHOT = {"kafka-init", "central-key"}
+ONE_SHOT = {"keys", "kafka-format", "kafka-init", "kafka-access"}
+# A secret the deploy scripts pass in their environment rather than write into .env (Kafka UI
+# takes its password only inside its configuration); empty when compose runs without them.
+FROM_DEPLOY_ENVIRONMENT = {"KAFKA_UI_PASSWORD:-"}
 INTERNAL_BROKER = "kafka:${KAFKA_INTERNAL_PORT}"
 # The three-PC files: a Kafka node on every PC, two Centrals (PC2's and its standby on PC1).
 PC_FILES = ("pc1", "pc2", "pc3")
@@ -109,6 +113,20 @@ TARGETS: dict[str, tuple[list[str], Parse, Callable[[], Any]]] = {
 }
 
 
+@pytest.fixture(scope="module")
+def keys_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What the compose files' keys service puts in /keys, made by the deploy scripts' tools
+    (scripts/make-certs.py, network_config.py --kafka-passwords) at CONFIG's addresses."""
+    keys = tmp_path_factory.mktemp("keys")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PC")}
+    for args in (
+        [str(REPO_ROOT / "scripts" / "make-certs.py"), "--out", str(keys)],
+        [str(REPO_ROOT / "network_config.py"), "--kafka-passwords", str(keys)],
+    ):
+        subprocess.run([sys.executable, *args], check=True, capture_output=True, env=env)
+    return keys
+
+
 def load_compose(name: str) -> dict[str, Any]:
     data = yaml.safe_load(COMPOSE_FILES[name].read_text())
     assert isinstance(data, dict) and isinstance(data.get("services"), dict), name
@@ -124,7 +142,10 @@ def substitute(value: Any, config: Mapping[str, str] = CONFIG) -> str:
     """Compose's interpolation of ${VAR} ($$ is a literal $), from network_config's values."""
     text = str(value)
     parts = text.split("$$")
-    return "$".join(VARIABLE.sub(lambda m: config[m.group(1)], part) for part in parts)
+    return "$".join(
+        VARIABLE.sub(lambda m: config.get(m.group(1).removesuffix(":-"), ""), part)
+        for part in parts
+    )
 
 
 def environment(service: Mapping[str, Any]) -> dict[str, str]:
@@ -205,7 +226,7 @@ def build_target(service: Mapping[str, Any]) -> str | None:
 @pytest.mark.parametrize("name", COMPOSE_FILES)
 def test_every_variable_is_one_of_network_config(name: str) -> None:
     text = COMPOSE_FILES[name].read_text()
-    used = set(VARIABLE.findall(text.replace("$$", "")))
+    used = set(VARIABLE.findall(text.replace("$$", ""))) - FROM_DEPLOY_ENVIRONMENT
     assert used, name
     # Plain ${VAR} only: a ${VAR:-default} would hide a missing .env behind a silent default.
     assert all(re.fullmatch(r"[A-Z0-9_]+", var) for var in used), used
@@ -281,19 +302,31 @@ def test_every_dependency_has_a_condition(name: str) -> None:
 def test_the_right_services_wait_for_each_other() -> None:
     pc2 = services("pc2")
     assert set(pc2["kafka-ui"]["depends_on"]) == {"kafka"}
-    assert set(services("all")["central"]["depends_on"]) == {"kafka", "kafka-init"}
+    every = {"kafka", "kafka-init", "kafka-access", "keys"}
+    assert set(services("all")["central"]["depends_on"]) == every
+    for name in COMPOSE_FILES:
+        svcs = services(name)
+        # The keys first; the node formatted (with the admin's login) before its first start.
+        assert "depends_on" not in svcs["keys"], name
+        assert set(svcs["kafka-format"]["depends_on"]) == {"keys"}, name
+        assert set(svcs["kafka"]["depends_on"]) == {"kafka-format"}, name
+        assert set(svcs["kafka-init"]["depends_on"]) == {"kafka"}, name
+        if "kafka-access" in svcs:  # the logins once the topics exist (PC2, one host)
+            assert set(svcs["kafka-access"]["depends_on"]) == {"kafka-init"}, name
+    assert "kafka-access" not in services("pc1") and "kafka-access" not in services("pc3")
     for name in PC_FILES:
         svcs = services(name)
-        assert set(svcs["kafka-init"]["depends_on"]) == {"kafka"}, name
         # Nothing of ours that reads Kafka starts before the topics exist with three copies:
         # every service creates the ones it misses, with one copy while a node is missing.
         for svc_name, svc in svcs.items():
             reads_kafka = "EV_BROKER" in environment(svc)
             if build_target(svc) and reads_kafka and not svc_name.startswith("monitor-"):
-                assert "kafka-init" in svc.get("depends_on", {}), (name, svc_name)
+                waits = set(svc.get("depends_on", {}))
+                assert waits & {"kafka-init", "kafka-access"}, (name, svc_name)
     for name in CENTRAL_PCS:
         central = services(name)["central"]
-        assert set(central["depends_on"]) == {"kafka", "kafka-init", "central-key"}, name
+        wanted = {"kafka", "kafka-init", "keys"} | ({"kafka-access"} if name == "pc2" else set())
+        assert set(central["depends_on"]) == wanted, name
     for n in range(1, network_config.PC3_SLOTS + 1):
         assert set(services("pc3")[f"monitor-cp{n}"]["depends_on"]) == {f"engine-cp{n}"}
         assert set(services("all")[f"monitor-cp{n}"]["depends_on"]) == {f"engine-cp{n}", "central"}
@@ -303,10 +336,12 @@ def test_the_right_services_wait_for_each_other() -> None:
 
 
 @pytest.mark.parametrize(("name", "svc_name"), every_file_and_service())
-def test_container_settings_are_accepted_by_the_service(name: str, svc_name: str) -> None:
+def test_container_settings_are_accepted_by_the_service(
+    name: str, svc_name: str, keys_dir: Path
+) -> None:
     svc = services(name)[svc_name]
     target = build_target(svc)
-    if target is None:
+    if target is None or svc_name in ONE_SHOT:  # kafka-access: a command of Central's image
         return
     module, parse, build_parser = TARGETS[target]
     entrypoint = dockerfile_stages()[target].last("ENTRYPOINT")
@@ -324,8 +359,14 @@ def test_container_settings_are_accepted_by_the_service(name: str, svc_name: str
     unknown = set(env) - flags
     assert not unknown, f"{svc_name}: {sorted(unknown)} are no flags of {' '.join(module)}"
     assert env.get("EV_LOG_JSON") == "1"
+    # Secure by default: the certificates and passwords the keys service puts in /keys,
+    # here the same files made by the same tools in a directory of the test's.
+    keys = {key: value.replace("/keys/", f"{keys_dir}/") for key, value in env.items()}
+    for value in keys.values():
+        if value.startswith(f"{keys_dir}/"):
+            assert Path(value).is_file(), f"{svc_name}: {value} is not one of the keys made"
     try:
-        settings = parse(env)
+        settings = parse(keys)
     except SystemExit as exc:
         pytest.fail(f"{svc_name}: {' '.join(module)} refused its settings (exit {exc.code})")
     assert settings.log_json is True
@@ -335,7 +376,7 @@ def test_container_settings_are_accepted_by_the_service(name: str, svc_name: str
     if target == "registry":  # no broker: it reaches Central's admin web
         assert settings.central == ("central", int(CONFIG["CENTRAL_HTTP_PORT"]))
         assert settings.http_port == int(CONFIG["REGISTRY_PORT"])
-        assert settings.scheme == "https" and settings.tls_cert == "/certs/registry.crt"
+        assert settings.scheme == "https" and settings.tls_cert == f"{keys_dir}/registry.crt"
         return
     if target == "weather":  # no broker either: a client of Central's admin web
         port = int(CONFIG["CENTRAL_HTTP_PORT"])
@@ -345,6 +386,18 @@ def test_container_settings_are_accepted_by_the_service(name: str, svc_name: str
         assert "./weather:/weather:ro" in svc["volumes"], "a directory: `set` renames the file"
         return
     assert settings.broker == broker, svc_name
+    # Its own Kafka login, over TLS verified with the deployment's CA.
+    login = settings.kafka
+    assert login is not None, f"{svc_name}: Kafka is secured by default"
+    assert login.ca_file == f"{keys_dir}/ca.crt"
+    wanted_login = {
+        "central": "central",
+        "driver": "driver",
+        "site": "site",
+        "monitor": "monitor",
+        "engine": f"cp-{CONFIG.get('CP' + svc_name.removeprefix('engine-cp') + '_ID')}",
+    }[target]
+    assert login.username == wanted_login, svc_name
     if target == "central":
         assert settings.port == int(CONFIG["CENTRAL_PORT"])
         assert settings.http_port == int(CONFIG["CENTRAL_HTTP_PORT"])
@@ -530,29 +583,66 @@ def test_every_pc_s_kafka_init_creates_the_bus_and_ha_topics_with_three_copies(
         t.name: (t.partitions, t.config) for t in (*TOPICS, *HA_TOPICS)
     }
     assert script == services("pc2")["kafka-init"]["command"][0], "the same on every PC"
-    function = script[: script.index("\n}\n")]
-    assert "--if-not-exists" in function, "a second `up`, or a second PC's, must not fail"
-    assert "--replication-factor 3 --config min.insync.replicas=2" in function
+    create = script[script.index("create() {") : script.index("\n}\n")]
+    assert "--if-not-exists" in create, "a second `up`, or a second PC's, must not fail"
+    assert "--replication-factor 3 --config min.insync.replicas=2" in create
     # Retried until it succeeds: a topic needs three live brokers for its three copies.
-    assert re.search(r"until [^\n]*kafka-topics\.sh", function), function
-    assert '--bootstrap-server "${KAFKA_BROKERS}"' in function
+    assert re.search(r"until topics --create", create), create
+    # Every call as the admin, at the three nodes.
+    topics = script[: script.index("\n")]
+    assert re.search(r"topics\(\) \{ /opt/kafka/bin/kafka-topics\.sh ", topics), topics
+    assert '--bootstrap-server "${KAFKA_BROKERS}"' in topics
+    assert "--command-config /keys/client.properties" in topics
 
 
 def test_the_centrals_share_one_audit_key_copied_into_their_volumes() -> None:
+    script = (REPO_ROOT / "docker" / "install-keys.sh").read_text()
     for name in CENTRAL_PCS:
         svcs = services(name)
-        key = svcs["central-key"]
+        key = svcs["keys"]
         central = svcs["central"]
         volume = next(v for v in central["volumes"] if v.endswith(":/data")).split(":")[0]
         assert f"{volume}:/central-data" in key["volumes"], "Central's own volume"
         assert "./secrets:/secrets:ro" in key["volumes"]
-        command = key["command"][0]
+        assert key["entrypoint"] == ["/bin/sh", "/install-keys.sh"]
         db = environment(central)["EV_DB"].removeprefix("/data/")
         target = f"/central-data/{db}.audit-key"  # Central reads <db>.audit-key
-        assert command.endswith(f"/secrets/central.audit-key {target}"), command
-        # Readable by Central's user only (docker/Dockerfile: uid and gid 10001).
-        assert "-o 10001 -g 10001 -m 0600" in command
-        assert "10001" in DOCKERFILE.read_text()
+        assert f"/secrets/central.audit-key {target}" in script
+    # Readable by Central's user only (docker/Dockerfile: uid and gid 10001).
+    assert 'install -o "$APP" -g "$APP" -m 0600 /secrets/central.audit-key' in script
+    assert "APP=10001" in script and "10001" in DOCKERFILE.read_text()
+
+
+def test_secure_by_default_every_kafka_node_and_client() -> None:
+    for name in COMPOSE_FILES:
+        svcs = services(name)
+        kafka = {k: substitute(v) for k, v in environment(svcs["kafka"]).items()}
+        protocols = dict(
+            entry.split(":") for entry in kafka["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(",")
+        )
+        assert protocols.pop("CONTROLLER") == "SSL", name
+        assert set(protocols.values()) == {"SASL_SSL"}, name
+        assert kafka["KAFKA_AUTHORIZER_CLASS_NAME"].endswith("StandardAuthorizer")
+        assert kafka["KAFKA_ALLOW_EVERYONE_IF_NO_ACL_FOUND"] == "false"
+        assert kafka["KAFKA_LISTENER_NAME_CONTROLLER_SSL_CLIENT_AUTH"] == "required"
+        assert "kafka-keys:/keys:ro" in svcs["kafka"]["volumes"]
+        # Its health check and the topics' creation log in as the admin.
+        assert "--command-config /keys/client.properties" in str(svcs["kafka"]["healthcheck"])
+        assert "--command-config /keys/client.properties" in svcs["kafka-init"]["command"][0]
+        # Every service of ours that reads Kafka has a login; every TLS path is set.
+        for svc_name, svc in svcs.items():
+            env = environment(svc)
+            if build_target(svc) and "EV_BROKER" in env:
+                assert substitute(env["EV_KAFKA_USER"]), (name, svc_name)
+                assert "keys:/keys:ro" in svc["volumes"], (name, svc_name)
+            for key in ("EV_TLS_CERT", "EV_TLS_KEY", "EV_TLS_CA"):
+                if key in env:
+                    assert substitute(env[key]).startswith("/keys/"), (name, svc_name, key)
+    plain = network_config.load({"SECURE": "0"})
+    kafka = environment(services("pc2")["kafka"])
+    mapping = substitute(kafka["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"], plain)
+    assert mapping == "EXTERNAL:PLAINTEXT,CONTROLLER:PLAINTEXT", "SECURE=0: plain, on purpose"
+    assert substitute(environment(services("pc2")["central"])["EV_KAFKA_USER"], plain) == ""
 
 
 # --- the images ----------------------------------------------------------------------------------

@@ -102,6 +102,9 @@ async def network(broker: Any, tmp_path: Path) -> AsyncIterator[Network]:
             await wait_for(healthy, 60, interval=0.3, message=f"{url} never answered 200")
         config = network_config.load(
             {
+                # A plain network on loopback, as `make run` starts it (the secured Kafka's
+                # login: tests/e2e/test_kafka_security.py).
+                "SECURE": "0",
                 "PC1_IP": "127.0.0.1",
                 "PC2_IP": "127.0.0.1",
                 "PC3_IP": "127.0.0.1",
@@ -268,6 +271,7 @@ async def test_preflight_reports_quorum_replication_and_the_active_central_of_a_
 
         config = network_config.load(
             {
+                "SECURE": "0",
                 "PC1_IP": "127.0.0.2",
                 "PC2_IP": "127.0.0.1",
                 "PC3_IP": "127.0.0.3",

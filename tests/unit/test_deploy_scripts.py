@@ -155,6 +155,7 @@ def deploy_copy(tmp_path: Path) -> tuple[Path, Path, dict[str, str]]:
     """deploy.sh in a copy of what it reads, so its .env lands in tmp_path, not the tree."""
     (tmp_path / "scripts").mkdir()
     shutil.copy2(DEPLOY_SH, tmp_path / "scripts" / "deploy.sh")
+    shutil.copy2(REPO_ROOT / "scripts" / "make-certs.py", tmp_path / "scripts" / "make-certs.py")
     shutil.copy2(REPO_ROOT / "network_config.py", tmp_path / "network_config.py")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -228,38 +229,64 @@ def test_sh_refuses_an_option_it_cannot_honour(
 
 
 @needs_bash
-def test_sh_pc2_up_creates_the_shared_audit_key_once_and_pc1_needs_a_copy(
+def test_sh_pc2_up_makes_the_keys_once_and_pc1_and_pc3_need_copies(
     deploy_copy: tuple[Path, Path, dict[str, str]],
 ) -> None:
     script, log, env = deploy_copy
     root = script.parent.parent
     key = root / "secrets" / "central.audit-key"
-    # PC1 first: its standby Central would start with a key of its own. Refused, nothing run.
+    # PC1 first: its standby Central would start with keys of its own. Refused, nothing run.
     result = run(script, env, "pc1", "up")
     assert result.returncode == 1
-    assert "deploy: secrets/central.audit-key is missing: copy it from PC2" in result.stderr
+    assert "deploy: missing secrets/central.audit-key certs/ca.crt" in result.stderr
+    assert "copy them from PC2" in result.stderr
     assert not compose_calls(log, "pc1") and not key.exists()
 
     result = run(script, env, "pc2", "up")
     assert result.returncode == 0, result.stderr
-    assert "created secrets/central.audit-key" in result.stderr
-    assert "Copy it to PC1" in result.stderr
+    for said in ("made the local CA", "made Kafka passwords: admin, central", "made the audit key"):
+        assert f"deploy: {said}" in result.stderr, result.stderr
+    for pc in ("PC1", "PC3"):
+        assert f"deploy: copy to {pc} " in result.stderr
+    assert "certs/site-dashboard.key secrets/kafka-monitor.password" in result.stderr
     made = key.read_text(encoding="ascii")
     assert len(bytes.fromhex(made.strip())) == 32
-    assert key.stat().st_mode & 0o777 == 0o600
-    # The next `up` keeps it (PC1 has a copy by then) and says nothing about it.
+    for secret in (key, root / "secrets" / "kafka-admin.password", root / "certs" / "ca.key"):
+        assert secret.stat().st_mode & 0o777 == 0o600, secret
+    # The kafka certificate is valid for every PC's node.
+    cert = (root / "certs" / "kafka.crt").read_bytes()
+    assert cert.startswith(b"-----BEGIN CERTIFICATE-----")
+    # The next `up` keeps everything (the other PCs have copies by then) and says nothing.
     result = run(script, env, "pc2", "up")
     assert result.returncode == 0, result.stderr
-    assert "audit-key" not in result.stderr
+    assert "made" not in result.stderr and "copy to" not in result.stderr
     assert key.read_text(encoding="ascii") == made
 
-    # With the copy in place PC1 starts; the one-host deployment needs no key at all.
-    result = run(script, env, "pc1", "up")
-    assert result.returncode == 0, result.stderr
-    assert "up -d --build --remove-orphans" in compose_calls(log, "pc1")
+    # With the copies in place (the same directory here) PC1 and PC3 start; the one-host
+    # deployment needs no audit key.
+    for pc in ("pc1", "pc3"):
+        result = run(script, env, pc, "up")
+        assert result.returncode == 0, result.stderr
+        assert "up -d --build --remove-orphans" in compose_calls(log, pc)
     key.unlink()
     assert run(script, env, "all", "up").returncode == 0
     assert not key.exists()
+
+
+@needs_bash
+def test_sh_with_secure_off_makes_only_the_audit_key(
+    deploy_copy: tuple[Path, Path, dict[str, str]],
+) -> None:
+    script, log, env = deploy_copy
+    root = script.parent.parent
+    result = run(script, env | {"SECURE": "0"}, "pc2", "keys")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (root / "secrets").iterdir()) == ["central.audit-key"]
+    assert list((root / "certs").iterdir()) == []  # made empty: the keys service mounts it
+    assert "SECURE=0" in (root / ".env").read_text(encoding="utf-8")
+    assert not compose_calls(log), "keys starts nothing"
+    # PC3 needs nothing from PC2 then.
+    assert run(script, env | {"SECURE": "0"}, "pc3", "keys").returncode == 0
 
 
 @needs_bash
@@ -285,19 +312,25 @@ def test_sh_refuses_addresses_three_pcs_cannot_use(
     assert run(script, one_host, "all", "up").returncode == 0
 
 
-def test_both_scripts_check_three_pcs_and_share_one_audit_key() -> None:
+def test_both_scripts_check_three_pcs_and_make_the_same_keys() -> None:
     sh = DEPLOY_SH.read_text(encoding="utf-8")
     ps1 = ps1_source()
     for source in (sh, ps1):
         assert "--three-pcs" in source
-        assert "network_config.py --audit-key" in source
-        assert "secrets/central.audit-key" in source
-    # The compose files mount the directory the scripts write the key to.
-    for pc in ("pc1", "pc2"):
-        compose = (REPO_ROOT / f"docker-compose.{pc}.yml").read_text(encoding="utf-8")
-        assert "./secrets:/secrets:ro" in compose and "/secrets/central.audit-key" in compose
-    # PowerShell: made on pc2, required on pc1, before anything starts.
+        assert "network_config.py --audit-key secrets/central.audit-key" in source
+        assert "scripts/make-certs.py --out certs" in source
+        assert "network_config.py --kafka-passwords secrets" in source
+        assert "network_config.py --needs" in source
+    # The compose files mount the directories the scripts write to; the keys service installs
+    # the audit key beside Central's database.
+    for pc in ("pc1", "pc2", "pc3", None):
+        name = f"docker-compose.{pc}.yml" if pc else "docker-compose.yml"
+        compose = (REPO_ROOT / name).read_text(encoding="utf-8")
+        assert "./secrets:/secrets:ro" in compose and "./certs:/certs:ro" in compose, name
+    install = (REPO_ROOT / "docker" / "install-keys.sh").read_text(encoding="utf-8")
+    assert "/secrets/central.audit-key" in install
+    # PowerShell: made on pc2 (and all), checked on pc1 and pc3, before anything starts.
     up = ps1_branch("up")
-    assert up.index("Confirm-AuditKey") < up.index("Invoke-Compose up ")
-    assert re.search(r'\$Pc -eq "pc2"[^}]*--audit-key', ps1)
-    assert re.search(r'\$Pc -eq "pc1" -and -not \(Test-Path \$AuditKey', ps1)
+    assert up.index("Confirm-Keys") < up.index("Invoke-Compose up ")
+    assert re.search(r'\$Pc -in @\("pc2", "all"\)[\s\S]{0,400}make-certs', ps1)
+    assert re.search(r'\$Pc -in @\("pc1", "pc3"\)', ps1)

@@ -123,10 +123,11 @@ def test_the_default_is_a_deployment_at_network_config_s_addresses(tmp_path: Pat
     assert proc.returncode == 0, proc.stderr
     ca = cert(tmp_path / "ca.crt")
     expected = {
-        "central": {"central", "localhost", "127.0.0.1", "10.0.0.12"},
+        "central": {"central", "localhost", "127.0.0.1", "10.0.0.12", "10.0.0.11"},
         "driver-dashboard": {"localhost", "127.0.0.1", "10.0.0.11"},
         "site-dashboard": {"localhost", "127.0.0.1", "pc3.lan"},
         "registry": {"registry", "localhost", "127.0.0.1", "10.0.0.12"},
+        "kafka": {"kafka", "localhost", "127.0.0.1", "10.0.0.11", "10.0.0.12", "pc3.lan"},
     }
     for name, sans in expected.items():
         server = cert(tmp_path / f"{name}.crt")

@@ -209,21 +209,62 @@ def test_env_file_has_every_variable_the_compose_files_use() -> None:
     written = network_config.env_file(network_config.load({}))
     defined = dict(line.split("=", 1) for line in written.splitlines())
     for path in COMPOSE_FILES:
-        used = set(re.findall(r"\$\{([^}]+)\}", path.read_text().replace("$$", "")))
+        # ${VAR}, ${VAR:+word} and ${VAR:-word}: the variable's name.
+        used = set(re.findall(r"\$\{([A-Za-z0-9_]+)", path.read_text().replace("$$", "")))
+        # Kafka UI's password comes from the deploy scripts' environment, not from .env.
+        used -= {"KAFKA_UI_PASSWORD"}
         missing = used - set(defined)
         assert not missing, f"{path.name} uses {sorted(missing)}, which .env lacks"
-        # Only the TLS paths may be empty (TLS off until the operator sets them).
+        # Only the TLS paths may be empty (TLS off when the operator clears them).
         assert all(defined[var] for var in used - network_config.OPTIONAL)
 
 
-def test_tls_paths_are_off_by_default_and_checked_when_set() -> None:
+def test_secure_by_default_and_off_only_on_purpose() -> None:
     config = network_config.load({})
-    assert all(config[key] == "" for key in network_config.OPTIONAL)
+    assert config["SECURE"] == "1" and config["KAFKA_SECURE"] == "1"
+    assert config["KAFKA_CLIENT_PROTOCOL"] == "SASL_SSL"
+    assert config["KAFKA_AUTHORIZER"].endswith("StandardAuthorizer")
+    assert {key: config[key] for key in network_config.OPTIONAL} == network_config.SECURE_TLS
+    plain = network_config.load({"SECURE": "0"})
+    assert all(plain[key] == "" for key in network_config.OPTIONAL)
+    assert plain["KAFKA_SECURE"] == "" and plain["KAFKA_AUTHORIZER"] == ""
+    assert plain["KAFKA_CLIENT_PROTOCOL"] == plain["KAFKA_CONTROLLER_PROTOCOL"] == "PLAINTEXT"
+    # One part's TLS off on purpose; a bad switch refused.
+    mixed = network_config.load({"SITE_TLS_CERT": "", "SITE_TLS_KEY": ""})
+    assert mixed["SITE_TLS_CERT"] == "" and mixed["CENTRAL_TLS_CERT"] == "/keys/central.crt"
+    with pytest.raises(ValueError, match="SECURE='yes': 1 turns TLS"):
+        network_config.load({"SECURE": "yes"})
+
+
+def test_each_pc_needs_its_own_keys_only() -> None:
+    config = network_config.load({})
+    pc3 = network_config.pc_files(config, "pc3")
+    assert "secrets/kafka-cp-CP001.password" in pc3 and "certs/site-dashboard.key" in pc3
+    assert not any("central" in name or "driver" in name for name in pc3)
+    pc1 = network_config.pc_files(config, "pc1")
+    assert "secrets/central.audit-key" in pc1 and "certs/central.key" in pc1
+    assert not any(name.startswith("certs/ca.key") for name in pc1 + pc3)
+    # PC2 makes all of it: every login but the admin's (which every node has) is PC2's.
+    logins = network_config.kafka_logins(config)
+    pc2 = network_config.pc_files(config, "pc2")
+    assert all(f"secrets/kafka-{name}.password" in pc2 for name in logins)
+    plain = network_config.load({"SECURE": "0"})
+    assert network_config.pc_files(plain, "pc1") == ["secrets/central.audit-key"]
+    assert network_config.pc_files(plain, "pc3") == []
+
+
+def test_the_kafka_logins_are_the_roles_kafka_access_makes() -> None:
+    from EV_Central.kafka_cli import SHARED_ROLES
+
+    assert set(network_config.KAFKA_LOGINS) == {"admin", *SHARED_ROLES}
+
+
+def test_tls_paths_are_checked_when_set() -> None:
     assert "CENTRAL_TLS_CA" in network_config.OPTIONAL
     on = {"CENTRAL_TLS_CERT": "/certs/central.crt", "CENTRAL_TLS_KEY": "/certs/central.key"}
     assert network_config.load(on)["CENTRAL_TLS_KEY"] == "/certs/central.key"
     with pytest.raises(ValueError, match="SITE_TLS_CERT is set but SITE_TLS_KEY is not"):
-        network_config.load({"SITE_TLS_CERT": "/certs/site-dashboard.crt"})
+        network_config.load({"SITE_TLS_CERT": "/certs/site-dashboard.crt", "SITE_TLS_KEY": ""})
     with pytest.raises(ValueError, match="DRIVER_TLS_KEY=.* is not a path inside the container"):
         network_config.load({"DRIVER_TLS_CERT": "/certs/d.crt", "DRIVER_TLS_KEY": "certs/d.key"})
     with pytest.raises(ValueError, match="CENTRAL_TLS_CA="):
