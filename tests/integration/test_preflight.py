@@ -349,7 +349,7 @@ def test_preflight_rejects_bad_configuration_and_foreign_address(tmp_path: Path)
 
     # 192.0.2.0/24 is reserved for documentation: never an address of this machine.
     env_file.write_text(
-        "PC3_IP=192.0.2.33\nPC2_IP=127.0.0.1\n"
+        "SECURE=0\nPC3_IP=192.0.2.33\nPC2_IP=127.0.0.1\n"
         f"KAFKA_PORT={free_port()}\nCENTRAL_PORT={free_port()}\n"
     )
     proc = run_preflight(env_file, "--pc", "pc3")
@@ -359,6 +359,15 @@ def test_preflight_rejects_bad_configuration_and_foreign_address(tmp_path: Path)
         line.startswith("[FAIL]") and "PC3_IP=192.0.2.33 is not an address of this machine" in line
     )
     assert lines_of(proc, "kafka bootstrap")[0].startswith("[FAIL]")
+
+    # Secure by default: without the Kafka login's password, one line saying where it is.
+    secure = tmp_path / "secure.env"
+    secure.write_text("PC2_IP=127.0.0.1\n")
+    proc = run_preflight(secure, "--kafka-password-file", str(tmp_path / "none.password"))
+    assert proc.returncode == 1
+    (line,) = proc.stdout.splitlines()
+    assert line.startswith("[FAIL] kafka login        no password in "), line
+    assert "secrets/kafka-kafka-ui.password" in line and "SECURE=0" in line
 
     # A CA file that is not one: one line, exit 1, nothing checked.
     not_a_ca = tmp_path / "ca.crt"
