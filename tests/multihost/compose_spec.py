@@ -4,9 +4,10 @@ No YAML library is a dependency of the project, so `load_yaml` reads the block-s
 compose files are written in (mappings, lists, quoted and block scalars, flow lists, anchors,
 aliases and `<<` merges). A service's command line is its image target's ENTRYPOINT in
 docker/Dockerfile plus its settings: the target's ENV lines, then the service's `environment`,
-with `${VAR}` taken from the .env that network_config.py writes. Every EV_X variable is the
-flag --x (that is how each service reads its environment), except where the module's own
-parser names it otherwise.
+with the variables taken from the .env that network_config.py writes, substituted as compose
+does (`${VAR}`, `${VAR:-word}`, `${VAR:+word}` and the rest; a word may hold `${OTHER}`).
+Every EV_X variable is the flag --x (that is how each service reads its environment), except
+where the module's own parser names it otherwise.
 """
 
 from __future__ import annotations
@@ -156,28 +157,78 @@ def load_yaml(text: str) -> Any:
     return _Parser(text).parse()
 
 
-_VAR = re.compile(
-    r"\$(?:\$|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?P<op>:?[-?])?(?P<arg>[^}]*)\}|(?P<bare>[A-Za-z_][A-Za-z0-9_]*))"
-)
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _closing_brace(text: str, start: int) -> int:
+    """Where the `}` that closes the `${` before `start` is (a word may hold ${...} itself)."""
+    depth, i = 1, start
+    while i < len(text):
+        if text.startswith("$$", i):
+            i += 2
+            continue
+        if text.startswith("${", i):
+            depth, i = depth + 1, i + 2
+            continue
+        if text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    raise ValueError(f"unclosed ${{ in {text!r}")
+
+
+def _expand(name: str, op: str, word: str, env: Mapping[str, str], missing: set[str]) -> str:
+    value = env.get(name)
+    unset = value is None or (op.startswith(":") and value == "")
+    if op in (":-", "-"):
+        return substitute(word, env, missing) if unset else str(value)
+    if op in (":+", "+"):
+        return "" if unset else substitute(word, env, missing)
+    if value is None or (op in (":?", "?") and unset):
+        # Compose warns about (or, with `?`, refuses) these; the comparison reports them.
+        missing.add(name)
+        return ""
+    return value
 
 
 def substitute(text: str, env: Mapping[str, str], missing: set[str]) -> str:
-    """Compose's interpolation: ${VAR}, ${VAR:-default}, ${VAR-default}, $VAR, $$."""
+    """Compose's interpolation: ${VAR}, $VAR, $$, ${VAR:-word}, ${VAR-word}, ${VAR:+word},
+    ${VAR+word}, ${VAR:?error}, ${VAR?error}; a word may hold ${OTHER} itself.
 
-    def replace(match: re.Match[str]) -> str:
-        if match.group(0) == "$$":
-            return "$"
-        name = match["braced"] or match["bare"]
-        op, arg = match["op"] or "", match["arg"] or ""
-        value = env.get(name)
-        if op in (":-", "-") and (value is None or (op == ":-" and value == "")):
-            return arg
-        if value is None:
-            missing.add(name)
-            return match.group(0)
-        return value
-
-    return _VAR.sub(replace, text)
+    A variable `env` lacks where compose would warn (or stop) goes into `missing`.
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(text):
+        at = text.find("$", i)
+        if at < 0:
+            out.append(text[i:])
+            break
+        out.append(text[i:at])
+        if text.startswith("$$", at):
+            out.append("$")
+            i = at + 2
+        elif text.startswith("${", at):
+            name = _NAME.match(text, at + 2)
+            if name is None:
+                raise ValueError(f"bad ${{...}} in {text!r}")
+            end = _closing_brace(text, name.end())
+            rest = text[name.end() : end]
+            op = next((o for o in (":-", ":+", ":?", "-", "+", "?") if rest.startswith(o)), "")
+            if rest and not op:
+                raise ValueError(f"bad ${{...}} in {text!r}")
+            out.append(_expand(name.group(), op, rest[len(op) :], env, missing))
+            i = end + 1
+        else:
+            name = _NAME.match(text, at + 1)
+            if name is None:
+                out.append("$")
+                i = at + 1
+            else:
+                out.append(_expand(name.group(), "", "", env, missing))
+                i = name.end()
+    return "".join(out)
 
 
 @dataclass

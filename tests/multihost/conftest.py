@@ -1,8 +1,10 @@
 """Fixtures for the multi-host tests: three simulated PCs and the deployment running on them.
 
 One set of namespaces, one broker, one Central and two CPs serve the whole module (starting
-Kafka is the slow part); before each test the `hosts` fixture puts every PC back on the network,
-restarts Central if a test left it stopped, and waits until both CPs are ACTIVADO.
+Kafka is the slow part), secured as the compose files run them (netsim.MultiHostDeployment):
+the certificates and Kafka's logins are made once, with the broker. Before each test the
+`hosts` fixture puts every PC back on the network, restarts Central if a test left it stopped,
+and waits until both CPs are ACTIVADO.
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ async def hosts(deployment: MultiHostDeployment) -> AsyncIterator[Hosts]:
     net.mend_all()
     if deployment.central is None or not deployment.central.running:
         deployment.start_central()
-    probes = [Probe(net.ns("pc1")), Probe(net.ns("pc2"))]
+    probes = [Probe(net.ns("pc1"), deployment.ca), Probe(net.ns("pc2"), deployment.ca)]
     try:
         for probe in probes:
             await probe.start()

@@ -3,6 +3,9 @@
 PC1 runs the driver, PC2 Kafka and Central, PC3 two charging points (engine + monitor each),
 with the same command lines as the per-PC compose files. Everything runs as a real process,
 `ip netns exec PCn python -m ...`, from the repository root, with its output in a file.
+
+Secured by default, as the compose files run it: TLS on Central's :5000 and admin web, and
+Kafka over TLS with a SCRAM login per role and the broker's ACLs (docs/security.md, "Kafka").
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from secured import Keys
 
 import network_config
 from helpers import scaled, wait_for
@@ -131,16 +136,21 @@ class HostProcess(ServiceProcess):
 
 
 class Probe:
-    """Reads Central's HTTP API from inside one PC, through probe.py living in that PC."""
+    """Reads Central's HTTP API from inside one PC, through probe.py living in that PC.
 
-    def __init__(self, netns: str) -> None:
+    With `ca`, it verifies https:// and wss:// servers against that CA certificate.
+    """
+
+    def __init__(self, netns: str, ca: Path | None = None) -> None:
         self.netns = netns
+        self.ca = ca
         self.proc: asyncio.subprocess.Process | None = None
         self._lock = asyncio.Lock()
 
     async def start(self) -> Probe:
         self.proc = await asyncio.create_subprocess_exec(
             *("ip", "netns", "exec", self.netns, sys.executable, str(PROBE), "2"),
+            *([str(self.ca)] if self.ca else []),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             limit=8 * 1024 * 1024,
@@ -249,21 +259,31 @@ class CentralView:
 
 
 class MultiHostDeployment:
-    """The deployment across PC1-PC3: the same commands as the compose files, on our hosts."""
+    """The deployment across PC1-PC3: the same commands as the compose files, on our hosts.
 
-    def __init__(self, net: SimulatedNetwork, workdir: Path) -> None:
+    `secure` (the default, as network_config.py's SECURE=1): certificates, the secured Kafka
+    and its logins are made under `workdir`/keys, and every command line uses them.
+    """
+
+    def __init__(self, net: SimulatedNetwork, workdir: Path, secure: bool = True) -> None:
         self.net = net
         self.workdir = workdir
+        self.secure = secure
         self.config = network_config.load(
-            {"PC1_IP": net.ip("pc1"), "PC2_IP": net.ip("pc2"), "PC3_IP": net.ip("pc3")}
+            {
+                **{"PC1_IP": net.ip("pc1"), "PC2_IP": net.ip("pc2"), "PC3_IP": net.ip("pc3")},
+                "SECURE": "1" if secure else "0",
+            }
         )
         self.db_path = workdir / "central.db"
+        self.keys = Keys(workdir / "keys")
         self.kafka_env = {
             **os.environ,
             "EV_KAFKA_LISTEN_HOST": self.config["PC2_IP"],
             "EV_KAFKA_ADVERTISED_HOST": self.config["PC2_IP"],
             "EV_KAFKA_RUN_DIR": str(workdir / "kafka"),
             "PYTHON": sys.executable,
+            **({"EV_KAFKA_SECURE_DIR": str(self.keys.dir)} if secure else {}),
         }
         self.processes: list[HostProcess] = []
         self.central: HostProcess | None = None
@@ -280,12 +300,20 @@ class MultiHostDeployment:
     def engine_port(self, cp_id: str) -> int:
         return int(self.config["ENGINE_BASE_PORT"]) + CP_IDS.index(cp_id)
 
+    def kafka_login(self, login: str) -> list[str]:
+        """The flags that log a service in to the secured Kafka as `login` (none if plain)."""
+        return self.keys.kafka_flags(login) if self.secure else []
+
     def central_args(self) -> list[str]:
+        tls = ["--tls-cert", str(self.keys.cert("central"))]
+        tls += ["--tls-key", str(self.keys.key("central"))]
         return [
             *("-m", "EV_Central", "--port", self.config["CENTRAL_PORT"]),
             *("--broker", self.broker, "--db", str(self.db_path)),
             *("--http-port", self.config["CENTRAL_HTTP_PORT"], "--listen-host", "0.0.0.0"),
             *("--console", "log", "--demo"),
+            *(tls if self.secure else []),
+            *self.kafka_login("central"),
         ]
 
     def engine_args(self, cp_id: str) -> list[str]:
@@ -294,6 +322,7 @@ class MultiHostDeployment:
             *("-m", "EV_CP_E", "--broker", self.broker, "--listen", listen),
             *("--auto-plug", AUTO_PLUG, "--auto-unplug", AUTO_UNPLUG),
             *("--secret", f"demo-secret-{cp_id}"),
+            *self.kafka_login(f"cp-{cp_id}"),
         ]
 
     def monitor_args(self, cp_id: str) -> list[str]:
@@ -302,18 +331,16 @@ class MultiHostDeployment:
             *("-m", "EV_CP_M", "--engine", engine, "--central", self.config["CENTRAL_ADDRESS"]),
             *("--cp-id", cp_id, "--broker", self.broker),
             *("--secret", f"demo-secret-{cp_id}"),
+            *(["--tls-ca", str(self.keys.ca)] if self.secure else []),
+            *self.kafka_login("monitor"),
         ]
 
     def driver_args(self, driver_id: str, *flags: str) -> list[str]:
         password = ("--password", "pass" + driver_id.removeprefix("user"))
         return [
-            "-m",
-            "EV_Driver",
-            "--broker",
-            self.broker,
-            "--driver-id",
-            driver_id,
+            *("-m", "EV_Driver", "--broker", self.broker, "--driver-id", driver_id),
             *password,
+            *self.kafka_login("driver"),
             *flags,
         ]
 
@@ -326,13 +353,30 @@ class MultiHostDeployment:
         self.processes.append(proc)
         return proc.start()
 
+    def make_keys(self) -> None:
+        """Each server's certificate, valid for the address its clients dial, and Kafka's admin
+        password. The dashboards' are made as for a deployment, though no test here serves one."""
+        self.keys.make(
+            {
+                "kafka": [self.config["PC2_IP"]],
+                "central": ["central", self.config["PC2_IP"]],
+                "driver-dashboard": [self.config["PC1_IP"]],
+                "site-dashboard": [self.config["PC3_IP"]],
+            }
+        )
+
     def start_kafka(self) -> None:
+        """Kafka on PC2; secured, the keys are made first and the logins once it runs."""
+        if self.secure and not self.keys.ca.exists():
+            self.make_keys()
         _run(
             ["ip", "netns", "exec", self.net.ns("pc2"), str(KAFKA_SH), "start"]
             + [self.config["KAFKA_PORT"]],
             scaled(300),
             self.kafka_env,
         )
+        if self.secure:
+            self.keys.make_logins(self.net.ns("pc2"), self.broker, CP_IDS)
 
     def stop_kafka(self) -> None:
         _run(
@@ -363,8 +407,14 @@ class MultiHostDeployment:
         for proc in reversed(self.processes):
             proc.stop()
 
+    @property
+    def ca(self) -> Path | None:
+        """The CA that clients verify Central with (None without TLS)."""
+        return self.keys.ca if self.secure else None
+
     def central_url(self) -> str:
-        return f"http://{self.config['PC2_IP']}:{self.config['CENTRAL_HTTP_PORT']}"
+        scheme = "https" if self.secure else "http"
+        return f"{scheme}://{self.config['PC2_IP']}:{self.config['CENTRAL_HTTP_PORT']}"
 
     # --- Central's database, read from the shared filesystem -------------------------------------
 

@@ -1,4 +1,4 @@
-"""HTTP reads from inside a simulated host: run with `ip netns exec NS python probe.py`.
+"""HTTP reads from inside a simulated host: `ip netns exec NS python probe.py TIMEOUT [CA]`.
 
 Reads one JSON request a line on stdin and answers each with one JSON line on stdout:
 
@@ -9,12 +9,14 @@ or `{"error": "..."}` when nothing answered or a login was refused. A login is C
 (docs/web-auth.md): the password on a /login WebSocket, the grant it answers redeemed with
 GET /session for the session cookie, which every later GET to the same server then carries.
 It lives as long as its stdin, so a test reads Central's API from another host without a
-process start (or a login) per request.
+process start (or a login) per request. With CA (a PEM file), https:// and wss:// URLs are
+verified against it, as the deployment's clients verify Central (docs/tls.md).
 """
 
 from __future__ import annotations
 
 import json
+import ssl
 import sys
 import urllib.error
 import urllib.parse
@@ -26,8 +28,10 @@ from websockets.sync.client import connect
 
 MAX_BODY = 4 * 1024 * 1024
 
-# No proxy from the environment: every request stays inside the simulated network.
+# No proxy from the environment: every request stays inside the simulated network. main()
+# replaces both once it knows the CA.
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+TLS: ssl.SSLContext | None = None
 # The session cookie ("name=value") of each server logged in to, by scheme://host:port.
 COOKIES: dict[str, str] = {}
 
@@ -65,7 +69,10 @@ def get(url: str, timeout: float) -> dict[str, Any]:
 def login(base_url: str, user: str, password: str, timeout: float) -> dict[str, Any]:
     ws_url = "ws" + base_url.removeprefix("http") + "/login"
     try:
-        with connect(ws_url, open_timeout=timeout, close_timeout=timeout) as ws:
+        tls = TLS if ws_url.startswith("wss:") else None
+        with connect(
+            ws_url, ssl=tls, proxy=None, open_timeout=timeout, close_timeout=timeout
+        ) as ws:
             ws.send(json.dumps({"type": "login", "user": user, "password": password}))
             answer = json.loads(ws.recv(timeout=timeout))
     except (OSError, TimeoutError, ValueError, WebSocketException) as exc:
@@ -97,7 +104,13 @@ def answer(line: str, timeout: float) -> dict[str, Any]:
 
 
 def main() -> None:
+    global OPENER, TLS
     timeout = float(sys.argv[1]) if len(sys.argv) > 1 else 2.0
+    if len(sys.argv) > 2:
+        TLS = ssl.create_default_context(cafile=sys.argv[2])
+        OPENER = urllib.request.build_opener(
+            urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=TLS)
+        )
     for line in sys.stdin:
         if line.strip():
             print(json.dumps(answer(line, timeout)), flush=True)

@@ -3,6 +3,8 @@
 Each host is a network namespace; cutting one off is its bridge port going down, as if its
 cable were pulled. Central's API is read from PC1 (across the network) or, while PC1 is cut
 off, from PC2; Central's SQLite file is read from disk (the namespaces share the filesystem).
+Everything runs secured, as the compose files run it: the API over HTTPS, the monitors over TLS,
+every service logged in to Kafka as its role (conftest.py, netsim.py).
 """
 
 from __future__ import annotations

@@ -2,11 +2,13 @@
 
 For each of our services the compose file has one that starts the same module with the same
 settings (after substituting the .env that network_config.py writes, with the simulated PCs'
-addresses). Every difference must be one listed in RULES, with its reason.
+addresses). Every difference must be one listed in RULES, with its reason. Both ways the .env
+can be written are compared: secure (the default: TLS, Kafka's logins) and SECURE=0 (plain).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -29,14 +31,24 @@ EQUAL = "equal"  # the same value
 SAME_PORT = "same port"  # host:port with the same port; the host is the container's view
 SET = "set"  # both set; the value is where the container keeps or finds it
 ANY = "any"  # presentation only
-# Unset on both sides: compose passes it empty (the services read "" as not given), we omit it.
-UNSET = "unset"
 # The simulated hosts run one Kafka node and one Central, on PC2; the compose files run a node
 # on every PC and a standby Central on PC1 (high availability, tested on a three-node cluster
 # by tests/e2e/test_high_availability.py).
 IN_LIST = "in list"  # compose gives a list (HOST:PORT,...) that holds our one value
 FIRST_IN_LIST = "first in list"  # ... as its first entry (the order is the order tried)
 COMPOSE_ONLY = "compose only"  # set there, not here
+# Whatever the rule, a flag compose passes empty (the services read "" as not given) and we
+# omit is unset on both sides: how the plain deployment (SECURE=0) leaves TLS and logins off.
+
+# A secured Kafka's login (docs/security.md, "Kafka"): the same user; its password file and
+# the CA where the container finds them (/keys) and where the test made them. Without a user
+# on either side the other two are not read (shared/settings.py), whatever compose passes.
+KAFKA_LOGIN: dict[str, str | tuple[str, str]] = {
+    "--kafka-user": EQUAL,
+    "--kafka-password-file": SET,
+    "--kafka-ca": SET,
+}
+READ_WITH_USER = ("--kafka-password-file", "--kafka-ca")
 
 RULES: dict[str, dict[str, str | tuple[str, str]]] = {
     "EV_Central": {
@@ -52,9 +64,10 @@ RULES: dict[str, dict[str, str | tuple[str, str]]] = {
         "--listen-host": ("default", "0.0.0.0"),  # compose relies on the default we pass
         "--console": ANY,
         "--log-json": ANY,
-        # TLS is off in the default .env (CENTRAL_TLS_CERT, CENTRAL_TLS_KEY) and here.
-        "--tls-cert": UNSET,
-        "--tls-key": UNSET,
+        # TLS on :5000 and the admin web (CENTRAL_TLS_CERT, CENTRAL_TLS_KEY: /keys/central.*).
+        "--tls-cert": SET,
+        "--tls-key": SET,
+        **KAFKA_LOGIN,  # central
     },
     "EV_CP_E": {
         "--broker": IN_LIST,
@@ -67,6 +80,7 @@ RULES: dict[str, dict[str, str | tuple[str, str]]] = {
         "--speed": ANY,
         "--secret": EQUAL,  # the demo seed's, from CPn_SECRET
         "--log-json": ANY,
+        **KAFKA_LOGIN,  # cp-CPnnn, the engine's own
     },
     "EV_CP_M": {
         "--engine": SAME_PORT,  # the engine's container name on PC3's Docker network
@@ -74,15 +88,26 @@ RULES: dict[str, dict[str, str | tuple[str, str]]] = {
         "--cp-id": EQUAL,
         "--broker": IN_LIST,
         "--secret": EQUAL,  # the demo seed's, from CPn_SECRET
-        "--tls-ca": UNSET,  # CENTRAL_TLS_CA: empty while Central has no TLS
+        "--tls-ca": SET,  # CENTRAL_TLS_CA, which verifies Central
         "--log-json": ANY,
+        **KAFKA_LOGIN,  # monitor
+    },
+    # Only the Kafka flags: compose runs the drivers' dashboard, which shares the image (and
+    # the login) of the command-line app we run.
+    "EV_Driver": {
+        "--broker": IN_LIST,
+        **KAFKA_LOGIN,  # driver
     },
 }
 
 
-def ours() -> MultiHostDeployment:
-    """The simulated deployment's command lines (nothing is started)."""
-    return MultiHostDeployment(SimulatedNetwork("evtcheck", "10.231.0"), Path("/nonexistent"))
+SECURE_MODES = pytest.mark.parametrize("secure", [True, False], ids=["secure", "plain"])
+
+
+def ours(secure: bool = True) -> MultiHostDeployment:
+    """The simulated deployment's command lines (nothing is started), and its .env."""
+    net = SimulatedNetwork("evtcheck", "10.231.0")
+    return MultiHostDeployment(net, Path("/nonexistent"), secure=secure)
 
 
 def compare(module: str, our_args: list[str], theirs: ComposeService) -> list[str]:
@@ -93,17 +118,28 @@ def compare(module: str, our_args: list[str], theirs: ComposeService) -> list[st
         problems.append(f"{where}: runs {theirs.module} {theirs.words}, we run {our_module}")
     if theirs.missing:
         problems.append(f"{where}: .env lacks {sorted(theirs.missing)}")
-    rules = RULES[module]
-    for flag in sorted(set(our_flags) | set(theirs.flags)):
-        mine, other = our_flags.get(flag), theirs.flags.get(flag)
+    return problems + compare_flags(where, RULES[module], our_flags, theirs.flags)
+
+
+def compare_flags(
+    where: str,
+    rules: Mapping[str, str | tuple[str, str]],
+    our_flags: Mapping[str, str],
+    their_flags: Mapping[str, str],
+) -> list[str]:
+    problems = []
+    if not our_flags.get("--kafka-user") and not their_flags.get("--kafka-user"):
+        our_flags = {k: v for k, v in our_flags.items() if k not in READ_WITH_USER}
+        their_flags = {k: v for k, v in their_flags.items() if k not in READ_WITH_USER}
+    for flag in sorted(set(our_flags) | set(their_flags)):
+        mine, other = our_flags.get(flag), their_flags.get(flag)
         rule = rules.get(flag)
+        if mine is None and other == "":
+            continue  # unset on both sides
         if rule is None:
             problems.append(f"{where}: {flag} differs (ours {mine!r}, compose {other!r})")
         elif rule == ANY:
             continue
-        elif rule == UNSET:
-            if mine is not None or other:
-                problems.append(f"{where}: {flag} is {other!r} there, {mine!r} here, not unset")
         elif rule == COMPOSE_ONLY:
             if mine is not None or not other:
                 problems.append(f"{where}: {flag} is {other!r} there, {mine!r} here")
@@ -114,6 +150,8 @@ def compare(module: str, our_args: list[str], theirs: ComposeService) -> list[st
                 problems.append(f"{where}: {flag} is {other!r} there, {mine!r} here")
         elif rule == EQUAL and mine != other:
             problems.append(f"{where}: {flag} is {other!r} there, {mine!r} here")
+        elif rule == SET and not other:
+            problems.append(f"{where}: {flag} is empty there, {mine!r} here")
         elif rule == SAME_PORT and port_of(mine) != port_of(other or ""):
             problems.append(f"{where}: {flag} port {other!r} there, {mine!r} here")
         elif rule in (IN_LIST, FIRST_IN_LIST):
@@ -125,6 +163,7 @@ def compare(module: str, our_args: list[str], theirs: ComposeService) -> list[st
 
 
 def services_of(pc: str, system: MultiHostDeployment) -> list[ComposeService]:
+    """The compose file's services, with the .env network_config.py writes for `system`."""
     compose_file = REPO_ROOT / f"docker-compose.{pc}.yml"
     if not compose_file.exists() or not DOCKERFILE.exists():
         pytest.skip(f"{compose_file.name} or docker/Dockerfile not present")
@@ -137,15 +176,17 @@ def one(services: list[ComposeService], module: str, what: str) -> ComposeServic
     return found[0]
 
 
-def test_pc2_central_matches_compose() -> None:
-    system = ours()
+@SECURE_MODES
+def test_pc2_central_matches_compose(secure: bool) -> None:
+    system = ours(secure)
     central = one(services_of("pc2", system), "EV_Central", "Central")
     problems = compare("EV_Central", system.central_args(), central)
     assert not problems, "\n".join(problems)
 
 
-def test_pc3_charging_points_match_compose() -> None:
-    system = ours()
+@SECURE_MODES
+def test_pc3_charging_points_match_compose(secure: bool) -> None:
+    system = ours(secure)
     services = services_of("pc3", system)
     by_name = {s.name: s for s in services}
     monitors = {
@@ -171,15 +212,24 @@ def test_pc3_charging_points_match_compose() -> None:
     assert not problems, "\n".join(problems)
 
 
-def test_pc1_driver_uses_the_same_broker() -> None:
+@SECURE_MODES
+def test_pc1_driver_uses_the_same_broker_and_login(secure: bool) -> None:
     """PC1's compose runs the drivers' dashboard; the command-line app shares its image."""
-    system = ours()
+    system = ours(secure)
     drivers = [s for s in services_of("pc1", system) if s.module == "EV_Driver"]
     assert drivers, "no EV_Driver service in docker-compose.pc1.yml"
     _, _, flags = flags_of(system.driver_args("user1", "--cp", "CP001"))
-    # Compose lists the three Kafka nodes; the simulated network runs PC2's.
+    rules = RULES["EV_Driver"]
+    problems = []
     for driver in drivers:
-        assert flags["--broker"] in driver.flags.get("--broker", "").split(","), driver
+        assert not driver.missing, driver.missing
+        problems += compare_flags(
+            f"{driver.file} {driver.name}",
+            rules,
+            {flag: value for flag, value in flags.items() if flag in rules},
+            {flag: value for flag, value in driver.flags.items() if flag in rules},
+        )
+    assert not problems, "\n".join(problems)
 
 
 def test_pc1_standby_central_runs_pc2_s_command() -> None:

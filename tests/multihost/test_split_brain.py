@@ -6,6 +6,9 @@ engine and monitor, PC2 Central A (started first, so active), PC1 Central B (sta
 driver. Pulling PC2's cable leaves A believing it is active while it reaches nobody: B must
 take over, finish the supply with one ticket, and A, once back, must be fenced and rebuild as
 a standby without anything it did while cut off reaching anyone (docs/high-availability.md).
+
+Secured as the compose files run it: the cluster takes only TLS clients with their role's login
+(made once it is up), and both Centrals serve TLS with one certificate that names both PCs.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any
 
 import pytest
 from netsim import KAFKA_SH, TIMINGS, CentralView, HostProcess, Probe, SimulatedNetwork
+from secured import Keys
 
 from helpers import need_root, need_tool, scaled, wait_for
 from procs import REPO_ROOT
@@ -52,20 +56,23 @@ AUTO_UNPLUG = 16.0
 PREFIX = "evs"
 STALE = re.compile(rf"^{PREFIX}(\d+)-(pc[123]|br)$")
 
-# Run inside a PC: how many committed (or all) records of TOPIC carry KEY, from the start.
+# Run inside a PC: how many committed (or all) records of TOPIC carry KEY, from the start,
+# read as the admin principal: the test's own view of the topic, not one of the roles'.
 COUNT_RECORDS = """
 import asyncio, sys
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from shared.kafka_access import KafkaLogin
 
-async def main(bootstrap, topic, key, isolation):
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)  # only for the metadata
+async def main(bootstrap, topic, key, isolation, password_file, ca):
+    login = KafkaLogin.from_files("admin", password_file, ca).client_options()
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, **login)  # only for the metadata
     await producer.start()
     try:
         numbers = await producer.partitions_for(topic)
     finally:
         await producer.stop()
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, isolation_level=isolation, enable_auto_commit=False
+        bootstrap_servers=bootstrap, isolation_level=isolation, enable_auto_commit=False, **login
     )
     await consumer.start()
     try:
@@ -85,10 +92,14 @@ async def main(bootstrap, topic, key, isolation):
 asyncio.run(asyncio.wait_for(main(*sys.argv[1:]), 30))
 """
 
-# Run inside a PC: the role on a /healthz, whatever its status ("None" if nothing answered).
+# Run inside a PC: the role on a /healthz, whatever its status ("None" if nothing answered);
+# Central's certificate is verified with the CA.
 READ_ROLE = """
-import json, sys, urllib.error, urllib.request
-opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+import json, ssl, sys, urllib.error, urllib.request
+tls = ssl.create_default_context(cafile=sys.argv[2])
+opener = urllib.request.build_opener(
+    urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=tls)
+)
 try:
     with opener.open(sys.argv[1], timeout=10) as answer:
         body = answer.read()
@@ -120,9 +131,9 @@ def clean_our_stale() -> None:
 
 
 class NamespacedCluster:
-    """Three Kafka nodes inside one PC (`scripts/kafka.sh cluster`), on that PC's address."""
+    """Three secured Kafka nodes inside one PC (`scripts/kafka.sh cluster`), on its address."""
 
-    def __init__(self, netns: str, host: str, run_dir: Path) -> None:
+    def __init__(self, netns: str, host: str, run_dir: Path, keys: Keys) -> None:
         self.netns = netns
         self.bootstrap = ",".join(f"{host}:{KAFKA_BASE_PORT + i}" for i in range(3))
         self.env = {
@@ -130,6 +141,7 @@ class NamespacedCluster:
             "EV_KAFKA_LISTEN_HOST": host,
             "EV_KAFKA_ADVERTISED_HOST": host,
             "EV_KAFKA_RUN_DIR": str(run_dir),
+            "EV_KAFKA_SECURE_DIR": str(keys.dir),
             "PYTHON": sys.executable,
         }
 
@@ -150,6 +162,7 @@ class Site:
     net: SimulatedNetwork
     kafka: NamespacedCluster
     workdir: Path
+    keys: Keys
 
 
 @pytest.fixture
@@ -160,12 +173,22 @@ def site(tmp_path: Path) -> Iterator[Site]:
     clean_our_stale()
     pid = os.getpid()
     net = SimulatedNetwork(f"{PREFIX}{pid}", f"10.232.{pid % 250 + 1}")
-    kafka = NamespacedCluster(net.ns("pc3"), net.ip("pc3"), tmp_path / "kafka")
+    keys = Keys(tmp_path / "keys")
+    # One certificate for every node, valid on each PC as the deployment's is (the nodes all
+    # listen on PC3 here); one for both Centrals, which the monitor dials by their PCs.
+    keys.make(
+        {
+            "kafka": [net.ip(pc) for pc in ("pc1", "pc2", "pc3")],
+            "central": ["central", net.ip("pc2"), net.ip("pc1")],
+        }
+    )
+    kafka = NamespacedCluster(net.ns("pc3"), net.ip("pc3"), tmp_path / "kafka", keys)
     try:
         net.up()
         try:
             kafka.start()
-            yield Site(net, kafka, tmp_path)
+            keys.make_logins(net.ns("pc3"), kafka.bootstrap, ["CP001"])
+            yield Site(net, kafka, tmp_path, keys)
         finally:
             kafka.stop()
     finally:
@@ -180,7 +203,8 @@ class HACentral:
 
     def __init__(self, site: Site, pc: str, name: str, audit_key: str) -> None:
         self.name = name
-        self.url = f"http://{site.net.ip(pc)}:{CENTRAL_HTTP_PORT}"
+        self.url = f"https://{site.net.ip(pc)}:{CENTRAL_HTTP_PORT}"
+        self.ca = site.keys.ca
         workdir = site.workdir / name
         workdir.mkdir()
         self.db_path = workdir / "central.db"
@@ -193,6 +217,9 @@ class HACentral:
             *("--broker", site.kafka.bootstrap, "--db", str(self.db_path)),
             *("--listen-host", "0.0.0.0", "--lease-timeout", f"{LEASE_TIMEOUT:g}"),
             *("--console", "log", "--demo"),
+            *("--tls-cert", str(site.keys.cert("central"))),
+            *("--tls-key", str(site.keys.key("central"))),
+            *site.keys.kafka_flags("central"),
         ]
         self.process = HostProcess(site.net.ns(pc), name, args, site.workdir)
 
@@ -240,7 +267,7 @@ def role_within(net: SimulatedNetwork, pc: str, central: HACentral) -> Any:
     answers /healthz only after its broker check has timed out (longer than a Probe waits)."""
     out = run(
         ["ip", "netns", "exec", net.ns(pc), sys.executable, "-c", READ_ROLE]
-        + [central.url + "/healthz"],
+        + [central.url + "/healthz", str(central.ca)],
         scaled(30),
     )
     return out.strip()
@@ -265,11 +292,12 @@ async def wait_role(probe: Probe, central: HACentral, wanted: str, timeout: floa
     return time.monotonic() - started
 
 
-def count_records(net: SimulatedNetwork, pc: str, bootstrap: str, key: str, isolation: str) -> int:
+def count_records(site: Site, pc: str, key: str, isolation: str) -> int:
     """Records of the driver updates topic keyed `key`, read from the start inside `pc`."""
+    admin = [str(site.keys.admin_password), str(site.keys.ca)]
     out = run(
-        ["ip", "netns", "exec", net.ns(pc), sys.executable, "-c", COUNT_RECORDS]
-        + [bootstrap, Topics.DRIVER_UPDATES, key, isolation],
+        ["ip", "netns", "exec", site.net.ns(pc), sys.executable, "-c", COUNT_RECORDS]
+        + [site.kafka.bootstrap, Topics.DRIVER_UPDATES, key, isolation, *admin],
         scaled(60),
     )
     return int(out.split()[-1])
@@ -283,7 +311,7 @@ def events(driver: HostProcess, kind: str) -> list[dict[str, Any]]:
 async def test_active_central_cut_off_mid_supply_is_fenced_and_rebuilds_as_standby(
     site: Site,
 ) -> None:
-    net, bootstrap = site.net, site.kafka.bootstrap
+    net, bootstrap, keys = site.net, site.kafka.bootstrap, site.keys
     audit_key = secrets.token_bytes(32).hex() + "\n"
     a = HACentral(site, "pc2", "central-a", audit_key)
     b = HACentral(site, "pc1", "central-b", audit_key)
@@ -295,6 +323,7 @@ async def test_active_central_cut_off_mid_supply_is_fenced_and_rebuilds_as_stand
             *("-m", "EV_CP_E", "--broker", bootstrap, "--listen", cp_addr),
             *("--auto-plug", "1", "--auto-unplug", f"{scaled(AUTO_UNPLUG):g}"),
             *("--secret", "demo-secret-CP001"),
+            *keys.kafka_flags("cp-CP001"),
         ],
         site.workdir,
     )
@@ -305,6 +334,8 @@ async def test_active_central_cut_off_mid_supply_is_fenced_and_rebuilds_as_stand
         [
             *("-m", "EV_CP_M", "--engine", cp_addr, "--central", centrals),
             *("--cp-id", "CP001", "--broker", bootstrap, "--secret", "demo-secret-CP001"),
+            *("--tls-ca", str(keys.ca)),
+            *keys.kafka_flags("monitor"),
         ],
         site.workdir,
     )
@@ -314,11 +345,12 @@ async def test_active_central_cut_off_mid_supply_is_fenced_and_rebuilds_as_stand
         [
             *("-m", "EV_Driver", "--broker", bootstrap, "--driver-id", "user1"),
             *("--password", "pass1", "--cp", "CP001", "--json"),
+            *keys.kafka_flags("driver"),
         ],
         site.workdir,
     )
     processes = [a.process, b.process, engine, monitor, driver]
-    on_pc1, on_pc2 = Probe(net.ns("pc1")), Probe(net.ns("pc2"))
+    on_pc1, on_pc2 = Probe(net.ns("pc1"), keys.ca), Probe(net.ns("pc2"), keys.ca)
     try:
         await on_pc1.start()
         await on_pc2.start()
@@ -360,9 +392,7 @@ async def test_active_central_cut_off_mid_supply_is_fenced_and_rebuilds_as_stand
         ], sessions
         [(balance,)] = b.query("SELECT balance_cents FROM users WHERE id = 'user1'")
         assert balance == 15000 - sessions[0][3]
-        delivered = await asyncio.to_thread(
-            count_records, net, "pc1", bootstrap, "user1", "read_committed"
-        )
+        delivered = await asyncio.to_thread(count_records, site, "pc1", "user1", "read_committed")
         # Meanwhile A, sure it is still active, has settled the supply its own way: this is
         # what must reach nobody.
         assert "ending supply of user1 (monitor_lost)" in a.process.output, a.process.output
@@ -398,12 +428,8 @@ async def test_active_central_cut_off_mid_supply_is_fenced_and_rebuilds_as_stand
             "user1",
             "COMPLETED",
         )
-        after = await asyncio.to_thread(
-            count_records, net, "pc1", bootstrap, "user1", "read_committed"
-        )
-        written = await asyncio.to_thread(
-            count_records, net, "pc1", bootstrap, "user1", "read_uncommitted"
-        )
+        after = await asyncio.to_thread(count_records, site, "pc1", "user1", "read_committed")
+        written = await asyncio.to_thread(count_records, site, "pc1", "user1", "read_uncommitted")
         print(f"user1's updates: {after} committed, {written - after} aborted")
         assert after == delivered
         assert len(events(driver, "started")) == 1 and len(events(driver, "ticket")) == 1
