@@ -53,15 +53,7 @@ class Keys:
     def make(self, servers: Mapping[str, Iterable[str]]) -> None:
         """A CA, a certificate per server valid for its names, and Kafka's admin password."""
         args = [f"--server={name}={','.join(sans)}" for name, sans in servers.items()]
-        done = subprocess.run(
-            [sys.executable, str(MAKE_CERTS), "--out", str(self.dir), *args],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=scaled(60),
-            check=False,
-        )
-        assert done.returncode == 0, f"make-certs failed:\n{done.stdout}{done.stderr}"
+        _run([sys.executable, str(MAKE_CERTS), "--out", str(self.dir), *args], 60, "make-certs")
         self.admin_password.write_text(secrets.token_urlsafe(24) + "\n")
         self.admin_password.chmod(0o600)
 
@@ -71,12 +63,13 @@ class Keys:
         simulated network only."""
         access = [sys.executable, "-m", "EV_Central", "kafka-access", "--broker", bootstrap]
         access += ["--kafka-ca", str(self.ca), "--kafka-password-file", str(self.admin_password)]
-        done = subprocess.run(
-            ["ip", "netns", "exec", netns, *access, "setup", str(self.dir), *cp_ids],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=scaled(120),
-            check=False,
-        )
-        assert done.returncode == 0, f"the Kafka logins were not made:\n{done.stdout}{done.stderr}"
+        setup = ["ip", "netns", "exec", netns, *access, "setup", str(self.dir), *cp_ids]
+        _run(setup, 120, "kafka-access setup")
+
+
+def _run(args: list[str], timeout: float, what: str) -> None:
+    """Run a tool of the repository's; the test fails with its output when the tool does."""
+    done = subprocess.run(
+        args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=scaled(timeout), check=False
+    )
+    assert done.returncode == 0, f"{what} failed:\n{done.stdout}{done.stderr}"
