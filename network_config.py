@@ -358,6 +358,10 @@ def three_pc_problem(config: Mapping[str, str]) -> str | None:
                 f"{key} is {address}: the other PCs cannot reach that. Set PC1_IP, PC2_IP and "
                 f"PC3_IP to the PCs' LAN addresses (edit network_config.py or export {key}=...)"
             )
+        if not re.fullmatch(r"[0-9.]+", address):
+            # The compose files map pc1..pc3 to these in the containers' /etc/hosts, which
+            # takes addresses only (Kafka's Java programs need the reverse lookup).
+            return f"{key} is {address}: give each PC's IPv4 address, not a host name"
         if address in owners:
             return (
                 f"{key} and {owners[address]} are both {address}: each PC runs a Kafka node on "

@@ -14,8 +14,8 @@ PC2_IP, PC3_IP, overridable by the environment as there), each also valid for lo
     driver-dashboard  the drivers' dashboard :8001          (PC1_IP)
     site-dashboard    the site dashboard :8003              (PC3_IP)
     registry          EV_Registry's REST API :8004          (registry, PC2_IP)
-    kafka             every Kafka node, to clients and to each other (kafka, PC1_IP, PC2_IP,
-                      PC3_IP; CN=kafka is the nodes' principal, User:kafka)
+    kafka             every Kafka node, to clients and to each other (kafka, pc1, pc2, pc3,
+                      PC1_IP, PC2_IP, PC3_IP; CN=kafka is the nodes' principal, User:kafka)
 
 The CA is ca.crt (give it to every client: monitors, ctl, health checks, browsers) and ca.key
 (keep it on this machine). Keys are written with mode 0600. Running it again changes nothing:
@@ -131,9 +131,18 @@ def deployment_servers() -> list[ServerRequest]:
         ServerRequest("driver-dashboard", unique([*LOCAL_NAMES, config["PC1_IP"]])),
         ServerRequest("site-dashboard", unique([*LOCAL_NAMES, config["PC3_IP"]])),
         ServerRequest("registry", unique(["registry", *LOCAL_NAMES, config["PC2_IP"]])),
+        # pc1..pc3 too: Kafka's Java clients check a node's certificate against the name the
+        # address they dial resolves to backwards, which the compose files' /etc/hosts gives.
         ServerRequest(
             "kafka",
-            unique(["kafka", *LOCAL_NAMES, *(config[f"PC{n}_IP"] for n in (1, 2, 3))]),
+            unique(
+                [
+                    "kafka",
+                    *LOCAL_NAMES,
+                    *(f"pc{n}" for n in (1, 2, 3)),
+                    *(config[f"PC{n}_IP"] for n in (1, 2, 3)),
+                ]
+            ),
         ),
     ]
 

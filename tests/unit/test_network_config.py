@@ -186,6 +186,10 @@ def test_the_broker_list_may_be_given_and_is_checked() -> None:
             {"PC1_IP": "10.0.0.1", "PC2_IP": "10.0.0.2", "PC3_IP": "10.0.0.2"},
             "PC3_IP and PC2_IP are both 10.0.0.2: each PC runs a Kafka node",
         ),
+        (
+            {"PC1_IP": "10.0.0.1", "PC2_IP": "pc2.lan", "PC3_IP": "10.0.0.3"},
+            "PC2_IP is pc2.lan: give each PC's IPv4 address, not a host name",
+        ),
     ],
 )
 def test_three_pcs_need_three_reachable_addresses(addresses: dict[str, str], message: str) -> None:
