@@ -284,8 +284,8 @@ def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
 
 def make_keys(directory: Path, env: dict[str, str]) -> None:
     """What `scripts/deploy.sh pc2 up` (or `all up`) makes first, in `directory`: the CA and
-    certificates, the Kafka passwords and the audit key; and the two scripts the compose files
-    mount from the repository (the project's directory stands in for it)."""
+    certificates, the Kafka passwords and the audit key; and the scripts the compose files
+    mount."""
     for args in (
         [str(REPO_ROOT / "scripts" / "make-certs.py"), "--out", str(directory / "certs")],
         [str(REPO_ROOT / "network_config.py"), "--kafka-passwords", str(directory / "secrets")],
@@ -293,6 +293,12 @@ def make_keys(directory: Path, env: dict[str, str]) -> None:
         + [str(directory / "secrets" / "central.audit-key")],
     ):
         subprocess.run([sys.executable, *args], check=True, capture_output=True, env=env)
+    copy_mounted_scripts(directory)
+
+
+def copy_mounted_scripts(directory: Path) -> None:
+    """The scripts the compose files mount from ./docker: the project's directory stands in
+    for the repository."""
     (directory / "docker").mkdir(exist_ok=True)
     for script in ("install-keys.sh", "kafka-format.sh"):
         shutil.copy(REPO_ROOT / "docker" / script, directory / "docker" / script)
@@ -312,9 +318,7 @@ def copy_needed(source: Path, target: Path, pc: str, env: dict[str, str]) -> Non
         (target / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source / name, target / name)
     (target / "certs").mkdir(exist_ok=True)
-    (target / "docker").mkdir(exist_ok=True)
-    for script in ("install-keys.sh", "kafka-format.sh"):
-        shutil.copy(REPO_ROOT / "docker" / script, target / "docker" / script)
+    copy_mounted_scripts(target)
 
 
 def report(podman: Podman, line: str) -> None:
