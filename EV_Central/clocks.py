@@ -5,7 +5,8 @@ The reference is the network's clock: the brokers', which stamp each record when
 trips of the link on :5000, each engine through its monitor's health checks, and each driver app
 and engine from the timestamps of its Kafka messages. An offset of +60 s is a clock a minute
 ahead. One crossing `SKEW_WARNING_S` is logged, noted on the admin panel's feed and audited once;
-the panel shows them all (EV_Central/web.py, the `clocks` part of the status).
+the panel lists those off and the furthest off (EV_Central/web.py, the `clocks` part of the
+status), /metrics every one.
 
 `Hops` keeps the last minute of each hop's times (driver -> Central, Central -> engine,
 engine -> Central, Central -> dashboards), measured with these offsets, for the panel.
@@ -14,6 +15,7 @@ engine -> Central, Central -> dashboards), measured with these offsets, for the 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -33,8 +35,13 @@ from shared.clock import (
 FORGET_AFTER_S = 600.0
 # At most this many peers are kept (the oldest heard from goes first).
 MAX_PEERS = 20_000
-# Each hop's times are kept this long.
+# The panel lists this many peers: those off first, then the furthest from the network's clock
+# (with 10,000 CPs, every clock would be 20,000 rows pushed every 2 s); /metrics has them all.
+PANEL_PEERS = 50
+# Each hop's times are kept this long, and at most this many (the newest): the panel sorts them
+# every 2 s.
 HOP_WINDOW_S = 60.0
+HOP_KEPT = 10_000
 HOPS = ("driver → Central", "Central → engine", "engine → Central", "Central → dashboards")
 
 Warn = Callable[[str, str, str], Coroutine[Any, Any, None]]  # (kind, id, text)
@@ -85,7 +92,7 @@ class Hops:
         times.append((now, max(0.0, seconds)))
         while times and now - times[0][0] > HOP_WINDOW_S:
             times.popleft()
-        if len(times) > 100_000:
+        if len(times) > HOP_KEPT:
             times.popleft()
 
     def as_api(self) -> list[dict[str, Any]]:
@@ -231,12 +238,25 @@ class Clocks:
 
     # --- for the panel and /metrics -----------------------------------------------------------
 
-    def as_api(self) -> dict[str, Any]:
+    def as_api(self, limit: int | None = None) -> dict[str, Any]:
+        """Central's offset, the peers' (the `limit` furthest off, or all), and the hops.
+
+        `peers_measured` counts every peer and `peers_off` those at or beyond the threshold,
+        whether listed or not. With a limit the list is the peers off first, then the largest
+        offsets; without one it is every peer by kind and id.
+        """
         ages = {key: peer.age(self._last_heard) for key, peer in self._peers.items()}
         for key in [k for k, age in ages.items() if age > FORGET_AFTER_S]:
             del self._peers[key]
         central = self.network.offset
         trip = self.network.round_trip
+        if limit is None:
+            listed = sorted(self._peers.values(), key=lambda p: (p.kind, p.id))
+        else:
+            shift = self.central_offset
+            listed = heapq.nsmallest(
+                limit, self._peers.values(), key=lambda p: _furthest_first(p, shift)
+            )
         return {
             "threshold_s": SKEW_WARNING_S,
             "central": {
@@ -244,12 +264,19 @@ class Clocks:
                 "round_trip_ms": None if trip is None else round(trip * 1000, 1),
                 "warning": central is not None and abs(central) >= SKEW_WARNING_S,
             },
-            "peers": [
-                p.as_api(self.central_offset, ages[(p.kind, p.id)])
-                for p in sorted(self._peers.values(), key=lambda p: (p.kind, p.id))
-            ],
+            "peers": [p.as_api(self.central_offset, ages[(p.kind, p.id)]) for p in listed],
+            "peers_measured": len(self._peers),
+            "peers_off": sum(1 for p in self._peers.values() if p.warned),
             "hops": self.hops.as_api(),
         }
+
+
+def _furthest_first(peer: PeerClock, central_offset: float) -> tuple[bool, float, str, str]:
+    """Sort key: peers off first, then the furthest from the network's clock, then those not
+    measured yet."""
+    own = peer.estimate.offset
+    away = -abs(own + central_offset) if own is not None else 0.0
+    return (not peer.warned, away, peer.kind, peer.id)
 
 
 async def _no_probe() -> float | None:

@@ -65,6 +65,12 @@ class WeatherStops(Part):
     def cps_at(self, place: str) -> list[ChargingPoint]:
         return [cp for cp in self._registry.sorted() if place_of(cp.location) == place]
 
+    def signature(self) -> tuple[int, tuple[bool, ...]]:
+        """What the panel's weather card shows that changes without a report: the number of
+        CPs (a new CP's place) and which places turned stale. Cheap, unlike `as_api`."""
+        now = time.time()
+        return len(self._registry.cps), tuple(w.stale(now) for w in self.places.values())
+
     def as_api(self) -> list[dict[str, Any]]:
         """The weather of every watched place (never reported yet: no temperature, stale)."""
         now = time.time()

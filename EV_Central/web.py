@@ -46,6 +46,7 @@ from EV_Central.admin_api import (
 )
 from EV_Central.audit import AuditLog
 from EV_Central.auth import LoginOutcome, PeopleAuth
+from EV_Central.clocks import PANEL_PEERS
 from EV_Central.context import Context, Part
 from EV_Central.cp_links import CPLinks
 from EV_Central.enrolment import Enrolments
@@ -77,6 +78,7 @@ MAX_CLIENTS = 200
 CLIENT_QUEUE = 256
 COOKIE = ADMIN_COOKIE
 RECENT_SESSIONS = 40  # sessions in a panel's snapshot and pushes
+SESSIONS_PUSH_S = 1.0  # the panel's sessions and balances are pushed at most this often
 ADMIN = frozenset({"admin"})
 ANYONE = frozenset({"admin", "driver"})  # a driver reads its own sessions (and whoami)
 # Who may open /ws: admins, and the weather service, which may only report the weather and
@@ -115,6 +117,8 @@ class AdminWeb(WebApp, Part):
         self._cluster = cluster  # with --ha: the Kafka cluster as the panel shows it
         self._cp_links = cp_links
         self._weather = weather
+        # What the weather card last showed (WeatherStops.signature): pushed again on a change.
+        self._weather_shown: tuple[int, tuple[bool, ...]] | None = None
         self._people = people
         self._audit_log = audit
         self._enrolments = Enrolments(context.store, cp_links, audit)
@@ -218,8 +222,11 @@ class AdminWeb(WebApp, Part):
             self.shell.broadcast({"type": "event", "event": event.as_api()})
 
     async def _refresh(self) -> None:
-        """Push sessions and balances when they change, and the system status every 2 s."""
+        """Push sessions and balances when they change (coalesced: at most one push every
+        `SESSIONS_PUSH_S`; with thousands of CPs supplies start and end many times a second),
+        and the system status every 2 s."""
         last_status = 0.0
+        last_sessions = 0.0
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._sessions_dirty.wait(), 2.0)
@@ -228,7 +235,10 @@ class AdminWeb(WebApp, Part):
                 continue
             try:
                 if self._sessions_dirty.is_set():
-                    await asyncio.sleep(0.1)  # coalesce a burst of changes
+                    # Coalesce a burst of changes, and keep to the pace.
+                    since = time.monotonic() - last_sessions
+                    await asyncio.sleep(max(0.1, SESSIONS_PUSH_S - since))
+                    last_sessions = time.monotonic()
                     self._sessions_dirty.clear()
                     sessions = await self._recent_sessions()
                     self.shell.broadcast({"type": "sessions", "sessions": sessions})
@@ -238,7 +248,12 @@ class AdminWeb(WebApp, Part):
                     last_status = time.monotonic()
                     status = await self._status(cluster=True)
                     self.shell.broadcast({"type": "status", "status": status})
-                    self._push_weather()  # a place whose reports stopped turns stale
+                    # A place whose reports stopped turns stale; a new CP's place shows.
+                    if self._weather is not None:
+                        signature = self._weather.signature()
+                        if signature != self._weather_shown:
+                            self._weather_shown = signature
+                            self._push_weather()
             except Exception:
                 log.exception("admin refresh failed")
 
@@ -364,7 +379,7 @@ class AdminWeb(WebApp, Part):
         monitors = sum(1 for cp in self._registry.cps.values() if cp.connected)
         view: dict[str, Any] = {}
         if cluster:  # for admins only: the clocks name drivers
-            view["clocks"] = self._clocks.as_api()
+            view["clocks"] = self._clocks.as_api(PANEL_PEERS)
             if self._cluster:
                 view["cluster"] = await self._cluster()
         return {

@@ -65,6 +65,7 @@ class OffsetEstimate:
     def __init__(self, kept: int = PROBES_KEPT, *, one_way: bool = False) -> None:
         self._samples: deque[Sample] = deque(maxlen=kept)
         self._one_way = one_way
+        self._best: Sample | None = None  # of the samples as they are: asked for per message
 
     def add(self, offset: float, spread: float = 0.0) -> None:
         best = self.best()
@@ -74,13 +75,13 @@ class OffsetEstimate:
             if abs(offset - best.offset) > max(STEP_S, (spread + best.spread) / 2):
                 self._samples.clear()
         self._samples.append(Sample(offset, spread, time.monotonic()))
+        if self._one_way:
+            self._best = max(self._samples, key=lambda s: s.offset)
+        else:
+            self._best = min(self._samples, key=lambda s: s.spread)
 
     def best(self) -> Sample | None:
-        if not self._samples:
-            return None
-        if self._one_way:
-            return max(self._samples, key=lambda s: s.offset)
-        return min(self._samples, key=lambda s: s.spread)
+        return self._best
 
     @property
     def offset(self) -> float | None:

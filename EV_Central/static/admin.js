@@ -430,15 +430,17 @@
       el("td", { class: "num" }, heard(r.age_s)));
   }
 
-  // One line naming the clock furthest off, and how many others are off too.
-  function clockWarning(rows) {
+  // One line naming the clock furthest off, and how many others are off too (`offCount`:
+  // every clock off, listed or not).
+  function clockWarning(rows, offCount) {
     const off = rows.filter((r) => r.warning && isNumber(r.offset_s))
       .sort((a, b) => Math.abs(b.offset_s) - Math.abs(a.offset_s));
     if (!off.length) return "";
     const worst = off[0];
     const who = worst.kind === "central" ? "Central (this one)" : `${worst.label} ${worst.shownId}`;
     const how = worst.offset_s > 0 ? "ahead of" : "behind";
-    const more = off.length > 1 ? ` (+${off.length - 1} more)` : "";
+    const others = Math.max(off.length, offCount) - 1;
+    const more = others > 0 ? ` (+${others} more)` : "";
     return `Clock off: ${who} is ${Math.abs(worst.offset_s).toFixed(1)} s ${how} the network's clock${more}. ${CLOCK_FIX}`;
   }
 
@@ -462,9 +464,14 @@
     replace($("clocks"), rows.map(clockRow));
     replace($("hops"), (Array.isArray(clocks.hops) ? clocks.hops : []).map(hopRow));
     const threshold = isNumber(clocks.threshold_s) ? clocks.threshold_s : 2;
+    const listed = rows.length - 1;
+    const measured = isNumber(clocks.peers_measured) ? clocks.peers_measured : listed;
+    const offPeers = isNumber(clocks.peers_off) ? clocks.peers_off : 0;
+    // With many CPs only the clocks off and the furthest off are listed (all in /metrics).
+    const shown = measured > listed ? ` · the ${listed} furthest off of ${measured}` : "";
     $("clock-note").textContent =
-      `offset to the network's clock (the Kafka brokers') · warning at ±${threshold} s`;
-    const text = clockWarning(rows);
+      `offset to the network's clock (the Kafka brokers') · warning at ±${threshold} s${shown}`;
+    const text = clockWarning(rows, offPeers + (rows[0].warning ? 1 : 0));
     banner.textContent = text;
     banner.hidden = !text;
   }

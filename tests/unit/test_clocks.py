@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from EV_Central.clocks import HOPS, Clocks, Hops, PeerClock
+from EV_Central.clocks import HOP_KEPT, HOPS, Clocks, Hops, PeerClock
 from EV_Central.metrics import render
 from shared.clock import (
     FIX,
@@ -140,6 +140,41 @@ async def test_central_shows_each_peer_against_the_network_and_warns_once() -> N
     assert clocks.sent_at("driver", "nobody", 1060.0) == 1060.0
     # An answer to a probe long gone says nothing.
     assert clocks.from_monitor("CP002", 100.0, 100.0, 100.0, 200.0) is None
+
+
+async def test_the_panel_lists_the_clocks_off_first_and_counts_every_one() -> None:
+    """With thousands of CPs the panel gets the clocks furthest off, not every one."""
+    clocks = Clocks()
+    for n in range(200):  # monitors 0.001 s to 0.2 s off: none to warn about
+        clocks.from_monitor(f"CP{n:03d}", 100.0, 100.0 + n / 1000, 100.0 + n / 1000, 100.0)
+    clocks.from_monitor("CP900", 100.0, 130.0, 130.0, 100.0)  # 30 s ahead
+    clocks.from_kafka("driver", "late", 90.0, 100.0)  # 10 s behind
+    clocks.from_kafka("driver", "soon", 99.5, 100.0)  # 0.5 s behind: not off
+    await asyncio.sleep(0)
+
+    view = clocks.as_api(limit=4)
+    assert [(p["kind"], p["id"]) for p in view["peers"]] == [
+        ("monitor", "CP900"),
+        ("driver", "late"),
+        ("driver", "soon"),
+        ("monitor", "CP199"),
+    ]
+    assert view["peers_measured"] == 203
+    assert view["peers_off"] == 2
+    # Without a limit (/metrics): every one, by kind and id.
+    every = clocks.as_api()["peers"]
+    assert len(every) == 203
+    assert every[0]["kind"] == "driver" and every[-1]["id"] == "CP900"
+
+
+def test_each_hop_keeps_at_most_its_newest_times() -> None:
+    hops = Hops()
+    for n in range(HOP_KEPT + 500):
+        hops.add(HOPS[0], n / 1000)  # n ms
+    [first] = [row for row in hops.as_api() if row["hop"] == HOPS[0]]
+    assert first["n"] == HOP_KEPT
+    assert first["last_ms"] == HOP_KEPT + 499
+    assert first["p50_ms"] == 500 + HOP_KEPT // 2  # the oldest 500 are gone
 
 
 async def test_central_warns_about_its_own_clock() -> None:
