@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import sqlite3
 import time
@@ -206,8 +207,13 @@ class Database:
     async def outbox_done(self, seqs: list[int]) -> None:
         if not seqs:
             return
+        # One JSON parameter: a transaction of the HA relay can carry more rows than SQLite
+        # takes parameters (32,766), after Kafka was away for a while.
         async with self.transaction() as tx:
-            await tx.execute(f"DELETE FROM outbox WHERE seq IN ({','.join('?' * len(seqs))})", seqs)
+            await tx.execute(
+                "DELETE FROM outbox WHERE seq IN (SELECT value FROM json_each(?))",
+                (json.dumps(seqs),),
+            )
 
     async def prune(self, older_than_s: float) -> None:
         """Forget idempotency records old enough that no redelivery can come."""

@@ -590,8 +590,8 @@ async def _term(settings: CentralSettings, stopping: asyncio.Future[None]) -> No
             if deposed.done():
                 log.warning("another Central holds the lease now: this one becomes standby")
             raise _TermOver
-    except* Fenced:
-        log.warning("another Central has fenced this one: it becomes standby")
+    except* Fenced as fenced:
+        log.warning("%s: this Central becomes standby", fenced.exceptions[0])
     except* _TermOver:
         pass
     finally:

@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any, TypeAlias, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import errors as kafka_errors
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import (
     ConsumerStoppedError,
+    InvalidProducerEpoch,
     KafkaError,
     OutOfOrderSequenceNumber,
     TopicAlreadyExistsError,
@@ -34,8 +36,20 @@ log = logging.getLogger(__name__)
 
 # A send that waits longer than this for the broker is reported (once, until one gets through).
 STALL_SECONDS = 10.0
+# A producer's batch for one partition (aiokafka's default is 16 KiB). A producer has one
+# request in flight per broker, so a burst bigger than a batch waits a round trip per batch:
+# the HA relay's transactions put a second's changes of thousands of CPs on the one-partition
+# changelog (docs/high-availability.md). Kafka takes batches up to 1 MiB (message.max.bytes).
+MAX_BATCH_BYTES = 512 * 1024
 
 T = TypeVar("T")
+
+# Kafka answers a fenced transactional producer with PRODUCER_FENCED (error 90, since Kafka
+# 2.7), which aiokafka 0.14 does not know: it takes the answer to a commit for an unknown
+# error, its sender stops, and the commit never returns. Kafka's own clients treat the code as
+# the older INVALID_PRODUCER_EPOCH, which aiokafka turns into ProducerFenced.
+PRODUCER_FENCED = 90
+kafka_errors.kafka_errors.setdefault(PRODUCER_FENCED, InvalidProducerEpoch)
 
 
 class BusError(EVError):
@@ -264,6 +278,7 @@ class KafkaBus:
             enable_idempotence=True,
             linger_ms=0,  # send at once; records queue up while a request is in flight
             max_request_size=MAX_MESSAGE_BYTES * 4,
+            max_batch_size=MAX_BATCH_BYTES,
             request_timeout_ms=10_000,
         )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -139,3 +140,15 @@ def kafka_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Collect the garbage the tests left before the plugins' own teardown imports modules.
+
+    Python 3.11.7 fails an `ast.parse` (pytest compiles each module it imports) with
+    "SystemError: AST constructor recursion depth mismatch" when the garbage collector runs
+    finalizers in the middle of it: Kafka clients and asyncio tasks of the fencing tests are
+    such garbage. Collected here, they are gone before the terminal summary imports anything.
+    """
+    gc.collect()

@@ -1630,6 +1630,11 @@ class Fleet:
             "outbox": mean_ms(stage, stage="outbox"),
             "publish": mean_ms(stage, stage="publish"),
         }
+        # In high-availability mode `publish` is one Kafka transaction: its records appended
+        # (and copied to the followers), then the commit.
+        for part in ("append", "commit"):
+            if delta(f"{stage}_count", stage=part):
+                result["central_stage_mean_ms"][part] = mean_ms(stage, stage=part)
         # Full garbage collections in the window (they stop Central: see the tail latencies).
         pauses = "ev_central_gc_pause_seconds"
         result["central_full_gc"] = {
