@@ -250,6 +250,7 @@ class OutboxRelay:
             self._sent_up_to = rows[-1]["seq"]
             self._observe_waiting(rows)
         if not rows and not posts:
+            batch.sent_at = None  # nothing sent: no `publish` time to count
             batch.appended.set()
             if previous is not None:
                 await _committed(previous)

@@ -543,10 +543,11 @@ def failover_report(results: dict[str, Any]) -> list[str]:
             ("Central RSS max MiB", "central_rss_max_mib"),
         ):
             lines.append(f"| {label} | {fmt(single.get(key))} | {fmt(ha.get(key))} |")
-        for label, key in (("publish", "publish"), ("outbox", "outbox"), ("arrival", "arrival")):
+        for key in ("arrival", "outbox", "publish", "append", "commit"):
             s_st = (single.get("central_stage_mean_ms") or {}).get(key)
             h_st = (ha.get("central_stage_mean_ms") or {}).get(key)
-            lines.append(f"| stage `{label}` mean ms | {fmt(s_st)} | {fmt(h_st)} |")
+            if s_st is not None or h_st is not None:
+                lines.append(f"| stage `{key}` mean ms | {fmt(s_st)} | {fmt(h_st)} |")
         lines.append(
             f"| sealed updates or commands the fleet could not open | {single['unopened_sealed']}"
             f" | {ha['unopened_sealed']} |"
@@ -567,19 +568,21 @@ def failover_report(results: dict[str, Any]) -> list[str]:
             ]
         s_st = single.get("central_stage_mean_ms") or {}
         h_st = ha.get("central_stage_mean_ms") or {}
-        if h_st.get("publish") is not None and h_st.get("outbox") is not None:
+        if h_st.get("append") is not None and h_st.get("outbox") is not None:
             lines += [
                 "",
                 "Where the difference goes: with one Central and one broker a reply is handed to"
                 f" the producer {fmt(s_st.get('outbox'))} ms (mean) after the handler's commit"
                 f" and acknowledged {fmt(s_st.get('publish'))} ms later. In the HA pair every"
-                " reply goes out in a Kafka transaction together with its changelog rows: a"
-                " reply first waits in the outbox until a transaction can take it (`outbox`,"
-                f" {fmt(h_st.get('outbox'))} ms mean: the transactions before it must be"
-                " committed first), then for its own, from the first send to the commit's answer"
-                f" (`publish`, {fmt(h_st.get('publish'))} ms mean: the commit markers are written"
-                " on the three nodes before Kafka answers), and the driver, which reads committed"
-                " records only, sees it after that. The handler itself costs the same in both"
+                " reply goes out in a Kafka transaction together with its changelog rows, and"
+                " transactions form a pipeline (docs/high-availability.md): a reply first waits"
+                " in the outbox until the next transaction takes it, once the one before has its"
+                f" records in the log (`outbox`, {fmt(h_st.get('outbox'))} ms mean); its"
+                " transaction's records are then appended and copied to the followers"
+                f" (`append`, {fmt(h_st.get('append'))} ms) and, once the transaction before has"
+                f" committed, it commits (`commit`, {fmt(h_st.get('commit'))} ms); the driver,"
+                " which reads committed records only, sees it once the commit markers are in"
+                " the log. The handler itself costs about the same in both"
                 f" ({fmt(s_st.get('handler'))} vs {fmt(h_st.get('handler'))} ms).",
             ]
         if base:
