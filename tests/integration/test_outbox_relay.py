@@ -82,31 +82,9 @@ async def queue_rows(
         await asyncio.sleep(0)
 
 
-async def read_rows(bootstrap: str, want: int, topic: str = TOPIC) -> list[int]:
-    """Row numbers in the order Kafka has them (committed ones only), until every one of
-    0..want-1 was seen."""
-    consumer = AIOKafkaConsumer(
-        topic,
-        bootstrap_servers=bootstrap,
-        auto_offset_reset="earliest",
-        isolation_level="read_committed",
-    )
-    await consumer.start()
-    seen: list[int] = []
-    try:
-        async with asyncio.timeout(scaled(90)):
-            while len(set(seen)) < want:
-                for records in (await consumer.getmany(timeout_ms=500)).values():
-                    for record in records:
-                        message: Any = decode(CP_STATE, record.value or b"")
-                        seen.append(int(message.location.split()[1]))
-    finally:
-        await consumer.stop()
-    return seen
-
-
-async def read_all_committed(bootstrap: str, topic: str) -> list[int]:
-    """Every committed row number of the topic, in order (read until the end)."""
+async def read_rows(bootstrap: str, want: int | None, topic: str = TOPIC) -> list[int]:
+    """Row numbers in the order Kafka has them (committed ones only): until every one of
+    0..want-1 was seen, or (`want` None) to the end of what is committed now."""
     consumer = AIOKafkaConsumer(
         topic,
         bootstrap_servers=bootstrap,
@@ -118,8 +96,14 @@ async def read_all_committed(bootstrap: str, topic: str) -> list[int]:
     try:
         partitions = consumer.assignment()
         end = await consumer.end_offsets(list(partitions))  # the last stable offsets
-        async with asyncio.timeout(scaled(60)):
-            while [tp for tp in partitions if await consumer.position(tp) < end[tp]]:
+
+        async def more() -> bool:
+            if want is not None:
+                return len(set(seen)) < want
+            return bool([tp for tp in partitions if await consumer.position(tp) < end[tp]])
+
+        async with asyncio.timeout(scaled(90)):
+            while await more():
                 for records in (await consumer.getmany(timeout_ms=500)).values():
                     for record in records:
                         message: Any = decode(CP_STATE, record.value or b"")
@@ -255,7 +239,7 @@ async def test_a_fenced_transaction_takes_the_later_ones_down(
             with contextlib.suppress(asyncio.CancelledError):
                 await queueing
             await usurper.stop()
-    seen = await read_all_committed(kafka_bootstrap, topic)
+    seen = await read_rows(kafka_bootstrap, None, topic)
     assert seen, "nothing was committed before the fence"
     assert seen == list(range(len(seen)))  # a prefix: in order, once, no gap
     assert len(seen) < queued  # and the rest did not reach anyone
