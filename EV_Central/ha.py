@@ -591,7 +591,7 @@ async def _term(settings: CentralSettings, stopping: asyncio.Future[None]) -> No
                 log.warning("another Central holds the lease now: this one becomes standby")
             raise _TermOver
     except* Fenced as fenced:
-        log.warning("%s: this Central becomes standby", fenced.exceptions[0])
+        log.warning("%s: this Central becomes standby", _first(fenced))
     except* _TermOver:
         pass
     finally:
@@ -606,6 +606,14 @@ async def _term(settings: CentralSettings, stopping: asyncio.Future[None]) -> No
         with contextlib.suppress(Exception):
             await bus.stop()
         await db.stop()
+
+
+def _first(group: BaseExceptionGroup[Fenced]) -> BaseException:
+    """The first exception of a group, inside the groups of nested task groups."""
+    found: BaseException = group
+    while isinstance(found, BaseExceptionGroup):
+        found = found.exceptions[0]
+    return found
 
 
 async def _become_active(

@@ -274,7 +274,7 @@ class OutboxRelay:
             await self._within(producer.commit_transaction(), "not committed a transaction")
             self.stage_seconds["commit"].observe(time.perf_counter() - appended)
         except ProducerFenced as exc:
-            raise Fenced("another Central has taken over (this one's producer is fenced)") from exc
+            raise Fenced("another Central has fenced this one (its producer is fenced)") from exc
         except AssertionError as exc:
             # aiokafka's transaction states: its producer stopped (a fatal error), and it
             # refuses to begin or abort another transaction.
@@ -294,8 +294,7 @@ class OutboxRelay:
                 await producer.abort_transaction()
         except (KafkaError, TimeoutError, AssertionError) as exc:
             raise Fenced(
-                f"a failed Kafka transaction could not be aborted ({type(exc).__name__}): this "
-                "Central starts again with new producers"
+                f"a failed Kafka transaction could not be aborted ({type(exc).__name__})"
             ) from exc
 
     async def _within(self, request: Awaitable[Any], what: str) -> None:
@@ -305,8 +304,8 @@ class OutboxRelay:
                 await self.bus.watched(request, what)
         except TimeoutError:
             raise Fenced(
-                f"Kafka has {what} for {TRANSACTION_STALL:g} s in a transaction: this Central "
-                "starts again with new producers"
+                f"Kafka has {what} for {TRANSACTION_STALL:g} s in a transaction (cut off from"
+                " the cluster, or the producer stopped)"
             ) from None
 
     def _records(
