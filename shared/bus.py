@@ -228,16 +228,19 @@ class KafkaBus:
         while True:
             try:
                 await self.watched(self.ensure_topics(), "not answered (to set up the topics)")
+                if backoff.attempt:
+                    log.info("Kafka at %s answers again", self.bootstrap)
                 return
             except KafkaError as exc:
-                # A node in the cluster's list that is down, or no majority of them up.
+                # A node in the cluster's list that is down, or no majority of them up: said
+                # once, in one line, however long it lasts.
                 delay = backoff.next_delay()
-                log.warning(
+                log.log(
+                    logging.WARNING if backoff.attempt == 1 else logging.DEBUG,
                     "cannot set up the topics on Kafka at %s (%s: is it, or most of a "
-                    "cluster's nodes, up?); retrying in %.1f s",
+                    "cluster's nodes, up?); retrying every few seconds",
                     self.bootstrap,
                     type(exc).__name__,
-                    delay,
                 )
                 await asyncio.sleep(delay)
 
