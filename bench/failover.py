@@ -10,11 +10,14 @@ with a pair of Centrals started with --ha (docs/high-availability.md):
   becomes the standby, and the next kill waits until it is.
 - The cost of high availability: the same fleet size against one broker and one Central, then
   against the cluster and the HA pair, in the same run; request -> authorisation and heartbeats
-  per CPU-second side by side.
+  per CPU-second side by side. Before the fleet starts, the idle cluster's floor: one Kafka
+  transaction from its begin until a read_committed consumer has it, and one plain send
+  (bench/transactions.py, `hop_floor`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -30,6 +33,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from bench.run import KAFKA_SH, REPO, seed_fleet, stop_process
+from bench.transactions import hop_floor
 from tools.fleet.failover import (
     in_flight,
     reconnection_times,
@@ -374,6 +378,9 @@ def run_ha_fleet(
     work = Path(tempfile.mkdtemp(prefix=f"ha-{size}-", dir=root))
     seeded, credentials = seed_fleet(work / "seed.db", size, supplying)
     with Cluster(root) as cluster:
+        # What a hop costs on this cluster with nothing else running: the floor under the
+        # fleet's figures (a request crosses Central twice, each time out in a transaction).
+        floor = asyncio.run(hop_floor(cluster.bootstrap))
         a, b = start_pair(work, cluster, seeded)
         try:
             assert a.proc is not None
@@ -400,6 +407,7 @@ def run_ha_fleet(
                 raise RuntimeError(f"the HA fleet of {size} failed; see {work / 'fleet.log'}")
             result: dict[str, Any] = json.loads(out.read_text())
             result["central_alive"] = a.proc.poll() is None
+            result["kafka_hop_floor"] = floor
             # A take-over during the run (A lost its lease) restarts A's counters: the
             # Central-side figures of such a run do not hold, and the report says so.
             result["active_role_at_end"] = role(a.http)

@@ -532,11 +532,17 @@ def failover_report(results: dict[str, Any]) -> list[str]:
             ("request→authorisation p50 ms", "request_to_authorisation_ms", "p50"),
             ("request→authorisation p99 ms", "request_to_authorisation_ms", "p99"),
             ("request→authorisation max ms", "request_to_authorisation_ms", "max"),
+            ("leg one, request→engine p50 ms", "request_to_engine_ms", "p50"),
+            ("leg one, request→engine p99 ms", "request_to_engine_ms", "p99"),
+            ("leg two, engine→authorisation p50 ms", "engine_to_authorisation_ms", "p50"),
+            ("leg two, engine→authorisation p99 ms", "engine_to_authorisation_ms", "p99"),
             ("telemetry→dashboard p99 ms", "telemetry_to_dashboard_ms", "p99"),
             ("heartbeat RTT p99 ms", "heartbeat_rtt_ms", "p99"),
         )
         for label, key, q in rows:
-            lines.append(f"| {label} | {fmt(single[key][q])} | {fmt(ha[key][q])} |")
+            if key in single or key in ha:  # runs recorded before the legs were measured
+                s_v, h_v = (single.get(key) or {}).get(q), (ha.get(key) or {}).get(q)
+                lines.append(f"| {label} | {fmt(s_v)} | {fmt(h_v)} |")
         for label, key in (
             ("heartbeats per CPU-second", "central_heartbeats_per_cpu_s"),
             ("Central CPU %", "central_cpu_percent"),
@@ -571,8 +577,13 @@ def failover_report(results: dict[str, Any]) -> list[str]:
         if h_st.get("append") is not None and h_st.get("outbox") is not None:
             lines += [
                 "",
-                "Where the difference goes: with one Central and one broker a reply is handed to"
-                f" the producer {fmt(s_st.get('outbox'))} ms (mean) after the handler's commit"
+                "Where the difference goes: a request crosses Central twice, as the brief's"
+                " mechanics ask (Central asks the CP to authorise, then tells the driver). Leg"
+                " one runs from the driver's request to the engine reading Central's"
+                " `authorize_supply`, leg two from the engine's acceptance to the driver reading"
+                " `supply_authorized`; each is a send to Central and one reply from it. With"
+                " one Central and one broker a reply is handed to the producer"
+                f" {fmt(s_st.get('outbox'))} ms (mean) after the handler's commit"
                 f" and acknowledged {fmt(s_st.get('publish'))} ms later. In the HA pair every"
                 " reply goes out in a Kafka transaction together with its changelog rows, and"
                 " transactions form a pipeline (docs/high-availability.md): a reply first waits"
@@ -582,8 +593,22 @@ def failover_report(results: dict[str, Any]) -> list[str]:
                 f" (`append`, {fmt(h_st.get('append'))} ms) and, once the transaction before has"
                 f" committed, it commits (`commit`, {fmt(h_st.get('commit'))} ms); the driver,"
                 " which reads committed records only, sees it once the commit markers are in"
-                " the log. The handler itself costs about the same in both"
-                f" ({fmt(s_st.get('handler'))} vs {fmt(h_st.get('handler'))} ms).",
+                " the log. The second leg takes the same path again. The handler itself costs"
+                f" about the same in both ({fmt(s_st.get('handler'))} vs"
+                f" {fmt(h_st.get('handler'))} ms).",
+            ]
+        floor = ha.get("kafka_hop_floor")
+        if floor:
+            t, p = floor["transaction_ms"], floor["plain_ms"]
+            lines += [
+                "",
+                f"The floor under those legs, measured on the same cluster before the fleet"
+                f" started ({floor['rounds']} of each, {fmt(floor['gap_s'])} s apart, nothing"
+                f" else running; `hop_floor` in bench/transactions.py): one Kafka transaction"
+                f" from its begin until a read_committed consumer has it, p50 {fmt(t['p50'])} /"
+                f" p99 {fmt(t['p99'])} / max {fmt(t['max'])} ms; one plain send (acks=all)"
+                f" until it is read, p50 {fmt(p['p50'])} / p99 {fmt(p['p99'])} /"
+                f" max {fmt(p['max'])} ms. Each leg is one of each at least.",
             ]
         if base:
             lines += [

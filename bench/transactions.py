@@ -15,6 +15,10 @@ What it showed here (docs/high-availability.md, "Measured"): with Kafka's defaul
 transactional id could not begin a new transaction for 0.3 to 1 s after a commit; with 20 ms,
 0.1 to 0.3 s on a busy machine. Central's relay took three transactional ids in turn: at tens of
 transactions a second each id came back to a refusal and its retries; it now takes eight.
+
+`hop_floor` measures the same on a cluster already running, with plain sends beside the
+transactions: `make bench-failover` runs it before its HA fleet, as the floor under the
+fleet's request -> authorisation (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -58,11 +62,19 @@ class RefusalCounter:
 
 
 async def measure(
-    bootstrap: str, gap: float, rounds: int, counter: RefusalCounter
+    bootstrap: str,
+    gap: float,
+    rounds: int,
+    counter: RefusalCounter | None,
+    *,
+    transactional: bool = True,
 ) -> dict[str, Any]:
+    """`rounds` transactions `gap` s apart, each timed from its begin until a read_committed
+    consumer has its record; with `transactional` False, plain sends of the same records
+    (acks=all, idempotent), timed from the send."""
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap,
-        transactional_id=f"bench-txn-{gap}",
+        transactional_id=f"bench-txn-{gap}" if transactional else None,
         acks="all",
         enable_idempotence=True,
         linger_ms=0,
@@ -83,17 +95,20 @@ async def measure(
 
     reader = asyncio.create_task(read())
     await asyncio.sleep(2)  # the consumer has its position
-    counter.refused = 0
+    if counter is not None:
+        counter.refused = 0
     latencies = []
     try:
         for n in range(rounds):
             await asyncio.sleep(gap)
             mark = f"{gap}-{n}".encode()
             started = time.perf_counter()
-            await producer.begin_transaction()
+            if transactional:
+                await producer.begin_transaction()
             await producer.send(TOPICS[0], b"x", key=b"k")
             await producer.send(TOPICS[1], mark, key=b"k")
-            await producer.commit_transaction()
+            if transactional:
+                await producer.commit_transaction()
             for _ in range(500):
                 if mark in seen:
                     break
@@ -105,12 +120,12 @@ async def measure(
         await producer.stop()
     return {
         "gap_s": gap,
-        "refused_share": round(counter.refused / rounds, 2),
+        "refused_share": round(counter.refused / rounds, 2) if counter is not None else None,
         "begin_to_read_ms": summarise(latencies),
     }
 
 
-async def run(bootstrap: str, gaps: list[float], rounds: int) -> list[dict[str, Any]]:
+async def create_topics(bootstrap: str) -> None:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
@@ -119,8 +134,28 @@ async def run(bootstrap: str, gaps: list[float], rounds: int) -> list[dict[str, 
         )
     finally:
         await admin.close()
+
+
+async def run(bootstrap: str, gaps: list[float], rounds: int) -> list[dict[str, Any]]:
+    await create_topics(bootstrap)
     counter = RefusalCounter()
     return [await measure(bootstrap, gap, rounds, counter) for gap in gaps]
+
+
+async def hop_floor(bootstrap: str, rounds: int = 200, gap: float = 0.1) -> dict[str, Any]:
+    """What one hop costs on an idle three-node cluster, before a fleet runs on it: a Kafka
+    transaction from its begin until a read_committed consumer has its record, and a plain
+    send (acks=all) until it is read. Central's replies travel the first way in
+    high-availability mode, the CPs' events and drivers' requests the second."""
+    await create_topics(bootstrap)
+    transaction = await measure(bootstrap, gap, rounds, None)
+    plain = await measure(bootstrap, gap, rounds, None, transactional=False)
+    return {
+        "rounds": rounds,
+        "gap_s": gap,
+        "transaction_ms": transaction["begin_to_read_ms"],
+        "plain_ms": plain["begin_to_read_ms"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

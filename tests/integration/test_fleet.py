@@ -62,6 +62,17 @@ async def test_fleet_runs_authenticated_against_central(system: Deployment, tmp_
     assert all(verify_secret(kept.cps[cp], hashes[cp]) for cp in ids)
     # Sealed requests got authorisations, sealed telemetry reached the dashboard, supplies ended.
     assert result["request_to_authorisation_ms"]["count"] >= len(drivers)
+    # Its two legs (request -> engine, engine -> driver): each a part of the whole.
+    whole, one, two = (
+        result[k]
+        for k in (
+            "request_to_authorisation_ms",
+            "request_to_engine_ms",
+            "engine_to_authorisation_ms",
+        )
+    )
+    assert 0 < one["count"] == two["count"] <= whole["count"]
+    assert 0 < one["max"] <= whole["max"] and 0 < two["max"] <= whole["max"]
     assert result["telemetry_to_dashboard_ms"]["count"] > 0
     assert result["heartbeat_rtt_ms"]["count"] > 0
     assert result["supplies_completed"] >= 1

@@ -5,7 +5,11 @@ per CP); one ticker spreads the heartbeats of all CPs over each second, another 
 telemetry. Latencies are measured from outside Central:
 
 - heartbeat round trip: frame written -> ACK byte read;
-- request to authorisation: supply_request produced -> supply_authorized consumed;
+- request to authorisation: supply_request produced -> supply_authorized consumed. It crosses
+  Central twice, as the brief's mechanics ask: the request goes to Central, which asks the CP's
+  engine (leg one: request produced -> the engine reads Central's authorize_supply); the engine
+  accepts, and Central tells the driver (leg two: acceptance produced -> the driver reads
+  supply_authorized);
 - telemetry to dashboard: cp_telemetry produced -> the new kWh seen in a `cps` push on /ws;
 - lost CP: connection closed (or heartbeats stopped) -> DESCONECTADO seen on /ws.
 
@@ -325,6 +329,8 @@ class Asking:
     request_id: str
     cp_id: str
     answer: asyncio.Future[Message]
+    # perf_counter() when the engine read Central's authorize_supply for it and accepted
+    engine_accepted: float | None = None
 
     def answered_by(self, update: SupplyAuthorized | RequestDenied) -> bool:
         """Whether `update` answers this request (not an earlier one that was given up on)."""
@@ -410,6 +416,9 @@ class Fleet:
         self.heartbeat_rtt: list[float] = []
         self.auth_latency: list[float] = []
         self.auth_latency_warmup: list[float] = []
+        # The two legs of request -> authorisation (measured window only; see the docstring).
+        self.to_engine_latency: list[float] = []
+        self.from_engine_latency: list[float] = []
         self.telemetry_latency: list[float] = []
         self.lost_closed: list[float] = []
         self.lost_silent: list[float] = []
@@ -846,6 +855,9 @@ class Fleet:
             self.supplies[cp_id] = supply
             self.supply_over[supply.session_id] = asyncio.Event()
             accepted = CPAuthorisation(cp_id=cp_id, session_id=supply.session_id, accepted=True)
+            asking = self.asking.get(command.driver_id)
+            if asking is not None and asking.cp_id == cp_id:
+                asking.engine_accepted = time.perf_counter()
             if self.ledger is not None:
                 self.ledger.authorised(
                     cp_id=cp_id,
@@ -1147,8 +1159,12 @@ class Fleet:
                 continue
             # Requests sent in the measured window count; those of the warm-up (the first wave:
             # every driver at once, while the fleet is still logging in) are reported apart.
-            latency = time.perf_counter() - sent
+            answered = time.perf_counter()
+            latency = answered - sent
             (self.auth_latency if in_window else self.auth_latency_warmup).append(latency)
+            if in_window and asking.engine_accepted is not None:
+                self.to_engine_latency.append(asking.engine_accepted - sent)
+                self.from_engine_latency.append(answered - asking.engine_accepted)
             await self.until_over(driver_id, update.session_id)
             # Ask again a moment later: by then Central has settled it (else: driver_busy).
             await asyncio.sleep(CP_TURNAROUND_S)
@@ -1567,6 +1583,8 @@ class Fleet:
             "heartbeat_rtt_ms": summarise(self.heartbeat_rtt),
             "request_to_authorisation_ms": summarise(self.auth_latency),
             "request_to_authorisation_warmup_ms": summarise(self.auth_latency_warmup),
+            "request_to_engine_ms": summarise(self.to_engine_latency),
+            "engine_to_authorisation_ms": summarise(self.from_engine_latency),
             "telemetry_to_dashboard_ms": summarise(self.telemetry_latency),
             "lost_cp_closed_ms": summarise(self.lost_closed),
             "lost_cp_silent_ms": summarise(self.lost_silent),
