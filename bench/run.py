@@ -591,9 +591,9 @@ def failover_report(results: dict[str, Any]) -> list[str]:
                 f" records in the log (`outbox`, {fmt(h_st.get('outbox'))} ms mean); its"
                 " transaction's records are then appended and copied to the followers"
                 f" (`append`, {fmt(h_st.get('append'))} ms) and, once the transaction before has"
-                f" committed, it commits (`commit`, {fmt(h_st.get('commit'))} ms); the driver,"
-                " which reads committed records only, sees it once the commit markers are in"
-                " the log. The second leg takes the same path again. The handler itself costs"
+                f" committed, it commits (`commit`, {fmt(h_st.get('commit'))} ms); the engine"
+                " (leg one) or the driver (leg two), each reading committed records only, sees it"
+                " once the commit markers are in the log. The handler itself costs"
                 f" about the same in both ({fmt(s_st.get('handler'))} vs"
                 f" {fmt(h_st.get('handler'))} ms).",
             ]
