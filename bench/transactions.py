@@ -46,11 +46,15 @@ CONCURRENT_TRANSACTIONS = 51  # Kafka's error code
 
 
 class RefusalCounter:
-    """Counts AddPartitionsToTxn answers that say the last transaction is not finished."""
+    """Counts AddPartitionsToTxn answers that say the last transaction is not finished, while
+    it is entered: aiokafka's handler is wrapped inside the `with` block and restored after."""
 
     def __init__(self) -> None:
         self.refused = 0
-        original = sender.AddPartitionsToTxnHandler.handle_response
+        self._original: Any = None
+
+    def __enter__(self) -> RefusalCounter:
+        original = self._original = sender.AddPartitionsToTxnHandler.handle_response
 
         def counting(handler: Any, response: Any) -> Any:
             codes = [code for _topic, parts in response.errors for _p, code in parts]
@@ -59,6 +63,10 @@ class RefusalCounter:
             return original(handler, response)
 
         sender.AddPartitionsToTxnHandler.handle_response = counting
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        sender.AddPartitionsToTxnHandler.handle_response = self._original
 
 
 async def measure(
@@ -138,8 +146,8 @@ async def create_topics(bootstrap: str) -> None:
 
 async def run(bootstrap: str, gaps: list[float], rounds: int) -> list[dict[str, Any]]:
     await create_topics(bootstrap)
-    counter = RefusalCounter()
-    return [await measure(bootstrap, gap, rounds, counter) for gap in gaps]
+    with RefusalCounter() as counter:
+        return [await measure(bootstrap, gap, rounds, counter) for gap in gaps]
 
 
 async def hop_floor(bootstrap: str, rounds: int = 200, gap: float = 0.1) -> dict[str, Any]:
