@@ -175,6 +175,7 @@ function Get-Unhealthy {
     foreach ($id in $ids) {
         if (-not $id) { continue }
         $info = (& docker inspect -f '{{.Name}} {{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{else}}-{{end}} {{.State.ExitCode}}' $id) -split ' '
+        if ($LASTEXITCODE -ne 0) { continue }  # removed since it was listed
         $name, $status, $health, $code = $info
         if ($status -eq "exited" -and $code -eq "0") { continue }
         if ($status -ne "running" -or ($health -ne "healthy" -and $health -ne "-")) {

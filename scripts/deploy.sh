@@ -127,7 +127,8 @@ make_keys() {
 unhealthy() {
     local id state
     for id in $(compose ps -q); do
-        state="$("$DOCKER" inspect -f '{{.Name}} {{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{else}}-{{end}} {{.State.ExitCode}}' "$id")"
+        state="$("$DOCKER" inspect -f '{{.Name}} {{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{else}}-{{end}} {{.State.ExitCode}}' "$id" 2>/dev/null)" \
+            || continue  # removed since it was listed
         read -r name status health code <<<"$state"
         if [[ "$status" == exited && "$code" == 0 ]]; then continue; fi
         if [[ "$status" != running || ( "$health" != healthy && "$health" != - ) ]]; then

@@ -210,6 +210,29 @@ def test_sh_up_without_options_neither_pulls_nor_follows(
 
 
 @needs_bash
+def test_sh_up_passes_over_a_container_removed_while_it_checks_health(
+    deploy_copy: tuple[Path, Path, dict[str, str]],
+) -> None:
+    """`compose ps` lists a container that is gone by the time it is inspected (a `compose run
+    --rm` that has just ended): it is no service waited for."""
+    script, log, env = deploy_copy
+    docker = Path(env["PATH"].split(os.pathsep)[0]) / "docker"
+    docker.write_text(
+        "#!/usr/bin/env bash\n"
+        f'echo "$*" >> "{log}"\n'
+        'case "$*" in\n'
+        '  compose*" ps -q") echo gone; echo here ;;\n'
+        '  "inspect "*gone) echo "Error: no such object: gone" >&2; exit 125 ;;\n'
+        '  "inspect "*here) echo "/central running healthy 0" ;;\n'
+        "esac\n",
+        encoding="utf-8",
+    )
+    result = run(script, {**env, "EV_DEPLOY_WAIT": "6"}, "pc2", "up")
+    assert result.returncode == 0, result.stderr
+    assert "is up and healthy" in result.stdout
+
+
+@needs_bash
 @pytest.mark.parametrize(
     ("args", "message"),
     [
