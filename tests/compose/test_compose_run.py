@@ -78,10 +78,13 @@ class Podman:
         )
         assert result.returncode == 0, f"podman-setup.sh {' '.join(args)}:\n{result.stderr}"
 
-    def podman(self, *args: str, timeout: float = 60) -> str:
-        result = subprocess.run(
+    def run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
             ["podman", *args], env=self.env, capture_output=True, text=True, timeout=timeout
         )
+
+    def podman(self, *args: str, timeout: float = 60) -> str:
+        result = self.run(*args, timeout=timeout)
         assert result.returncode == 0, f"podman {' '.join(args)}: {result.stderr}"
         return result.stdout
 
@@ -93,13 +96,7 @@ class Podman:
             ).split()
             if not ids:
                 return {}
-            result = subprocess.run(
-                ["podman", "inspect", *ids],
-                env=self.env,
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
+            result = self.run("inspect", *ids)
             if result.returncode == 0:
                 break
             # A container removed between the listing and the inspect (a `compose run --rm`

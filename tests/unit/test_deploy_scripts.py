@@ -140,13 +140,11 @@ def test_ps1_builds_before_starting_and_follows_after_health() -> None:
     assert up.index("is up and healthy") < follow < up.index("logs -f", follow)
 
 
-def fake_docker(bin_dir: Path, log: Path) -> None:
-    """A `docker` that logs each call and behaves as an engine with nothing unhealthy."""
+def fake_docker(bin_dir: Path, log: Path, body: str = "exit 0\n") -> None:
+    """A `docker` that logs each call, then runs `body`: by default it behaves as an engine
+    with nothing unhealthy."""
     script = bin_dir / "docker"
-    script.write_text(
-        f'#!/usr/bin/env bash\necho "$*" >> "{log}"\nexit 0\n',
-        encoding="utf-8",
-    )
+    script.write_text(f'#!/usr/bin/env bash\necho "$*" >> "{log}"\n{body}', encoding="utf-8")
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
 
 
@@ -216,16 +214,14 @@ def test_sh_up_passes_over_a_container_removed_while_it_checks_health(
     """`compose ps` lists a container that is gone by the time it is inspected (a `compose run
     --rm` that has just ended): it is no service waited for."""
     script, log, env = deploy_copy
-    docker = Path(env["PATH"].split(os.pathsep)[0]) / "docker"
-    docker.write_text(
-        "#!/usr/bin/env bash\n"
-        f'echo "$*" >> "{log}"\n'
+    fake_docker(
+        Path(env["PATH"].split(os.pathsep)[0]),
+        log,
         'case "$*" in\n'
         '  compose*" ps -q") echo gone; echo here ;;\n'
         '  "inspect "*gone) echo "Error: no such object: gone" >&2; exit 125 ;;\n'
         '  "inspect "*here) echo "/central running healthy 0" ;;\n'
         "esac\n",
-        encoding="utf-8",
     )
     result = run(script, {**env, "EV_DEPLOY_WAIT": "6"}, "pc2", "up")
     assert result.returncode == 0, result.stderr
