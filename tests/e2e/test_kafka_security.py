@@ -24,7 +24,7 @@ from bench.security import make_keys
 from cluster import REPO_ROOT, kafka_sh
 from EV_Central.admin_api import DeregisterCP
 from EV_Central.ctl import send_command
-from helpers import free_port, need_tool, scaled
+from helpers import free_port, need_tool, scaled, wait_for
 from procs import Deployment
 from shared.bus import Topics
 from shared.kafka_access import KafkaAccess, KafkaLogin
@@ -126,6 +126,20 @@ async def test_a_client_without_a_login_or_with_a_wrong_password_is_refused(
     refused = await _refused("a wrong password", guesser.start())
     await guesser.stop()
     assert isinstance(refused, KafkaConnectionError)
+    await _sockets_closed()
+
+
+async def _sockets_closed() -> None:
+    """Wait until every socket of this test's event loop is closed. aiokafka closes a refused
+    TLS login's connection asynchronously (the TLS shutdown); a loop that ends first leaves the
+    socket to the garbage collector, whose "unclosed transport" warning then fails whichever
+    test it happens to run in (filterwarnings = error). asyncio gives a TLS shutdown 30 s."""
+    transports = asyncio.get_running_loop()._transports  # type: ignore[attr-defined]
+
+    def closed() -> bool:  # what the transport's __del__ checks before it warns
+        return all(t._sock is None for t in list(transports.values()))
+
+    await wait_for(closed, 40, message="a refused login's socket was never closed")
 
 
 async def test_a_cps_login_writes_its_events_and_nothing_else(
